@@ -1,0 +1,1 @@
+"""Framework bindings of bitempered: validation, backend dispatch and autograd rules."""

@@ -1,0 +1,96 @@
+"""Argument checks shared by every binding (framework-free: plain Python and NumPy scalars).
+
+Each check raises ValueError/TypeError naming the argument and its allowed range, as
+SPEC "Domain and bad input" asks. Values that are only known at run time (traced JAX scalars,
+CUDA tensors) are passed as ``None`` by the bindings and skipped here: checking them would
+need a host sync.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def concrete_float(value, name: str):
+    """Returns ``value`` as a Python float, or None if it is not a concrete host number."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (str, bytes, complex)) or value is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return None
+
+
+def check_t(value, name: str) -> None:
+    """Tempered-softmax temperature: t > 0 (t2 of the loss)."""
+    if value is not None and not value > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_t1(value) -> None:
+    if value is not None and not 0.0 <= value < 2.0:
+        raise ValueError(f"t1 must be in [0, 2), got {value}")
+
+
+def check_label_smoothing(value) -> None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
+
+
+def check_num_iters(num_iters) -> None:
+    if num_iters is None:
+        return
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral):
+        raise TypeError(f"num_iters must be None or an int >= 1, got {num_iters!r}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be None or an int >= 1, got {num_iters}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_backend(backend, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+
+
+def check_logits_shape(shape) -> None:
+    if len(shape) == 0:
+        raise ValueError("logits must have at least one axis (classes are the last axis), got a scalar")
+    if shape[-1] < 1:
+        raise ValueError(f"logits must have at least one class (last axis >= 1), got shape {tuple(shape)}")
+
+
+def labels_are_indices(logits_shape, labels_shape, labels_is_integer: bool) -> bool:
+    """True for integer class indices, False for dense labels; raises on a shape mismatch."""
+    logits_shape, labels_shape = tuple(logits_shape), tuple(labels_shape)
+    if labels_is_integer:
+        if labels_shape != logits_shape[:-1]:
+            raise ValueError(
+                "integer labels (class indices) must have the logits' shape without the last axis: "
+                f"labels shape {labels_shape}, logits shape {logits_shape}")
+        return True
+    if labels_shape != logits_shape:
+        raise ValueError(
+            "dense (floating) labels must have the logits' shape: "
+            f"labels shape {labels_shape}, logits shape {logits_shape}")
+    return False
+
+
+def check_smoothing_classes(label_smoothing, num_classes: int) -> None:
+    if label_smoothing is not None and label_smoothing > 0.0 and num_classes < 2:
+        raise ValueError(
+            f"label_smoothing > 0 needs at least 2 classes, got {num_classes} (label_smoothing="
+            f"{label_smoothing})")
+
+
+def check_binary_shapes(logits_shape, labels_shape) -> None:
+    if tuple(logits_shape) != tuple(labels_shape):
+        raise ValueError(
+            "binary labels must have the logits' shape: "
+            f"labels shape {tuple(labels_shape)}, logits shape {tuple(logits_shape)}")

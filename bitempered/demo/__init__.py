@@ -1,0 +1,1 @@
+"""Noisy-label demo (issue 6)."""

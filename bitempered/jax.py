@@ -1,0 +1,15 @@
+"""Public JAX API of bitempered (see ``bindings/jax.py`` for the implementation)."""
+
+from bitempered.bindings.jax import (
+    bi_tempered_binary_logistic_loss,
+    bi_tempered_logistic_loss,
+    tempered_sigmoid,
+    tempered_softmax,
+)
+
+__all__ = [
+    "bi_tempered_binary_logistic_loss",
+    "bi_tempered_logistic_loss",
+    "tempered_sigmoid",
+    "tempered_softmax",
+]

@@ -1,0 +1,17 @@
+"""Public PyTorch API of bitempered (see ``bindings/torch.py`` for the implementation)."""
+
+from bitempered.bindings.torch import (
+    BiTemperedLogisticLoss,
+    bi_tempered_binary_logistic_loss,
+    bi_tempered_logistic_loss,
+    tempered_sigmoid,
+    tempered_softmax,
+)
+
+__all__ = [
+    "BiTemperedLogisticLoss",
+    "bi_tempered_binary_logistic_loss",
+    "bi_tempered_logistic_loss",
+    "tempered_sigmoid",
+    "tempered_softmax",
+]

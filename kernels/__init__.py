@@ -1,0 +1,1 @@
+"""Framework-free @triton.jit kernels of bitempered (pointers, strides, sizes, runtime scalars)."""

@@ -1,0 +1,101 @@
+"""Float64 NumPy reference of SPEC, written independently of every backend.
+
+Deliberately simple and slow: the normalizer is found by plain bisection on lam (200 halvings of
+a bracket that provably holds the root), the loss and gradient are SPEC's formulas term by term.
+Rows are the last axis; any leading shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def exp_t(u, t):
+    u = np.asarray(u, dtype=np.float64)
+    if t == 1.0:
+        return np.exp(u)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        base = np.maximum(1.0 + (1.0 - t) * u, 0.0)
+        return np.where(base > 0, base ** (1.0 / (1.0 - t)), 0.0)
+
+
+def log_t(x, t):
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        if t == 1.0:
+            return np.log(x)
+        return (x ** (1.0 - t) - 1.0) / (1.0 - t)
+
+
+def normalizer(a, t, halvings=200):
+    """lam with sum_i exp_t(a_i - lam) = 1 per row, by bisection (shape [..., 1])."""
+    a = np.asarray(a, dtype=np.float64)
+    mu = a.max(axis=-1, keepdims=True)
+    a0 = np.where(a == mu, 0.0, a - mu)
+    num_classes = a.shape[-1]
+    lo = np.zeros_like(mu)                        # exp_t(0) = 1: the sum is >= 1
+    hi = np.full_like(mu, -log_t(1.0 / num_classes, t))  # every term <= 1/C: the sum is <= 1
+    for _ in range(halvings):
+        mid = 0.5 * (lo + hi)
+        above = exp_t(a0 - mid, t).sum(axis=-1, keepdims=True) > 1.0
+        lo = np.where(above, mid, lo)
+        hi = np.where(above, hi, mid)
+    return 0.5 * (lo + hi) + mu
+
+
+def tempered_softmax(a, t):
+    a = np.asarray(a, dtype=np.float64)
+    if t == 1.0:
+        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return exp_t(a - normalizer(a, t), t)
+
+
+def tempered_sigmoid(x, t):
+    x = np.asarray(x, dtype=np.float64)
+    return tempered_softmax(np.stack([np.zeros_like(x), x], axis=-1), t)[..., 1]
+
+
+def smooth(y, label_smoothing):
+    y = np.asarray(y, dtype=np.float64)
+    if label_smoothing == 0.0:
+        return y
+    c = y.shape[-1]
+    return (1.0 - c / (c - 1) * label_smoothing) * y + label_smoothing / (c - 1)
+
+
+def one_hot(indices, num_classes, ignore_index=-100):
+    indices = np.asarray(indices)
+    kept = indices != ignore_index
+    y = np.zeros(indices.shape + (num_classes,))
+    np.put_along_axis(y, np.where(kept, indices, 0)[..., None], 1.0, axis=-1)
+    return y * kept[..., None], kept
+
+
+def loss(a, y, t1, t2, label_smoothing=0.0):
+    """Per-row loss of dense labels y (shape of a)."""
+    p = tempered_softmax(a, t2)
+    y = smooth(y, label_smoothing)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where(y > 0, y * (log_t(y, t1) - log_t(p, t1)), 0.0)
+        power = (y ** (2.0 - t1) - p ** (2.0 - t1)) / (2.0 - t1)
+    return (cross - power).sum(axis=-1)
+
+
+def loss_grad(a, y, t1, t2, label_smoothing=0.0):
+    """dL/da of the per-row loss for unit upstream gradient."""
+    p = tempered_softmax(a, t2)
+    y = smooth(y, label_smoothing)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(p > 0, (p - y) * np.where(p > 0, p, 1.0) ** (t2 - t1), 0.0)
+    escort = p ** t2
+    escort = escort / escort.sum(axis=-1, keepdims=True)
+    return d - escort * d.sum(axis=-1, keepdims=True)
+
+
+def binary_loss(x, y, t1, t2, label_smoothing=0.0):
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    logits = np.stack([np.zeros_like(x), x], axis=-1)
+    labels = np.stack([1.0 - y, y], axis=-1)
+    return loss(logits, labels, t1, t2, label_smoothing)

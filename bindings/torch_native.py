@@ -8,8 +8,6 @@ The solver is the one described in ``kernels/README.md``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
@@ -64,17 +62,20 @@ def _evaluate(a0: torch.Tensor, y: torch.Tensor, one_minus_t: torch.Tensor):
 
 
 def solve_converged(a0: torch.Tensor, t: torch.Tensor):
-    """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes)."""
+    """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes).
+
+    The safeguarded Newton iteration of kernels/README.md, vectorised over rows: rows that have
+    converged keep their y, so evaluating them again changes nothing.
+    """
     one_minus_t = 1.0 - t
     num_classes = a0.shape[-1]
     in_support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True)
     support = torch.where(t < 1, in_support, num_classes).clamp(min=1).to(a0.dtype)
     lo = torch.zeros_like(support)
     hi = torch.log(support)
-    y = hi.clone()
-    lo_seen = torch.zeros_like(y, dtype=torch.bool)
-    hi_seen = torch.zeros_like(lo_seen)
-    done = torch.zeros_like(lo_seen)
+    y = lo.clone()
+    lo_evaluated = torch.zeros_like(y, dtype=torch.bool)
+    done = torch.zeros_like(lo_evaluated)
     tol = tolerance(a0.dtype)
     ulp4 = 4 * torch.finfo(a0.dtype).eps
     passes = torch.zeros_like(y, dtype=torch.int32)
@@ -83,15 +84,16 @@ def solve_converged(a0: torch.Tensor, t: torch.Tensor):
         passes += (~done).int()
         r = f - 1.0
         done |= (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
+        log_f, f_over_g = torch.log(f), f / g
         above = r > 0
-        lo = torch.where(above, torch.maximum(lo, y), lo)
+        # Newton on f^(1-t) in c: from a point with f > 1 it never passes the root (convexity).
+        y_safe = y - _log1p_over(f_over_g * torch.expm1(-one_minus_t * log_f), one_minus_t, -f_over_g * log_f)
+        lo = torch.where(above, torch.minimum(torch.maximum(torch.maximum(lo, y), y_safe), hi), lo)
+        lo_evaluated = torch.where(above, y_safe <= y, lo_evaluated)
         hi = torch.where(above, hi, torch.minimum(hi, y))
-        lo_seen |= above
-        hi_seen |= ~above
-        y_new = y + torch.log(f) * f / g
-        outside = ((y_new < lo) | (y_new > hi) | ((y_new == lo) & lo_seen)
-                   | ((y_new == hi) & hi_seen) | ~torch.isfinite(y_new))
-        y_new = torch.where(outside, 0.5 * (lo + hi), y_new)
+        y_newton = y + log_f * f_over_g  # Newton on log f in y: fast, but may leave the bracket
+        inside = (y_newton > lo) & (y_newton < hi)
+        y_new = torch.where(inside, y_newton, torch.where(lo_evaluated, 0.5 * (lo + hi), lo))
         done |= (y_new - y).abs() <= ulp4 * torch.clamp(y.abs(), min=1.0)
         y = torch.where(done, y, y_new)
         if bool(done.all()):
@@ -173,6 +175,3 @@ def tempered_softmax_vjp_rows(p: torch.Tensor, grad_p: torch.Tensor, t: torch.Te
     w = grad_p * p_t
     return w - p_t / p_t.sum(dim=-1, keepdim=True) * w.sum(dim=-1, keepdim=True)
 
-
-def support_upper_bound(num_classes: int) -> float:
-    return math.log(num_classes)

@@ -1,0 +1,319 @@
+"""JAX API of bitempered: validation, backend choice, custom VJPs. The math is in ``jax_native``.
+
+Classes are the LAST axis; any number of leading axes. Everything works under ``jax.jit``,
+``jax.grad``/``jax.value_and_grad`` and ``jax.vmap``.
+
+Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values. They are
+passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
+retraces or recompiles; ``num_iters`` and ``ignore_index`` are static (a new value compiles anew).
+
+Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
+checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
+``jit``/``vmap``/``grad``) cannot be inspected without a host sync and are NOT checked: out-of-range
+temperatures then give NaN or meaningless values, and an out-of-range class index gives a NaN loss
+for its row (never an out-of-bounds read). Checking a concrete JAX array reads it to the host.
+
+Backends: ``"auto"`` and ``"xla"`` run the jnp implementation (XLA on CPU, GPU and TPU);
+``"triton"`` (fused kernels for CUDA GPUs via jax-triton) is not implemented yet. Importing this
+module imports neither triton, jax_triton nor torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import jax_native as native
+from . import validation as check
+
+BACKENDS = ("auto", "xla", "triton")
+
+__all__ = [
+    "bi_tempered_binary_logistic_loss",
+    "bi_tempered_logistic_loss",
+    "tempered_sigmoid",
+    "tempered_softmax",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument handling (outside any compiled program)
+# --------------------------------------------------------------------------------------------
+
+def _resolve_backend(backend) -> str:
+    check.check_backend(backend, BACKENDS)
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' (jax-triton kernels for CUDA GPUs) is not implemented yet in "
+            "bitempered.jax; use backend='auto' or 'xla'")
+    return "xla"
+
+
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _scalar(value, name: str, dtype) -> tuple[jax.Array, float | None]:
+    """(0-d operand in ``dtype``, its value if concrete else None) of a temperature-like argument."""
+    concrete = check.concrete_float(value, name)  # TypeError for bool, str, None, complex
+    if concrete is None:
+        shape = getattr(value, "shape", None)
+        value_dtype = getattr(value, "dtype", None)
+        if shape is None or value_dtype is None:
+            raise TypeError(f"{name} must be a real number or a 0-d array, got {type(value).__name__}")
+        if int(np.prod(shape)) != 1:
+            raise TypeError(f"{name} must be a scalar (0-d array), got shape {tuple(shape)}")
+        if not (jnp.issubdtype(value_dtype, jnp.floating) or jnp.issubdtype(value_dtype, jnp.integer)):
+            raise TypeError(f"{name} must be a real number, got an array of dtype {value_dtype}")
+        if not _is_traced(value):
+            concrete = float(np.asarray(value).reshape(()))
+    return jnp.asarray(value, dtype=dtype).reshape(()), concrete
+
+
+def _temperatures(t1, t2, label_smoothing, dtype):
+    t1_, t1_value = _scalar(t1, "t1", dtype)
+    check.check_t1(t1_value)
+    t2_, t2_value = _scalar(t2, "t2", dtype)
+    check.check_t(t2_value, "t2")
+    s_, s_value = _scalar(label_smoothing, "label_smoothing", dtype)
+    check.check_label_smoothing(s_value)
+    return t1_, t2_, s_, s_value
+
+
+def _as_logits(logits) -> jax.Array:
+    if not hasattr(logits, "dtype"):
+        logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    check.check_logits_shape(logits.shape)
+    return jnp.asarray(logits)
+
+
+def _as_labels(labels) -> jax.Array:
+    if not hasattr(labels, "dtype"):
+        labels = np.asarray(labels)
+    if not (jnp.issubdtype(labels.dtype, jnp.floating) or jnp.issubdtype(labels.dtype, jnp.integer)):
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got dtype {labels.dtype}")
+    return labels
+
+
+def _check_indices(labels, num_classes: int, ignore_index: int) -> None:
+    """Raises on an out-of-range class index when the labels are concrete (traced: NaN rows)."""
+    if _is_traced(labels):
+        return
+    indices = np.asarray(labels)
+    bad = (indices != ignore_index) & ((indices < 0) | (indices >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"labels (class indices) must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+
+
+def _index_dtype(dtype):
+    """Signed type the indices are compared in (JAX only has 64-bit ints when x64 is enabled)."""
+    return jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
+
+
+def _num_iters(num_iters):
+    check.check_num_iters(num_iters)
+    return None if num_iters is None else int(num_iters)
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable cores (compiled once per shape/dtype/static config, every temperature value)
+# --------------------------------------------------------------------------------------------
+
+def _log_softmax(logits, t, num_iters):
+    return native.tempered_log_softmax_rows(logits.astype(t.dtype), t, num_iters)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax(logits, t, num_iters):
+    return jnp.exp(_log_softmax(logits, t, num_iters)).astype(logits.dtype)
+
+
+def _softmax_fwd(logits, t, num_iters):
+    p = jnp.exp(_log_softmax(logits, t, num_iters))
+    return p.astype(logits.dtype), (p, t)
+
+
+def _softmax_bwd(num_iters, residuals, grad_p):
+    p, t = residuals
+    grad = native.tempered_softmax_vjp_rows(p, grad_p.astype(p.dtype), t)
+    return grad.astype(grad_p.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_jit = jax.jit(_softmax, static_argnums=(2,))
+
+
+def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
+    """Per-row loss and (if asked) dL/dlogits for unit upstream gradient, both in the compute dtype."""
+    dtype = t1.dtype
+    a = logits.astype(dtype)
+    log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    if indices:
+        y, kept, invalid = native.dense_labels_from_indices(
+            labels.astype(_index_dtype(labels.dtype)), a.shape[-1], dtype, ignore_index)
+    else:
+        y = labels.astype(dtype)
+    y = native.smooth_labels(y, label_smoothing)
+    loss, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
+    if indices:
+        loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
+        if need_grad:
+            grad = jnp.where(kept[..., None], jnp.where(invalid[..., None], jnp.nan, grad), 0.0)
+    return loss, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index):
+    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, False)[0]
+
+
+def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index):
+    loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, True)
+    # The unit gradient stays in the compute dtype; the zero-size array only carries the logits'
+    # dtype to the backward rule, which rounds once to it.
+    return loss, (grad, jnp.zeros((0,), logits.dtype))
+
+
+def _loss_bwd(num_iters, ignore_index, residuals, grad_loss):
+    grad, like_logits = residuals
+    grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
+    # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
+    return grad_logits, None, None, None, None
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
+_loss_jit = jax.jit(_loss, static_argnums=(5, 6))
+
+
+def _binary_rows(x, y):
+    """Logits [..., 2] = [0, x] and labels [1 - y, y] of the binary problem."""
+    logits = jnp.stack([jnp.zeros_like(x), x], axis=-1)
+    labels = jnp.stack([1.0 - y, y], axis=-1)
+    return logits, labels
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _sigmoid_jit(x, t, num_iters):
+    return _softmax(jnp.stack([jnp.zeros_like(x), x], axis=-1), t, num_iters)[..., 1]
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters):
+    logits, labels = _binary_rows(x, y.astype(t1.dtype))
+    return _loss(logits, labels, t1, t2, label_smoothing, num_iters, -100)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def tempered_softmax(logits, t, num_iters=None, backend="auto"):
+    """SPEC's tempered softmax over the last axis, returned in the logits' dtype.
+
+    Args:
+        logits: [..., C] floating array (float16/bfloat16/float32 compute in float32, float64 in
+            float64 when x64 is enabled).
+        t: temperature > 0 (float, 0-d array or traced value; traced values are not checked).
+        num_iters: None (default): solve the normalization to convergence. An int k >= 1: the
+            original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
+        backend: "auto" or "xla" (jnp/XLA); "triton" is not implemented yet.
+    """
+    logits = _as_logits(logits)
+    iters = _num_iters(num_iters)
+    _resolve_backend(backend)
+    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
+    check.check_t(t_value, "t")
+    if logits.size == 0:
+        return jnp.zeros(logits.shape, logits.dtype)
+    return _softmax_jit(logits, t_, iters)
+
+
+def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
+    """Elementwise tempered sigmoid ``tempered_softmax([0, x], t)[1]``, in the logits' dtype.
+
+    ``logits`` may have any shape (no class axis); see :func:`tempered_softmax` for the rest.
+    """
+    if not hasattr(logits, "dtype"):
+        logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    iters = _num_iters(num_iters)
+    _resolve_backend(backend)
+    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
+    check.check_t(t_value, "t")
+    logits = jnp.asarray(logits)
+    if logits.size == 0:
+        return jnp.zeros(logits.shape, logits.dtype)
+    return _sigmoid_jit(logits, t_, iters)
+
+
+def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
+                              ignore_index=-100, backend="auto"):
+    """Bi-tempered logistic loss (Amid et al., 2019) over the last axis, one value per row (like optax).
+
+    Args:
+        logits: [..., C] floating array.
+        labels: dense floating labels of the logits' shape (values in [0, 1]; rows need not sum to
+            1), or integer class indices of shape ``logits.shape[:-1]``. Rows whose index equals
+            ``ignore_index`` get loss 0 and gradient 0. Any other index outside [0, C) raises
+            ValueError when the labels are concrete; traced labels give a NaN loss for that row.
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1: heavy tails, t2 < 1: finite
+            support). Floats, 0-d arrays or traced values (a new value never recompiles).
+        label_smoothing: in [0, 1), reference convention (target 1 - s, every other class
+            s/(C-1)); needs C >= 2 when > 0. May be traced.
+        num_iters: None (converged, default) or the original algorithm's step count (static).
+        ignore_index: int (static).
+        backend: "auto" or "xla" (jnp/XLA); "triton" is not implemented yet.
+
+    Returns:
+        Losses of shape ``logits.shape[:-1]``, float32 (float64 for float64 logits). The custom
+        gradient (SPEC's closed form) flows to ``logits`` only and has the logits' dtype.
+    """
+    logits = _as_logits(logits)
+    labels = _as_labels(labels)
+    indices = check.labels_are_indices(logits.shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+    iters = _num_iters(num_iters)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = int(ignore_index)
+    _resolve_backend(backend)
+    dtype = native.compute_dtype(logits.dtype)
+    t1_, t2_, s_, s_value = _temperatures(t1, t2, label_smoothing, dtype)
+    check.check_smoothing_classes(s_value, logits.shape[-1])
+    if indices:
+        _check_indices(labels, logits.shape[-1], ignore_index)
+    if logits.size == 0:
+        return jnp.zeros(logits.shape[:-1], dtype)
+    return _loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, ignore_index)
+
+
+def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
+                                     backend="auto"):
+    """Binary bi-tempered loss, elementwise: the 2-class loss of logits [0, x], labels [1 - y, y].
+
+    ``logits`` (floating) and ``labels`` (real, in [0, 1]) share one shape; the result has that
+    shape (float32, float64 for float64 logits). Smoothing uses C = 2. See
+    :func:`bi_tempered_logistic_loss` for the other arguments.
+    """
+    if not hasattr(logits, "dtype"):
+        logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    labels = _as_labels(labels)
+    check.check_binary_shapes(logits.shape, labels.shape)
+    iters = _num_iters(num_iters)
+    _resolve_backend(backend)
+    dtype = native.compute_dtype(logits.dtype)
+    t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
+    logits = jnp.asarray(logits)
+    if logits.size == 0:
+        return jnp.zeros(logits.shape, dtype)
+    return _binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters)

@@ -1,0 +1,234 @@
+"""JAX native backend: SPEC computed with plain jnp/lax ops (XLA; no Triton).
+
+It is the CPU/TPU backend, the float64 backend, and the oracle a JAX Triton path will be tested
+against. It mirrors ``bindings/torch_native.py`` function by function. Functions here take rows
+``[..., C]`` (classes on the last axis, any leading shape) in the compute dtype and 0-d temperature
+arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax.py``.
+The solver is the one described in ``kernels/README.md``.
+
+Temperatures are always traced values here: nothing branches on them in Python. The ``t = 1``
+limits are taken with ``jnp.where`` (elementwise) and the ``num_iters=k`` algorithm picks its
+method with ``lax.switch`` at run time, so one compiled program serves every temperature.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float64 for float64 inputs (x64 enabled), float32 for float16/bfloat16/float32."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def tolerance(dtype) -> float:
+    return 1e-6 if jnp.dtype(dtype) == jnp.float32 else 8 * float(jnp.finfo(dtype).eps)
+
+
+def shift_by_max(a: jax.Array) -> jax.Array:
+    """a - max(a) per row; a +inf logit maps to 0 and the other classes to -inf (the limit)."""
+    mx = jnp.max(a, axis=-1, keepdims=True)
+    return jnp.where(a == mx, jnp.zeros_like(a), a - mx)
+
+
+def _safe_reciprocal(one_minus_t: jax.Array) -> jax.Array:
+    """1 / (1 - t), finite at t = 1 (where every caller selects the t = 1 limit instead)."""
+    return 1.0 / jnp.where(one_minus_t == 0, 1.0, one_minus_t)
+
+
+def _log1p_over(z: jax.Array, one_minus_t: jax.Array, u: jax.Array) -> jax.Array:
+    """log1p(z) / (1 - t), with its t = 1 limit ``u`` (z = (1-t) u / c -> 0 there)."""
+    tempered = jnp.log1p(jnp.maximum(z, -1.0)) * _safe_reciprocal(one_minus_t)
+    return jnp.where(one_minus_t == 0, u, tempered)
+
+
+def exp_t(u: jax.Array, t: jax.Array) -> jax.Array:
+    """exp_t(u) = [1 + (1-t) u]_+^(1/(1-t)), accurate near t = 1."""
+    one_minus_t = 1.0 - t
+    return jnp.exp(_log1p_over(one_minus_t * u, one_minus_t, u))
+
+
+def log_t(x: jax.Array, t: jax.Array) -> jax.Array:
+    """log_t(x) = (x^(1-t) - 1) / (1-t), accurate near t = 1."""
+    return log_t_from_log(jnp.log(x), t)
+
+
+def log_t_from_log(log_x: jax.Array, t: jax.Array) -> jax.Array:
+    one_minus_t = 1.0 - t
+    tempered = jnp.expm1(one_minus_t * log_x) * _safe_reciprocal(one_minus_t)
+    return jnp.where(one_minus_t == 0, log_x, tempered)
+
+
+def _log_p_at(a0: jax.Array, y: jax.Array, one_minus_t: jax.Array):
+    """(log p, z) at y: log p_i = -y + log1p(z_i) / (1-t), z_i = max((1-t) a0_i / c, -1)."""
+    scale = one_minus_t * jnp.exp(one_minus_t * y)  # (1 - t) / c, one value per row
+    z = jnp.maximum(a0 * scale, -1.0)
+    return -y + _log1p_over(z, one_minus_t, a0), z
+
+
+def _evaluate(a0: jax.Array, y: jax.Array, one_minus_t: jax.Array):
+    """One solver pass at y: (log p, f = sum p, g = sum p / (1 + z))."""
+    log_p, z = _log_p_at(a0, y, one_minus_t)
+    p = jnp.exp(log_p)
+    base = 1.0 + z
+    positive = base > 0  # False where p = 0 (t < 1) and for the 0 * -inf of a -inf logit at t = 1
+    f = jnp.sum(p, axis=-1, keepdims=True)
+    g = jnp.sum(jnp.where(positive, p / jnp.where(positive, base, 1.0), 0.0), axis=-1, keepdims=True)
+    return log_p, f, g
+
+
+def solve_converged(a0: jax.Array, t: jax.Array):
+    """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
+
+    The safeguarded Newton iteration of kernels/README.md in a ``lax.while_loop`` that stops as
+    soon as every row is done (or after MAX_PASSES passes). Finished rows keep their y, so
+    evaluating them again changes nothing. The loop carries only per-row scalars: log p of the
+    last evaluation is recomputed once from its y after the loop (same ops, same value), which XLA
+    fuses into the consumers instead of writing an [N, C] array on every pass.
+    """
+    dtype = a0.dtype
+    one_minus_t = 1.0 - t
+    num_classes = a0.shape[-1]
+    in_support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True)
+    support = jnp.maximum(jnp.where(t < 1, in_support, num_classes), 1).astype(dtype)
+    row_shape = support.shape
+    tol = tolerance(dtype)
+    ulp4 = 4 * float(jnp.finfo(dtype).eps)
+
+    def cond(state):
+        step, done = state[0], state[4]
+        return (step < MAX_PASSES) & ~jnp.all(done)
+
+    def body(state):
+        step, y, lo, hi, done, lo_evaluated, passes, _ = state
+        _, f, g = _evaluate(a0, y, one_minus_t)
+        y_evaluated = y
+        passes = passes + (~done).astype(jnp.int32)
+        r = f - 1.0
+        done = done | (jnp.abs(r) <= tol) | ~jnp.isfinite(r)  # a NaN row stays NaN
+        log_f, f_over_g = jnp.log(f), f / g
+        above = r > 0
+        # Newton on f^(1-t) in c: from a point with f > 1 it never passes the root (convexity).
+        y_safe = y - _log1p_over(f_over_g * jnp.expm1(-one_minus_t * log_f), one_minus_t, -f_over_g * log_f)
+        lo = jnp.where(above, jnp.minimum(jnp.maximum(jnp.maximum(lo, y), y_safe), hi), lo)
+        lo_evaluated = jnp.where(above, y_safe <= y, lo_evaluated)
+        hi = jnp.where(above, hi, jnp.minimum(hi, y))
+        y_newton = y + log_f * f_over_g  # Newton on log f in y: fast, but may leave the bracket
+        inside = (y_newton > lo) & (y_newton < hi)
+        y_new = jnp.where(inside, y_newton, jnp.where(lo_evaluated, 0.5 * (lo + hi), lo))
+        done = done | (jnp.abs(y_new - y) <= ulp4 * jnp.maximum(jnp.abs(y), 1.0))
+        y = jnp.where(done, y, y_new)
+        return step + 1, y, lo, hi, done, lo_evaluated, passes, y_evaluated
+
+    lo = jnp.zeros_like(support)
+    false = jnp.zeros(row_shape, dtype=bool)
+    state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros(row_shape, jnp.int32), lo)
+    state = lax.while_loop(cond, body, state)
+    passes, y_evaluated = state[6], state[7]
+    return _log_p_at(a0, y_evaluated, one_minus_t)[0], passes
+
+
+def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int) -> jax.Array:
+    """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps.
+
+    The method (logsumexp at t = 1, fixed point for t > 1, bisection for t < 1) is chosen at run
+    time from the traced ``t`` with ``lax.switch``.
+    """
+    one_minus_t = 1.0 - t
+
+    def logsumexp(a0):
+        return jax.nn.logsumexp(a0, axis=-1, keepdims=True)
+
+    def fixed_point(a0):
+        def step(_, z):
+            partition = jnp.sum(exp_t(z, t), axis=-1, keepdims=True)
+            return a0 * partition ** one_minus_t
+
+        z = lax.fori_loop(0, num_iters, step, a0)
+        partition = jnp.sum(exp_t(z, t), axis=-1, keepdims=True)
+        return -log_t(1.0 / partition, t)
+
+    def bisection(a0):
+        support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True)
+        support = support.astype(a0.dtype)
+
+        def step(_, bracket):
+            lo, hi = bracket
+            mid = 0.5 * (lo + hi)
+            below = jnp.sum(exp_t(a0 - mid, t), axis=-1, keepdims=True) < 1.0
+            return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+        hi = -log_t(1.0 / support, t)
+        lo, hi = lax.fori_loop(0, num_iters, step, (jnp.zeros_like(hi), hi))
+        return 0.5 * (lo + hi)
+
+    branch = jnp.where(t == 1, 0, jnp.where(t > 1, 1, 2))
+    return lax.switch(branch, (logsumexp, fixed_point, bisection), a0)
+
+
+def tempered_log_softmax_rows(a: jax.Array, t: jax.Array, num_iters: int | None) -> jax.Array:
+    """log of SPEC's tempered softmax of rows ``a`` [..., C] (compute dtype); -inf where p = 0."""
+    a0 = shift_by_max(a)
+    if num_iters is None:
+        return solve_converged(a0, t)[0]
+    lam = normalizer_original(a0, t, num_iters)
+    one_minus_t = 1.0 - t
+    u = a0 - lam
+    return _log1p_over(one_minus_t * u, one_minus_t, u)
+
+
+def smooth_labels(y: jax.Array, label_smoothing: jax.Array) -> jax.Array:
+    """SPEC's (reference) smoothing; exact identity at label_smoothing = 0 (no branch needed).
+
+    With one class the rule is undefined: such rows become NaN unless label_smoothing = 0
+    (concrete values are rejected earlier by the binding).
+    """
+    num_classes = y.shape[-1]
+    if num_classes < 2:
+        return jnp.where(label_smoothing == 0, y, jnp.nan)
+    share = label_smoothing / (num_classes - 1)
+    return (1.0 - num_classes * share) * y + share
+
+
+def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignore_index: int):
+    """One-hot rows for class indices, the mask of kept rows and the mask of invalid rows.
+
+    Built by comparison with ``arange(C)``, so an out-of-range index never reads out of bounds:
+    its row is all zero and flagged ``invalid`` (the binding turns it into NaN).
+    """
+    kept = indices != ignore_index
+    invalid = kept & ((indices < 0) | (indices >= num_classes))
+    classes = jnp.arange(num_classes, dtype=indices.dtype)
+    onehot = (indices[..., None] == classes).astype(dtype)
+    return onehot, kept, invalid
+
+
+def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Array,
+                       need_grad: bool):
+    """Per-row loss [...] and dL/da for unit upstream gradient [..., C] (or None)."""
+    p = jnp.exp(log_p)
+    positive = p > 0
+    two_minus_t1 = 2.0 - t1
+    y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
+    power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
+    loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
+    if not need_grad:
+        return loss, None
+    safe_log_p = jnp.where(positive, log_p, 0.0)
+    d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * safe_log_p), 0.0)
+    escort = jnp.exp(t2 * log_p)
+    escort = escort / jnp.sum(escort, axis=-1, keepdims=True)
+    grad = d - escort * jnp.sum(d, axis=-1, keepdims=True)
+    return loss, grad
+
+
+def tempered_softmax_vjp_rows(p: jax.Array, grad_p: jax.Array, t: jax.Array) -> jax.Array:
+    """Vector-Jacobian product of the tempered softmax: w - e * sum(w), w = g p^t, e = p^t / sum p^t."""
+    positive = p > 0
+    p_t = jnp.where(positive, jnp.exp(t * jnp.log(jnp.where(positive, p, 1.0))), 0.0)
+    w = grad_p * p_t
+    return w - p_t / jnp.sum(p_t, axis=-1, keepdims=True) * jnp.sum(w, axis=-1, keepdims=True)

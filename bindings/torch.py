@@ -1,0 +1,226 @@
+"""PyTorch API of bitempered: validation, backend choice, reshaping. The math is in the ops.
+
+Classes are the LAST axis; any number of leading axes. Temperatures may be Python floats or 0-d
+tensors (a tensor never triggers a recompile under ``torch.compile``). Values of CUDA tensors are
+not checked (that would need a host sync); everything else is checked and bad input raises
+ValueError/TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import validation as check
+from .torch_ops import binary_loss_op, loss_op, sigmoid_op, softmax_op
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    check.check_backend(backend, BACKENDS)
+    if backend == "auto":
+        use_kernels = device.type == "cuda" and dtype != torch.float64 and _triton_available()
+        return "triton" if use_kernels else "torch"
+    if backend == "triton":
+        if dtype == torch.float64:
+            raise ValueError("backend='triton' computes in float32; float64 logits need backend='torch' or 'auto'")
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' on CPU tensors runs Triton's interpreter, which must be switched on "
+                "with TRITON_INTERPRET=1 before triton is imported; use backend='torch' on CPU instead")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA (and interpreted CPU) tensors, got {device}")
+    return backend
+
+
+def _temperature(value, name: str, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor of a temperature-like argument, checked where that costs no sync."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float or a 0-d floating tensor, got {value.dtype} of shape "
+                            f"{tuple(value.shape)}")
+        # CUDA values would need a host sync, traced values a graph break: those stay unchecked.
+        checkable = value.device.type == "cpu" and not torch.compiler.is_compiling()
+        concrete = float(value) if checkable else None
+        tensor = value.reshape(())
+    else:
+        concrete = check.concrete_float(value, name)
+        tensor = torch.tensor(concrete, dtype=torch.float64)
+    if name == "t1":
+        check.check_t1(concrete)
+    else:
+        check.check_t(concrete, name)
+    return tensor if tensor.device == device or tensor.device.type == "cpu" else tensor.to(device)
+
+
+def _label_smoothing(value) -> float:
+    concrete = check.concrete_float(value, "label_smoothing")
+    if concrete is None:
+        raise TypeError("label_smoothing must be a Python float")
+    check.check_label_smoothing(concrete)
+    return concrete
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    check.check_logits_shape(logits.shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [N, C] with unit stride on the classes (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _num_iters(num_iters) -> int:
+    check.check_num_iters(num_iters)
+    return 0 if num_iters is None else int(num_iters)
+
+
+def tempered_softmax(logits, t, num_iters=None, backend="auto"):
+    """SPEC's tempered softmax over the last axis, in the logits' dtype.
+
+    ``num_iters=None`` solves the normalization to convergence (default); an int reproduces the
+    original algorithm with exactly that many steps.
+    """
+    _check_logits(logits)
+    iters = _num_iters(num_iters)
+    backend = _resolve_backend(backend, logits.device, logits.dtype)
+    t = _temperature(t, "t", logits.device)
+    if logits.numel() == 0:
+        return torch.empty_like(logits)
+    return softmax_op(_rows(logits), t, iters, backend).reshape(logits.shape)
+
+
+def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
+    """Elementwise tempered sigmoid: ``tempered_softmax([0, x], t)[1]``."""
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError("logits must be a floating torch.Tensor")
+    iters = _num_iters(num_iters)
+    backend = _resolve_backend(backend, logits.device, logits.dtype)
+    t = _temperature(t, "t", logits.device)
+    if logits.numel() == 0:
+        return torch.empty_like(logits)
+    return sigmoid_op(logits.reshape(-1), t, iters, backend).reshape(logits.shape)
+
+
+def _empty_loss(logits, shape, reduction):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    zero = logits.sum() * 0  # keeps the autograd connection for an empty batch
+    if reduction == "none":
+        return torch.zeros(shape, dtype=dtype, device=logits.device) + zero.to(dtype)
+    if reduction == "sum":
+        return zero.to(dtype)
+    return zero.to(dtype) / 0.0
+
+
+def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
+                              reduction="mean", ignore_index=-100, backend="auto"):
+    """Bi-tempered logistic loss (Amid et al., 2019) over the last axis.
+
+    Args:
+        logits: [..., C] float16/bfloat16/float32/float64 tensor.
+        labels: dense floating labels of the logits' shape, or integer class indices of shape
+            ``logits.shape[:-1]`` (rows equal to ``ignore_index`` are skipped).
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1 gives heavy tails).
+        label_smoothing: in [0, 1), the reference convention (target 1 - s, others s/(C-1)).
+        num_iters: None (converged, default) or the original algorithm's step count.
+        reduction: "none" (per-row losses), "sum" or "mean" (over non-ignored rows).
+        backend: "auto" (Triton kernels for CUDA tensors, native ops otherwise), "torch", "triton".
+
+    Returns the loss in float32 (float64 for float64 logits). The gradient flows to ``logits``.
+    """
+    _check_logits(logits)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
+    indices = check.labels_are_indices(logits.shape, labels.shape, not labels.dtype.is_floating_point)
+    check.check_reduction(reduction)
+    iters = _num_iters(num_iters)
+    smoothing = _label_smoothing(label_smoothing)
+    check.check_smoothing_classes(smoothing, logits.shape[-1])
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    backend = _resolve_backend(backend, logits.device, logits.dtype)
+    t1_ = _temperature(t1, "t1", logits.device)
+    t2_ = _temperature(t2, "t2", logits.device)
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if logits.numel() == 0:
+        return _empty_loss(logits, logits.shape[:-1], reduction)
+    rows = _rows(logits)
+    label_rows = labels.reshape(-1) if indices else _rows(labels)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = loss_op(rows, label_rows, t1_, t2_, smoothing, iters, ignore_index, reduction, backend,
+                      need_grad)
+    return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
+
+
+def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
+                                     reduction="mean", backend="auto"):
+    """Binary bi-tempered loss: the 2-class loss of logits [0, x] and labels [1 - y, y], elementwise.
+
+    ``logits`` and ``labels`` (floating, in [0, 1]) share one shape; "mean" averages all elements.
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError("logits must be a floating torch.Tensor")
+    if not isinstance(labels, torch.Tensor) or not labels.dtype.is_floating_point:
+        raise TypeError("labels must be a floating torch.Tensor of the logits' shape (binary targets in [0, 1])")
+    check.check_binary_shapes(logits.shape, labels.shape)
+    check.check_reduction(reduction)
+    iters = _num_iters(num_iters)
+    smoothing = _label_smoothing(label_smoothing)
+    backend = _resolve_backend(backend, logits.device, logits.dtype)
+    t1_ = _temperature(t1, "t1", logits.device)
+    t2_ = _temperature(t2, "t2", logits.device)
+    if logits.numel() == 0:
+        return _empty_loss(logits, logits.shape, reduction)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = binary_loss_op(logits.reshape(-1), labels.reshape(-1).to(logits.dtype), t1_, t2_, smoothing,
+                             iters, reduction, backend, need_grad)
+    return loss.reshape(logits.shape) if reduction == "none" else loss
+
+
+class BiTemperedLogisticLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`bi_tempered_logistic_loss` (call it as ``loss(logits, labels)``).
+
+    ``t1``/``t2`` may be changed between steps (``module.t1 = 0.7``) without recompiling when they
+    are held as 0-d tensors.
+    """
+
+    def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
+                 backend="auto"):
+        super().__init__()
+        check.check_t1(check.concrete_float(t1, "t1") if not isinstance(t1, torch.Tensor) else None)
+        check.check_t(check.concrete_float(t2, "t2") if not isinstance(t2, torch.Tensor) else None, "t2")
+        check.check_label_smoothing(check.concrete_float(label_smoothing, "label_smoothing"))
+        check.check_num_iters(num_iters)
+        check.check_reduction(reduction)
+        check.check_backend(backend, BACKENDS)
+        self.t1, self.t2 = t1, t2
+        self.label_smoothing, self.num_iters = label_smoothing, num_iters
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+
+    def forward(self, logits, labels):
+        return bi_tempered_logistic_loss(logits, labels, self.t1, self.t2, self.label_smoothing,
+                                         self.num_iters, self.reduction, self.ignore_index, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"t1={self.t1}, t2={self.t2}, label_smoothing={self.label_smoothing}, "
+                f"num_iters={self.num_iters}, reduction={self.reduction!r}")

@@ -1,0 +1,234 @@
+"""torch.library custom ops of bitempered, with fake (meta) implementations and autograd.
+
+Each op dispatches to the native backend (``torch_native.py``) or the Triton kernels
+(``torch_triton.py``) by its ``backend`` argument. Being custom ops, they are opaque to
+``torch.compile``: a model calling the loss compiles with ``fullgraph=True``, and temperatures are
+0-d tensors so a new value never recompiles.
+
+The loss op computes the gradient of the logits in its forward pass (while the row is on chip,
+for the kernels), already multiplied by the reduction's scale (1/#kept rows for "mean"), so the
+backward only multiplies by the upstream gradient: exact for the usual upstream of 1.0 (or any
+power of two). For reduction="none" the backward rescales the stored gradient per row (one read and
+one write of N x C, far cheaper than re-solving the rows; the stored gradient was rounded once
+into the logits' dtype, so non-unit upstream gradients round twice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_native as native
+
+Tensor = torch.Tensor
+NO_GRAD = torch.empty(0)
+
+
+def _triton():
+    from . import torch_triton  # imported lazily: Triton may be missing on CPU-only machines
+
+    return torch_triton
+
+
+def _flat_labels(labels: Tensor, num_classes: int, dtype, ignore_index: int, label_smoothing: float):
+    """Dense smoothed labels [N, C] (compute dtype) and the kept-row mask [N]."""
+    if labels.dtype.is_floating_point:
+        y, kept = labels.to(dtype), torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    else:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if labels.device.type == "cpu" and bool(bad.any()):  # free to check on the host
+            raise ValueError(
+                f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
+                f"({ignore_index}): {labels[bad][:5].tolist()}")
+        y, kept = native.dense_labels_from_indices(labels, num_classes, dtype, ignore_index)
+        y = torch.where(bad.unsqueeze(-1), float("nan"), y)  # an unchecked bad index gives a NaN row
+    y = native.smooth_labels(y, label_smoothing)
+    return y * kept.unsqueeze(-1), kept
+
+
+def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str):
+    """(reduced loss, per-row gradient scale as a 0-d tensor)."""
+    if reduction == "none":
+        return loss_rows, torch.ones((), dtype=loss_rows.dtype, device=loss_rows.device)
+    if reduction == "sum":
+        return loss_rows.sum(), torch.ones((), dtype=loss_rows.dtype, device=loss_rows.device)
+    count = kept.sum().to(loss_rows.dtype)
+    return loss_rows.sum() / count, torch.where(count > 0, 1.0 / count, 0.0)
+
+
+def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
+    dtype = native.compute_dtype(logits.dtype)
+    a = logits.to(dtype)
+    t1, t2 = t1.to(a.device, dtype), t2.to(a.device, dtype)
+    y, kept = _flat_labels(labels, a.shape[-1], dtype, ignore_index, label_smoothing)
+    log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
+    loss_rows, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
+    loss_rows = torch.where(kept, loss_rows, 0.0)
+    loss, scale = _reduce(loss_rows, kept, reduction)
+    if not need_grad:
+        return loss, NO_GRAD.to(logits.device)
+    grad = torch.where(kept.unsqueeze(-1), grad, 0.0) * scale
+    return loss, grad.to(logits.dtype)
+
+
+def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
+    """The kernels produce per-row losses and the gradient already scaled by the reduction."""
+    if labels.dtype.is_floating_point:
+        kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    else:
+        kept = labels != ignore_index
+    _, scale = _reduce(kept.float(), kept, reduction)
+    loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
+                                             ignore_index, need_grad, grad_scale=scale)
+    loss, _ = _reduce(loss_rows, kept, reduction)
+    return loss, grad if grad is not None else NO_GRAD.to(logits.device)
+
+
+@torch.library.custom_op("bitempered::loss", mutates_args=())
+def loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: float,
+            num_iters: int, ignore_index: int, reduction: str, backend: str,
+            need_grad: bool) -> tuple[Tensor, Tensor]:
+    """Rows [N, C] -> (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
+
+    ``num_iters`` 0 means converged (None in the public API).
+    """
+    iters = num_iters or None
+    if backend == "triton":
+        return _triton_loss(logits, labels, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
+    return _native_loss(logits, labels, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
+
+
+@loss_op.register_fake
+def _(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
+    dtype = native.compute_dtype(logits.dtype)
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    return logits.new_empty(shape, dtype=dtype), grad
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _scale_saved_grad(ctx, grad_loss, _unused):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
+    upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
+    return (grad * upstream).to(grad.dtype), None, None, None, None, None, None, None, None, None
+
+
+loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)
+
+
+def _native_probs(logits, t, num_iters):
+    dtype = native.compute_dtype(logits.dtype)
+    a = logits.to(dtype)
+    return native.tempered_log_softmax_rows(a, t.to(a.device, dtype), num_iters).exp().to(logits.dtype)
+
+
+@torch.library.custom_op("bitempered::softmax", mutates_args=())
+def softmax_op(logits: Tensor, t: Tensor, num_iters: int, backend: str) -> Tensor:
+    """Tempered softmax of rows [N, C] in the logits' dtype."""
+    if backend == "triton":
+        return _triton().softmax_forward(logits, t, num_iters or None)
+    return _native_probs(logits, t, num_iters or None)
+
+
+@softmax_op.register_fake
+def _(logits, t, num_iters, backend):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("bitempered::softmax_backward", mutates_args=())
+def softmax_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().softmax_backward(probs, grad, t)
+    dtype = native.compute_dtype(probs.dtype)
+    p = probs.to(dtype)
+    return native.tempered_softmax_vjp_rows(p, grad.to(dtype), t.to(p.device, dtype)).to(probs.dtype)
+
+
+@softmax_backward_op.register_fake
+def _(probs, grad, t, backend):
+    return torch.empty_like(probs)
+
+
+def _save_probs(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(output, inputs[1])
+
+
+def _softmax_vjp(ctx, grad):
+    probs, t = ctx.saved_tensors
+    return softmax_backward_op(probs, grad.contiguous(), t, ctx.backend), None, None, None
+
+
+softmax_op.register_autograd(_softmax_vjp, setup_context=_save_probs)
+
+
+def _binary_rows(x: Tensor) -> Tensor:
+    """Logits [0, x] of the 2-class problem behind the binary functions."""
+    return torch.stack([torch.zeros_like(x), x], dim=-1)
+
+
+@torch.library.custom_op("bitempered::binary_loss", mutates_args=())
+def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: float,
+                   num_iters: int, reduction: str, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]."""
+    if backend == "triton":
+        kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        _, scale = _reduce(kept.float(), kept, reduction)
+        loss_rows, grad = _triton().binary_loss_forward(logits, labels, t1, t2, label_smoothing,
+                                                        num_iters or None, need_grad, grad_scale=scale)
+        loss, _ = _reduce(loss_rows, kept, reduction)
+        return loss, grad if grad is not None else NO_GRAD.to(logits.device)
+    dense = torch.stack([1.0 - labels, labels], dim=-1)
+    loss, grad = _native_loss(_binary_rows(logits), dense, t1, t2, label_smoothing, num_iters or None,
+                              -100, reduction, need_grad)
+    return loss, grad[:, 1].contiguous() if need_grad else grad
+
+
+@binary_loss_op.register_fake
+def _(logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend, need_grad):
+    dtype = native.compute_dtype(logits.dtype)
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    return logits.new_empty(shape, dtype=dtype), grad
+
+
+binary_loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)
+
+
+@torch.library.custom_op("bitempered::sigmoid", mutates_args=())
+def sigmoid_op(logits: Tensor, t: Tensor, num_iters: int, backend: str) -> Tensor:
+    """Tempered sigmoid of 1-D logits: tempered_softmax([0, x])[1]."""
+    if backend == "triton":
+        return _triton().sigmoid_forward(logits, t, num_iters or None)
+    return _native_probs(_binary_rows(logits), t, num_iters or None)[:, 1].contiguous()
+
+
+@sigmoid_op.register_fake
+def _(logits, t, num_iters, backend):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("bitempered::sigmoid_backward", mutates_args=())
+def sigmoid_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().sigmoid_backward(probs, grad, t)
+    rows = torch.stack([1.0 - probs, probs], dim=-1)
+    grad_rows = torch.stack([torch.zeros_like(grad), grad], dim=-1)
+    return softmax_backward_op(rows, grad_rows, t, backend)[:, 1].contiguous()
+
+
+@sigmoid_backward_op.register_fake
+def _(probs, grad, t, backend):
+    return torch.empty_like(probs)
+
+
+def _sigmoid_vjp(ctx, grad):
+    probs, t = ctx.saved_tensors
+    return sigmoid_backward_op(probs, grad.contiguous(), t, ctx.backend), None, None, None
+
+
+sigmoid_op.register_autograd(_sigmoid_vjp, setup_context=_save_probs)

@@ -1,0 +1,132 @@
+"""PyTorch API behaviour: bad input, backend choice, torch.compile, import hygiene."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitempered import torch as bt
+
+A = torch.randn(4, 5)
+IDX = torch.tensor([0, 1, 2, 3])
+
+
+def loss(**overrides):
+    args = dict(logits=A, labels=IDX, t1=0.8, t2=1.2)
+    args.update(overrides)
+    return bt.bi_tempered_logistic_loss(**args)
+
+
+@pytest.mark.parametrize("overrides,error,name", [
+    (dict(t1=-0.1), ValueError, "t1"),
+    (dict(t1=2.0), ValueError, "t1"),
+    (dict(t1=torch.tensor(2.5)), ValueError, "t1"),
+    (dict(t2=0.0), ValueError, "t2"),
+    (dict(t2=float("nan")), ValueError, "t2"),
+    (dict(t2="1.2"), TypeError, "t2"),
+    (dict(t2=torch.tensor([1.1, 1.2])), TypeError, "t2"),
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(num_iters=0), ValueError, "num_iters"),
+    (dict(num_iters=2.5), TypeError, "num_iters"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(labels=torch.tensor([0, 1, 2])), ValueError, "labels shape"),
+    (dict(labels=torch.rand(4, 6)), ValueError, "labels shape"),
+    (dict(labels=torch.tensor([0, 1, 2, 5])), ValueError, "labels"),
+    (dict(labels=torch.tensor([0, 1, -1, 3])), ValueError, "labels"),
+    (dict(labels=torch.ones(4, dtype=torch.bool)), TypeError, "labels"),
+    (dict(logits=torch.ones(4, 5, dtype=torch.long)), TypeError, "logits"),
+    (dict(logits=torch.tensor(1.0), labels=torch.tensor(1.0)), ValueError, "logits"),
+    (dict(logits=torch.randn(4, 0), labels=torch.rand(4, 0)), ValueError, "logits"),
+    (dict(logits=torch.randn(4, 1), labels=torch.zeros(4, dtype=torch.long), label_smoothing=0.1),
+     ValueError, "label_smoothing"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+])
+def test_bad_input_names_the_argument(overrides, error, name):
+    with pytest.raises(error, match=name):
+        loss(**overrides)
+
+
+def test_bad_input_of_the_other_functions():
+    with pytest.raises(ValueError, match="t"):
+        bt.tempered_softmax(A, 0.0)
+    with pytest.raises(ValueError, match="num_iters"):
+        bt.tempered_sigmoid(A, 1.5, num_iters=-1)
+    with pytest.raises(ValueError, match="labels shape"):
+        bt.bi_tempered_binary_logistic_loss(A, torch.rand(4), 0.5, 1.5)
+    with pytest.raises(ValueError, match="t1"):
+        bt.BiTemperedLogisticLoss(t1=3.0, t2=1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        bt.BiTemperedLogisticLoss(t1=0.5, t2=1.0, reduction="max")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        loss(backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        loss(logits=A.double(), backend="triton")
+
+
+def test_auto_uses_native_ops_on_cpu(monkeypatch):
+    from bitempered.bindings import torch_ops
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton path ran for a CPU tensor with backend='auto'")
+
+    monkeypatch.setattr(torch_ops, "_triton", fail)
+    assert torch.isfinite(loss())
+
+
+def test_torch_compile_fullgraph_without_recompiling_per_temperature():
+    from torch._dynamo.testing import CompileCounter
+
+    model = torch.nn.Linear(5, 5)
+
+    def step(x, y, t1, t2):
+        return bt.bi_tempered_logistic_loss(model(x), y, t1, t2, label_smoothing=0.1)
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for t1, t2 in [(0.8, 1.2), (0.7, 1.3), (0.5, 0.8), (1.0, 1.0)]:
+        out = compiled(A, IDX, torch.tensor(t1), torch.tensor(t2))
+        out.backward()
+        expected = step(A, IDX, t1, t2)
+        assert torch.allclose(out, expected)
+    assert counter.frame_count == 1
+
+
+def test_torch_compile_inductor_matches_eager():
+    model = torch.nn.Linear(5, 5)
+    x = torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+
+    def step(t2):
+        return bt.bi_tempered_logistic_loss(model(x), y, 0.8, t2)
+
+    def value_and_grad(fn):
+        model.zero_grad()
+        out = fn(torch.tensor(1.2))
+        out.backward()
+        return out.detach(), model.weight.grad.clone()
+
+    eager = value_and_grad(step)
+    compiled = value_and_grad(torch.compile(step, fullgraph=True))
+    assert torch.allclose(eager[0], compiled[0]) and torch.allclose(eager[1], compiled[1], atol=1e-6)
+
+
+def test_importing_the_torch_api_imports_neither_jax_nor_triton():
+    # (Calling a custom op may let torch itself import triton where it is installed; importing must not.)
+    code = ("import sys, bitempered.torch as bt, torch; imported = [m for m in ('jax', 'triton') if m in sys.modules]; "
+            "bt.bi_tempered_logistic_loss(torch.randn(2, 3), torch.tensor([0, 1]), 0.8, 1.2); "
+            "print(imported, 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] False"
+
+
+def test_importing_bitempered_imports_no_framework():
+    code = "import sys, bitempered; print(sorted(m for m in ('jax', 'torch', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,148 @@
+"""The noisy-label demo (``python -m bitempered.demo``) at a tiny configuration.
+
+Runs ``--quick`` (3 epochs, 2 seeds, 3 noise settings, the 4 default losses, a few 2-D epochs) for
+each installed framework, writing into tmp_path, and checks the table, CSV and PNGs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from bitempered.demo.data import FLIP_TO, Noise, add_noise, load_digits_split  # noqa: E402
+from bitempered.demo.mlp import DEFAULT_LOSSES, LossSpec  # noqa: E402
+from bitempered.demo.report import CSV_COLUMNS  # noqa: E402
+
+QUICK_NOISES = ["clean", "symmetric 40%", "class-flip 40%"]
+QUICK_SEEDS = 2
+FRAMEWORKS = [f for f in ("torch", "jax") if importlib.util.find_spec(f) is not None]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def _check_outputs(out, with_boundaries=True):
+    header, rows = _read_csv(out / "results.csv")
+    assert tuple(header) == CSV_COLUMNS
+    labels = [loss.label for loss in DEFAULT_LOSSES]
+    assert [(r["noise"], r["loss"]) for r in rows] == [(n, l) for n in QUICK_NOISES for l in labels]
+    for r in rows:
+        mean, std = float(r["mean_accuracy"]), float(r["std_accuracy"])
+        per_seed = [float(a) for a in r["per_seed_accuracy"].split(";")]
+        assert int(r["num_seeds"]) == QUICK_SEEDS == len(per_seed)
+        for a in per_seed + [mean]:
+            assert math.isfinite(a) and 0.0 <= a <= 1.0
+        assert math.isfinite(std) and std >= 0.0
+        assert mean == pytest.approx(np.mean(per_seed), abs=1e-3)
+        assert r["best_in_row"] in ("0", "1")
+    for noise in QUICK_NOISES:
+        in_row = [r for r in rows if r["noise"] == noise]
+        best = max(round(float(r["mean_accuracy"]), 3) for r in in_row)
+        marked = {r["loss"] for r in in_row if r["best_in_row"] == "1"}
+        assert marked == {r["loss"] for r in in_row if round(float(r["mean_accuracy"]), 3) == best}
+
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(QUICK_NOISES)                    # header, rule, one row per noise
+    assert all(line.count("|") == len(labels) + 2 for line in table)
+    assert all("**" in line for line in table[2:])                # a best cell in every row
+
+    pngs = ["accuracy_vs_noise.png"] + (["decision_boundaries.png"] if with_boundaries else [])
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert len(data) > 10_000 and data.startswith(PNG_MAGIC)
+    return {(r["noise"], r["loss"]): float(r["mean_accuracy"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """framework -> (output folder, printed text) of one ``--quick`` run each, in-process."""
+    from bitempered.demo.__main__ import main
+
+    runs = {}
+    for framework in FRAMEWORKS:
+        out = tmp_path_factory.mktemp(f"demo_{framework}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["--quick", "--framework", framework, "--out", str(out)]) == 0
+        runs[framework] = out, printed.getvalue()
+    return runs
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_quick_outputs(framework, quick_runs):
+    out, printed = quick_runs[framework]
+    for name in QUICK_NOISES + [loss.label for loss in DEFAULT_LOSSES]:
+        assert name in printed
+    assert " *" in printed                                        # the best of each row is marked
+    _check_outputs(out)
+
+
+@pytest.mark.skipif(len(FRAMEWORKS) < 2, reason="needs both torch and jax")
+def test_frameworks_agree(quick_runs):
+    """Same initial weights and batches: after 3 epochs the two frameworks score alike."""
+    means = {f: _check_outputs(quick_runs[f][0]) for f in FRAMEWORKS}
+    for key, value in means["torch"].items():
+        assert abs(value - means["jax"][key]) < 0.1, key
+
+
+def test_module_entry_point(tmp_path):
+    """`python -m bitempered.demo` with explicit small flags, as a subprocess, from tmp_path."""
+    cmd = [sys.executable, "-m", "bitempered.demo", "--no-boundaries", "--noise-rates", "0", "0.6",
+           "--seeds", "1", "--epochs", "1", "--losses", "ce", "0.5,2", "--out", "res"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, rows = _read_csv(tmp_path / "res" / "results.csv")
+    assert [(r["noise"], r["loss"]) for r in rows] == [
+        (n, l) for n in ("clean", "symmetric 60%") for l in ("cross-entropy", "bi-tempered (0.5, 2.0)")]
+    assert all(r["std_accuracy"] == "0.0000" for r in rows)      # one seed
+    assert (tmp_path / "res" / "accuracy_vs_noise.png").stat().st_size > 10_000
+    assert not (tmp_path / "res" / "decision_boundaries.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "bitempered.demo", "--framework", "numpy"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--framework" in bad.stderr
+
+
+def test_noise_models():
+    _, _, labels, _ = load_digits_split(seed=0)
+    rng = np.random.default_rng(0)
+    for rate in (0.2, 0.6):
+        noisy = add_noise(labels, Noise("sym", rate), rng)
+        changed = noisy != labels
+        assert changed.sum() == round(rate * len(labels))        # exactly that many, never the same class
+        assert set(np.unique(noisy)) <= set(range(10))
+    noisy = add_noise(labels, Noise("flip", 0.4), rng)
+    for c in range(10):
+        members = labels == c
+        assert (noisy[members] != c).sum() == round(0.4 * members.sum())
+        assert set(np.unique(noisy[members & (noisy != c)])) <= {FLIP_TO[c]}
+    assert (add_noise(labels, Noise("sym", 0.0), rng) == labels).all()
+
+
+def test_parsing():
+    assert Noise.parse("0.4") == Noise("sym", 0.4)
+    assert Noise.parse("flip:0.4") == Noise("flip", 0.4)
+    assert Noise.parse("0").label == "clean"
+    with pytest.raises(ValueError):
+        Noise.parse("flip:0.6")
+    with pytest.raises(ValueError):
+        Noise.parse("1.2")
+    assert LossSpec.parse("ce") == LossSpec(1.0, 1.0)
+    assert LossSpec.parse("0.2,4") == LossSpec(0.2, 4.0)
+    assert LossSpec.parse("0.2,4").label == "bi-tempered (0.2, 4.0)"

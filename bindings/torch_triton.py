@@ -43,16 +43,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _one_if_none(value):
+    return 1.0 if value is None else value
+
+
 def _solver_args(num_iters):
     """(ORIGINAL flag, num_iters runtime value) for num_iters None (converged) or k."""
     return (False, 1) if num_iters is None else (True, int(num_iters))
 
 
 def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad,
-                 grad_out=None):
+                 grad_out=None, grad_scale=None):
     """Per-row loss (fp32 [N]) and, if ``need_grad``, dL/dlogits for unit upstream gradient
     ([N, C] in the logits' dtype, written into ``grad_out`` when given: in-place mode, which may
     be ``logits2d`` itself). ``labels``: dense [N, C] floats or class indices [N] (int32/int64).
+    ``grad_scale`` (float or 0-d tensor, default 1, e.g. 1/count for a mean reduction) multiplies
+    the gradient in fp32 before its one rounding. Rows of ignored labels get loss 0 and gradient 0;
+    other class indices outside [0, C) get NaN (loss and gradient row), never an out-of-bounds read.
     """
     logits2d = _rows(logits2d)
     n_rows, n_cols = logits2d.shape
@@ -61,7 +68,8 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
     grad = None
     if need_grad:
         grad = grad_out if grad_out is not None else torch.empty_like(logits2d)
-        assert grad.shape == logits2d.shape and grad.dtype == logits2d.dtype and grad.stride(-1) == 1
+        assert grad.shape == logits2d.shape and grad.dtype == logits2d.dtype
+        assert grad.stride(-1) == 1
     if n_rows == 0:
         return loss, grad
     indices = not labels.is_floating_point()
@@ -75,14 +83,15 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
     grid = (triton_cdiv(n_rows, config.block_rows),)
     with _device_scope(logits2d):
         tempered_loss_kernel[grid](
-            logits2d, labels, _scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
+            logits2d, labels, _scalar(t1, device), _scalar(t2, device),
+            _scalar(label_smoothing, device), _scalar(_one_if_none(grad_scale), device),
             k, int(ignore_index),
             n_rows, n_cols,
             logits2d.stride(0), stride_labels, grad.stride(0) if need_grad else 0,
             loss, grad if need_grad else loss,
             LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), ORIGINAL=original,
             CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
-            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps,
+            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps, maxnreg=config.maxnreg,
         )
     return loss, grad
 
@@ -102,12 +111,13 @@ def softmax_forward(logits2d, t, num_iters):
             logits2d.stride(0), probs.stride(0), probs,
             ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
             BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, num_warps=config.num_warps,
+            maxnreg=config.maxnreg,
         )
     return probs
 
 
 def softmax_backward(probs2d, grad2d, t):
-    """Gradient of the logits of the tempered softmax: w - e sum(w), w = g p^t, e = p^t / sum p^t."""
+    """Gradient of the logits of the tempered softmax: w - e sum(w), w = g p^t, e = p^t/sum p^t."""
     probs2d, grad2d = _rows(probs2d), _rows(grad2d)
     n_rows, n_cols = probs2d.shape
     out = torch.empty(probs2d.shape, dtype=probs2d.dtype, device=probs2d.device)
@@ -119,13 +129,14 @@ def softmax_backward(probs2d, grad2d, t):
             probs2d, grad2d, _scalar(t, probs2d.device), n_rows, n_cols,
             probs2d.stride(0), grad2d.stride(0), out.stride(0), out,
             CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
-            num_warps=config.num_warps,
+            num_warps=config.num_warps, maxnreg=config.maxnreg,
         )
     return out
 
 
-def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad):
-    """Binary loss (fp32 [M]) and, if ``need_grad``, dL/dx ([M], x's dtype) of logits x, labels y."""
+def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad, grad_scale=None):
+    """Binary loss (fp32 [M]) and, if ``need_grad``, grad_scale * dL/dx ([M], x's dtype; grad_scale
+    a float or 0-d tensor, default 1) of logits x and labels y in [0, 1]."""
     n = x1d.shape[0]
     device = x1d.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
@@ -137,9 +148,10 @@ def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad)
     with _device_scope(x1d):
         tempered_binary_loss_kernel[(triton_cdiv(n, config.block),)](
             x1d, y1d, _scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
+            _scalar(_one_if_none(grad_scale), device),
             k, n, x1d.stride(0), y1d.stride(0), loss, grad if need_grad else loss,
             NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
-            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps,
+            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps, maxnreg=config.maxnreg,
         )
     return loss, grad
 
@@ -156,7 +168,7 @@ def sigmoid_forward(x1d, t, num_iters):
         tempered_sigmoid_fwd_kernel[(triton_cdiv(n, config.block),)](
             x1d, _scalar(t, x1d.device), k, n, x1d.stride(0), probs,
             ORIGINAL=original, BLOCK=config.block, MAX_PASSES=MAX_PASSES,
-            num_warps=config.num_warps,
+            num_warps=config.num_warps, maxnreg=config.maxnreg,
         )
     return probs
 
@@ -170,8 +182,9 @@ def sigmoid_backward(probs1d, grad1d, t):
     config = launch_config.binary_config()
     with _device_scope(probs1d):
         tempered_sigmoid_bwd_kernel[(triton_cdiv(n, config.block),)](
-            probs1d, grad1d, _scalar(t, probs1d.device), n, probs1d.stride(0), grad1d.stride(0), out,
-            BLOCK=config.block, num_warps=config.num_warps,
+            probs1d, grad1d, _scalar(t, probs1d.device), n, probs1d.stride(0), grad1d.stride(0),
+            out,
+            BLOCK=config.block, num_warps=config.num_warps, maxnreg=config.maxnreg,
         )
     return out
 

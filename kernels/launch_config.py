@@ -1,0 +1,124 @@
+"""Launch configuration of every kernel family: one heuristic per family, keyed on C and dtype.
+
+Framework-free (sizes and element sizes in bytes, no torch). There is no autotuning: every call
+gets exactly one configuration, on a GPU and under the Triton interpreter alike.
+
+Where the numbers come from. NONE of them has been timed on a GPU yet. They come from the
+register budget, checked without a GPU by ``tests/test_triton_compile.py`` (Triton 3.9 + its
+bundled ptxas, sm_90 and sm_80: registers per thread and zero spills for every shipped config;
+run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on an H100:
+
+- ``ELEMS_PER_THREAD = 4``: the on-chip loss kernel keeps the tile plus log2 p, p, q of the last
+  solver pass live (4 fp32 arrays) and adds the loss/gradient epilogue. Measured (ptxas):
+  4 elements per thread -> 56-84 registers; the 4096 tile (capped at 16 warps, so 8 per thread)
+  -> 100-118. With 8 per thread on 4 warps ptxas spilled 4-8 bytes ([2x512] tile, sm_90).
+- ``MAX_WARPS = 16``: 512 threads. With ``MAX_REGISTERS`` this caps the on-chip tile at
+  16 * 32 * 8 = 4096 elements: 8192 at 16 warps hit the 128-register cap and spilled (sm_90).
+- ``MAX_REGISTERS = 128`` (passed as ``maxnreg``): lets ptxas use up to the 64K-register file
+  / 512 threads, i.e. keeps >= 16 warps resident per SM for any num_warps <= 16. Without it
+  ptxas chose 64 registers and spilled 8 bytes (original-algorithm variant, 16 warps, sm_80).
+- ``ON_CHIP_LIMIT``: the largest C kept in registers = the 4096 tile, for every dtype: the tile is
+  converted to fp32 on load, so 16-bit logits need the same registers (a per-dtype dict so a GPU
+  measurement can change it). Above it the chunked path streams the row once per pass (reads
+  beyond the first are expected to hit L2: ~130 rows of 16K fp32 in flight is ~8 MB).
+- ``CHUNK_COLS = 2048``: chunk width of the chunked path (16 warps x 4 per thread). Not timed.
+- ``SMALL_ROW_TILE = 1024``: rows with C below it are packed several per program
+  (BLOCK_ROWS = 1024 // BLOCK_COLS) so that a program still has >= 1024 elements of work; every
+  row of a program runs as many solver passes as the slowest one. Not timed.
+- ``BINARY_BLOCK = 1024``: elements per program of the binary kernels ([1024, 2] tile). Not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+MAX_PASSES = 30  # the solver's safety cap, the same as bindings/torch_native.MAX_PASSES
+ELEMS_PER_THREAD = 4
+MAX_WARPS = 16
+MAX_REGISTERS = 128
+ON_CHIP_LIMIT = {4: 4096, 2: 4096}  # element size in bytes -> largest on-chip C
+CHUNK_COLS = 2048
+SMALL_ROW_TILE = 1024
+BINARY_BLOCK = 1024
+
+_on_chip_limit_override: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowConfig:
+    """One launch of a row kernel (loss, softmax forward/backward)."""
+
+    chunked: bool
+    block_rows: int
+    block_cols: int
+    num_warps: int
+    maxnreg: int = MAX_REGISTERS
+
+    @property
+    def path(self) -> str:
+        return "chunked" if self.chunked else "on_chip"
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryConfig:
+    block: int
+    num_warps: int
+    maxnreg: int = MAX_REGISTERS
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def warps_for(elements: int) -> int:
+    return max(1, min(MAX_WARPS, elements // (32 * ELEMS_PER_THREAD)))
+
+
+def on_chip_limit(elem_bytes: int) -> int:
+    if _on_chip_limit_override is not None:
+        return _on_chip_limit_override
+    return ON_CHIP_LIMIT.get(elem_bytes, ON_CHIP_LIMIT[4])
+
+
+@contextlib.contextmanager
+def override_on_chip_limit(limit: int):
+    """Temporarily sets the on-chip limit for every dtype (tests force the chunked path)."""
+    global _on_chip_limit_override
+    saved, _on_chip_limit_override = _on_chip_limit_override, int(limit)
+    try:
+        yield
+    finally:
+        _on_chip_limit_override = saved
+
+
+def row_config(n_cols: int, elem_bytes: int) -> RowConfig:
+    """Configuration of the row kernels for C = n_cols classes of ``elem_bytes``-byte logits."""
+    limit = on_chip_limit(elem_bytes)
+    if n_cols > limit:
+        block_cols = min(CHUNK_COLS, next_power_of_2(limit))
+        return RowConfig(True, 1, block_cols, warps_for(block_cols))
+    block_cols = next_power_of_2(n_cols)
+    block_rows = max(1, SMALL_ROW_TILE // block_cols)
+    return RowConfig(False, block_rows, block_cols, warps_for(block_rows * block_cols))
+
+
+def binary_config() -> BinaryConfig:
+    return BinaryConfig(BINARY_BLOCK, warps_for(2 * BINARY_BLOCK))
+
+
+def shipped_row_configs() -> list[RowConfig]:
+    """Every RowConfig the default heuristic can return (for the compile test)."""
+    configs = []
+    for elem_bytes in sorted(ON_CHIP_LIMIT):
+        limit = ON_CHIP_LIMIT[elem_bytes]
+        n = 1
+        while n <= limit:
+            configs.append(row_config(n, elem_bytes))
+            n *= 2
+        configs.append(row_config(limit + 1, elem_bytes))
+    return sorted(set(configs), key=lambda c: (c.chunked, c.block_cols, c.block_rows))
+
+
+def shipped_binary_configs() -> list[BinaryConfig]:
+    return [binary_config()]

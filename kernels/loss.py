@@ -1,0 +1,148 @@
+"""Fused bi-tempered loss kernel: normalization + per-row loss + logits gradient in one kernel.
+
+One program handles BLOCK_ROWS rows (several rows for tiny C). On-chip path: the row tile is
+loaded once (native dtype -> fp32), every solver pass runs on registers, the loss and the
+gradient (for unit upstream gradient, rounded once into the gradient's dtype) are written at
+the end. Chunked path (C above the on-chip limit): each pass streams the row in BLOCK_COLS
+chunks: max, [support count if t2 < 1], solver passes, loss + sum(d), gradient write.
+Launch configuration: ``launch_config.row_config``.
+"""
+
+import triton
+import triton.language as tl
+
+from .tempered_math import (
+    INF, evaluate, grad_terms, label_powers, load_shifted, loss_terms, nan_max,
+    row_max_chunked, safe_reciprocal, shift, smoothing_coefficients, solve,
+)
+
+
+@triton.jit
+def label_tile(label_ptr, idx, mask, cols, scale, add, one_minus_t1, inv_one_minus_t1,
+               two_minus_t1, LABELS_ARE_INDICES: tl.constexpr):
+    """(y, log_t1 y, y^(2-t1)) of one tile of smoothed labels, 0 off the mask.
+
+    Class indices: the two label values (target, other) are per-row scalars, so their powers
+    cost nothing per element. Dense labels are loaded (any float dtype) and powered per element.
+    """
+    if LABELS_ARE_INDICES:
+        hit = cols == idx
+        y_on = scale + add
+        log_t_on, pow_on = label_powers(y_on, one_minus_t1, inv_one_minus_t1, two_minus_t1)
+        log_t_off, pow_off = label_powers(add, one_minus_t1, inv_one_minus_t1, two_minus_t1)
+        y = tl.where(mask, tl.where(hit, y_on, add), 0.0)
+        log_t_y = tl.where(hit, log_t_on, log_t_off)
+        pow_y = tl.where(mask, tl.where(hit, pow_on, pow_off), 0.0)
+    else:
+        y = tl.load(label_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, scale * y + add, 0.0)
+        log_t_y, pow_y = label_powers(y, one_minus_t1, inv_one_minus_t1, two_minus_t1)
+    return y, log_t_y, pow_y
+
+
+@triton.jit
+def finish_rows(value, ignored, bad):
+    """Ignored label rows give 0, out-of-range class indices NaN."""
+    return tl.where(ignored, 0.0, tl.where(bad, float("nan"), value))
+
+
+@triton.jit
+def tempered_loss_kernel(
+    # input pointers: logits [N, C]; labels [N, C] (dense, any float dtype) or [N] (int32/int64
+    # class indices); t1, t2, label smoothing and the gradient's scale (e.g. 1/count of a mean
+    # reduction) as 1-element fp32 tensors (runtime values)
+    logits_ptr, labels_ptr, t1_ptr, t2_ptr, smoothing_ptr, grad_scale_ptr,
+    # runtime scalars: steps of the original algorithm (ORIGINAL only), ignored class index
+    num_iters, ignore_index,
+    # sizes
+    n_rows, n_cols,
+    # strides in elements (the class stride is 1); for class indices stride_labels is per row
+    stride_logits, stride_labels, stride_grad,
+    # outputs: per-row loss (fp32 [N]); grad_scale * dL/dlogits [N, C] in the logits' dtype (may
+    # be the logits buffer itself: every read of a row precedes its gradient's write)
+    loss_ptr, grad_ptr,
+    # compile-time flags and block sizes
+    LABELS_ARE_INDICES: tl.constexpr, NEED_GRAD: tl.constexpr, ORIGINAL: tl.constexpr,
+    CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    row_ptr = logits_ptr + rows64 * stride_logits
+    label_row_ptr = labels_ptr + rows64 * stride_labels
+    grad_row_ptr = grad_ptr + rows64 * stride_grad
+    cols = tl.arange(0, BLOCK_COLS)[None, :]
+
+    t1 = tl.load(t1_ptr)
+    t2 = tl.load(t2_ptr)
+    one_minus_t1 = 1.0 - t1
+    inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
+    two_minus_t1 = 2.0 - t1
+    inv_two_minus_t1 = 1.0 / two_minus_t1
+    one_minus_t2 = 1.0 - t2
+    inv_one_minus_t2 = safe_reciprocal(one_minus_t2)
+    t2_minus_t1 = t2 - t1
+    scale, add = smoothing_coefficients(tl.load(smoothing_ptr), n_cols)
+
+    if LABELS_ARE_INDICES:
+        idx = tl.load(label_row_ptr, mask=row_mask, other=0)
+        ignored = idx == ignore_index
+        bad = ~ignored & ((idx < 0) | (idx >= n_cols))
+    else:
+        idx = rows
+        ignored = rows < 0
+        bad = ignored
+    inactive = ~row_mask | ignored | bad
+
+    if CHUNKED:
+        mx = row_max_chunked(row_ptr, row_mask, n_cols, BLOCK_ROWS, BLOCK_COLS)
+        placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+        y2, _log2_p, _p, _q = solve(placeholder, row_ptr, row_mask, mx, inactive, n_cols,
+                                    one_minus_t2, inv_one_minus_t2, num_iters, ORIGINAL, True,
+                                    MAX_PASSES, BLOCK_ROWS, BLOCK_COLS)
+        loss = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+        sum_d = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+        sum_q = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+        for start in range(0, n_cols, BLOCK_COLS):
+            a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+            log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
+            y, log_t_y, pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols, scale,
+                                           add, one_minus_t1, inv_one_minus_t1, two_minus_t1,
+                                           LABELS_ARE_INDICES)
+            loss += tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1,
+                                      two_minus_t1, inv_two_minus_t1), axis=1, keep_dims=True)
+            if NEED_GRAD:
+                sum_d += tl.sum(grad_terms(y, log2_p, p, t2_minus_t1), axis=1, keep_dims=True)
+                sum_q += tl.sum(q, axis=1, keep_dims=True)
+        if NEED_GRAD:
+            # the last pass: the gradient is written after every read of this row (in-place safe)
+            ratio = sum_d / sum_q
+            grad_scale = tl.load(grad_scale_ptr)
+            for start in range(0, n_cols, BLOCK_COLS):
+                a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+                log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
+                y, _log_t_y, _pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols,
+                                                 scale, add, one_minus_t1, inv_one_minus_t1,
+                                                 two_minus_t1, LABELS_ARE_INDICES)
+                grad = grad_terms(y, log2_p, p, t2_minus_t1) - q * ratio
+                grad = finish_rows(grad * grad_scale, ignored, bad)
+                tl.store(grad_row_ptr + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = row_mask & (cols < n_cols)
+        a = tl.load(row_ptr + cols, mask=mask, other=-INF).to(tl.float32)
+        a0 = shift(a, nan_max(a, 1), mask)
+        _, log2_p, p, q = solve(a0, row_ptr, row_mask, a0, inactive, n_cols, one_minus_t2,
+                                inv_one_minus_t2, num_iters, ORIGINAL, False, MAX_PASSES,
+                                BLOCK_ROWS, BLOCK_COLS)
+        y, log_t_y, pow_y = label_tile(label_row_ptr, idx, mask, cols, scale, add, one_minus_t1,
+                                       inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
+        loss = tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1,
+                                 two_minus_t1, inv_two_minus_t1), axis=1, keep_dims=True)
+        if NEED_GRAD:
+            d = grad_terms(y, log2_p, p, t2_minus_t1)
+            ratio = tl.sum(d, axis=1, keep_dims=True) / tl.sum(q, axis=1, keep_dims=True)
+            grad = finish_rows((d - q * ratio) * tl.load(grad_scale_ptr), ignored, bad)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(loss_ptr + rows, finish_rows(loss, ignored, bad), mask=row_mask)

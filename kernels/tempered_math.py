@@ -1,0 +1,352 @@
+"""Shared @triton.jit device math: accurate elementary functions, tempered helpers and THE solver.
+
+Every kernel in this folder calls these helpers; there is one normalization solver (``solve``),
+used on a tile held in registers (``CHUNKED=False``) or streamed over a long row in chunks
+(``CHUNKED=True``). The algorithm is the one in ``kernels/README.md``, written in base 2:
+
+    Y = -log2(p_max) = y / ln 2,   c = 2^(-(1-t) Y) = p_max^(1-t),   z_i = (1-t) a0_i / c
+    log2 p_i = -Y + log2(1 + z_i) / (1-t)          (-Y + a0_i log2(e) at t = 1)
+    f = sum p_i,  g = sum p_i / (1 + z_i) = c sum p_i^t,  y_newton = Y + log2(f) f / g
+
+plus the README's monotone safeguard step y_safe and bracket, from Y = 0 (see ``newton_step``).
+Base 2 makes every per-element exponential one ``ex2`` with no multiply-and-round in front of
+it. All tiles are 2-D ``[rows, cols]``; per-row values are ``[rows, 1]`` so they broadcast.
+
+Precision notes (what each helper lowers to with Triton 3.9 on NVIDIA, checked in the PTX):
+``tl.exp2`` -> ``ex2.approx.ftz.f32`` (~2 ulp relative), ``tl.log2`` -> libdevice ``log2f``
+(~1 ulp, FMA-only: no SFU op), ``/`` -> ``div.full.f32`` (one ``rcp`` + FMAs). Nothing here
+calls libdevice explicitly, so the Triton interpreter (numpy) runs the same code; it does NOT
+reproduce ex2.approx's rounding or flush-to-zero, which only the GPU run can check.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+INF = tl.constexpr(float("inf"))
+# Stop rules of kernels/README.md (float32): |sum p - 1| <= TOL, or a Newton step below 4 ulp.
+TOL = tl.constexpr(1e-6)
+ULP4 = tl.constexpr(4.0 * 2.0**-23)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementary functions
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def log2_1p(z):
+    """(log2(1 + z), 1 / (1 + z)) for z >= -1, accurate to a few ulp also for tiny |z|.
+
+    u = 1 + z rounds; the exact rounding error (z - (u - 1)) enters as a first-order
+    correction (z - (u - 1)) / u. The reciprocal is returned because the solver needs
+    p / (1 + z) anyway: log1p costs one lg2 (FMA-only libdevice) plus one rcp, shared.
+    Where 1 + z is 0 or +inf the reciprocal is returned as 1 (the caller's p is 0 there).
+    """
+    u = 1.0 + z
+    finite = (u > 0.0) & (u < INF)
+    rinv = 1.0 / tl.where(finite, u, 1.0)
+    corr = tl.where(finite, (z - (u - 1.0)) * rinv, 0.0)
+    return tl.log2(u) + corr * LOG2E, rinv
+
+
+@triton.jit
+def exp2m1(w):
+    """2^w - 1, accurate for small |w| (needed by log_t near t = 1).
+
+    |w| < 1: Taylor series of e^x - 1 in x = w ln 2 to degree 9 (truncation < 1e-8 relative);
+    otherwise exp2(w) - 1, where the ex2 error is amplified at most 2x. One ex2 + 10 FMAs.
+    """
+    x = w * LN2
+    poly = 1.0 / 362880.0
+    poly = poly * x + 1.0 / 40320.0
+    poly = poly * x + 1.0 / 5040.0
+    poly = poly * x + 1.0 / 720.0
+    poly = poly * x + 1.0 / 120.0
+    poly = poly * x + 1.0 / 24.0
+    poly = poly * x + 1.0 / 6.0
+    poly = poly * x + 0.5
+    poly = poly * x + 1.0
+    return tl.where(tl.abs(w) < 1.0, poly * x, tl.exp2(w) - 1.0)
+
+
+@triton.jit
+def exp2_accurate(w):
+    """2^w to ~1 ulp without ex2.approx: for per-row scalars (c = p_max^(1-t)) only.
+
+    2^w = 2^n 2^f with n = round(w), |f| <= 1/2; 2^f by its Taylor series (degree 8,
+    truncation < 3e-10), 2^n built from exponent bits (n clamped to the normal range).
+    """
+    n = tl.floor(w + 0.5)
+    x = (w - n) * LN2
+    poly = 1.0 / 40320.0
+    poly = poly * x + 1.0 / 5040.0
+    poly = poly * x + 1.0 / 720.0
+    poly = poly * x + 1.0 / 120.0
+    poly = poly * x + 1.0 / 24.0
+    poly = poly * x + 1.0 / 6.0
+    poly = poly * x + 0.5
+    poly = poly * x + 1.0
+    poly = poly * x + 1.0
+    n_int = tl.minimum(tl.maximum(n, -126.0), 127.0).to(tl.int32)
+    scale = ((n_int + 127) << 23).to(tl.float32, bitcast=True)
+    # outside the normal range (|c| never gets there for valid inputs) fall back to ex2
+    return tl.where((w > -126.0) & (w < 127.0), poly * scale, tl.exp2(w))
+
+
+@triton.jit
+def safe_reciprocal(x):
+    """1 / x, and 0 where x == 0 (used for 1/(1-t) next to an explicit t == 1 branch)."""
+    return tl.where(x == 0.0, 0.0, 1.0 / tl.where(x == 0.0, 1.0, x))
+
+
+@triton.jit
+def log_t_from_log2(log2_x, one_minus_t, inv_one_minus_t):
+    """log_t(x) = (x^(1-t) - 1) / (1-t) from log2(x); log(x) at t = 1 (continuous)."""
+    tempered = exp2m1(one_minus_t * log2_x) * inv_one_minus_t
+    return tl.where(one_minus_t == 0.0, log2_x * LN2, tempered)
+
+
+# --------------------------------------------------------------------------------------------
+# Row set-up
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def nan_max(a, axis: tl.constexpr):
+    """Row maximum that is NaN when the row holds a NaN (so the whole row turns NaN)."""
+    mx = tl.max(a, axis=axis, keep_dims=True)
+    has_nan = tl.max((a != a).to(tl.int32), axis=axis, keep_dims=True) > 0
+    return tl.where(has_nan, float("nan"), mx)
+
+
+@triton.jit
+def shift(a, mx, mask):
+    """a - max(a): a +inf logit becomes 0 and every other class -inf (the limit); -inf off mask."""
+    return tl.where(mask, tl.where(a == mx, 0.0, a - mx), -INF)
+
+
+@triton.jit
+def load_shifted(row_ptr, row_mask, cols, n_cols, mx):
+    """Loads one chunk of rows (native dtype -> fp32) shifted by the row max; returns (a0, mask)."""
+    mask = row_mask & (cols < n_cols)
+    a = tl.load(row_ptr + cols, mask=mask, other=-INF).to(tl.float32)
+    return shift(a, mx, mask), mask
+
+
+@triton.jit
+def row_max_chunked(row_ptr, row_mask, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """NaN-propagating row maximum of a long row, streamed in chunks (one read pass)."""
+    cols = tl.arange(0, BLOCK_COLS)[None, :]
+    mx = tl.full([BLOCK_ROWS, 1], -INF, tl.float32)
+    for start in range(0, n_cols, BLOCK_COLS):
+        mask = row_mask & (start + cols < n_cols)
+        a = tl.load(row_ptr + start + cols, mask=mask, other=-INF).to(tl.float32)
+        chunk_max = nan_max(a, 1)
+        # maximum() may drop a NaN operand: keep NaN sticky explicitly
+        has_nan = (mx != mx) | (chunk_max != chunk_max)
+        mx = tl.where(has_nan, float("nan"), tl.maximum(mx, chunk_max))
+    return mx
+
+
+# --------------------------------------------------------------------------------------------
+# The solver (kernels/README.md), shared by every kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def evaluate(a0, y2, one_minus_t, inv_one_minus_t):
+    """One pass at Y = -log2 p_max (per row): returns (log2 p, p, q = p / (1 + z)) per element.
+
+    SFU cost per element: one rcp (inside log2_1p) and one ex2; lg2 is FMA-only libdevice.
+    At t = 1, z = 0 and q = p (no special case except the t = 1 limit of log1p(z)/(1-t)).
+    """
+    c = exp2_accurate(-one_minus_t * y2)
+    z = a0 * (one_minus_t / c)
+    z = tl.where(z < -1.0, -1.0, z)  # clamp, keeping NaN (maximum() may drop it)
+    log2_u, rinv = log2_1p(z)
+    log2_p = tl.where(one_minus_t == 0.0, a0 * LOG2E, log2_u * inv_one_minus_t) - y2
+    p = tl.exp2(log2_p)
+    return log2_p, p, p * rinv
+
+
+@triton.jit
+def sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+            CHUNKED: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """(f, g, log2 p, p, q) at Y: from the register tile a0, or streamed over the row (CHUNKED,
+    where the per-element outputs are returned as a0 unchanged and mean nothing)."""
+    if CHUNKED:
+        cols = tl.arange(0, BLOCK_COLS)[None, :]
+        f = tl.zeros_like(y2)
+        g = tl.zeros_like(y2)
+        for start in range(0, n_cols, BLOCK_COLS):
+            a0_chunk, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+            _, p_chunk, q_chunk = evaluate(a0_chunk, y2, one_minus_t, inv_one_minus_t)
+            f += tl.sum(p_chunk, axis=1, keep_dims=True)
+            g += tl.sum(q_chunk, axis=1, keep_dims=True)
+        log2_p = a0
+        p = a0
+        q = a0
+    else:
+        log2_p, p, q = evaluate(a0, y2, one_minus_t, inv_one_minus_t)
+        f = tl.sum(p, axis=1, keep_dims=True)
+        g = tl.sum(q, axis=1, keep_dims=True)
+    return f, g, log2_p, p, q
+
+
+@triton.jit
+def support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+                 CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """D = #{i : a0_i > -1/(1-t)} for t < 1 (classes that can have p > 0), C for t >= 1; >= 1.
+    The chunked path spends one extra read pass on it, only when t < 1."""
+    d = tl.full([BLOCK_ROWS, 1], 0.0, tl.float32) + n_cols
+    if one_minus_t > 0.0:
+        if CHUNKED:
+            cols = tl.arange(0, BLOCK_COLS)[None, :]
+            count = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+            for start in range(0, n_cols, BLOCK_COLS):
+                a0_chunk, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+                in_support = (a0_chunk > -inv_one_minus_t).to(tl.float32)
+                count += tl.sum(in_support, axis=1, keep_dims=True)
+        else:
+            count = tl.sum((a0 > -inv_one_minus_t).to(tl.float32), axis=1, keep_dims=True)
+        d = count
+    return tl.maximum(d, 1.0)
+
+
+@triton.jit
+def newton_step(y2, f, g, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus_t):
+    """One safeguarded Newton update of kernels/README.md, in base 2 (Y = y log2 e).
+
+    y_newton = Y + log2(f) f/g (Newton on log f); y_safe = Y - log2(1 + (f/g)(f^-(1-t) - 1))/(1-t)
+    (Newton on f^(1-t) in c, which never passes the root from f > 1; Y + log2(f) f/g at t = 1).
+    The 4-ulp step test uses max(|Y|, log2 e), i.e. max(|y|, 1) in natural units, as the README.
+    """
+    r = f - 1.0
+    done = done | (tl.abs(r) <= TOL) | ~(tl.abs(r) < INF)  # a NaN row stays NaN
+    log2_f = tl.log2(f)
+    f_over_g = f / g
+    above = r > 0.0
+    w = f_over_g * exp2m1(-one_minus_t * log2_f)
+    log2_w, _rinv = log2_1p(tl.where(w < -1.0, -1.0, w))
+    y_safe = y2 - tl.where(one_minus_t == 0.0, -f_over_g * log2_f, log2_w * inv_one_minus_t)
+    lo = tl.where(above, tl.minimum(tl.maximum(tl.maximum(lo, y2), y_safe), hi), lo)
+    lo_evaluated = tl.where(above, y_safe <= y2, lo_evaluated)
+    hi = tl.where(above, hi, tl.minimum(hi, y2))
+    y_newton = y2 + log2_f * f_over_g
+    inside = (y_newton > lo) & (y_newton < hi)
+    y_new = tl.where(inside, y_newton, tl.where(lo_evaluated, 0.5 * (lo + hi), lo))
+    done = done | (tl.abs(y_new - y2) <= ULP4 * tl.maximum(tl.abs(y2), LOG2E))
+    return tl.where(done, y2, y_new), lo, hi, lo_evaluated, done
+
+
+@triton.jit
+def solve(a0, row_ptr, row_mask, mx, inactive, n_cols, one_minus_t, inv_one_minus_t, num_iters,
+          ORIGINAL: tl.constexpr, CHUNKED: tl.constexpr, MAX_PASSES: tl.constexpr,
+          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """THE normalization solver. Returns (Y, log2 p, p, q) of the last evaluation.
+
+    On-chip (CHUNKED=False): ``a0`` is the max-shifted tile [rows, cols] in registers and the
+    per-element results are those of the last pass (no extra pass). Chunked: ``a0`` is a
+    placeholder, each pass streams the row from ``row_ptr`` and only Y is meaningful.
+    ``inactive`` rows (padding, ignored labels) start as converged and cost no extra passes.
+
+    ORIGINAL=False: converged safeguarded Newton (the default). ORIGINAL=True: SPEC's original
+    algorithm with ``num_iters`` steps, selected at run time from t: the fixed point
+    z <- a0 Z^(1-t) is exactly Y <- Y + log2 f(Y) from Y = 0, run num_iters + 1 times (t > 1;
+    once at t == 1, which is logsumexp); t < 1 bisects lam with Y = -log2(1 - (1-t) lam)/(1-t).
+    """
+    zero = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    if ORIGINAL:
+        if one_minus_t <= 0.0:
+            y2 = zero
+            n_steps = tl.where(one_minus_t == 0.0, 1, num_iters + 1)
+            for _step in range(n_steps):
+                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                             inv_one_minus_t, CHUNKED, BLOCK_COLS)
+                y2 = y2 + tl.log2(f)
+        else:
+            support = support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+                                   CHUNKED, BLOCK_ROWS, BLOCK_COLS)
+            lo = zero
+            # hi = -log_t(1/D) = -expm1((1-t) log(1/D)) / (1-t)
+            hi = -exp2m1(-one_minus_t * tl.log2(support)) * inv_one_minus_t
+            for _step in range(num_iters):
+                mid = 0.5 * (lo + hi)
+                log2_c, _rinv = log2_1p(-one_minus_t * mid)  # c = 1 - (1-t) lam
+                y_mid = -log2_c * inv_one_minus_t
+                f, g, log2_p, p, q = sums_at(y_mid, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                             inv_one_minus_t, CHUNKED, BLOCK_COLS)
+                below = f < 1.0
+                hi = tl.where(below, mid, hi)
+                lo = tl.where(below, lo, mid)
+            log2_c, _rinv = log2_1p(-one_minus_t * (0.5 * (lo + hi)))
+            y2 = -log2_c * inv_one_minus_t
+        f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                     inv_one_minus_t, CHUNKED, BLOCK_COLS)
+    else:
+        support = support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+                               CHUNKED, BLOCK_ROWS, BLOCK_COLS)
+        lo = zero
+        hi = tl.log2(support)
+        y2 = zero  # f(0) >= 1: the start is left of the root
+        lo_evaluated = zero != zero
+        done = inactive
+        log2_p = a0
+        p = a0
+        q = a0
+        n_pass = 0
+        n_active = tl.sum((~done).to(tl.int32))
+        while (n_pass < MAX_PASSES) & (n_active > 0):
+            f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                         inv_one_minus_t, CHUNKED, BLOCK_COLS)
+            y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, lo, hi, lo_evaluated, done,
+                                                         one_minus_t, inv_one_minus_t)
+            n_pass += 1
+            n_active = tl.sum((~done).to(tl.int32))
+    return y2, log2_p, p, q
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and gradient terms (SPEC "The loss", "The gradient")
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def label_powers(y, one_minus_t1, inv_one_minus_t1, two_minus_t1):
+    """(log_t1(y), y^(2-t1)) of labels y >= 0; log_t1(0) is only used where y > 0."""
+    log2_y = tl.log2(y)
+    return log_t_from_log2(log2_y, one_minus_t1, inv_one_minus_t1), tl.exp2(two_minus_t1 * log2_y)
+
+
+@triton.jit
+def loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1, two_minus_t1,
+               inv_two_minus_t1):
+    """Per-class loss y (log_t1 y - log_t1 p) - (y^(2-t1) - p^(2-t1)) / (2-t1), 0 log_t1 0 = 0.
+
+    Uses log2 p, never p, so an underflowed p keeps a finite log_t1(p); only an exact zero
+    (log2 p = -inf, t2 < 1) gives +inf for t1 >= 1 and y > 0.
+    """
+    log_t_p = log_t_from_log2(log2_p, one_minus_t1, inv_one_minus_t1)
+    pow_p = tl.exp2(two_minus_t1 * log2_p)
+    cross = tl.where(y > 0.0, y * (log_t_y - log_t_p), 0.0)
+    return cross - (pow_y - pow_p) * inv_two_minus_t1
+
+
+@triton.jit
+def grad_terms(y, log2_p, p, t2_minus_t1):
+    """d = (p - y) p^(t2 - t1), 0 wherever p = 0 (no 0 * inf)."""
+    return tl.where(p > 0.0, (p - y) * tl.exp2(t2_minus_t1 * tl.where(p > 0.0, log2_p, 0.0)), 0.0)
+
+
+@triton.jit
+def smoothing_coefficients(label_smoothing, n_cols):
+    """y <- scale * y + add with scale = 1 - C/(C-1) s, add = s/(C-1) (SPEC; identity at s = 0)."""
+    safe_c1 = tl.maximum(n_cols - 1, 1).to(tl.float32)
+    add = tl.where(label_smoothing > 0.0, label_smoothing / safe_c1, 0.0)
+    scale = tl.where(label_smoothing > 0.0, 1.0 - n_cols * add, 1.0)
+    return scale, add
+
+
+@triton.jit
+def softmax_vjp_terms(p, grad_p, t):
+    """(w = g p^t, p^t) of the tempered-softmax VJP w - p^t / sum(p^t) * sum(w)."""
+    p_t = tl.where(p > 0.0, tl.exp2(t * tl.log2(tl.where(p > 0.0, p, 1.0))), 0.0)
+    return grad_p * p_t, p_t

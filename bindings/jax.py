@@ -6,6 +6,8 @@ Classes are the LAST axis; any number of leading axes. Everything works under ``
 Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values. They are
 passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
 retraces or recompiles; ``num_iters`` and ``ignore_index`` are static (a new value compiles anew).
+They are constants for differentiation: gradients flow to the logits only (zero for the labels,
+temperatures and smoothing; ``float0`` for integer labels).
 
 Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
 checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
@@ -83,12 +85,13 @@ def _temperatures(t1, t2, label_smoothing, dtype):
     return t1_, t2_, s_, s_value
 
 
-def _as_logits(logits) -> jax.Array:
+def _as_logits(logits, class_axis: bool = True) -> jax.Array:
     if not hasattr(logits, "dtype"):
         logits = jnp.asarray(logits)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
-    check.check_logits_shape(logits.shape)
+    if class_axis:
+        check.check_logits_shape(logits.shape)
     return jnp.asarray(logits)
 
 
@@ -112,9 +115,19 @@ def _check_indices(labels, num_classes: int, ignore_index: int) -> None:
             f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
 
 
-def _index_dtype(dtype):
-    """Signed type the indices are compared in (JAX only has 64-bit ints when x64 is enabled)."""
-    return jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
+def _widen_indices(indices: jax.Array) -> jax.Array:
+    """Class indices as a fresh 32-bit (64-bit for 64-bit input) signed array, made by a scatter.
+
+    Not a plain convert: XLA fuses a convert (ours, or one the caller wrote before passing the
+    labels) into the [N, C] consumers, where broadcasting a 16-bit row value crashes XLA:CPU's LLVM
+    backend ("Cannot select: v16i16 X86ISD::SUBV_BROADCAST_LOAD", jax 0.10.2 on AVX-512). XLA
+    does not fuse a scatter into its consumers, so the one-hot rows read a materialized 32-bit
+    array. The [N]-sized scatter costs nothing next to the [N, C] work.
+    """
+    dtype = jnp.int64 if jnp.dtype(indices.dtype).itemsize == 8 else jnp.int32
+    flat = indices.reshape(-1)
+    wide = jnp.zeros(flat.shape, dtype).at[jnp.arange(flat.size)].set(flat.astype(dtype))
+    return wide.reshape(indices.shape)
 
 
 def _num_iters(num_iters):
@@ -157,8 +170,8 @@ def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
     log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
     indices = jnp.issubdtype(labels.dtype, jnp.integer)
     if indices:
-        y, kept, invalid = native.dense_labels_from_indices(
-            labels.astype(_index_dtype(labels.dtype)), a.shape[-1], dtype, ignore_index)
+        y, kept, invalid = native.dense_labels_from_indices(_widen_indices(labels), a.shape[-1], dtype,
+                                                            ignore_index)
     else:
         y = labels.astype(dtype)
     y = native.smooth_labels(y, label_smoothing)
@@ -193,22 +206,21 @@ _loss.defvjp(_loss_fwd, _loss_bwd)
 _loss_jit = jax.jit(_loss, static_argnums=(5, 6))
 
 
-def _binary_rows(x, y):
-    """Logits [..., 2] = [0, x] and labels [1 - y, y] of the binary problem."""
-    logits = jnp.stack([jnp.zeros_like(x), x], axis=-1)
-    labels = jnp.stack([1.0 - y, y], axis=-1)
-    return logits, labels
+def _two_classes(x, first):
+    """[..., 2] rows [first, x] of the binary problem (logits [0, x], labels [1 - y, y])."""
+    return jnp.stack([first, x], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _sigmoid_jit(x, t, num_iters):
-    return _softmax(jnp.stack([jnp.zeros_like(x), x], axis=-1), t, num_iters)[..., 1]
+    return _softmax(_two_classes(x, jnp.zeros_like(x)), t, num_iters)[..., 1]
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
 def _binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters):
-    logits, labels = _binary_rows(x, y.astype(t1.dtype))
-    return _loss(logits, labels, t1, t2, label_smoothing, num_iters, -100)
+    y = y.astype(t1.dtype)
+    return _loss(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), t1, t2, label_smoothing,
+                 num_iters, -100)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,15 +253,11 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
     ``logits`` may have any shape (no class axis); see :func:`tempered_softmax` for the rest.
     """
-    if not hasattr(logits, "dtype"):
-        logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    logits = _as_logits(logits, class_axis=False)
     iters = _num_iters(num_iters)
     _resolve_backend(backend)
     t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
     check.check_t(t_value, "t")
-    logits = jnp.asarray(logits)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return _sigmoid_jit(logits, t_, iters)
@@ -303,17 +311,13 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     shape (float32, float64 for float64 logits). Smoothing uses C = 2. See
     :func:`bi_tempered_logistic_loss` for the other arguments.
     """
-    if not hasattr(logits, "dtype"):
-        logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    logits = _as_logits(logits, class_axis=False)
     labels = _as_labels(labels)
     check.check_binary_shapes(logits.shape, labels.shape)
     iters = _num_iters(num_iters)
     _resolve_backend(backend)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
-    logits = jnp.asarray(logits)
     if logits.size == 0:
         return jnp.zeros(logits.shape, dtype)
     return _binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters)

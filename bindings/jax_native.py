@@ -93,9 +93,13 @@ def solve_converged(a0: jax.Array, t: jax.Array):
     dtype = a0.dtype
     one_minus_t = 1.0 - t
     num_classes = a0.shape[-1]
-    in_support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True)
-    support = jnp.maximum(jnp.where(t < 1, in_support, num_classes), 1).astype(dtype)
-    row_shape = support.shape
+    row_shape = a0.shape[:-1] + (1,)
+
+    def count_support():  # the classes that can have p > 0 (t < 1 only: a pass over the row)
+        in_support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32)
+        return jnp.maximum(in_support, 1).astype(dtype)
+
+    support = lax.cond(t < 1, count_support, lambda: jnp.full(row_shape, num_classes, dtype))
     tol = tolerance(dtype)
     ulp4 = 4 * float(jnp.finfo(dtype).eps)
 

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import validation as check
-from .torch_ops import binary_loss_op, loss_op, sigmoid_op, softmax_op
+from .torch_ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -129,8 +129,18 @@ def _empty_loss(logits, shape, reduction):
     return zero.to(dtype) / 0.0
 
 
+def _check_indices(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Class indices outside [0, C) (other than ignore_index) raise where that needs no sync."""
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return  # CUDA/traced: the backends turn such a row into NaN instead (never read out of bounds)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
+                         f"({ignore_index}): {labels[bad][:5].tolist()}")
+
+
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
-                              reduction="mean", ignore_index=-100, backend="auto"):
+                              reduction="mean", ignore_index=-100, backend="auto", inplace_backward=False):
     """Bi-tempered logistic loss (Amid et al., 2019) over the last axis.
 
     Args:
@@ -142,6 +152,10 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         num_iters: None (converged, default) or the original algorithm's step count.
         reduction: "none" (per-row losses), "sum" or "mean" (over non-ignored rows).
         backend: "auto" (Triton kernels for CUDA tensors, native ops otherwise), "torch", "triton".
+        inplace_backward: write the gradient into the logits' own buffer in the forward pass (no
+            N x C allocation with the kernels). The logits' values are destroyed: use it only when
+            nothing else reads them (e.g. the output of the last Linear layer). Eager mode only:
+            ignored while torch.compile traces the call.
 
     Returns the loss in float32 (float64 for float64 logits). The gradient flows to ``logits``.
     """
@@ -162,11 +176,19 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     t2_ = _temperature(t2, "t2", logits.device)
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     if logits.numel() == 0:
         return _empty_loss(logits, logits.shape[:-1], reduction)
     rows = _rows(logits)
     label_rows = labels.reshape(-1) if indices else _rows(labels)
+    if indices:
+        _check_indices(label_rows, logits.shape[-1], ignore_index)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if need_grad and inplace_backward and not torch.compiler.is_compiling():
+        loss = InplaceBackwardLoss.apply(logits, rows, label_rows, t1_, t2_, smoothing, iters, ignore_index,
+                                         reduction, backend)
+        return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
     loss, _ = loss_op(rows, label_rows, t1_, t2_, smoothing, iters, ignore_index, reduction, backend,
                       need_grad)
     return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
@@ -205,7 +227,7 @@ class BiTemperedLogisticLoss(torch.nn.Module):
     """
 
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
-                 backend="auto"):
+                 backend="auto", inplace_backward=False):
         super().__init__()
         check.check_t1(check.concrete_float(t1, "t1") if not isinstance(t1, torch.Tensor) else None)
         check.check_t(check.concrete_float(t2, "t2") if not isinstance(t2, torch.Tensor) else None, "t2")
@@ -216,10 +238,12 @@ class BiTemperedLogisticLoss(torch.nn.Module):
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.inplace_backward = inplace_backward
 
     def forward(self, logits, labels):
         return bi_tempered_logistic_loss(logits, labels, self.t1, self.t2, self.label_smoothing,
-                                         self.num_iters, self.reduction, self.ignore_index, self.backend)
+                                         self.num_iters, self.reduction, self.ignore_index, self.backend,
+                                         self.inplace_backward)
 
     def extra_repr(self) -> str:
         return (f"t1={self.t1}, t2={self.t2}, label_smoothing={self.label_smoothing}, "

@@ -34,13 +34,10 @@ def _flat_labels(labels: Tensor, num_classes: int, dtype, ignore_index: int, lab
     if labels.dtype.is_floating_point:
         y, kept = labels.to(dtype), torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     else:
+        # CPU indices were range-checked by the API; an unchecked (CUDA) bad index gives a NaN row.
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if labels.device.type == "cpu" and bool(bad.any()):  # free to check on the host
-            raise ValueError(
-                f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
-                f"({ignore_index}): {labels[bad][:5].tolist()}")
         y, kept = native.dense_labels_from_indices(labels, num_classes, dtype, ignore_index)
-        y = torch.where(bad.unsqueeze(-1), float("nan"), y)  # an unchecked bad index gives a NaN row
+        y = torch.where(bad.unsqueeze(-1), float("nan"), y)
     y = native.smooth_labels(y, label_smoothing)
     return y * kept.unsqueeze(-1), kept
 
@@ -70,15 +67,17 @@ def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     return loss, grad.to(logits.dtype)
 
 
-def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
-    """The kernels produce per-row losses and the gradient already scaled by the reduction."""
+def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
+                 grad_out=None):
+    """The kernels produce per-row losses and the gradient already scaled by the reduction
+    (written into ``grad_out`` when given: the in-place mode)."""
     if labels.dtype.is_floating_point:
         kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     else:
         kept = labels != ignore_index
     _, scale = _reduce(kept.float(), kept, reduction)
     loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
-                                             ignore_index, need_grad, grad_scale=scale)
+                                             ignore_index, need_grad, grad_out=grad_out, grad_scale=scale)
     loss, _ = _reduce(loss_rows, kept, reduction)
     return loss, grad if grad is not None else NO_GRAD.to(logits.device)
 
@@ -232,3 +231,33 @@ def _sigmoid_vjp(ctx, grad):
 
 
 sigmoid_op.register_autograd(_sigmoid_vjp, setup_context=_save_probs)
+
+
+class InplaceBackwardLoss(torch.autograd.Function):
+    """The loss with its gradient written into the logits' own buffer (opt-in ``inplace_backward``).
+
+    No N x C allocation with the kernels (the native backend computes the gradient elsewhere and
+    copies it in). The logits' values are destroyed: use it only when nothing else needs them.
+    Eager only (the public API uses the custom op instead while torch.compile traces).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
+                backend):
+        buffer = rows.detach()
+        if backend == "triton":
+            loss, grad = _triton_loss(buffer, labels, t1, t2, label_smoothing, num_iters or None, ignore_index,
+                                      reduction, True, grad_out=buffer)
+        else:
+            loss, grad = _native_loss(buffer, labels, t1, t2, label_smoothing, num_iters or None, ignore_index,
+                                      reduction, True)
+            buffer.copy_(grad)
+        ctx.save_for_backward(buffer)
+        ctx.logits_shape = logits.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 else grad_loss)
+        return (grad.view(ctx.logits_shape),) + (None,) * 9

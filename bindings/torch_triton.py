@@ -33,8 +33,10 @@ def _device_scope(x: torch.Tensor):
 
 def _scalar(value, device) -> torch.Tensor:
     """A 1-element fp32 tensor on ``device`` holding a Python float or 0-d tensor (no sync)."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.device != torch.device("cpu"):
         return value.detach().reshape(1).to(device=device, dtype=torch.float32)
+    # A host value (Python float or CPU tensor: reading it syncs nothing) becomes a device fill,
+    # not a host-to-device copy from pageable memory.
     return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
 

@@ -27,28 +27,33 @@ def log_t(x, t):
         return (x ** (1.0 - t) - 1.0) / (1.0 - t)
 
 
-def normalizer(a, t, halvings=200):
-    """lam with sum_i exp_t(a_i - lam) = 1 per row, by bisection (shape [..., 1])."""
+def shift_by_max(a):
+    """a - max(a) per row; a +inf logit becomes 0 and the other classes -inf (the limit)."""
     a = np.asarray(a, dtype=np.float64)
     mu = a.max(axis=-1, keepdims=True)
-    a0 = np.where(a == mu, 0.0, a - mu)
-    num_classes = a.shape[-1]
-    lo = np.zeros_like(mu)                        # exp_t(0) = 1: the sum is >= 1
-    hi = np.full_like(mu, -log_t(1.0 / num_classes, t))  # every term <= 1/C: the sum is <= 1
+    with np.errstate(invalid="ignore"):
+        return np.where(a == mu, 0.0, a - mu)
+
+
+def normalizer_of_shifted(a0, t, halvings=200):
+    """lam with sum_i exp_t(a0_i - lam) = 1 per max-shifted row, by bisection (shape [..., 1])."""
+    num_classes = a0.shape[-1]
+    lo = np.zeros(a0.shape[:-1] + (1,))                   # exp_t(0) = 1: the sum is >= 1
+    hi = np.full_like(lo, -log_t(1.0 / num_classes, t))  # every term <= 1/C: the sum is <= 1
     for _ in range(halvings):
         mid = 0.5 * (lo + hi)
         above = exp_t(a0 - mid, t).sum(axis=-1, keepdims=True) > 1.0
         lo = np.where(above, mid, lo)
         hi = np.where(above, hi, mid)
-    return 0.5 * (lo + hi) + mu
+    return 0.5 * (lo + hi)
 
 
 def tempered_softmax(a, t):
-    a = np.asarray(a, dtype=np.float64)
+    a0 = shift_by_max(a)
     if t == 1.0:
-        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        e = np.exp(a0)
         return e / e.sum(axis=-1, keepdims=True)
-    return exp_t(a - normalizer(a, t), t)
+    return exp_t(a0 - normalizer_of_shifted(a0, t), t)
 
 
 def tempered_sigmoid(x, t):

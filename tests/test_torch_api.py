@@ -130,3 +130,22 @@ def test_importing_bitempered_imports_no_framework():
     code = "import sys, bitempered; print(sorted(m for m in ('jax', 'torch', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_writes_the_gradient_into_the_logits(reduction, backend, dtype):
+    x = torch.randn(6, 9, dtype=dtype)
+    y = torch.tensor([0, 1, 2, -100, 4, 5])
+    reference = x.clone().requires_grad_()
+    expected_loss = bt.bi_tempered_logistic_loss(reference, y, 0.6, 1.4, reduction=reduction, backend=backend)
+    upstream = torch.rand(expected_loss.shape, dtype=dtype) + 0.5
+    expected_loss.backward(upstream)
+    layer_out = (x.clone().requires_grad_() * 1.0)  # a non-leaf, like a Linear layer's output
+    storage = layer_out.data_ptr()
+    loss = bt.bi_tempered_logistic_loss(layer_out, y, 0.6, 1.4, reduction=reduction, inplace_backward=True,
+                                        backend=backend)
+    assert torch.allclose(loss, expected_loss)
+    (grad,) = torch.autograd.grad(loss, layer_out, upstream)
+    assert torch.allclose(grad, reference.grad, atol=1e-7)
+    assert grad.data_ptr() == storage  # no N x C buffer beyond the logits' own

@@ -15,9 +15,11 @@ checked and bad input raises ValueError/TypeError naming the argument. Traced va
 temperatures then give NaN or meaningless values, and an out-of-range class index gives a NaN loss
 for its row (never an out-of-bounds read). Checking a concrete JAX array reads it to the host.
 
-Backends: ``"auto"`` and ``"xla"`` run the jnp implementation (XLA on CPU, GPU and TPU);
-``"triton"`` (fused kernels for CUDA GPUs via jax-triton) is not implemented yet. Importing this
-module imports neither triton, jax_triton nor torch.
+Backends: ``"xla"`` runs the jnp implementation (XLA on CPU, GPU and TPU); ``"triton"`` runs the
+fused kernels of ``kernels/`` through jax-triton (CUDA GPUs only; the same kernels PyTorch uses);
+``"auto"`` picks Triton when the default JAX device is a GPU and jax-triton imports, XLA
+otherwise, at trace time. Importing this module imports neither triton, jax_triton nor torch
+(``bindings/jax_kernels.py`` is imported only when the Triton path is taken).
 """
 
 from __future__ import annotations
@@ -45,13 +47,29 @@ __all__ = [
 # Argument handling (outside any compiled program)
 # --------------------------------------------------------------------------------------------
 
-def _resolve_backend(backend) -> str:
+def _jax_triton_available() -> bool:
+    try:
+        import jax_triton  # noqa: F401  (imported only here and in jax_kernels, never at module import)
+    except Exception:  # ImportError, or jaxlib without GPU support failing inside jax_triton
+        return False
+    return True
+
+
+def _resolve_backend(backend, dtype) -> str:
+    """"xla" or "triton", decided at trace time from the default device's platform."""
     check.check_backend(backend, BACKENDS)
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "auto":
+        use_kernels = on_gpu and jnp.dtype(dtype) != jnp.float64 and _jax_triton_available()
+        return "triton" if use_kernels else "xla"
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' (jax-triton kernels for CUDA GPUs) is not implemented yet in "
-            "bitempered.jax; use backend='auto' or 'xla'")
-    return "xla"
+        if jnp.dtype(dtype) == jnp.float64:
+            raise ValueError("backend='triton' computes in float32; float64 logits need backend='xla' or 'auto'")
+        if not on_gpu:
+            raise RuntimeError(f"backend='triton' needs a CUDA GPU (jax default backend: {jax.default_backend()})")
+        if not _jax_triton_available():
+            raise RuntimeError("backend='triton' needs the `jax-triton` package (pip install 'bitempered[jax-gpu]')")
+    return backend
 
 
 def _is_traced(value) -> bool:
@@ -139,32 +157,106 @@ def _num_iters(num_iters):
 # Differentiable cores (compiled once per shape/dtype/static config, every temperature value)
 # --------------------------------------------------------------------------------------------
 
+def _fold_batch(fn, num_arrays: int):
+    """``custom_vmap`` of a row-wise kernel call: a vmapped call is the same call on more rows.
+
+    ``fn`` takes ``num_arrays`` arrays with any leading axes, then 0-d scalars. Unbatched arrays
+    are broadcast to the batch; per-example scalars (a vmapped temperature) fall back to one call
+    per example (``lax.map``). Needed because jax-triton's ``triton_call`` has no batching rule.
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        def full(arg, batched):
+            return arg if batched else jnp.broadcast_to(arg, (axis_size,) + jnp.shape(arg))
+
+        args = tuple(full(arg, batched) for arg, batched in zip(args, in_batched))
+        if any(in_batched[num_arrays:]):
+            out = jax.lax.map(lambda xs: fn(*xs), args)
+        else:
+            out = fn(*args[:num_arrays], *(arg[0] for arg in args[num_arrays:]))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_loss_fn(num_iters, ignore_index, need_grad):
+    def fn(logits, labels, t1, t2, label_smoothing):
+        from . import jax_kernels
+
+        num_classes = logits.shape[-1]
+        indices = jnp.issubdtype(labels.dtype, jnp.integer)
+        if indices:
+            labels = labels.reshape(-1)
+            labels = labels if labels.dtype in (jnp.int32, jnp.int64) else labels.astype(jnp.int32)
+        else:
+            labels = labels.reshape(-1, num_classes)
+        loss, grad = jax_kernels.loss_rows(logits.reshape(-1, num_classes), labels, t1, t2, label_smoothing,
+                                           num_iters, ignore_index, need_grad)
+        loss = loss.reshape(logits.shape[:-1])
+        return (loss, grad.reshape(logits.shape)) if need_grad else loss
+
+    return _fold_batch(fn, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_softmax_fn(num_iters):
+    def fn(logits, t):
+        from . import jax_kernels
+
+        rows = logits.reshape(-1, logits.shape[-1])
+        return jax_kernels.softmax_forward(rows, t, num_iters).reshape(logits.shape)
+
+    return _fold_batch(fn, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_softmax_vjp_fn():
+    def fn(p, grad_p, t):
+        from . import jax_kernels
+
+        rows = p.reshape(-1, p.shape[-1])
+        return jax_kernels.softmax_backward(rows, grad_p.reshape(rows.shape), t).reshape(p.shape)
+
+    return _fold_batch(fn, 2)
+
+
 def _log_softmax(logits, t, num_iters):
     return native.tempered_log_softmax_rows(logits.astype(t.dtype), t, num_iters)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _softmax(logits, t, num_iters):
-    return jnp.exp(_log_softmax(logits, t, num_iters)).astype(logits.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax(logits, t, num_iters, backend):
+    return _softmax_fwd(logits, t, num_iters, backend)[0]
 
 
-def _softmax_fwd(logits, t, num_iters):
+def _softmax_fwd(logits, t, num_iters, backend):
+    if backend == "triton":
+        p = _triton_softmax_fn(num_iters)(logits, t)
+        return p, (p, t)
     p = jnp.exp(_log_softmax(logits, t, num_iters))
     return p.astype(logits.dtype), (p, t)
 
 
-def _softmax_bwd(num_iters, residuals, grad_p):
+def _softmax_bwd(num_iters, backend, residuals, grad_p):
     p, t = residuals
+    if backend == "triton":
+        return _triton_softmax_vjp_fn()(p, grad_p.astype(p.dtype), t), None
     grad = native.tempered_softmax_vjp_rows(p, grad_p.astype(p.dtype), t)
     return grad.astype(grad_p.dtype), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
-_softmax_jit = jax.jit(_softmax, static_argnums=(2,))
+_softmax_jit = jax.jit(_softmax, static_argnums=(2, 3))
 
 
-def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
+def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad, backend):
     """Per-row loss and (if asked) dL/dlogits for unit upstream gradient, both in the compute dtype."""
+    if backend == "triton":
+        out = _triton_loss_fn(num_iters, ignore_index, need_grad)(logits, labels, t1, t2, label_smoothing)
+        return out if need_grad else (out, None)
     dtype = t1.dtype
     a = logits.astype(dtype)
     log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
@@ -183,19 +275,19 @@ def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
     return loss, grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index):
-    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
+    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, False, backend)[0]
 
 
-def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index):
-    loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, True)
+def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
+    loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, True, backend)
     # The unit gradient stays in the compute dtype; the zero-size array only carries the logits'
     # dtype to the backward rule, which rounds once to it.
     return loss, (grad, jnp.zeros((0,), logits.dtype))
 
 
-def _loss_bwd(num_iters, ignore_index, residuals, grad_loss):
+def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
     grad, like_logits = residuals
     grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
@@ -203,7 +295,7 @@ def _loss_bwd(num_iters, ignore_index, residuals, grad_loss):
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
-_loss_jit = jax.jit(_loss, static_argnums=(5, 6))
+_loss_jit = jax.jit(_loss, static_argnums=(5, 6, 7))
 
 
 def _two_classes(x, first):
@@ -211,16 +303,88 @@ def _two_classes(x, first):
     return jnp.stack([first, x], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _sigmoid_jit(x, t, num_iters):
-    return _softmax(_two_classes(x, jnp.zeros_like(x)), t, num_iters)[..., 1]
+@functools.lru_cache(maxsize=None)
+def _triton_binary_fn(num_iters, need_grad):
+    def fn(x, y, t1, t2, label_smoothing):
+        from . import jax_kernels
+
+        loss, grad = jax_kernels.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), t1, t2,
+                                             label_smoothing, num_iters, need_grad)
+        return (loss.reshape(x.shape), grad.reshape(x.shape)) if need_grad else loss.reshape(x.shape)
+
+    return _fold_batch(fn, 2)
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters):
+@functools.lru_cache(maxsize=None)
+def _triton_sigmoid_fn(num_iters):
+    def fn(x, t):
+        from . import jax_kernels
+
+        return jax_kernels.sigmoid_forward(x.reshape(-1), t, num_iters).reshape(x.shape)
+
+    return _fold_batch(fn, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_sigmoid_vjp_fn():
+    def fn(p, grad_p, t):
+        from . import jax_kernels
+
+        return jax_kernels.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), t).reshape(p.shape)
+
+    return _fold_batch(fn, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _binary_loss_triton(x, y, t1, t2, label_smoothing, num_iters):
+    return _triton_binary_fn(num_iters, False)(x, y, t1, t2, label_smoothing)
+
+
+def _binary_loss_triton_fwd(x, y, t1, t2, label_smoothing, num_iters):
+    loss, grad = _triton_binary_fn(num_iters, True)(x, y, t1, t2, label_smoothing)
+    return loss, (grad, jnp.zeros((0,), x.dtype))
+
+
+def _binary_loss_triton_bwd(num_iters, residuals, grad_loss):
+    grad, like_x = residuals
+    return (grad_loss.astype(grad.dtype) * grad).astype(like_x.dtype), None, None, None, None
+
+
+_binary_loss_triton.defvjp(_binary_loss_triton_fwd, _binary_loss_triton_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sigmoid_triton(x, t, num_iters):
+    return _triton_sigmoid_fn(num_iters)(x, t)
+
+
+def _sigmoid_triton_fwd(x, t, num_iters):
+    p = _triton_sigmoid_fn(num_iters)(x, t)
+    return p, (p, t)
+
+
+def _sigmoid_triton_bwd(num_iters, residuals, grad_p):
+    p, t = residuals
+    return _triton_sigmoid_vjp_fn()(p, grad_p.astype(p.dtype), t), None
+
+
+_sigmoid_triton.defvjp(_sigmoid_triton_fwd, _sigmoid_triton_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _sigmoid_jit(x, t, num_iters, backend):
+    if backend == "triton":
+        return _sigmoid_triton(x, t, num_iters)
+    return _softmax(_two_classes(x, jnp.zeros_like(x)), t, num_iters, backend)[..., 1]
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters, backend):
+    if backend == "triton":
+        return _binary_loss_triton(x, y, t1, t2, label_smoothing, num_iters)
     y = y.astype(t1.dtype)
     return _loss(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), t1, t2, label_smoothing,
-                 num_iters, -100)
+                 num_iters, -100, backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,16 +400,16 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
         t: temperature > 0 (float, 0-d array or traced value; traced values are not checked).
         num_iters: None (default): solve the normalization to convergence. An int k >= 1: the
             original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
-        backend: "auto" or "xla" (jnp/XLA); "triton" is not implemented yet.
+        backend: "auto" (Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere), "xla", "triton".
     """
     logits = _as_logits(logits)
     iters = _num_iters(num_iters)
-    _resolve_backend(backend)
+    backend = _resolve_backend(backend, logits.dtype)
     t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
     check.check_t(t_value, "t")
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
-    return _softmax_jit(logits, t_, iters)
+    return _softmax_jit(logits, t_, iters, backend)
 
 
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
@@ -255,12 +419,12 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     """
     logits = _as_logits(logits, class_axis=False)
     iters = _num_iters(num_iters)
-    _resolve_backend(backend)
+    backend = _resolve_backend(backend, logits.dtype)
     t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
     check.check_t(t_value, "t")
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
-    return _sigmoid_jit(logits, t_, iters)
+    return _sigmoid_jit(logits, t_, iters, backend)
 
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
@@ -279,7 +443,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             s/(C-1)); needs C >= 2 when > 0. May be traced.
         num_iters: None (converged, default) or the original algorithm's step count (static).
         ignore_index: int (static).
-        backend: "auto" or "xla" (jnp/XLA); "triton" is not implemented yet.
+        backend: "auto" (Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere), "xla", "triton".
 
     Returns:
         Losses of shape ``logits.shape[:-1]``, float32 (float64 for float64 logits). The custom
@@ -292,7 +456,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     ignore_index = int(ignore_index)
-    _resolve_backend(backend)
+    backend = _resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, s_value = _temperatures(t1, t2, label_smoothing, dtype)
     check.check_smoothing_classes(s_value, logits.shape[-1])
@@ -300,7 +464,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         _check_indices(labels, logits.shape[-1], ignore_index)
     if logits.size == 0:
         return jnp.zeros(logits.shape[:-1], dtype)
-    return _loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, ignore_index)
+    return _loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, ignore_index, backend)
 
 
 def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
@@ -315,9 +479,9 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     labels = _as_labels(labels)
     check.check_binary_shapes(logits.shape, labels.shape)
     iters = _num_iters(num_iters)
-    _resolve_backend(backend)
+    backend = _resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
     if logits.size == 0:
         return jnp.zeros(logits.shape, dtype)
-    return _binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters)
+    return _binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, backend)

@@ -1,0 +1,140 @@
+"""jax-triton launchers of the kernels in ``kernels/`` (the same kernels PyTorch launches).
+
+Imported lazily by ``bindings/jax.py`` only when the Triton backend is taken: ``jax_triton`` fails
+to import where jaxlib has no GPU support. Functions take rows ``[N, C]`` (or 1-D arrays for the
+binary kernels); JAX arrays are row-major, so every row stride is C.
+
+jax-triton passes Python scalars to the kernel as compile-time values, so temperatures, label
+smoothing and the gradient scale travel as 1-element fp32 arrays that the kernels ``tl.load``:
+a traced temperature schedule compiles once. Sizes and ``num_iters`` are static anyway.
+``triton_call`` has no batching or differentiation rule: ``bindings/jax.py`` keeps these calls
+inside its ``custom_vjp`` and folds ``vmap`` batches into the row dimension.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..kernels import launch_config
+from ..kernels.binary import (
+    tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
+)
+from ..kernels.loss import tempered_loss_kernel
+from ..kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+
+
+def _triton_call(*args, **kwargs):
+    import jax_triton  # lazy: see the module docstring
+
+    return jax_triton.triton_call(*args, **kwargs)
+
+
+def _scalar(value) -> jax.Array:
+    return jnp.asarray(value, jnp.float32).reshape(1)
+
+
+def _solver(num_iters):
+    """(ORIGINAL flag, steps) for num_iters None (converged) or k."""
+    return (False, 1) if num_iters is None else (True, int(num_iters))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _shape(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
+    """(per-row loss fp32 [N], dL/dlogits for unit upstream gradient fp32 [N, C] or None).
+
+    The gradient is kept in fp32 so that the backward rule rounds once into the logits' dtype
+    after multiplying by the upstream gradient (SPEC "Precision").
+    """
+    n_rows, n_cols = logits.shape
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    original, steps = _solver(num_iters)
+    config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize)
+    grad_shape = (n_rows, n_cols) if need_grad else (1,)
+    loss, grad = _triton_call(
+        logits, labels, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
+        steps, ignore_index,
+        n_rows, n_cols,
+        n_cols, 1 if indices else n_cols, n_cols if need_grad else 0,
+        kernel=tempered_loss_kernel,
+        out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32)],
+        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        LABELS_ARE_INDICES=bool(indices), NEED_GRAD=bool(need_grad), ORIGINAL=original,
+        CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
+        MAX_PASSES=launch_config.MAX_PASSES,
+    )
+    return loss, (grad if need_grad else None)
+
+
+def softmax_forward(logits, t, num_iters):
+    n_rows, n_cols = logits.shape
+    original, steps = _solver(num_iters)
+    config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize)
+    return _triton_call(
+        logits, _scalar(t), steps, n_rows, n_cols, n_cols, n_cols,
+        kernel=tempered_softmax_fwd_kernel,
+        out_shape=_shape(logits.shape, logits.dtype),
+        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
+        BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES,
+    )
+
+
+def softmax_backward(probs, grad, t):
+    n_rows, n_cols = probs.shape
+    config = launch_config.row_config(n_cols, jnp.dtype(probs.dtype).itemsize)
+    return _triton_call(
+        probs, grad, _scalar(t), n_rows, n_cols, n_cols, n_cols, n_cols,
+        kernel=tempered_softmax_bwd_kernel,
+        out_shape=_shape(probs.shape, probs.dtype),
+        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
+    )
+
+
+def binary_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad):
+    """(loss fp32 [M], dL/dx fp32 [M] for unit upstream gradient or None) of 1-D x and y."""
+    (n,) = x.shape
+    original, steps = _solver(num_iters)
+    config = launch_config.binary_config()
+    loss, grad = _triton_call(
+        x, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
+        steps, n, 1, 1,
+        kernel=tempered_binary_loss_kernel,
+        out_shape=[_shape((n,), jnp.float32), _shape((n,) if need_grad else (1,), jnp.float32)],
+        grid=(_cdiv(n, config.block),), num_warps=config.num_warps,
+        NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
+        MAX_PASSES=launch_config.MAX_PASSES,
+    )
+    return loss, (grad if need_grad else None)
+
+
+def sigmoid_forward(x, t, num_iters):
+    (n,) = x.shape
+    original, steps = _solver(num_iters)
+    config = launch_config.binary_config()
+    return _triton_call(
+        x, _scalar(t), steps, n, 1,
+        kernel=tempered_sigmoid_fwd_kernel,
+        out_shape=_shape(x.shape, x.dtype),
+        grid=(_cdiv(n, config.block),), num_warps=config.num_warps,
+        ORIGINAL=original, BLOCK=config.block, MAX_PASSES=launch_config.MAX_PASSES,
+    )
+
+
+def sigmoid_backward(probs, grad, t):
+    (n,) = probs.shape
+    config = launch_config.binary_config()
+    return _triton_call(
+        probs, grad, _scalar(t), n, 1, 1,
+        kernel=tempered_sigmoid_bwd_kernel,
+        out_shape=_shape(probs.shape, probs.dtype),
+        grid=(_cdiv(n, config.block),), num_warps=config.num_warps, BLOCK=config.block,
+    )

@@ -51,13 +51,8 @@ def log2_1p(z):
 
 
 @triton.jit
-def exp2m1(w):
-    """2^w - 1, accurate for small |w| (needed by log_t near t = 1).
-
-    |w| < 1: Taylor series of e^x - 1 in x = w ln 2 to degree 9 (truncation < 1e-8 relative);
-    otherwise exp2(w) - 1, where the ex2 error is amplified at most 2x. One ex2 + 10 FMAs.
-    """
-    x = w * LN2
+def expm1_series(x):
+    """e^x - 1 by its Taylor series to degree 9: truncation < 1e-8 relative for |x| < ln 2."""
     poly = 1.0 / 362880.0
     poly = poly * x + 1.0 / 40320.0
     poly = poly * x + 1.0 / 5040.0
@@ -67,27 +62,28 @@ def exp2m1(w):
     poly = poly * x + 1.0 / 6.0
     poly = poly * x + 0.5
     poly = poly * x + 1.0
-    return tl.where(tl.abs(w) < 1.0, poly * x, tl.exp2(w) - 1.0)
+    return poly * x
+
+
+@triton.jit
+def exp2m1(w):
+    """2^w - 1, accurate for small |w| (needed by log_t near t = 1).
+
+    |w| < 1: the series in x = w ln 2; otherwise exp2(w) - 1, where the ex2 error is amplified at
+    most 2x. One ex2 + 10 FMAs.
+    """
+    return tl.where(tl.abs(w) < 1.0, expm1_series(w * LN2), tl.exp2(w) - 1.0)
 
 
 @triton.jit
 def exp2_accurate(w):
     """2^w to ~1 ulp without ex2.approx: for per-row scalars (c = p_max^(1-t)) only.
 
-    2^w = 2^n 2^f with n = round(w), |f| <= 1/2; 2^f by its Taylor series (degree 8,
-    truncation < 3e-10), 2^n built from exponent bits (n clamped to the normal range).
+    2^w = 2^n 2^f with n = round(w), |f| <= 1/2: 2^f = 1 + expm1_series(f ln 2), 2^n built from
+    exponent bits (n clamped to the normal range).
     """
     n = tl.floor(w + 0.5)
-    x = (w - n) * LN2
-    poly = 1.0 / 40320.0
-    poly = poly * x + 1.0 / 5040.0
-    poly = poly * x + 1.0 / 720.0
-    poly = poly * x + 1.0 / 120.0
-    poly = poly * x + 1.0 / 24.0
-    poly = poly * x + 1.0 / 6.0
-    poly = poly * x + 0.5
-    poly = poly * x + 1.0
-    poly = poly * x + 1.0
+    poly = 1.0 + expm1_series((w - n) * LN2)
     n_int = tl.minimum(tl.maximum(n, -126.0), 127.0).to(tl.int32)
     scale = ((n_int + 127) << 23).to(tl.float32, bitcast=True)
     # outside the normal range (|c| never gets there for valid inputs) fall back to ex2

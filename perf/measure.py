@@ -1,0 +1,151 @@
+"""Device facts, timers, the copy-bandwidth measurement and peak-memory probes.
+
+Timers:
+- CUDA, torch providers: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every
+  call, warm-up by time) with quantiles (median, p20, p80), over rotating input sets.
+- CUDA, JAX providers: wall clock around the call + ``block_until_ready`` (CUDA events of torch's
+  stream do not see XLA's streams); includes Python dispatch (tens of microseconds).
+- CPU: ``time.perf_counter`` around each call (JAX results ``block_until_ready``), after warm-up;
+  median, p20, p80 of the repeats.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# Device, run identity
+# --------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def slugify(text: str) -> str:
+    text = re.sub(r"\((r|tm|c)\)", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"\b(cpu|processor)\b|@.*$", "", text, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return slugify(torch.cuda.get_device_name(device))
+    return "cpu-" + slugify(cpu_model())
+
+
+def git_sha() -> str:
+    """Short HEAD SHA, with "-dirty" when the tree has changes; "unknown" outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Timers
+# --------------------------------------------------------------------------------------------
+
+def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    if len(samples_ms) == 1:
+        return samples_ms[0], samples_ms[0], samples_ms[0]
+    cuts = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return statistics.median(samples_ms), cuts[1], cuts[7]
+
+
+def wall_clock(call, n_sets: int, warmup: int, min_reps: int, max_reps: int, min_time_s: float):
+    """(median, p20, p80 in ms, repeats) of ``call(i)`` (which must block until done)."""
+    for i in range(warmup):
+        call(i % n_sets)
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time_s):
+        i = len(samples) % n_sets
+        t0 = time.perf_counter()
+        call(i)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return (*_quantiles(samples), len(samples))
+
+
+def cuda_events(call, n_sets: int, warmup_ms: int, rep_ms: int):
+    """(median, p20, p80 in ms, repeats) by triton.testing.do_bench over rotating input sets."""
+    import triton.testing
+
+    counter = [0]
+
+    def rotating():
+        call(counter[0] % n_sets)
+        counter[0] += 1
+
+    times = triton.testing.do_bench(rotating, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return (*times, counter[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Copy bandwidth (the memory roof)
+# --------------------------------------------------------------------------------------------
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on ``nbytes``-byte fp32 tensors: 2 * nbytes per copy."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])[0]
+    else:
+        ms = wall_clock(lambda i: dst.copy_(src), 1, warmup=2, min_reps=7, max_reps=30, min_time_s=0.5)[0]
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Peak extra memory
+# --------------------------------------------------------------------------------------------
+
+def cuda_peak_extra(call, device: torch.device, output_bytes: int) -> float:
+    """Bytes allocated at peak by one ``call()`` beyond what was live before it and its outputs."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = call()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return float(max(0, peak - before - output_bytes))

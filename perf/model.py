@@ -1,0 +1,111 @@
+"""Cost models of one workload cell: bytes moved, special-function (SFU) ops, roofline time.
+
+The models describe the WORKLOAD (shape, dtype, labels, temperatures, direction), not a provider,
+so every provider of a cell is measured against the same roofline.
+
+Byte model (compulsory DRAM traffic of the operation, nothing else):
+    fwd     = read logits (N*C*e) + read labels + write per-row loss (N*4)
+    fwdbwd  = fwd + write the gradient (N*C*e)
+    bwd     = read one saved N x C residual (N*C*e) + write the gradient (N*C*e)
+with e = the logits' element size, labels = N*8 bytes for int64 class indices or N*C*e for
+dense labels (stored in the logits' dtype). A provider that re-reads a row (the chunked Triton path
+re-reads it once per solver pass, unless L2 holds it) pays more than this model; that shows up as
+a lower % of roofline, which is the point.
+
+SFU model (kernels/README.md, "Cost per element"), per element of the logits:
+    one solver pass = SFU_OPS_PER_PASS = 4 (log1p: a log2 and a division; exp2; p/(1+z)).
+    The Triton helpers in kernels/tempered_math.py actually issue 2 MUFU ops per pass (rcp, ex2;
+    their log2 is FMA-only libdevice), so 4 is an UPPER bound: it can only make the SFU roof look
+    higher, i.e. it is generous to the kernel in "% of roofline".
+    epilogue (on-chip path, C <= the launch config's on-chip limit): the loss needs log_t1(p)
+    (one exp2) and p^(2-t1) (one exp2) = 2; the gradient adds p^(t2-t1) (one exp2) = 1.
+    chunked path: the loss sweep re-evaluates the row (+1 pass) and the gradient sweep does it again
+    (+1 pass, + p^(t2-t1) again).
+    dense labels: log_t1(y) and y^(2-t1) per element = 3 ops (log2, exp2m1's exp2, exp2).
+    passes: the MEAN converged pass count of the rows (the kernel runs one row per program, so the
+    mean, not the worst row, sets its throughput).
+The SFU rate assumed on NVIDIA sm_80/sm_90: MUFU = 16 ops/clk/SM; H100 SXM: 16 x 132 SMs x
+1.755 GHz = 3.71e12 ops/s. The SM count comes from the device, the clock is SFU_CLOCK_GHZ unless
+--sfu-clock-ghz overrides it. CPUs have no SFU roof: the roofline is the byte model alone there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SFU_OPS_PER_CLK_PER_SM = 16   # MUFU throughput per SM per clock, sm_80 / sm_90 (CUDA guide, arithmetic instructions)
+SFU_CLOCK_GHZ = 1.755         # the H100 SXM clock this harness assumes (override with --sfu-clock-ghz)
+SFU_OPS_PER_PASS = 4          # kernels/README.md: log2 + division (log1p), exp2, division (p / (1 + z))
+EPILOGUE_LOSS = 2             # log_t1(p) and p^(2-t1): one exp2 each
+EPILOGUE_GRAD = 1             # p^(t2-t1): one exp2
+DENSE_LABEL_OPS = 3           # log2(y), exp2m1 for log_t1(y), exp2 for y^(2-t1)
+INDEX_BYTES = 8               # int64 class indices (torch's default integer dtype)
+LOSS_BYTES = 4                # one fp32 loss per row
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One workload: shape, dtype name, labels kind, temperatures."""
+
+    n: int
+    c: int
+    dtype: str          # "fp32" | "bf16"
+    labels: str         # "int" | "dense"
+    t1: float
+    t2: float
+
+    @property
+    def elem_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+
+def bytes_moved(cell: Cell, direction: str) -> int:
+    """Compulsory bytes of one call (see the module docstring)."""
+    nc = cell.n * cell.c * cell.elem_bytes
+    labels = cell.n * INDEX_BYTES if cell.labels == "int" else nc
+    fwd = nc + labels + cell.n * LOSS_BYTES
+    if direction == "fwd":
+        return fwd
+    if direction == "fwdbwd":
+        return fwd + nc
+    if direction == "bwd":
+        return 2 * nc
+    raise ValueError(direction)
+
+
+def chunked(cell: Cell) -> bool:
+    """Whether the Triton loss kernel takes its chunked (streaming) path for this cell."""
+    from bitempered.kernels import launch_config  # framework-free, no GPU needed
+
+    return launch_config.row_config(cell.c, cell.elem_bytes).chunked
+
+
+def sfu_ops_per_element(cell: Cell, direction: str, passes_mean: float | None,
+                        ops_per_pass: float = SFU_OPS_PER_PASS) -> float | None:
+    """Special-function ops per logit of the converged bitempered kernel (None if unknown)."""
+    if passes_mean is None:
+        return None
+    if direction == "bwd":
+        return 0.0  # the backward scales the gradient stored by the forward: no transcendental
+    need_grad = direction == "fwdbwd"
+    dense = DENSE_LABEL_OPS if cell.labels == "dense" else 0
+    if not chunked(cell):
+        return ops_per_pass * passes_mean + EPILOGUE_LOSS + (EPILOGUE_GRAD if need_grad else 0) + dense
+    sweeps = passes_mean + 1 + (1 if need_grad else 0)  # solver passes + loss sweep (+ gradient sweep)
+    return ops_per_pass * sweeps + EPILOGUE_LOSS + (2 * EPILOGUE_GRAD if need_grad else 0) + dense
+
+
+@dataclasses.dataclass(frozen=True)
+class Roof:
+    bandwidth: float            # measured copy bandwidth, bytes/s
+    sfu_rate: float | None      # SFU ops/s (None on CPU)
+
+    def time_s(self, nbytes: int, sfu_ops: float | None) -> float:
+        memory = nbytes / self.bandwidth
+        if self.sfu_rate is None or sfu_ops is None:
+            return memory
+        return max(memory, sfu_ops / self.sfu_rate)
+
+
+def sfu_rate(num_sms: int, clock_ghz: float = SFU_CLOCK_GHZ) -> float:
+    return SFU_OPS_PER_CLK_PER_SM * num_sms * clock_ghz * 1e9

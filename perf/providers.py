@@ -1,0 +1,478 @@
+"""Every implementation the harness compares, behind one small interface.
+
+A provider says why it cannot run a cell (``skip_reason``) or builds a ``Runner``: one blocking-free
+callable per direction taking the index of a rotating input set, an accuracy probe, and notes.
+Directions: "fwd" (loss only, no autograd graph), "fwdbwd" (loss and dL/dlogits), "bwd" (only the
+backward of a forward that was run beforehand, for providers with a separate backward).
+Every loss is reduced with a sum (torch) or summed per-example losses (JAX), so the upstream
+gradient is 1.0 for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import naive_port
+from .model import Cell
+
+DIRECTIONS = ("fwd", "bwd", "fwdbwd")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Rotating input sets of one cell (torch tensors on the benchmark device)."""
+
+    cell: Cell
+    device: torch.device
+    logits: list[torch.Tensor]      # [N, C] in the cell's dtype
+    labels: list[torch.Tensor]      # int64 [N] or dense [N, C] in the cell's dtype
+    acc_rows: int                   # rows of set 0 used for accuracy (rows are independent)
+
+    @functools.cached_property
+    def dense_fp32(self) -> list[torch.Tensor]:
+        """Dense fp32 labels (one-hot for class indices): for the original JAX code."""
+        out = []
+        for y in self.labels:
+            if y.dtype.is_floating_point:
+                out.append(y.float())
+            else:
+                out.append(torch.nn.functional.one_hot(y, self.cell.c).float())
+        return out
+
+
+@dataclasses.dataclass
+class Runner:
+    calls: dict[str, Callable[[int], Any]]       # direction -> call(set index); see measure
+    evaluate: Callable[[int], tuple[np.ndarray, float | None]]  # rows R of set 0 -> (losses, |sum p - 1|)
+    output_bytes: dict[str, int]                 # bytes a call returns (for peak extra memory)
+    blocking: bool = False                       # calls block until done (JAX); torch ones do not
+    memory: dict[str, tuple[float, str]] = dataclasses.field(default_factory=dict)  # precomputed
+    notes: str = ""
+    config: str = ""
+
+
+class Provider:
+    name = ""
+    framework = "torch"
+    solver = "converged"
+    ce_only = False          # a cross-entropy: only cells with t1 = t2 = 1
+    smoke_default = True     # part of --smoke runs unless asked for explicitly
+
+    def skip_reason(self, cell: Cell, device: torch.device) -> str | None:
+        return None
+
+    def build(self, inputs: Inputs, directions: tuple[str, ...]) -> Runner:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def _rows64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _residual(p) -> float:
+    """max |sum_i p_i - 1| over rows, summed in float64."""
+    return float(np.abs(_rows64(p).sum(-1) - 1.0).max())
+
+
+def _grad_bytes(inputs: Inputs) -> int:
+    return inputs.logits[0].numel() * inputs.logits[0].element_size()
+
+
+def torch_autograd_runner(loss_fn, rows_fn, probs_fn, inputs: Inputs, directions, **extra) -> Runner:
+    """Runner for a torch loss differentiated by autograd.
+
+    ``loss_fn(x, y)`` -> scalar (sum) loss; ``rows_fn(x, y)`` -> per-row losses;
+    ``probs_fn(x)`` -> the probabilities the loss uses, or None.
+    """
+    xs, ys = inputs.logits, inputs.labels
+    leaves = [x.detach().requires_grad_(True) for x in xs]  # same storage, autograd leaves
+    graphs: list[torch.Tensor] = []
+
+    def fwd(i):
+        with torch.no_grad():
+            return loss_fn(xs[i], ys[i])
+
+    def fwdbwd(i):
+        loss = loss_fn(leaves[i], ys[i])
+        return torch.autograd.grad(loss, leaves[i])[0]
+
+    def bwd(i):
+        if not graphs:
+            graphs.extend(loss_fn(leaf, y) for leaf, y in zip(leaves, ys))
+        return torch.autograd.grad(graphs[i], leaves[i], retain_graph=True)[0]
+
+    def evaluate(num_rows):
+        x, y = xs[0][:num_rows], ys[0][:num_rows]
+        with torch.no_grad():
+            rows = _rows64(rows_fn(x, y))
+            p = probs_fn(x) if probs_fn is not None else None
+        return rows, (None if p is None else _residual(p))
+
+    calls = {"fwd": fwd, "fwdbwd": fwdbwd, "bwd": bwd}
+    return Runner({d: calls[d] for d in directions}, evaluate,
+                  {"fwd": 4, "fwdbwd": _grad_bytes(inputs), "bwd": _grad_bytes(inputs)}, **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# bitempered, PyTorch
+# --------------------------------------------------------------------------------------------
+
+class BitemperedTorch(Provider):
+    """The public API: ``bitempered.torch.bi_tempered_logistic_loss(..., backend=...)``."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"bitempered-{backend}" if backend == "triton" else "bitempered-torch"
+
+    def skip_reason(self, cell, device):
+        if self.backend == "triton":
+            if device.type != "cuda":
+                return "needs a CUDA GPU (on CPU Triton would run its slow interpreter)"
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return "triton is not installed"
+        return None
+
+    def build(self, inputs, directions):
+        from bitempered import torch as bt
+
+        cell = inputs.cell
+        loss = functools.partial(bt.bi_tempered_logistic_loss, t1=cell.t1, t2=cell.t2, backend=self.backend)
+        probs = functools.partial(bt.tempered_softmax, t=cell.t2, backend=self.backend)
+        runner = torch_autograd_runner(
+            lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
+            lambda x: probs(x.float()), inputs, directions)
+        if self.backend == "triton":
+            runner.config = triton_config(cell)
+        return runner
+
+
+def triton_config(cell: Cell) -> str:
+    """The kernel configuration chosen for this cell: an autotune hook if the kernels expose one,
+    else the launch heuristic's choice (``kernels/launch_config.row_config``)."""
+    from bitempered.kernels import launch_config
+
+    for hook in ("chosen_config", "autotune_report", "best_config"):
+        fn = getattr(launch_config, hook, None)
+        if callable(fn):
+            try:
+                return str(fn(cell.c, cell.elem_bytes))
+            except Exception as err:  # noqa: BLE001 - a report, never fatal
+                return f"{hook} failed: {err}"
+    cfg = launch_config.row_config(cell.c, cell.elem_bytes)
+    return (f"{cfg.path} block_rows={cfg.block_rows} block_cols={cfg.block_cols} "
+            f"num_warps={cfg.num_warps} (heuristic, no autotuning)")
+
+
+def native_math(a, labels, t1, t2, need_grad: bool):
+    """bitempered's native math, straight from bindings/torch_native (the public API is an opaque
+    custom op, so this is what torch.compile can see): (summed loss, gradient in a's dtype)."""
+    from bitempered.bindings import torch_native as native
+
+    a32 = a.float()
+    log_p = native.tempered_log_softmax_rows(a32, t2, None)
+    if labels.dtype.is_floating_point:
+        y = labels.float()
+    else:
+        y, _kept = native.dense_labels_from_indices(labels, a.shape[-1], torch.float32, -100)
+    loss, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
+    if need_grad:
+        return loss.sum(), grad.to(a.dtype)
+    return loss.sum()
+
+
+def _raise_dynamo_limits() -> None:
+    """Every shape/dtype/labels cell recompiles the same code objects: keep them all cached.
+    Also quiets dynamo's per-compile graph-break warnings (the break is documented in the notes)."""
+    import logging
+
+    import torch._dynamo
+
+    torch._logging.set_logs(dynamo=logging.ERROR)
+
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+
+
+class CompiledNative(Provider):
+    """``torch.compile`` of the native math; its gradient is the closed form computed in the same
+    compiled forward (no separate backward). The solver's convergence test (``bool(done.all())``)
+    is a graph break: dynamo compiles the pieces between the breaks."""
+
+    name = "torch-compile-native"
+    smoke_default = False
+
+    def build(self, inputs, directions):
+        _raise_dynamo_limits()
+        from bitempered.bindings import torch_native as native
+
+        cell, device = inputs.cell, inputs.device
+        t1 = torch.tensor(cell.t1, dtype=torch.float32, device=device)
+        t2 = torch.tensor(cell.t2, dtype=torch.float32, device=device)
+        compiled = {need: torch.compile(functools.partial(native_math, need_grad=need), dynamic=False)
+                    for need in (False, True)}
+        xs, ys = inputs.logits, inputs.labels
+        calls = {"fwd": lambda i: compiled[False](xs[i], ys[i], t1, t2),
+                 "fwdbwd": lambda i: compiled[True](xs[i], ys[i], t1, t2)}
+
+        def evaluate(num_rows):  # eager run of the same math (no recompile for the subset shape)
+            x, y = xs[0][:num_rows], ys[0][:num_rows]
+            with torch.no_grad():
+                log_p = native.tempered_log_softmax_rows(x.float(), t2, None)
+                dense = y.float() if y.dtype.is_floating_point else \
+                    native.dense_labels_from_indices(y, cell.c, torch.float32, -100)[0]
+                rows, _ = native.loss_and_grad_rows(log_p, dense, t1, t2, False)
+            return _rows64(rows), _residual(log_p.exp())
+
+        return Runner({d: calls[d] for d in directions if d in calls}, evaluate,
+                      {"fwd": 4, "fwdbwd": _grad_bytes(inputs)},
+                      notes="graph break at the solver's bool(done.all()); accuracy from the eager "
+                            "run of the same math")
+
+
+class NaivePort(Provider):
+    name = "naive-port"
+    solver = "original-5"
+
+    def build(self, inputs, directions):
+        cell = inputs.cell
+        loss = functools.partial(naive_port.bi_tempered_logistic_loss, t1=cell.t1, t2=cell.t2)
+        return torch_autograd_runner(
+            lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
+            lambda x: naive_port.tempered_softmax(x, cell.t2), inputs, directions,
+            notes="eager, input dtype, 5 iterations, autograd")
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy baselines (t1 = t2 = 1 only)
+# --------------------------------------------------------------------------------------------
+
+def _entropy_term(y: torch.Tensor, c: int) -> torch.Tensor:
+    """sum y log y per row (0 for one-hot rows): CE + this = KL, the bi-tempered loss at t = 1."""
+    if not y.dtype.is_floating_point:
+        return torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+    y64 = y.double()
+    return torch.where(y64 > 0, y64 * torch.log(torch.where(y64 > 0, y64, 1.0)), 0.0).sum(-1)
+
+
+class TorchCE(Provider):
+    ce_only = True
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.name = "torch-compile-ce" if compiled else "torch-ce"
+        self.smoke_default = not compiled
+        self.solver = "exact (logsumexp)"
+
+    def build(self, inputs, directions):
+        ce = torch.nn.functional.cross_entropy
+        loss = functools.partial(ce, reduction="sum")
+        if self.compiled:
+            _raise_dynamo_limits()
+            loss = torch.compile(loss, dynamic=False)
+        c = inputs.cell.c
+        return torch_autograd_runner(
+            loss, lambda x, y: ce(x, y, reduction="none").double() + _entropy_term(y, c),
+            lambda x: torch.softmax(x.float(), -1), inputs, directions,
+            notes="accuracy adds sum y log y (not timed)" if inputs.cell.labels == "dense" else "")
+
+
+class LigerCE(Provider):
+    name = "liger-ce"
+    ce_only = True
+    solver = "exact (logsumexp)"
+
+    def skip_reason(self, cell, device):
+        if device.type != "cuda":
+            return "GPU only (Triton kernels)"
+        if cell.labels != "int":
+            return "Liger's cross-entropy takes class indices only"
+        try:
+            from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss  # noqa: F401
+        except ImportError as err:
+            return f"liger-kernel is not installed ({err})"
+        return None
+
+    def build(self, inputs, directions):
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+
+        # Liger writes the gradient into its input in place: give it its own copies.
+        own = dataclasses.replace(inputs, logits=[x.clone() for x in inputs.logits])
+        sum_loss = LigerCrossEntropyLoss(reduction="sum")
+        ce = torch.nn.functional.cross_entropy
+        try:  # per-row losses of Liger itself where its version has reduction="none"
+            row_loss = LigerCrossEntropyLoss(reduction="none")
+            row_loss(own.logits[0][:2].clone(), own.labels[0][:2])
+            rows_fn, note = (lambda x, y: row_loss(x.clone(), y)), ""
+        except Exception:  # noqa: BLE001
+            rows_fn, note = (lambda x, y: ce(x.float(), y, reduction="none")), "; accuracy from torch CE"
+        return torch_autograd_runner(sum_loss, rows_fn, None, own, directions,
+                                     notes="writes the gradient into its input (given copies)" + note)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX
+# --------------------------------------------------------------------------------------------
+
+def _jax_platform_mismatch(device: torch.device) -> str | None:
+    try:
+        import jax
+    except ImportError as err:
+        return f"jax is not installed ({err})"
+    platform = jax.default_backend()
+    wanted = "cpu" if device.type == "cpu" else "gpu"
+    if (platform == "cpu") != (wanted == "cpu"):
+        return f"JAX runs on {platform} but the benchmark device is {device.type}"
+    return None
+
+
+def _to_jax(t: torch.Tensor):
+    import jax
+
+    return jax.dlpack.from_dlpack(t.contiguous())
+
+
+def jax_runner(rows_fn, inputs: Inputs, labels, directions, probs_fn=None, **extra) -> Runner:
+    """Runner for a JAX loss: ``rows_fn(a, y)`` -> per-example losses (jit-able).
+
+    fwd = jit(rows_fn); fwdbwd = jit(grad(sum rows_fn)) (the issue's definition); bwd = jit of
+    the VJP closure of a jitted jax.vjp run beforehand. Each is compiled ahead of time once
+    (``lower().compile()``) and that executable is timed; XLA's memory analysis of it gives the
+    temporary buffer size (the "peak extra memory" of a JAX provider).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    xs = [_to_jax(x) for x in inputs.logits]
+    ys = [_to_jax(y) for y in labels]
+
+    def total(a, y):
+        return rows_fn(a, y).sum()
+
+    jitted = {"fwd": jax.jit(rows_fn), "fwdbwd": jax.jit(jax.grad(total))}
+    calls, memory = {}, {}
+    for direction in directions:
+        if direction == "bwd":
+            forward = jax.jit(lambda a, y: jax.vjp(lambda a_: total(a_, y), a))
+            pulls = [forward(x, y)[1] for x, y in zip(xs, ys)]
+            one = jnp.ones((), jnp.float32)
+            exe = jax.jit(lambda pull, g: pull(g)[0]).lower(pulls[0], one).compile()
+            calls["bwd"] = (lambda exe_, pulls_: lambda i: exe_(pulls_[i], one).block_until_ready())(exe, pulls)
+        else:
+            exe = jitted[direction].lower(xs[0], ys[0]).compile()
+            calls[direction] = (lambda exe_: lambda i: exe_(xs[i], ys[i]).block_until_ready())(exe)
+        analysis = exe.memory_analysis()
+        if analysis is not None:
+            memory[direction] = (float(analysis.temp_size_in_bytes), "xla-temp")
+
+    def evaluate(num_rows):
+        a, yy = xs[0][:num_rows], ys[0][:num_rows]
+        rows = _rows64(np.asarray(jitted["fwd"](a, yy)))
+        p = probs_fn(a) if probs_fn is not None else None
+        return rows, (None if p is None else _residual(np.asarray(p)))
+
+    return Runner(calls, evaluate, {"fwd": 4, "fwdbwd": _grad_bytes(inputs), "bwd": _grad_bytes(inputs)},
+                  blocking=True, memory=memory, **extra)
+
+
+class BitemperedJax(Provider):
+    framework = "jax"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"bitempered-jax-{backend}"
+
+    def skip_reason(self, cell, device):
+        if self.backend == "triton":
+            if device.type != "cuda":
+                return "needs a CUDA GPU (jax-triton)"
+            try:
+                import jax_triton  # noqa: F401
+            except Exception as err:  # noqa: BLE001 - ImportError, or a CPU-only jaxlib inside it
+                return f"jax-triton does not import ({type(err).__name__}: {err})"
+        mismatch = _jax_platform_mismatch(device)
+        if mismatch:
+            return mismatch
+        try:
+            import bitempered.jax  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - being written concurrently; skip, never crash
+            return f"bitempered.jax does not import: {type(err).__name__}: {err}"
+        return None
+
+    def build(self, inputs, directions):
+        import jax.numpy as jnp
+
+        import bitempered.jax as bj
+
+        cell = inputs.cell
+        labels = [y.to(torch.int32) if not y.dtype.is_floating_point else y for y in inputs.labels]
+
+        def rows(a, y):
+            return bj.bi_tempered_logistic_loss(a, y, cell.t1, cell.t2, backend=self.backend)
+
+        def probs(a):
+            return bj.tempered_softmax(a.astype(jnp.float32), cell.t2, backend=self.backend)
+
+        return jax_runner(rows, inputs, labels, directions, probs, notes="int32 class indices"
+                          if cell.labels == "int" else "")
+
+
+class OriginalJax(Provider):
+    """Google's jax-bitempered-loss 0.0.2 (num_iters=5), jitted as the issue prescribes."""
+
+    name = "original-jax"
+    framework = "jax"
+    solver = "original-5"
+
+    def skip_reason(self, cell, device):
+        mismatch = _jax_platform_mismatch(device)
+        if mismatch:
+            return mismatch
+        try:
+            import jax_bitempered_loss.loss  # noqa: F401
+        except ImportError as err:
+            return f"jax-bitempered-loss is not installed ({err})"
+        return None
+
+    def build(self, inputs, directions):
+        from jax_bitempered_loss import loss as original
+
+        cell = inputs.cell
+
+        # The original fails on bf16 logits (its lax.cond branches disagree on the dtype): a user
+        # has to upcast, so the cast is done inside the jitted program (bf16 is still what is read).
+        upcast = cell.dtype != "fp32"
+
+        def rows(a, y):
+            return original.bi_tempered_logistic_loss(a.astype("float32") if upcast else a, y, cell.t1, cell.t2)
+
+        def probs(a):
+            return original.tempered_softmax(a.astype("float32") if upcast else a, cell.t2, 5)
+
+        note = "fp32 dense labels (one-hot built outside the timing; it takes no class indices)"
+        if upcast:
+            note += "; bf16 logits cast to fp32 inside the jit (it fails on bf16)"
+        return jax_runner(rows, inputs, inputs.dense_fp32, directions, probs, notes=note)
+
+
+def all_providers() -> list[Provider]:
+    return [BitemperedTorch("triton"), BitemperedTorch("torch"), CompiledNative(),
+            BitemperedJax("xla"), BitemperedJax("triton"), NaivePort(), OriginalJax(),
+            TorchCE(False), TorchCE(True), LigerCE()]

@@ -130,10 +130,16 @@ def solve_converged(a0: jax.Array, t: jax.Array):
 
     lo = jnp.zeros_like(support)
     false = jnp.zeros(row_shape, dtype=bool)
-    state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros(row_shape, jnp.int32), lo)
-    state = lax.while_loop(cond, body, state)
-    passes, y_evaluated = state[6], state[7]
-    return _log_p_at(a0, y_evaluated, one_minus_t)[0], passes
+    def iterate():
+        state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros(row_shape, jnp.int32), lo)
+        state = lax.while_loop(cond, body, state)
+        passes, y_evaluated = state[6], state[7]
+        return _log_p_at(a0, y_evaluated, one_minus_t)[0], passes
+
+    def softmax():  # t = 1: the normalizer is the logsumexp, exact in one pass
+        return a0 - jax.nn.logsumexp(a0, axis=-1, keepdims=True), jnp.ones(row_shape, jnp.int32)
+
+    return lax.cond(t == 1, softmax, iterate)
 
 
 def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int) -> jax.Array:

@@ -1,12 +1,19 @@
 """PyTorch native backend: SPEC computed with plain torch ops (no Triton).
 
 It is the CPU fallback, the backend for float64, and the ground truth the Triton kernels are
-tested against. Functions here take flattened rows ``[N, C]`` in the compute dtype and 0-d
-temperature tensors, and return plain tensors; autograd lives in ``bindings/torch.py``.
-The solver is the one described in ``kernels/README.md``.
+tested against. Functions here take flattened rows ``[N, C]`` in the compute dtype and return
+plain tensors; autograd lives in ``bindings/torch_ops.py``. The solver is the one described in
+``kernels/README.md``.
+
+Temperatures are read to the host once per call (Python floats or 0-d tensors are accepted):
+that costs nothing for CPU tensors and lets each call take only the branch its t needs (t = 1 is
+a plain logsumexp). On CUDA this backend is only the float64/explicit fallback, and the read is one
+host sync per call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,83 +34,105 @@ def shift_by_max(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a == mx, torch.zeros_like(a), a - mx)
 
 
-def _log1p_over(z: torch.Tensor, one_minus_t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _log1p_over(z: torch.Tensor, one_minus_t: float, u: torch.Tensor) -> torch.Tensor:
     """log1p(z) / (1 - t), with its t = 1 limit ``u`` (z = (1-t) u / c -> 0 there)."""
-    tempered = torch.log1p(z.clamp(min=-1.0)) / one_minus_t
-    return torch.where(one_minus_t == 0, u, tempered)
+    if one_minus_t == 0.0:
+        return u
+    return torch.log1p(z.clamp(min=-1.0)).div_(one_minus_t)
 
 
-def exp_t(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def exp_t(u: torch.Tensor, t) -> torch.Tensor:
     """exp_t(u) = [1 + (1-t) u]_+^(1/(1-t)), accurate near t = 1."""
-    one_minus_t = 1.0 - t
+    one_minus_t = 1.0 - float(t)
     return torch.exp(_log1p_over(one_minus_t * u, one_minus_t, u))
 
 
-def log_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def log_t(x: torch.Tensor, t) -> torch.Tensor:
     """log_t(x) = (x^(1-t) - 1) / (1-t), accurate near t = 1."""
     return log_t_from_log(torch.log(x), t)
 
 
-def log_t_from_log(log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    one_minus_t = 1.0 - t
-    return torch.where(one_minus_t == 0, log_x, torch.expm1(one_minus_t * log_x) / one_minus_t)
+def log_t_from_log(log_x: torch.Tensor, t) -> torch.Tensor:
+    one_minus_t = 1.0 - float(t)
+    if one_minus_t == 0.0:
+        return log_x
+    return torch.expm1(one_minus_t * log_x).div_(one_minus_t)
 
 
-def _evaluate(a0: torch.Tensor, y: torch.Tensor, one_minus_t: torch.Tensor):
-    """One solver pass at y: (log p, f = sum p, g = sum p / (1 + z))."""
-    c = torch.exp(-one_minus_t * y)
-    z = (one_minus_t * a0 / c).clamp(min=-1.0)
-    log_p = -y + _log1p_over(z, one_minus_t, a0)
+def _evaluate(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float):
+    """One solver pass at y: (log p, f = sum p, g = sum p / (1 + z)), t != 1."""
+    z = (a0 * (one_minus_t * torch.exp(one_minus_t * y))).clamp_(min=-1.0)  # (1-t) a0 / c
+    log_p = torch.log1p(z).div_(one_minus_t).sub_(y)
     p = torch.exp(log_p)
-    base = 1.0 + z
     f = p.sum(dim=-1, keepdim=True)
-    g = torch.where(base > 0, p / torch.where(base > 0, base, 1.0), 0.0).sum(dim=-1, keepdim=True)
+    # where 1 + z = 0, p = 0 too: clamping the divisor keeps that term 0 instead of 0/0
+    g = p.div_(z.add_(1.0).clamp_(min=torch.finfo(a0.dtype).tiny)).sum(dim=-1, keepdim=True)
     return log_p, f, g
 
 
-def solve_converged(a0: torch.Tensor, t: torch.Tensor):
+def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
+    """One safeguarded step of kernels/README.md for per-row scalars; returns the new state."""
+    r = f - 1.0
+    log_f, f_over_g = torch.log(f), f / g
+    above = r > 0
+    # Newton on f^(1-t) in c: from a point with f > 1 it never passes the root (convexity).
+    y_safe = y - torch.log1p(f_over_g * torch.expm1(-one_minus_t * log_f)) / one_minus_t
+    lo = torch.where(above, torch.minimum(torch.maximum(torch.maximum(lo, y), y_safe), hi), lo)
+    lo_evaluated = torch.where(above, y_safe <= y, lo_evaluated)
+    hi = torch.where(above, hi, torch.minimum(hi, y))
+    y_newton = y + log_f * f_over_g  # Newton on log f in y: fast, but may leave the bracket
+    inside = (y_newton > lo) & (y_newton < hi)
+    y_new = torch.where(inside, y_newton, torch.where(lo_evaluated, 0.5 * (lo + hi), lo))
+    return y_new, lo, hi, lo_evaluated
+
+
+def solve_converged(a0: torch.Tensor, t):
     """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes).
 
-    The safeguarded Newton iteration of kernels/README.md, vectorised over rows: rows that have
-    converged keep their y, so evaluating them again changes nothing.
+    The safeguarded Newton iteration of kernels/README.md. Rows that have converged drop out of
+    the working set, so each pass only touches the rows still iterating.
     """
+    t = float(t)
+    num_rows = a0.shape[0]
+    if t == 1.0:  # softmax: the normalizer is exact in one pass
+        return a0 - torch.logsumexp(a0, dim=-1, keepdim=True), torch.ones(num_rows, 1, dtype=torch.int32,
+                                                                           device=a0.device)
     one_minus_t = 1.0 - t
     num_classes = a0.shape[-1]
-    in_support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True)
-    support = torch.where(t < 1, in_support, num_classes).clamp(min=1).to(a0.dtype)
-    lo = torch.zeros_like(support)
-    hi = torch.log(support)
-    y = lo.clone()
+    if t < 1.0:
+        support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True).clamp_(min=1).to(a0.dtype)
+        hi = torch.log(support)
+    else:
+        hi = torch.full((num_rows, 1), math.log(num_classes), dtype=a0.dtype, device=a0.device)
+    lo = torch.zeros_like(hi)
+    y = torch.zeros_like(hi)
     lo_evaluated = torch.zeros_like(y, dtype=torch.bool)
-    done = torch.zeros_like(lo_evaluated)
     tol = tolerance(a0.dtype)
     ulp4 = 4 * torch.finfo(a0.dtype).eps
-    passes = torch.zeros_like(y, dtype=torch.int32)
+    passes = torch.zeros(num_rows, 1, dtype=torch.int32, device=a0.device)
+    log_p = torch.empty_like(a0)
+    active = torch.arange(num_rows, device=a0.device)
+    rows = a0
     for _ in range(MAX_PASSES):
-        log_p, f, g = _evaluate(a0, y, one_minus_t)
-        passes += (~done).int()
+        row_log_p, f, g = _evaluate(rows, y, one_minus_t)
+        log_p.index_copy_(0, active, row_log_p)
+        passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
         r = f - 1.0
-        done |= (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
-        log_f, f_over_g = torch.log(f), f / g
-        above = r > 0
-        # Newton on f^(1-t) in c: from a point with f > 1 it never passes the root (convexity).
-        y_safe = y - _log1p_over(f_over_g * torch.expm1(-one_minus_t * log_f), one_minus_t, -f_over_g * log_f)
-        lo = torch.where(above, torch.minimum(torch.maximum(torch.maximum(lo, y), y_safe), hi), lo)
-        lo_evaluated = torch.where(above, y_safe <= y, lo_evaluated)
-        hi = torch.where(above, hi, torch.minimum(hi, y))
-        y_newton = y + log_f * f_over_g  # Newton on log f in y: fast, but may leave the bracket
-        inside = (y_newton > lo) & (y_newton < hi)
-        y_new = torch.where(inside, y_newton, torch.where(lo_evaluated, 0.5 * (lo + hi), lo))
+        done = (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
+        y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
         done |= (y_new - y).abs() <= ulp4 * torch.clamp(y.abs(), min=1.0)
-        y = torch.where(done, y, y_new)
-        if bool(done.all()):
+        keep = ~done.squeeze(-1)
+        if not bool(keep.any()):
             break
+        active, rows = active[keep], rows[keep]
+        y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
     return log_p, passes
 
 
 def normalizer_original(a0: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
     """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps."""
-    t_ = torch.tensor(t, dtype=a0.dtype)
+    t = float(t)
+    t_ = t
     if t == 1.0:
         return torch.logsumexp(a0, dim=-1, keepdim=True)
     if t > 1.0:
@@ -124,13 +153,13 @@ def normalizer_original(a0: torch.Tensor, t: float, num_iters: int) -> torch.Ten
     return 0.5 * (lo + hi)
 
 
-def tempered_log_softmax_rows(a: torch.Tensor, t: torch.Tensor, num_iters: int | None):
+def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None):
     """log of SPEC's tempered softmax of rows ``a`` [N, C] (compute dtype); -inf where p = 0."""
     a0 = shift_by_max(a)
     if num_iters is None:
         return solve_converged(a0, t)[0]
-    lam = normalizer_original(a0, float(t), num_iters)
-    one_minus_t = 1.0 - t
+    lam = normalizer_original(a0, t, num_iters)
+    one_minus_t = 1.0 - float(t)
     u = a0 - lam
     return _log1p_over(one_minus_t * u, one_minus_t, u)
 
@@ -151,27 +180,73 @@ def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ig
     return onehot, kept
 
 
-def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,
-                       need_grad: bool):
+def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: bool):
     """Per-row loss [N] and dL/da for unit upstream gradient [N, C] (or None)."""
-    p = torch.exp(log_p)
-    positive = p > 0
+    t1, t2 = float(t1), float(t2)
     two_minus_t1 = 2.0 - t1
+    # y log_t1(y) - y^(2-t1)/(2-t1) - y log_t1(p) + p^(2-t1)/(2-t1), with y log(.) = 0 at y = 0
     y_log_ratio = torch.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
-    power_gap = (y ** two_minus_t1 - torch.exp(two_minus_t1 * log_p)) / two_minus_t1
-    loss = (y_log_ratio - power_gap).sum(dim=-1)
+    terms = y_log_ratio.sub_(y.pow(two_minus_t1).div_(two_minus_t1))
+    terms.add_(torch.exp(two_minus_t1 * log_p).div_(two_minus_t1))
+    loss = terms.sum(dim=-1)
     if not need_grad:
         return loss, None
-    d = torch.where(positive, (p - y) * torch.exp((t2 - t1) * torch.where(positive, log_p, 0.0)), 0.0)
+    p = torch.exp(log_p)
+    # d = (p - y) p^(t2 - t1), 0 where p = 0 (also when t2 < t1, where p^(t2-t1) is infinite)
+    forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
+    d = (p - y).mul_(forget).masked_fill_(p == 0, 0.0)
     escort = torch.exp(t2 * log_p)
-    escort = escort / escort.sum(dim=-1, keepdim=True)
-    grad = d - escort * d.sum(dim=-1, keepdim=True)
-    return loss, grad
+    escort.div_(escort.sum(dim=-1, keepdim=True))
+    return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))
 
 
-def tempered_softmax_vjp_rows(p: torch.Tensor, grad_p: torch.Tensor, t: torch.Tensor):
+def _label_term(value: float, t1: float) -> float:
+    """y log_t1(y) - y^(2-t1) / (2-t1) of one label value (0 at y = 0)."""
+    if value == 0.0:
+        return 0.0
+    log_t1 = math.log(value) if t1 == 1.0 else math.expm1((1.0 - t1) * math.log(value)) / (1.0 - t1)
+    return value * log_t1 - value ** (2.0 - t1) / (2.0 - t1)
+
+
+def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label_smoothing: float, t1, t2,
+                               need_grad: bool):
+    """``loss_and_grad_rows`` for one-hot (smoothed) rows given by class indices [N] in [0, C).
+
+    Every label is one of two values (target ``on``, others ``off``), so the label terms are
+    per-row constants and no dense label array is built.
+    """
+    t1, t2 = float(t1), float(t2)
+    num_classes = log_p.shape[-1]
+    off = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
+    on = 1.0 - label_smoothing if label_smoothing > 0.0 else 1.0
+    two_minus_t1 = 2.0 - t1
+    target = indices.long().unsqueeze(-1)
+    log_p_target = log_p.gather(-1, target).squeeze(-1)
+    labels_part = _label_term(on, t1) + (num_classes - 1) * _label_term(off, t1)
+    loss = labels_part - (on - off) * log_t_from_log(log_p_target, t1)
+    if off > 0.0:
+        loss = loss - off * log_t_from_log(log_p, t1).sum(dim=-1)
+    p = torch.exp(log_p)
+    # p^(2-t1); the powers below equal p (or 1) in the common t1 = 1 / t2 = t1 / t2 = 1 cases
+    p_power = p if t1 == 1.0 else torch.exp(two_minus_t1 * log_p)
+    loss = loss + p_power.sum(dim=-1) / two_minus_t1
+    if not need_grad:
+        return loss, None
+    if t2 == t1:
+        d = p - off
+        d.scatter_add_(-1, target, torch.full_like(target, -(on - off), dtype=d.dtype))
+    else:
+        forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
+        d = (p - off).mul_(forget)
+        d.scatter_add_(-1, target, -(on - off) * forget.gather(-1, target))
+    d.masked_fill_(p == 0, 0.0)
+    escort = p.clone() if t2 == 1.0 else torch.exp(t2 * log_p)
+    escort.div_(escort.sum(dim=-1, keepdim=True))
+    return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))
+
+
+def tempered_softmax_vjp_rows(p: torch.Tensor, grad_p: torch.Tensor, t):
     """Vector-Jacobian product of the tempered softmax: w - e * sum(w), w = g p^t, e = p^t / sum p^t."""
-    p_t = torch.where(p > 0, torch.exp(t * torch.log(p)), 0.0)
+    p_t = torch.where(p > 0, torch.exp(float(t) * torch.log(p)), 0.0)
     w = grad_p * p_t
     return w - p_t / p_t.sum(dim=-1, keepdim=True) * w.sum(dim=-1, keepdim=True)
-

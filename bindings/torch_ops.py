@@ -29,19 +29,6 @@ def _triton():
     return torch_triton
 
 
-def _flat_labels(labels: Tensor, num_classes: int, dtype, ignore_index: int, label_smoothing: float):
-    """Dense smoothed labels [N, C] (compute dtype) and the kept-row mask [N]."""
-    if labels.dtype.is_floating_point:
-        y, kept = labels.to(dtype), torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-    else:
-        # CPU indices were range-checked by the API; an unchecked (CUDA) bad index gives a NaN row.
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        y, kept = native.dense_labels_from_indices(labels, num_classes, dtype, ignore_index)
-        y = torch.where(bad.unsqueeze(-1), float("nan"), y)
-    y = native.smooth_labels(y, label_smoothing)
-    return y * kept.unsqueeze(-1), kept
-
-
 def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str):
     """(reduced loss, per-row gradient scale as a 0-d tensor)."""
     if reduction == "none":
@@ -55,15 +42,26 @@ def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str):
 def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
     dtype = native.compute_dtype(logits.dtype)
     a = logits.to(dtype)
-    t1, t2 = t1.to(a.device, dtype), t2.to(a.device, dtype)
-    y, kept = _flat_labels(labels, a.shape[-1], dtype, ignore_index, label_smoothing)
+    t1, t2 = float(t1), float(t2)  # host values: free for CPU tensors, one sync on CUDA
     log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
-    loss_rows, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
+    if labels.dtype.is_floating_point:
+        kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        y = native.smooth_labels(labels.to(dtype), label_smoothing)
+        loss_rows, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
+    else:
+        kept = labels != ignore_index
+        # CPU indices were range-checked by the API; an unchecked (CUDA) bad index gives a NaN row.
+        bad = kept & ((labels < 0) | (labels >= a.shape[-1]))
+        safe = torch.where(kept & ~bad, labels, 0)
+        loss_rows, grad = native.loss_and_grad_rows_indices(log_p, safe, label_smoothing, t1, t2, need_grad)
+        loss_rows = torch.where(bad, float("nan"), loss_rows)
+        if need_grad:
+            grad = torch.where(bad.unsqueeze(-1), float("nan"), grad)
     loss_rows = torch.where(kept, loss_rows, 0.0)
     loss, scale = _reduce(loss_rows, kept, reduction)
     if not need_grad:
         return loss, NO_GRAD.to(logits.device)
-    grad = torch.where(kept.unsqueeze(-1), grad, 0.0) * scale
+    grad = grad.masked_fill_(~kept.unsqueeze(-1), 0.0).mul_(scale)
     return loss, grad.to(logits.dtype)
 
 
@@ -109,11 +107,16 @@ def _save_grad(ctx, inputs, output):
 
 
 def _scale_saved_grad(ctx, grad_loss, _unused):
+    """dL/dlogits = stored gradient x upstream gradient, multiplied in place: no second N x C buffer.
+
+    (The saved tensor changes, so a second backward through the same graph fails autograd's
+    saved-tensor version check instead of silently scaling twice.)
+    """
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
     upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
-    return (grad * upstream).to(grad.dtype), None, None, None, None, None, None, None, None, None
+    return grad.mul_(upstream), None, None, None, None, None, None, None, None, None
 
 
 loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)

@@ -149,3 +149,12 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(reduction, backend
     (grad,) = torch.autograd.grad(loss, layer_out, upstream)
     assert torch.allclose(grad, reference.grad, atol=1e-7)
     assert grad.data_ptr() == storage  # no N x C buffer beyond the logits' own
+
+
+def test_second_backward_through_the_same_loss_fails_loudly():
+    """The stored gradient is scaled in place; autograd's version check refuses a second use."""
+    x = torch.randn(4, 5, requires_grad=True)
+    loss = bt.bi_tempered_logistic_loss(x, IDX, 0.8, 1.2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

@@ -110,22 +110,34 @@ def solve_converged(a0: torch.Tensor, t):
     tol = tolerance(a0.dtype)
     ulp4 = 4 * torch.finfo(a0.dtype).eps
     passes = torch.zeros(num_rows, 1, dtype=torch.int32, device=a0.device)
+    # Eager: finished rows leave the working set. Traced by torch.compile: keep static shapes and
+    # freeze finished rows instead (a shrinking row count would recompile every pass).
+    compact = not torch.compiler.is_compiling()
+    finished = torch.zeros_like(lo_evaluated)
     log_p = torch.empty_like(a0)
     active = torch.arange(num_rows, device=a0.device)
     rows = a0
     for _ in range(MAX_PASSES):
         row_log_p, f, g = _evaluate(rows, y, one_minus_t)
-        log_p.index_copy_(0, active, row_log_p)
-        passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
         r = f - 1.0
         done = (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
         y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
         done |= (y_new - y).abs() <= ulp4 * torch.clamp(y.abs(), min=1.0)
-        keep = ~done.squeeze(-1)
-        if not bool(keep.any()):
-            break
-        active, rows = active[keep], rows[keep]
-        y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
+        if compact:
+            log_p.index_copy_(0, active, row_log_p)
+            passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
+            keep = ~done.squeeze(-1)
+            if not bool(keep.any()):
+                break
+            active, rows = active[keep], rows[keep]
+            y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
+        else:
+            log_p = row_log_p
+            passes += (~finished).int()
+            finished |= done
+            y = torch.where(finished, y, y_new)
+            if bool(finished.all()):
+                break
     return log_p, passes
 
 

@@ -12,16 +12,14 @@ dense labels (stored in the logits' dtype). A provider that re-reads a row (the 
 re-reads it once per solver pass, unless L2 holds it) pays more than this model; that shows up as
 a lower % of roofline, which is the point.
 
-SFU model (kernels/README.md, "Cost per element"), per element of the logits:
-    one solver pass = SFU_OPS_PER_PASS = 4 (log1p: a log2 and a division; exp2; p/(1+z)).
-    The Triton helpers in kernels/tempered_math.py actually issue 2 MUFU ops per pass (rcp, ex2;
-    their log2 is FMA-only libdevice), so 4 is an UPPER bound: it can only make the SFU roof look
-    higher, i.e. it is generous to the kernel in "% of roofline".
-    epilogue (on-chip path, C <= the launch config's on-chip limit): the loss needs log_t1(p)
-    (one exp2) and p^(2-t1) (one exp2) = 2; the gradient adds p^(t2-t1) (one exp2) = 1.
+SFU model (kernels/README.md, "Cost per element": MUFU instructions counted in the sm_90 SASS of
+the Triton kernels), per element of the logits:
+    one solver pass = SFU_OPS_PER_PASS = 2 (rcp of 1 + z, ex2; their log2 is FMA-only libdevice).
+    epilogue (on-chip path, C <= the launch config's on-chip limit): 3 ex2 (log_t1 p, p^(2-t1),
+    p^(t2-t1)); the gradient itself adds none (the escort reuses the last pass's p / (1 + z)).
     chunked path: the loss sweep re-evaluates the row (+1 pass) and the gradient sweep does it again
     (+1 pass, + p^(t2-t1) again).
-    dense labels: log_t1(y) and y^(2-t1) per element = 3 ops (log2, exp2m1's exp2, exp2).
+    dense labels: log_t1(y) and y^(2-t1) per element = 2 more ex2.
     passes: the MEAN converged pass count of the rows (the kernel runs one row per program, so the
     mean, not the worst row, sets its throughput).
 The SFU rate assumed on NVIDIA sm_80/sm_90: MUFU = 16 ops/clk/SM; H100 SXM: 16 x 132 SMs x
@@ -35,10 +33,10 @@ import dataclasses
 
 SFU_OPS_PER_CLK_PER_SM = 16   # MUFU throughput per SM per clock, sm_80 / sm_90 (CUDA guide, arithmetic instructions)
 SFU_CLOCK_GHZ = 1.755         # the H100 SXM clock this harness assumes (override with --sfu-clock-ghz)
-SFU_OPS_PER_PASS = 4          # kernels/README.md: log2 + division (log1p), exp2, division (p / (1 + z))
-EPILOGUE_LOSS = 2             # log_t1(p) and p^(2-t1): one exp2 each
-EPILOGUE_GRAD = 1             # p^(t2-t1): one exp2
-DENSE_LABEL_OPS = 3           # log2(y), exp2m1 for log_t1(y), exp2 for y^(2-t1)
+SFU_OPS_PER_PASS = 2          # kernels/README.md (sm_90 SASS): rcp of 1 + z, ex2 (log2 is FMA-only)
+EPILOGUE_LOSS = 3             # ex2 for log_t1(p), p^(2-t1) and p^(t2-t1) (computed in the loss sweep)
+EPILOGUE_GRAD = 0             # the gradient reuses the last pass's p / (1 + z): no MUFU
+DENSE_LABEL_OPS = 2           # ex2 for log_t1(y) and y^(2-t1) (log2 y is FMA-only)
 INDEX_BYTES = 8               # int64 class indices (torch's default integer dtype)
 LOSS_BYTES = 4                # one fp32 loss per row
 

@@ -154,6 +154,9 @@ class BitemperedTorch(Provider):
         runner = torch_autograd_runner(
             lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
             lambda x: probs(x.float()), inputs, directions)
+        # The gradient is computed in the forward and the backward scales it in place, so a graph
+        # cannot be backpropagated twice (retain_graph): "bwd" alone is reported as n/a.
+        runner.calls.pop("bwd", None)
         if self.backend == "triton":
             runner.config = triton_config(cell)
         return runner

@@ -171,11 +171,11 @@ def _fold_batch(fn, num_arrays: int):
         def full(arg, batched):
             return arg if batched else jnp.broadcast_to(arg, (axis_size,) + jnp.shape(arg))
 
-        args = tuple(full(arg, batched) for arg, batched in zip(args, in_batched))
-        if any(in_batched[num_arrays:]):
-            out = jax.lax.map(lambda xs: fn(*xs), args)
-        else:
-            out = fn(*args[:num_arrays], *(arg[0] for arg in args[num_arrays:]))
+        if any(in_batched[num_arrays:]):  # a per-example temperature: one call per example
+            out = jax.lax.map(lambda xs: wrapped(*xs), tuple(map(full, args, in_batched)))
+        else:  # calling `wrapped` (not `fn`) again keeps nested vmaps folding too
+            arrays = tuple(map(full, args[:num_arrays], in_batched[:num_arrays]))
+            out = wrapped(*arrays, *args[num_arrays:])
         return out, jax.tree.map(lambda _: True, out)
 
     return wrapped

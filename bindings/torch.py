@@ -214,7 +214,8 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     if logits.numel() == 0:
         return _empty_loss(logits, logits.shape, reduction)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = binary_loss_op(logits.reshape(-1), labels.reshape(-1).to(logits.dtype), t1_, t2_, smoothing,
+    labels_rows = labels.reshape(-1).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    loss, _ = binary_loss_op(logits.reshape(-1), labels_rows, t1_, t2_, smoothing,
                              iters, reduction, backend, need_grad)
     return loss.reshape(logits.shape) if reduction == "none" else loss
 

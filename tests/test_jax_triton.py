@@ -133,6 +133,9 @@ def test_dense_labels_bf16_jit_traced_temperatures_and_vmap(triton_backend):
     np.testing.assert_allclose(direct, truth, rtol=1e-5, atol=1e-6)
     grad = jax.grad(lambda a: per_example(a, labels, 0.7, 1.3).sum())(logits16)
     assert grad.dtype == jnp.bfloat16
+    nested = jax.vmap(jax.vmap(per_example, in_axes=(0, 0, None, None)), in_axes=(0, 0, None, None))(
+        logits16[:, :, None], labels[:, :, None], 0.7, 1.3)
+    np.testing.assert_allclose(nested[..., 0], direct, rtol=1e-6)
     # A vmapped temperature (one per example) takes the per-example fallback.
     temps = jnp.asarray([1.1, 1.5])
     per_t = jax.vmap(per_example, in_axes=(0, 0, None, 0))(logits16, labels, 0.7, temps)

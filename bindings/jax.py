@@ -391,6 +391,16 @@ def _binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters, backend):
 # Public API
 # --------------------------------------------------------------------------------------------
 
+def _probability_args(logits, t, num_iters, backend, class_axis: bool):
+    """Checked (logits, t as a 0-d operand, num_iters, backend) of tempered_softmax/sigmoid."""
+    logits = _as_logits(logits, class_axis=class_axis)
+    iters = _num_iters(num_iters)
+    backend = _resolve_backend(backend, logits.dtype)
+    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
+    check.check_t(t_value, "t")
+    return logits, t_, iters, backend
+
+
 def tempered_softmax(logits, t, num_iters=None, backend="auto"):
     """SPEC's tempered softmax over the last axis, returned in the logits' dtype.
 
@@ -402,11 +412,7 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
             original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
         backend: "auto" (Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere), "xla", "triton".
     """
-    logits = _as_logits(logits)
-    iters = _num_iters(num_iters)
-    backend = _resolve_backend(backend, logits.dtype)
-    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
-    check.check_t(t_value, "t")
+    logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=True)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return _softmax_jit(logits, t_, iters, backend)
@@ -417,11 +423,7 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
     ``logits`` may have any shape (no class axis); see :func:`tempered_softmax` for the rest.
     """
-    logits = _as_logits(logits, class_axis=False)
-    iters = _num_iters(num_iters)
-    backend = _resolve_backend(backend, logits.dtype)
-    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
-    check.check_t(t_value, "t")
+    logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=False)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return _sigmoid_jit(logits, t_, iters, backend)

@@ -135,11 +135,12 @@ def test_importing_bitempered_imports_no_framework():
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_inplace_backward_writes_the_gradient_into_the_logits(reduction, backend, dtype):
-    x = torch.randn(6, 9, dtype=dtype)
-    y = torch.tensor([0, 1, 2, -100, 4, 5])
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = torch.randn(6, 9, dtype=dtype, device=device)
+    y = torch.tensor([0, 1, 2, -100, 4, 5], device=device)
     reference = x.clone().requires_grad_()
     expected_loss = bt.bi_tempered_logistic_loss(reference, y, 0.6, 1.4, reduction=reduction, backend=backend)
-    upstream = torch.rand(expected_loss.shape, dtype=dtype) + 0.5
+    upstream = torch.rand(expected_loss.shape, dtype=dtype, device=device) + 0.5
     expected_loss.backward(upstream)
     layer_out = (x.clone().requires_grad_() * 1.0)  # a non-leaf, like a Linear layer's output
     storage = layer_out.data_ptr()

@@ -219,21 +219,39 @@ def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignor
 
 def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Array,
                        need_grad: bool):
-    """Per-row loss [...] and dL/da for unit upstream gradient [..., C] (or None)."""
-    p = jnp.exp(log_p)
-    positive = p > 0
-    two_minus_t1 = 2.0 - t1
-    y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
-    power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
-    loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
-    if not need_grad:
-        return loss, None
-    safe_log_p = jnp.where(positive, log_p, 0.0)
-    d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * safe_log_p), 0.0)
-    escort = jnp.exp(t2 * log_p)
+    """Per-row loss [...] and dL/da for unit upstream gradient [..., C] (or None).
+
+    At t1 = t2 = 1 (cross-entropy) every power below is p itself or 1: a ``lax.cond`` takes that
+    cheaper branch with the same values, chosen at run time from the (possibly traced) t1, t2.
+    """
+
+    def tempered(log_p, y):
+        p = jnp.exp(log_p)
+        positive = p > 0
+        two_minus_t1 = 2.0 - t1
+        y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
+        power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
+        loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
+        if not need_grad:
+            return loss, None
+        safe_log_p = jnp.where(positive, log_p, 0.0)
+        d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * safe_log_p), 0.0)
+        escort = jnp.exp(t2 * log_p)
+        return loss, _project(d, escort)
+
+    def cross_entropy(log_p, y):
+        p = jnp.exp(log_p)
+        y_log_ratio = jnp.where(y > 0, y * (jnp.log(jnp.where(y > 0, y, 1.0)) - log_p), 0.0)
+        loss = jnp.sum(y_log_ratio - (y - p), axis=-1)
+        return loss, (_project(p - y, p) if need_grad else None)
+
+    return lax.cond((t1 == 1) & (t2 == 1), cross_entropy, tempered, log_p, y)
+
+
+def _project(d: jax.Array, escort: jax.Array) -> jax.Array:
+    """d - e sum(d) with the escort e = escort / sum(escort) (the normalizer's derivative)."""
     escort = escort / jnp.sum(escort, axis=-1, keepdims=True)
-    grad = d - escort * jnp.sum(d, axis=-1, keepdims=True)
-    return loss, grad
+    return d - escort * jnp.sum(d, axis=-1, keepdims=True)
 
 
 def tempered_softmax_vjp_rows(p: jax.Array, grad_p: jax.Array, t: jax.Array) -> jax.Array:

@@ -174,4 +174,4 @@ def test_auto_picks_xla_on_cpu():
     from bitempered.bindings import jax as binding
 
     assert binding._resolve_backend("auto", jnp.float32) == "xla"
-    assert "jax_triton" not in sys.modules or isinstance(sys.modules["jax_triton"], types.ModuleType)
+    # (that "auto" never imports jax_triton on CPU is checked in a clean subprocess in test_jax.py)

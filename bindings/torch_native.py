@@ -144,22 +144,21 @@ def solve_converged(a0: torch.Tensor, t):
 def normalizer_original(a0: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
     """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps."""
     t = float(t)
-    t_ = t
     if t == 1.0:
         return torch.logsumexp(a0, dim=-1, keepdim=True)
     if t > 1.0:
         z = a0
         for _ in range(num_iters):
-            partition = exp_t(z, t_).sum(dim=-1, keepdim=True)
+            partition = exp_t(z, t).sum(dim=-1, keepdim=True)
             z = a0 * partition ** (1.0 - t)
-        partition = exp_t(z, t_).sum(dim=-1, keepdim=True)
-        return -log_t(1.0 / partition, t_)
+        partition = exp_t(z, t).sum(dim=-1, keepdim=True)
+        return -log_t(1.0 / partition, t)
     support = (a0 > -1.0 / (1.0 - t)).sum(dim=-1, keepdim=True).to(a0.dtype)
     lo = torch.zeros_like(support)
-    hi = -log_t(1.0 / support, t_)
+    hi = -log_t(1.0 / support, t)
     for _ in range(num_iters):
         mid = 0.5 * (lo + hi)
-        below = exp_t(a0 - mid, t_).sum(dim=-1, keepdim=True) < 1.0
+        below = exp_t(a0 - mid, t).sum(dim=-1, keepdim=True) < 1.0
         hi = torch.where(below, mid, hi)
         lo = torch.where(below, lo, mid)
     return 0.5 * (lo + hi)

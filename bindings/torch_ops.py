@@ -29,14 +29,21 @@ def _triton():
     return torch_triton
 
 
-def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str):
-    """(reduced loss, per-row gradient scale as a 0-d tensor)."""
+def _grad_scale(kept: Tensor, reduction: str, dtype) -> Tensor:
+    """The reduction's factor on each row's gradient, as a 0-d device tensor (no host sync)."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=kept.device)
+    count = kept.sum().to(dtype)
+    return torch.where(count > 0, 1.0 / count, 0.0)
+
+
+def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str) -> Tensor:
+    """Per-row losses reduced as F.cross_entropy does ("mean": over kept rows; NaN if none)."""
     if reduction == "none":
-        return loss_rows, torch.ones((), dtype=loss_rows.dtype, device=loss_rows.device)
+        return loss_rows
     if reduction == "sum":
-        return loss_rows.sum(), torch.ones((), dtype=loss_rows.dtype, device=loss_rows.device)
-    count = kept.sum().to(loss_rows.dtype)
-    return loss_rows.sum() / count, torch.where(count > 0, 1.0 / count, 0.0)
+        return loss_rows.sum()
+    return loss_rows.sum() / kept.sum().to(loss_rows.dtype)
 
 
 def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
@@ -58,10 +65,10 @@ def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
         if need_grad:
             grad = torch.where(bad.unsqueeze(-1), float("nan"), grad)
     loss_rows = torch.where(kept, loss_rows, 0.0)
-    loss, scale = _reduce(loss_rows, kept, reduction)
+    loss = _reduce(loss_rows, kept, reduction)
     if not need_grad:
         return loss, NO_GRAD.to(logits.device)
-    grad = grad.masked_fill_(~kept.unsqueeze(-1), 0.0).mul_(scale)
+    grad = grad.masked_fill_(~kept.unsqueeze(-1), 0.0).mul_(_grad_scale(kept, reduction, grad.dtype))
     return loss, grad.to(logits.dtype)
 
 
@@ -73,10 +80,10 @@ def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
         kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     else:
         kept = labels != ignore_index
-    _, scale = _reduce(kept.float(), kept, reduction)
+    scale = _grad_scale(kept, reduction, torch.float32)
     loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
                                              ignore_index, need_grad, grad_out=grad_out, grad_scale=scale)
-    loss, _ = _reduce(loss_rows, kept, reduction)
+    loss = _reduce(loss_rows, kept, reduction)
     return loss, grad if grad is not None else NO_GRAD.to(logits.device)
 
 
@@ -125,7 +132,7 @@ loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)
 def _native_probs(logits, t, num_iters):
     dtype = native.compute_dtype(logits.dtype)
     a = logits.to(dtype)
-    return native.tempered_log_softmax_rows(a, t.to(a.device, dtype), num_iters).exp().to(logits.dtype)
+    return native.tempered_log_softmax_rows(a, t, num_iters).exp().to(logits.dtype)
 
 
 @torch.library.custom_op("bitempered::softmax", mutates_args=())
@@ -147,7 +154,7 @@ def softmax_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) ->
         return _triton().softmax_backward(probs, grad, t)
     dtype = native.compute_dtype(probs.dtype)
     p = probs.to(dtype)
-    return native.tempered_softmax_vjp_rows(p, grad.to(dtype), t.to(p.device, dtype)).to(probs.dtype)
+    return native.tempered_softmax_vjp_rows(p, grad.to(dtype), t).to(probs.dtype)
 
 
 @softmax_backward_op.register_fake
@@ -179,10 +186,9 @@ def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label
     """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]."""
     if backend == "triton":
         kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        _, scale = _reduce(kept.float(), kept, reduction)
-        loss_rows, grad = _triton().binary_loss_forward(logits, labels, t1, t2, label_smoothing,
-                                                        num_iters or None, need_grad, grad_scale=scale)
-        loss, _ = _reduce(loss_rows, kept, reduction)
+        loss_rows, grad = _triton().binary_loss_forward(logits, labels, t1, t2, label_smoothing, num_iters or None,
+                                                        need_grad, grad_scale=_grad_scale(kept, reduction, torch.float32))
+        loss = _reduce(loss_rows, kept, reduction)
         return loss, grad if grad is not None else NO_GRAD.to(logits.device)
     dense = torch.stack([1.0 - labels, labels], dim=-1)
     loss, grad = _native_loss(_binary_rows(logits), dense, t1, t2, label_smoothing, num_iters or None,

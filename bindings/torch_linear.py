@@ -1,0 +1,328 @@
+"""Fused linear + bi-tempered loss for PyTorch: the loss of ``hidden @ weight.T + bias`` without
+ever holding the N x C logits (or their gradient) in memory.
+
+It equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, ...)`` up to rounding.
+Rows are processed in chunks. Per chunk: one matmul for the logits (input dtype), the existing loss
+machinery (the Triton kernel writing the gradient into the chunk's own logits buffer on CUDA, the
+native backend on CPU), then ``grad_hidden[chunk] = dlogits @ weight`` and
+``grad_weight += dlogits.T @ hidden[chunk]`` (``grad_bias += dlogits.sum(0)``), accumulated in fp32
+(fp64 for fp64 weights). Peak extra memory: one chunk x C buffer (plus the native backend's
+per-chunk temporaries), the accumulators and O(N); never N x C.
+
+Default chunk size (``chunk_size=None``): as many rows as keep one fp32 chunk of logits within
+``CHUNK_BYTES`` (64 MiB), i.e. ``clamp(CHUNK_BYTES // (4 C), 1, N)``. At C = 50000 that is 335 rows;
+at C = 128256, 130 rows. 64 MiB: on CPU the native backend holds about six chunk-sized fp32
+temporaries, so the peak stays a few hundred MiB; the matmuls are still large enough to run at
+full speed (measured in perf/linear.py).
+
+"mean"/"sum": every gradient is computed in the forward pass (3 matmuls per chunk, no
+recomputation); the backward only multiplies them by the upstream scalar. "none": the forward
+computes the per-row losses only; the backward recomputes each chunk's logits and gradient with the
+upstream value of each row (exact for any upstream vector, grad_weight included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_native as native
+from .torch_ops import _grad_scale, _native_loss, _reduce, _triton
+
+Tensor = torch.Tensor
+CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_size(num_rows: int, num_classes: int) -> int:
+    """Rows per chunk so that one fp32 chunk x C buffer stays within CHUNK_BYTES (1 <= rows <= N)."""
+    return max(1, min(max(num_rows, 1), CHUNK_BYTES // (4 * max(num_classes, 1))))
+
+
+def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    if labels.dtype.is_floating_point:
+        return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    return labels != ignore_index
+
+
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with the products summed in acc's dtype (fp32): never rounded to bf16 between chunks."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # bf16 tensor cores, fp32 output
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunk_gradient(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend, row_scale,
+                    need_grad):
+    """(per-row losses, dL/dlogits x row_scale or None) of one chunk of logits.
+
+    ``row_scale``: a 0-d tensor (the reduction's factor) or a [rows, 1] tensor (upstream values).
+    Triton: the gradient overwrites ``logits`` (in-place mode). Native: the gradient is the
+    backend's fp32 buffer, scaled there before any rounding.
+    """
+    if backend == "triton":
+        scalar = row_scale is not None and row_scale.dim() == 0
+        loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
+                                                 ignore_index, need_grad, grad_out=logits if need_grad else None,
+                                                 grad_scale=row_scale if scalar else None)
+        if need_grad and not scalar:
+            grad.mul_(row_scale)
+        return loss_rows, grad
+    rows = logits.to(native.compute_dtype(logits.dtype))  # the native loss computes in this dtype anyway
+    del logits
+    loss_rows, grad = _native_loss(rows, labels, t1, t2, label_smoothing, num_iters, ignore_index, "none",
+                                   need_grad)
+    return loss_rows, (grad.mul_(row_scale) if need_grad else None)
+
+
+def chunked_pass(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend,
+                 chunk_size, row_scale, need_hidden, need_weight, need_bias):
+    """One pass over the row chunks: (per-row losses [N], grad_hidden, grad_weight, grad_bias).
+
+    ``row_scale`` multiplies each row's gradient: None (no gradient), a 0-d tensor or an [N] tensor.
+    The weight and bias gradients come back in the accumulation dtype (fp32, fp64 for fp64).
+    """
+    num_rows, num_classes = hidden.shape[0], weight.shape[0]
+    acc_dtype = native.compute_dtype(weight.dtype)
+    need_grad = row_scale is not None and (need_hidden or need_weight or need_bias)
+    loss_rows = torch.empty(num_rows, dtype=native.compute_dtype(hidden.dtype), device=hidden.device)
+    # Outputs not asked for are fresh empty tensors (custom-op outputs may not alias each other).
+    grad_hidden = torch.empty_like(hidden) if need_grad and need_hidden else hidden.new_empty(0)
+    grad_weight = weight.new_zeros(weight.shape if need_grad and need_weight else (0,), dtype=acc_dtype)
+    grad_bias = weight.new_zeros(num_classes if need_grad and need_bias else 0, dtype=acc_dtype)
+    weight_t = weight.t()
+    for start in range(0, num_rows, chunk_size):
+        end = min(start + chunk_size, num_rows)
+        x = hidden[start:end]
+        logits = torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)
+        scale = row_scale
+        if need_grad and row_scale.dim() == 1:
+            scale = row_scale[start:end].to(torch.float32 if backend == "triton" else loss_rows.dtype).unsqueeze(-1)
+        chunk_loss, dlogits = _chunk_gradient(logits, labels[start:end], t1, t2, label_smoothing, num_iters,
+                                              ignore_index, backend, scale, need_grad)
+        del logits
+        loss_rows[start:end] = chunk_loss
+        if not need_grad:
+            continue
+        if need_hidden:
+            torch.mm(dlogits.to(weight.dtype), weight, out=grad_hidden[start:end])
+        if need_weight:
+            _accumulate_product(grad_weight, dlogits.t(), x)
+        if need_bias:
+            grad_bias.add_(dlogits.sum(dim=0, dtype=acc_dtype))
+        del dlogits
+    return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("bitempered::linear_loss", mutates_args=())
+def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, t1: Tensor, t2: Tensor,
+                   label_smoothing: Tensor, num_iters: int, ignore_index: int, reduction: str, backend: str,
+                   chunk_size: int, need_hidden: bool, need_weight: bool,
+                   need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [C, H], bias [C] or None -> (loss reduced by ``reduction``, grad_hidden,
+    grad_weight, grad_bias), the gradients for unit upstream gradient (empty where not asked for,
+    and always empty for "none", whose backward recomputes). ``num_iters`` 0 means converged."""
+    iters = num_iters or None
+    kept = _kept_rows(labels, ignore_index)
+    scale = _grad_scale(kept, reduction, native.compute_dtype(hidden.dtype)) if reduction != "none" else None
+    if backend == "triton" and scale is not None:
+        scale = scale.to(torch.float32)
+    loss_rows, grad_hidden, grad_weight, grad_bias = chunked_pass(
+        hidden, weight, bias, labels, t1, t2, label_smoothing, iters, ignore_index, backend, chunk_size, scale,
+        need_hidden, need_weight, need_bias)
+    loss_rows = torch.where(kept, loss_rows, 0.0)
+    return _reduce(loss_rows, kept, reduction), grad_hidden, grad_weight, grad_bias
+
+
+@linear_loss_op.register_fake
+def _(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
+      chunk_size, need_hidden, need_weight, need_bias):
+    dtype = native.compute_dtype(hidden.dtype)
+    acc_dtype = native.compute_dtype(weight.dtype)
+    in_forward = reduction != "none"
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=dtype)
+    grad_hidden = hidden.new_empty(hidden.shape if in_forward and need_hidden else (0,))
+    grad_weight = weight.new_empty(weight.shape if in_forward and need_weight else (0,), dtype=acc_dtype)
+    grad_bias = weight.new_empty((weight.shape[0],) if in_forward and need_bias else (0,), dtype=acc_dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("bitempered::linear_loss_backward", mutates_args=())
+def linear_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                            labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor, num_iters: int,
+                            ignore_index: int, backend: str, chunk_size: int, need_hidden: bool,
+                            need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_loss_i * loss_i (reduction="none"), recomputed chunk by chunk; in the
+    inputs' dtypes (empty where not asked for)."""
+    kept = _kept_rows(labels, ignore_index)
+    upstream = torch.where(kept, grad_loss.to(native.compute_dtype(hidden.dtype)), 0.0)
+    _, grad_hidden, grad_weight, grad_bias = chunked_pass(
+        hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters or None, ignore_index, backend,
+        chunk_size, upstream, need_hidden, need_weight, need_bias)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+@linear_loss_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend,
+      chunk_size, need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,)))
+
+
+def _setup(ctx, inputs, output):
+    (hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
+     chunk_size, need_hidden, need_weight, need_bias) = inputs
+    ctx.reduction = reduction
+    ctx.config = (label_smoothing, num_iters, ignore_index, backend, chunk_size, need_hidden, need_weight,
+                  need_bias)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, labels, t1, t2)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, _gh, _gw, _gb):
+    (_, _, _, _, _, need_hidden, need_weight, need_bias) = ctx.config
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels, t1, t2 = ctx.saved_tensors
+        grads = linear_loss_backward_op(grad_loss.contiguous(), hidden, weight, bias, labels, t1, t2, *ctx.config)
+    else:
+        # Out of place: the saved tensors are forward outputs and stay untouched.
+        grads = tuple(g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grads = (grads[0].to(hidden_dtype), grads[1].to(weight_dtype), grads[2].to(weight_dtype))
+    grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
+                                           zip(grads, (need_hidden, need_weight, need_bias and ctx.has_bias)))
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
+
+
+linear_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: validation (the plain loss's checks and messages), then the op
+# --------------------------------------------------------------------------------------------
+
+def _check_operands(hidden, weight, bias) -> None:
+    for name, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one axis ([..., H]), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's second dim "
+                         f"(weight [C, H] = {tuple(weight.shape)}); hidden shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden and weight must be on the same device, got {hidden.device} and {weight.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [C] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but weight on {weight.device}")
+
+
+def _chunk_size(chunk_size, num_rows: int, num_classes: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(num_rows, num_classes)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, label_smoothing=0.0,
+                                     num_iters=None, reduction="mean", ignore_index=-100, chunk_size=None,
+                                     backend="auto"):
+    """Bi-tempered loss of the linear layer's logits, without materializing them:
+    ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, t1, t2, ...)`` up to rounding.
+
+    Args:
+        hidden: [..., H] floating tensor. weight: [C, H] (``nn.Linear`` layout), same dtype/device.
+        labels: integer class indices of shape ``hidden.shape[:-1]`` (or dense [..., C] labels).
+        bias: None or [C].
+        chunk_size: rows per chunk; None: ``clamp(64 MiB // (4 C), 1, N)`` (one fp32 chunk x C
+            buffer within 64 MiB).
+        t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend: as in
+            :func:`bi_tempered_logistic_loss` (temperatures as 0-d tensors never recompile).
+
+    Gradients flow to whichever of hidden / weight / bias requires them; grad_weight and grad_bias
+    are accumulated over the chunks in fp32 (fp64 for fp64) and rounded once.
+    """
+    from . import torch as api  # the plain loss's argument handling, messages included
+
+    _check_operands(hidden, weight, bias)
+    num_classes = weight.shape[0]
+    logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
+    indices = api.check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
+    api.check.check_reduction(reduction)
+    iters = api._num_iters(num_iters)
+    smoothing, smoothing_value = api._label_smoothing(label_smoothing, hidden.device)
+    api.check.check_smoothing_classes(smoothing_value, num_classes)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    backend = api._resolve_backend(backend, hidden.device, hidden.dtype)
+    t1_ = api._temperature(t1, "t1", hidden.device)
+    t2_ = api._temperature(t2, "t2", hidden.device)
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
+    x = hidden.reshape(-1, hidden.shape[-1])
+    x = x if x.is_contiguous() else x.contiguous()
+    label_rows = labels.reshape(-1) if indices else labels.reshape(-1, num_classes)
+    if indices:
+        api._check_indices(label_rows, num_classes, ignore_index)
+    else:
+        api._check_dense_labels(label_rows)
+    chunk = _chunk_size(chunk_size, x.shape[0], num_classes)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and v is not None and v.requires_grad for v in (hidden, weight, bias)]
+    loss, *_ = linear_loss_op(x, weight.contiguous(), None if bias is None else bias.contiguous(), label_rows,
+                              t1_, t2_, smoothing, iters, ignore_index, reduction, backend, chunk, *need)
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
+
+
+class LinearBiTemperedLogisticLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`linear_bi_tempered_logistic_loss`: ``loss(hidden, weight, labels,
+    bias=None)``. Temperatures held as 0-d tensors may change between steps without recompiling."""
+
+    def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
+                 chunk_size=None, backend="auto"):
+        super().__init__()
+        from . import torch as api
+
+        api.BiTemperedLogisticLoss(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)  # checks
+        _chunk_size(chunk_size, 1, 1)
+        self.t1, self.t2 = t1, t2
+        self.label_smoothing, self.num_iters = label_smoothing, num_iters
+        self.reduction, self.ignore_index = reduction, ignore_index
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, hidden, weight, labels, bias=None):
+        return linear_bi_tempered_logistic_loss(hidden, weight, labels, self.t1, self.t2, bias,
+                                                self.label_smoothing, self.num_iters, self.reduction,
+                                                self.ignore_index, self.chunk_size, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"t1={self.t1}, t2={self.t2}, label_smoothing={self.label_smoothing}, "
+                f"num_iters={self.num_iters}, reduction={self.reduction!r}, chunk_size={self.chunk_size}")

@@ -51,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--directions", nargs="+", choices=DIRECTIONS)
     p.add_argument("--labels", nargs="+", choices=["int", "dense"])
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--out", type=Path, help="output folder (default perf/results/<device-slug>)")
+    p.add_argument("--out", type=Path, help="output folder (default perf/out/<device-slug>, git-ignored; "
+                   "pass --out perf/results/<device-slug> to record the tracked results)")
     p.add_argument("--fresh", action="store_true", help="start a new CSV instead of appending")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="start no new cell after this many seconds (rows so far are kept)")
@@ -82,13 +83,15 @@ def grid(args, device: torch.device):
     """(directions, groups): each group is (dtype, (N, C), labels, [(t1, t2), ...]) sharing inputs.
 
     Full and smoke runs are the product of their axes. --quick is the product for C = 1000 and only
-    t = (0.8, 1.2) at the larger C (the curve over C), so it fits in about 2 minutes on 2 cores;
-    any axis flag (--shapes, --temps, ...) turns it into a plain product again.
+    t = (0.8, 1.2) at the larger C (the curve over C), with dense labels only at C = 1000 and
+    t1 = t2 = 1 (next to the frameworks' dense cross-entropy), so it fits in a few minutes on 2
+    cores; --shapes or --temps turn it into a plain product again.
     """
     if args.smoke:
         shapes, temps, dtypes, directions, labels = SMOKE_SHAPES, [(0.8, 1.2)], ["fp32"], list(DIRECTIONS), ["int"]
     elif args.quick:
-        shapes, temps, dtypes, directions, labels = QUICK_SHAPES, QUICK_TEMPERATURES, ["fp32"], ["fwdbwd"], ["int"]
+        shapes, temps, dtypes, directions, labels = (QUICK_SHAPES, QUICK_TEMPERATURES, ["fp32"], ["fwdbwd"],
+                                                     ["int", "dense"])
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else QUICK_SHAPES
         temps, dtypes, directions, labels = TEMPERATURES, list(DTYPES), list(DIRECTIONS), ["int", "dense"]
@@ -97,9 +100,16 @@ def grid(args, device: torch.device):
     temps = [_temps(t) for t in args.temps] if args.temps else temps
     groups = []
     for dtype, shape, kind in itertools.product(args.dtypes or dtypes, shapes, args.labels or labels):
-        cell_temps = [t for t in temps if not sparse or shape[1] == 1000 or t == (0.8, 1.2)]
-        groups.append((dtype, shape, kind, cell_temps))
+        cell_temps = [t for t in temps if not sparse or _in_quick_subset(shape, kind, t)]
+        if cell_temps:
+            groups.append((dtype, shape, kind, cell_temps))
     return args.directions or directions, groups
+
+
+def _in_quick_subset(shape, labels: str, temps) -> bool:
+    if labels == "dense":
+        return shape[1] == 1000 and temps == (1.0, 1.0)
+    return shape[1] == 1000 or temps == (0.8, 1.2)
 
 
 def choose_providers(args):
@@ -146,6 +156,12 @@ def is_oom(err: BaseException) -> bool:
         or "out of memory" in text.lower()
 
 
+def default_out(slug: str) -> Path:
+    """perf/out/<device-slug>/ (git-ignored): a run never rewrites the tracked perf/results/
+    unless ``--out perf/results/<slug>`` asks for it."""
+    return Path(__file__).resolve().parent / "out" / slug
+
+
 def free(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -178,9 +194,13 @@ class Session:
         self.acc_elements = args.acc_elements or (1 << 14 if args.smoke else 1 << 20 if not self.cuda else 1 << 24)
         self.min_time = args.min_time_s if args.min_time_s is not None else (0.0 if args.smoke else 1.0)
         self.reps = (1, 2) if args.smoke else (3, 50)
-        self.out = args.out or Path(__file__).resolve().parent / "results" / self.slug
+        self.out = args.out or default_out(self.slug)
 
     def time_call(self, runner, direction, n_sets):
+        with runner.timed_region():  # torch.compile providers: recompiling here is an error
+            return self._time_call(runner, direction, n_sets)
+
+    def _time_call(self, runner, direction, n_sets):
         call = runner.calls[direction]
         if self.cuda and not runner.blocking:
             warmup, rep = (1, 5) if self.args.smoke else (25, 100)
@@ -297,7 +317,7 @@ def _solver_passes(provider, cell: Cell, mean: float, worst: int) -> str:
 
 def report_only(args, device) -> int:
     """Rebuilds the markdown and plots from an existing CSV (device facts from its last row)."""
-    out = args.out or Path(__file__).resolve().parent / "results" / measure.device_slug(device)
+    out = args.out or default_out(measure.device_slug(device))
     csv_path = out / "results.csv"
     if not csv_path.exists():
         sys.exit(f"no {csv_path}")

@@ -6,10 +6,16 @@ Directions: "fwd" (loss only, no autograd graph), "fwdbwd" (loss and dL/dlogits)
 backward of a forward that was run beforehand, for providers with a separate backward).
 Every loss is reduced with a sum (torch) or summed per-example losses (JAX), so the upstream
 gradient is 1.0 for all of them.
+
+Temperatures are passed the way users pass them: JAX providers take them as traced arguments of
+``jit(value_and_grad(loss))`` (a temperature schedule never recompiles), except the ``-const``
+variant, which closes over Python floats; PyTorch providers take Python floats, or 0-d tensors
+for the ``-tensor-t`` variant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -54,6 +60,11 @@ class Runner:
     memory: dict[str, tuple[float, str]] = dataclasses.field(default_factory=dict)  # precomputed
     notes: str = ""
     config: str = ""
+    # entered around every timed region: torch.compile providers forbid recompiling there
+    timed_region: Callable[[], Any] = contextlib.nullcontext
+    # JAX: direction -> the compiled executable that is timed, and its temperature arguments
+    executables: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temperatures: tuple = ()
 
 
 class Provider:
@@ -129,11 +140,16 @@ def torch_autograd_runner(loss_fn, rows_fn, probs_fn, inputs: Inputs, directions
 # --------------------------------------------------------------------------------------------
 
 class BitemperedTorch(Provider):
-    """The public API: ``bitempered.torch.bi_tempered_logistic_loss(..., backend=...)``."""
+    """The public API: ``bitempered.torch.bi_tempered_logistic_loss(..., backend=...)``, with the
+    temperatures as Python floats, or as 0-d tensors (``tensor_temperatures``: how a schedule
+    held in a tensor passes them)."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, tensor_temperatures: bool = False):
         self.backend = backend
+        self.tensor_temperatures = tensor_temperatures
         self.name = f"bitempered-{backend}" if backend == "triton" else "bitempered-torch"
+        if tensor_temperatures:
+            self.name += "-tensor-t"
 
     def skip_reason(self, cell, device):
         if self.backend == "triton":
@@ -149,8 +165,11 @@ class BitemperedTorch(Provider):
         from bitempered import torch as bt
 
         cell = inputs.cell
-        loss = functools.partial(bt.bi_tempered_logistic_loss, t1=cell.t1, t2=cell.t2, backend=self.backend)
-        probs = functools.partial(bt.tempered_softmax, t=cell.t2, backend=self.backend)
+        t1, t2 = cell.t1, cell.t2
+        if self.tensor_temperatures:  # 0-d tensors on the logits' device
+            t1, t2 = (torch.tensor(t, dtype=torch.float32, device=inputs.device) for t in (t1, t2))
+        loss = functools.partial(bt.bi_tempered_logistic_loss, t1=t1, t2=t2, backend=self.backend)
+        probs = functools.partial(bt.tempered_softmax, t=t2, backend=self.backend)
         runner = torch_autograd_runner(
             lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
             lambda x: probs(x.float()), inputs, directions)
@@ -214,13 +233,33 @@ def _raise_dynamo_limits() -> None:
             setattr(cfg, name, max(getattr(cfg, name), 4096))
 
 
+STEADY_STATE_NOTE = ("compiled for the cell's static shape (dynamic=False), warmed up on every input set; "
+                     "a recompile while timing is an error (fail_on_recompile)")
+
+
+def compiled_steady_state(runner: Runner, n_sets: int) -> Runner:
+    """Runs every call on every input set twice (compiling whatever the data needs: the solver's
+    pass count differs between sets), then forbids recompiling in the timed region, so what is
+    timed is the compiled steady state, never a compilation."""
+    for _ in range(2):
+        for call in runner.calls.values():
+            for i in range(n_sets):
+                call(i)
+    runner.timed_region = lambda: torch.compiler.set_stance("fail_on_recompile")
+    return runner
+
+
 class CompiledNative(Provider):
     """``torch.compile`` of the native math; its gradient is the closed form computed in the same
     compiled forward (no separate backward). The solver's convergence test (``bool(done.all())``)
-    is a graph break: dynamo compiles the pieces between the breaks."""
+    is a graph break: dynamo compiles the pieces between the breaks. ``compile_backend`` other
+    than inductor is for tests (dynamo's guards, hence its recompiles, are the same)."""
 
     name = "torch-compile-native"
     smoke_default = False
+
+    def __init__(self, compile_backend: str = "inductor"):
+        self.compile_backend = compile_backend
 
     def build(self, inputs, directions):
         _raise_dynamo_limits()
@@ -229,7 +268,8 @@ class CompiledNative(Provider):
         cell, device = inputs.cell, inputs.device
         t1 = torch.tensor(cell.t1, dtype=torch.float32, device=device)
         t2 = torch.tensor(cell.t2, dtype=torch.float32, device=device)
-        compiled = {need: torch.compile(functools.partial(native_math, need_grad=need), dynamic=False)
+        compiled = {need: torch.compile(functools.partial(native_math, need_grad=need), dynamic=False,
+                                        backend=self.compile_backend)
                     for need in (False, True)}
         xs, ys = inputs.logits, inputs.labels
         calls = {"fwd": lambda i: compiled[False](xs[i], ys[i], t1, t2),
@@ -244,10 +284,11 @@ class CompiledNative(Provider):
                 rows, _ = native.loss_and_grad_rows(log_p, dense, t1, t2, False)
             return _rows64(rows), _residual(log_p.exp())
 
-        return Runner({d: calls[d] for d in directions if d in calls}, evaluate,
-                      {"fwd": 4, "fwdbwd": _grad_bytes(inputs)},
-                      notes="graph break at the solver's bool(done.all()); accuracy from the eager "
-                            "run of the same math")
+        runner = Runner({d: calls[d] for d in directions if d in calls}, evaluate,
+                        {"fwd": 4, "fwdbwd": _grad_bytes(inputs)},
+                        notes=STEADY_STATE_NOTE + "; graph break at the solver's convergence test; "
+                              "accuracy from the eager run of the same math")
+        return compiled_steady_state(runner, len(xs))
 
 
 class NaivePort(Provider):
@@ -291,10 +332,16 @@ class TorchCE(Provider):
             _raise_dynamo_limits()
             loss = torch.compile(loss, dynamic=False)
         c = inputs.cell.c
-        return torch_autograd_runner(
+        notes = ["class indices" if inputs.cell.labels == "int" else
+                 "dense probability targets; accuracy adds sum y log y (not timed)"]
+        runner = torch_autograd_runner(
             loss, lambda x, y: ce(x, y, reduction="none").double() + _entropy_term(y, c),
-            lambda x: torch.softmax(x.float(), -1), inputs, directions,
-            notes="accuracy adds sum y log y (not timed)" if inputs.cell.labels == "dense" else "")
+            lambda x: torch.softmax(x.float(), -1), inputs, directions)
+        if self.compiled:
+            notes.append(STEADY_STATE_NOTE)
+            compiled_steady_state(runner, len(inputs.logits))
+        runner.notes = "; ".join(notes)
+        return runner
 
 
 class LigerCE(Provider):
@@ -352,55 +399,68 @@ def _to_jax(t: torch.Tensor):
     return jax.dlpack.from_dlpack(t.contiguous())
 
 
-def jax_runner(rows_fn, inputs: Inputs, labels, directions, probs_fn=None, **extra) -> Runner:
-    """Runner for a JAX loss: ``rows_fn(a, y)`` -> per-example losses (jit-able).
+def jax_runner(rows_fn, inputs: Inputs, labels, directions, probs_fn=None, temperatures=(), **extra) -> Runner:
+    """Runner for a JAX loss: ``rows_fn(a, y, *temperatures)`` -> per-example losses (jit-able).
 
-    fwd = jit(rows_fn); fwdbwd = jit(grad(sum rows_fn)) (the issue's definition); bwd = jit of
-    the VJP closure of a jitted jax.vjp run beforehand. Each is compiled ahead of time once
-    (``lower().compile()``) and that executable is timed; XLA's memory analysis of it gives the
-    temporary buffer size (the "peak extra memory" of a JAX provider).
+    fwd = jit(rows_fn); fwdbwd = jit(value_and_grad(sum rows_fn)), a training step; bwd = jit of
+    the VJP closure of a jitted jax.vjp run beforehand. ``temperatures`` are passed as arguments
+    of every program, so they are traced (one program for every value); with () the loss closes
+    over its temperatures. Each program is compiled ahead of time once (``lower().compile()``)
+    and that executable is timed; XLA's memory analysis of it gives the temporary buffer size
+    (the "peak extra memory" of a JAX provider).
     """
     import jax
     import jax.numpy as jnp
 
     xs = [_to_jax(x) for x in inputs.logits]
     ys = [_to_jax(y) for y in labels]
+    temps = tuple(jnp.asarray(t, jnp.float32) for t in temperatures)
 
-    def total(a, y):
-        return rows_fn(a, y).sum()
+    def total(a, y, *t):
+        return rows_fn(a, y, *t).sum()
 
-    jitted = {"fwd": jax.jit(rows_fn), "fwdbwd": jax.jit(jax.grad(total))}
-    calls, memory = {}, {}
+    jitted = {"fwd": jax.jit(rows_fn), "fwdbwd": jax.jit(jax.value_and_grad(total))}
+    calls, memory, executables = {}, {}, {}
     for direction in directions:
         if direction == "bwd":
-            forward = jax.jit(lambda a, y: jax.vjp(lambda a_: total(a_, y), a))
-            pulls = [forward(x, y)[1] for x, y in zip(xs, ys)]
+            forward = jax.jit(lambda a, y, *t: jax.vjp(lambda a_: total(a_, y, *t), a))
+            pulls = [forward(x, y, *temps)[1] for x, y in zip(xs, ys)]
             one = jnp.ones((), jnp.float32)
             exe = jax.jit(lambda pull, g: pull(g)[0]).lower(pulls[0], one).compile()
             calls["bwd"] = (lambda exe_, pulls_: lambda i: exe_(pulls_[i], one).block_until_ready())(exe, pulls)
         else:
-            exe = jitted[direction].lower(xs[0], ys[0]).compile()
-            calls[direction] = (lambda exe_: lambda i: exe_(xs[i], ys[i]).block_until_ready())(exe)
+            exe = jitted[direction].lower(xs[0], ys[0], *temps).compile()
+            calls[direction] = (lambda exe_: lambda i: jax.block_until_ready(exe_(xs[i], ys[i], *temps)))(exe)
+        executables[direction] = exe
         analysis = exe.memory_analysis()
         if analysis is not None:
             memory[direction] = (float(analysis.temp_size_in_bytes), "xla-temp")
 
     def evaluate(num_rows):
         a, yy = xs[0][:num_rows], ys[0][:num_rows]
-        rows = _rows64(np.asarray(jitted["fwd"](a, yy)))
-        p = probs_fn(a) if probs_fn is not None else None
+        rows = _rows64(np.asarray(jitted["fwd"](a, yy, *temps)))
+        p = probs_fn(a, *temps) if probs_fn is not None else None
         return rows, (None if p is None else _residual(np.asarray(p)))
 
     return Runner(calls, evaluate, {"fwd": 4, "fwdbwd": _grad_bytes(inputs), "bwd": _grad_bytes(inputs)},
-                  blocking=True, memory=memory, **extra)
+                  blocking=True, memory=memory, executables=executables, temperatures=temps, **extra)
+
+
+def _jax_labels(inputs: Inputs) -> list[torch.Tensor]:
+    """int32 class indices (JAX's default integer width) or the dense labels as they are."""
+    return [y.to(torch.int32) if not y.dtype.is_floating_point else y for y in inputs.labels]
 
 
 class BitemperedJax(Provider):
+    """``jit(value_and_grad(loss))`` with the temperatures as traced arguments (the README's
+    training step); ``closed_over=True`` bakes them in as Python constants instead (``-const``)."""
+
     framework = "jax"
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, closed_over: bool = False):
         self.backend = backend
-        self.name = f"bitempered-jax-{backend}"
+        self.closed_over = closed_over
+        self.name = f"bitempered-jax-{backend}" + ("-const" if closed_over else "")
 
     def skip_reason(self, cell, device):
         if self.backend == "triton":
@@ -425,20 +485,22 @@ class BitemperedJax(Provider):
         import bitempered.jax as bj
 
         cell = inputs.cell
-        labels = [y.to(torch.int32) if not y.dtype.is_floating_point else y for y in inputs.labels]
-
-        def rows(a, y):
-            return bj.bi_tempered_logistic_loss(a, y, cell.t1, cell.t2, backend=self.backend)
-
-        def probs(a):
-            return bj.tempered_softmax(a.astype(jnp.float32), cell.t2, backend=self.backend)
-
-        return jax_runner(rows, inputs, labels, directions, probs, notes="int32 class indices"
-                          if cell.labels == "int" else "")
+        loss = functools.partial(bj.bi_tempered_logistic_loss, backend=self.backend)
+        softmax = functools.partial(bj.tempered_softmax, backend=self.backend)
+        notes = ["int32 class indices"] if cell.labels == "int" else []
+        if self.closed_over:
+            notes.append("temperatures closed over as Python constants")
+            return jax_runner(lambda a, y: loss(a, y, cell.t1, cell.t2), inputs, _jax_labels(inputs), directions,
+                              lambda a: softmax(a.astype(jnp.float32), cell.t2), notes="; ".join(notes))
+        notes.append("temperatures traced")
+        return jax_runner(loss, inputs, _jax_labels(inputs), directions,
+                          lambda a, t1, t2: softmax(a.astype(jnp.float32), t2),
+                          temperatures=(cell.t1, cell.t2), notes="; ".join(notes))
 
 
 class OriginalJax(Provider):
-    """Google's jax-bitempered-loss 0.0.2 (num_iters=5), jitted as the issue prescribes."""
+    """Google's jax-bitempered-loss 0.0.2 (num_iters=5) under jit(value_and_grad), temperatures
+    traced (its functions take them as traced values; its own benchmark passed them that way)."""
 
     name = "original-jax"
     framework = "jax"
@@ -463,19 +525,61 @@ class OriginalJax(Provider):
         # has to upcast, so the cast is done inside the jitted program (bf16 is still what is read).
         upcast = cell.dtype != "fp32"
 
-        def rows(a, y):
-            return original.bi_tempered_logistic_loss(a.astype("float32") if upcast else a, y, cell.t1, cell.t2)
+        def rows(a, y, t1, t2):
+            return original.bi_tempered_logistic_loss(a.astype("float32") if upcast else a, y, t1, t2)
 
-        def probs(a):
-            return original.tempered_softmax(a.astype("float32") if upcast else a, cell.t2, 5)
+        def probs(a, t1, t2):
+            return original.tempered_softmax(a.astype("float32") if upcast else a, t2, 5)
 
-        note = "fp32 dense labels (one-hot built outside the timing; it takes no class indices)"
+        note = "temperatures traced; fp32 dense labels (one-hot built outside the timing; it takes no class indices)"
         if upcast:
             note += "; bf16 logits cast to fp32 inside the jit (it fails on bf16)"
-        return jax_runner(rows, inputs, inputs.dense_fp32, directions, probs, notes=note)
+        return jax_runner(rows, inputs, inputs.dense_fp32, directions, probs, temperatures=(cell.t1, cell.t2),
+                          notes=note)
+
+
+class OptaxCE(Provider):
+    """optax's cross-entropy under jit(value_and_grad): ``softmax_cross_entropy_with_integer_labels``
+    for class indices, ``softmax_cross_entropy`` for dense labels."""
+
+    name = "optax-ce"
+    framework = "jax"
+    ce_only = True
+    solver = "exact (logsumexp)"
+
+    def skip_reason(self, cell, device):
+        mismatch = _jax_platform_mismatch(device)
+        if mismatch:
+            return mismatch
+        try:
+            import optax  # noqa: F401
+        except ImportError as err:
+            return f"optax is not installed ({err})"
+        return None
+
+    def build(self, inputs, directions):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        dense = inputs.cell.labels == "dense"
+        ce = optax.softmax_cross_entropy if dense else optax.softmax_cross_entropy_with_integer_labels
+        runner = jax_runner(ce, inputs, _jax_labels(inputs), directions,
+                            lambda a: jax.nn.softmax(a.astype(jnp.float32), axis=-1),
+                            notes="softmax_cross_entropy (dense labels); accuracy adds sum y log y (not timed)"
+                            if dense else "softmax_cross_entropy_with_integer_labels (int32 class indices)")
+        plain = runner.evaluate
+        entropy = _entropy_term(inputs.labels[0], inputs.cell.c).cpu().numpy()
+
+        def evaluate(num_rows):  # CE + sum y log y = KL, the bi-tempered loss at t1 = t2 = 1
+            rows, residual = plain(num_rows)
+            return rows + entropy[:num_rows], residual
+
+        runner.evaluate = evaluate
+        return runner
 
 
 def all_providers() -> list[Provider]:
-    return [BitemperedTorch("triton"), BitemperedTorch("torch"), CompiledNative(),
-            BitemperedJax("xla"), BitemperedJax("triton"), NaivePort(), OriginalJax(),
-            TorchCE(False), TorchCE(True), LigerCE()]
+    return [BitemperedTorch("triton"), BitemperedTorch("torch"), BitemperedTorch("torch", tensor_temperatures=True),
+            CompiledNative(), BitemperedJax("xla"), BitemperedJax("xla", closed_over=True), BitemperedJax("triton"),
+            NaivePort(), OriginalJax(), TorchCE(False), TorchCE(True), LigerCE(), OptaxCE()]

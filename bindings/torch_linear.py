@@ -9,11 +9,8 @@ native backend on CPU), then ``grad_hidden[chunk] = dlogits @ weight`` and
 (fp64 for fp64 weights). Peak extra memory: one chunk x C buffer (plus the native backend's
 per-chunk temporaries), the accumulators and O(N); never N x C.
 
-Default chunk size (``chunk_size=None``): as many rows as keep one fp32 chunk of logits within
-``CHUNK_BYTES`` (64 MiB), i.e. ``clamp(CHUNK_BYTES // (4 C), 1, N)``. At C = 50000 that is 335 rows;
-at C = 128256, 130 rows. 64 MiB: on CPU the native backend holds about six chunk-sized fp32
-temporaries, so the peak stays a few hundred MiB; the matmuls are still large enough to run at
-full speed (measured in perf/linear.py).
+Default chunk size (``chunk_size=None``): ``clamp(64 MiB // (4 C), 1, N)`` rows, one fp32 chunk
+x C buffer within 64 MiB (``bindings/linear_chunks.py`` says why).
 
 "mean"/"sum": every gradient is computed in the forward pass (3 matmuls per chunk, no
 recomputation); the backward only multiplies them by the upstream scalar. "none": the forward
@@ -25,16 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from . import linear_chunks
 from . import torch_native as native
 from .torch_ops import _grad_scale, _native_loss, _reduce, _triton
 
 Tensor = torch.Tensor
-CHUNK_BYTES = 64 * 2**20
-
-
-def default_chunk_size(num_rows: int, num_classes: int) -> int:
-    """Rows per chunk so that one fp32 chunk x C buffer stays within CHUNK_BYTES (1 <= rows <= N)."""
-    return max(1, min(max(num_rows, 1), CHUNK_BYTES // (4 * max(num_classes, 1))))
 
 
 def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
@@ -238,16 +230,6 @@ def _check_operands(hidden, weight, bias) -> None:
         raise ValueError(f"bias is on {bias.device} but weight on {weight.device}")
 
 
-def _chunk_size(chunk_size, num_rows: int, num_classes: int) -> int:
-    if chunk_size is None:
-        return default_chunk_size(num_rows, num_classes)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size}")
-    return chunk_size
-
-
 def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, label_smoothing=0.0,
                                      num_iters=None, reduction="mean", ignore_index=-100, chunk_size=None,
                                      backend="auto"):
@@ -294,7 +276,7 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
         api._check_indices(label_rows, num_classes, ignore_index)
     else:
         api._check_dense_labels(label_rows)
-    chunk = _chunk_size(chunk_size, x.shape[0], num_classes)
+    chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and v is not None and v.requires_grad for v in (hidden, weight, bias)]
     loss, *_ = linear_loss_op(x, weight.contiguous(), None if bias is None else bias.contiguous(), label_rows,
@@ -312,7 +294,7 @@ class LinearBiTemperedLogisticLoss(torch.nn.Module):
         from . import torch as api
 
         api.BiTemperedLogisticLoss(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)  # checks
-        _chunk_size(chunk_size, 1, 1)
+        linear_chunks.chunk_size(chunk_size, 1, 1)
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters
         self.reduction, self.ignore_index = reduction, ignore_index

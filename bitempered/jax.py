@@ -6,8 +6,10 @@ from bitempered.bindings.jax import (
     tempered_sigmoid,
     tempered_softmax,
 )
+from bitempered.bindings.jax_linear import linear_bi_tempered_logistic_loss
 
 __all__ = [
+    "linear_bi_tempered_logistic_loss",
     "bi_tempered_binary_logistic_loss",
     "bi_tempered_logistic_loss",
     "tempered_sigmoid",

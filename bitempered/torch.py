@@ -7,8 +7,11 @@ from bitempered.bindings.torch import (
     tempered_sigmoid,
     tempered_softmax,
 )
+from bitempered.bindings.torch_linear import LinearBiTemperedLogisticLoss, linear_bi_tempered_logistic_loss
 
 __all__ = [
+    "linear_bi_tempered_logistic_loss",
+    "LinearBiTemperedLogisticLoss",
     "BiTemperedLogisticLoss",
     "bi_tempered_binary_logistic_loss",
     "bi_tempered_logistic_loss",

@@ -1,0 +1,213 @@
+"""Fused linear + bi-tempered loss for JAX: the loss of ``hidden @ weight.T + bias`` without the
+N x C logits (or their gradient) in memory.
+
+It equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, ...)`` up to rounding (per
+row by default, like the plain JAX loss; ``reduction="sum"``/``"mean"`` reduce it). The rows are
+padded to whole chunks and processed by a ``lax.scan``: per chunk one matmul for the logits (fp32
+accumulation, rounded to the input dtype), the plain loss's per-row machinery (``bindings/jax.py``
+``_loss_rows``: XLA, or the Triton kernel through jax-triton), then ``grad_hidden[chunk] =
+dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[chunk]`` accumulated in fp32 (fp64 for
+fp64) in the scan's carry. Peak extra memory: one chunk x C working set, the accumulators and O(N).
+
+"sum"/"mean": the custom VJP's forward computes every gradient (no recomputation) and the backward
+multiplies by the upstream scalar. "none": the forward computes the losses only and the backward
+recomputes each chunk with each row's upstream value (exact for any upstream vector).
+
+Default chunk size: ``bindings/linear_chunks.py`` (one fp32 chunk x C buffer within 64 MiB).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import jax as api
+from . import jax_native as native
+from . import linear_chunks
+from . import validation as check
+
+
+def _chunks(array, num_chunks: int, chunk: int, fill):
+    """[N, ...] -> [num_chunks, chunk, ...], the tail padded with ``fill``."""
+    pad = num_chunks * chunk - array.shape[0]
+    padded = jnp.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1), constant_values=fill)
+    return padded.reshape((num_chunks, chunk) + array.shape[1:])
+
+
+def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, chunk,
+          backend, need_grad):
+    """(per-row losses [N], grad_hidden [N, H], grad_weight, grad_bias) in one pass over the chunks.
+
+    ``row_weights`` [N] multiplies each row's gradient (the reduction's factor or the upstream
+    values); grad_weight/grad_bias come back in the accumulation dtype; None where not computed.
+    """
+    num_rows, width = hidden.shape
+    acc_dtype = native.compute_dtype(weight.dtype)
+    num_chunks = -(-num_rows // chunk)
+    valid = _chunks(jnp.ones((num_rows,), bool), num_chunks, chunk, False)
+    xs = (_chunks(hidden, num_chunks, chunk, 0), _chunks(labels, num_chunks, chunk, 0), valid,
+          _chunks(row_weights, num_chunks, chunk, 0) if need_grad else valid)
+
+    def body(carry, chunk_xs):
+        x, lab, ok, w = chunk_xs
+        logits = jnp.matmul(x, weight.T, preferred_element_type=acc_dtype)
+        if bias is not None:
+            logits = logits + bias.astype(acc_dtype)
+        logits = logits.astype(hidden.dtype)
+        loss, grad = api._loss_rows(logits, lab, t1, t2, label_smoothing, num_iters, ignore_index, need_grad,
+                                    backend)
+        loss = jnp.where(ok, loss, 0.0)
+        if not need_grad:
+            return carry, (loss, None)
+        grad_weight, grad_bias = carry
+        d = jnp.where(ok[:, None], grad * w[:, None].astype(grad.dtype), 0.0).astype(hidden.dtype)  # one rounding
+        grad_x = jnp.matmul(d, weight, preferred_element_type=acc_dtype).astype(hidden.dtype)
+        grad_weight = grad_weight + jnp.matmul(d.T, x, preferred_element_type=acc_dtype)
+        grad_bias = grad_bias + jnp.sum(d, axis=0, dtype=acc_dtype)
+        return (grad_weight, grad_bias), (loss, grad_x)
+
+    carry = (jnp.zeros(weight.shape, acc_dtype), jnp.zeros(weight.shape[:1], acc_dtype)) if need_grad else ()
+    carry, (loss, grad_x) = lax.scan(body, carry, xs)
+    loss = loss.reshape(-1)[:num_rows]
+    if not need_grad:
+        return loss, None, None, None
+    return loss, grad_x.reshape(-1, width)[:num_rows], carry[0], carry[1]
+
+
+def _kept(labels, ignore_index):
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return labels != ignore_index
+    return jnp.ones(labels.shape[:1], bool)
+
+
+def _reduce(loss_rows, kept, reduction):
+    if reduction == "none":
+        return loss_rows
+    total = jnp.sum(loss_rows)
+    return total if reduction == "sum" else total / jnp.sum(kept).astype(total.dtype)
+
+
+def _reduction_weights(labels, ignore_index, reduction, dtype):
+    """Each row's gradient factor for "sum" (1) and "mean" (1 / #kept rows, 0 when none are kept)."""
+    kept = _kept(labels, ignore_index)
+    if reduction == "sum":
+        return jnp.ones(kept.shape, dtype)
+    count = jnp.sum(kept).astype(dtype)
+    return jnp.full(kept.shape, jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0), dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, chunk,
+                 backend):
+    loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index, chunk,
+                      backend, False)[0]
+    return _reduce(loss_rows, _kept(labels, ignore_index), reduction)
+
+
+def _linear_loss_fwd(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
+                     chunk, backend):
+    kept = _kept(labels, ignore_index)
+    if reduction == "none":
+        loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index,
+                          chunk, backend, False)[0]
+        return loss_rows, (hidden, weight, bias, labels, t1, t2, label_smoothing)
+    weights = _reduction_weights(labels, ignore_index, reduction, t1.dtype)
+    loss_rows, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, weights,
+                                                      num_iters, ignore_index, chunk, backend, True)
+    like = (jnp.zeros((0,), weight.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
+    return _reduce(loss_rows, kept, reduction), (grad_x, grad_weight, grad_bias, like)
+
+
+def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, residuals, grad_loss):
+    if reduction == "none":
+        hidden, weight, bias, labels, t1, t2, label_smoothing = residuals
+        _, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing,
+                                                  grad_loss.astype(t1.dtype), num_iters, ignore_index, chunk,
+                                                  backend, True)
+        grad_x = grad_x.astype(hidden.dtype)
+        like_weight, like_bias = weight, bias
+    else:
+        grad_x, grad_weight, grad_bias, (like_weight, like_bias) = residuals
+        grad_x = (grad_x * grad_loss.astype(grad_x.dtype)).astype(grad_x.dtype)
+        grad_weight, grad_bias = grad_weight * grad_loss, grad_bias * grad_loss
+    grad_weight = grad_weight.astype(like_weight.dtype)
+    grad_bias = None if like_bias is None else grad_bias.astype(like_bias.dtype)
+    # Labels, temperatures and smoothing get no gradient.
+    return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+_linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
+_linear_loss_jit = jax.jit(_linear_loss, static_argnums=(7, 8, 9, 10, 11))
+
+
+def _as_operand(value, name: str):
+    if not hasattr(value, "dtype"):
+        value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+    return value
+
+
+def _check_shapes(hidden, weight, bias) -> None:
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have at least one axis ([..., H]), got a scalar")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's second dim "
+                         f"(weight [C, H] = {tuple(weight.shape)}); hidden shape {tuple(hidden.shape)}")
+    if jnp.dtype(hidden.dtype) != jnp.dtype(weight.dtype):
+        raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [C] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if jnp.dtype(bias.dtype) != jnp.dtype(weight.dtype):
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+
+
+def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, label_smoothing=0.0,
+                                     num_iters=None, ignore_index=-100, reduction="none", chunk_size=None,
+                                     backend="auto"):
+    """Bi-tempered loss of ``hidden @ weight.T + bias`` without materializing the logits.
+
+    Equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, t1, t2, ...)`` up to
+    rounding (then summed / averaged over the non-ignored rows for ``reduction="sum"``/``"mean"``).
+
+    Args:
+        hidden: [..., H] floating array. weight: [C, H] (``nn.Linear`` layout), same dtype. bias: None or [C].
+        labels: integer class indices of shape ``hidden.shape[:-1]`` or dense [..., C] labels.
+        reduction: "none" (default: per-row losses of shape ``hidden.shape[:-1]``, like the plain
+            JAX loss), "sum" or "mean" (every gradient computed in the forward pass: cheaper).
+        chunk_size: rows per chunk (static); None: ``clamp(64 MiB // (4 C), 1, N)``.
+        t1, t2, label_smoothing, num_iters, ignore_index, backend: as in :func:`bi_tempered_logistic_loss`.
+
+    Gradients flow to hidden, weight and bias; grad_weight/grad_bias are accumulated in fp32.
+    """
+    hidden = _as_operand(hidden, "hidden")
+    weight = _as_operand(weight, "weight")
+    bias = None if bias is None else _as_operand(bias, "bias")
+    _check_shapes(hidden, weight, bias)
+    num_classes = weight.shape[0]
+    labels = api._as_labels(labels)
+    logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
+    indices = check.labels_are_indices(logits_shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+    check.check_reduction(reduction)
+    iters = api._num_iters(num_iters)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    backend = api._resolve_backend(backend, hidden.dtype)
+    t1_, t2_, s_, s_value = api._temperatures(t1, t2, label_smoothing, native.compute_dtype(hidden.dtype))
+    check.check_smoothing_classes(s_value, num_classes)
+    if indices:
+        api._check_indices(labels, num_classes, ignore_index)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    label_rows = jnp.asarray(labels).reshape((-1,) if indices else (-1, num_classes))
+    chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
+    loss = _linear_loss_jit(x, weight, bias, label_rows, t1_, t2_, s_, iters, ignore_index, reduction, chunk,
+                            backend)
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

@@ -20,6 +20,24 @@ from jax import lax
 MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
 
 
+class LocalRows:
+    """Row reductions across devices: the identity for rows that hold every class.
+
+    The solver reduces each row statistic (the max, the support size, the packed per-pass sums)
+    through such an object; ``bindings/jax_vocab_parallel.py`` passes one that runs
+    ``pmax``/``psum`` over the mesh axis that shards the classes, so the solver stays one.
+    """
+
+    def max(self, x):  # row maxima [..., 1]
+        return x
+
+    def sum(self, *parts):  # per-row partial sums [..., 1] each, reduced together
+        return parts
+
+
+LOCAL_ROWS = LocalRows()
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """float64 for float64 inputs (x64 enabled), float32 for float16/bfloat16/float32."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
@@ -29,9 +47,9 @@ def tolerance(dtype) -> float:
     return 1e-6 if jnp.dtype(dtype) == jnp.float32 else 8 * float(jnp.finfo(dtype).eps)
 
 
-def shift_by_max(a: jax.Array) -> jax.Array:
+def shift_by_max(a: jax.Array, rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     """a - max(a) per row; a +inf logit maps to 0 and the other classes to -inf (the limit)."""
-    mx = jnp.max(a, axis=-1, keepdims=True)
+    mx = rows.max(jnp.max(a, axis=-1, keepdims=True))
     return jnp.where(a == mx, jnp.zeros_like(a), a - mx)
 
 
@@ -81,7 +99,7 @@ def _evaluate(a0: jax.Array, y: jax.Array, one_minus_t: jax.Array):
     return log_p, f, g
 
 
-def solve_converged(a0: jax.Array, t: jax.Array):
+def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
     """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
 
     The safeguarded Newton iteration of kernels/README.md in a ``lax.while_loop`` that stops as
@@ -89,17 +107,22 @@ def solve_converged(a0: jax.Array, t: jax.Array):
     evaluating them again changes nothing. The loop carries only per-row scalars: log p of the
     last evaluation is recomputed once from its y after the loop (same ops, same value), which XLA
     fuses into the consumers instead of writing an [N, C] array on every pass.
+
+    ``rows`` reduces the row statistics across devices (classes sharded): one reduction for the
+    support size, then one packed (f, g) reduction per pass. Every constant below is made ``*_like``
+    a row statistic so that it has the data's varying mesh axes: inside ``shard_map`` (check_vma)
+    both branches of a ``lax.cond`` and the loop carry must agree on them.
     """
     dtype = a0.dtype
     one_minus_t = 1.0 - t
     num_classes = a0.shape[-1]
-    row_shape = a0.shape[:-1] + (1,)
 
     def count_support():  # the classes that can have p > 0 (t < 1 only: a pass over the row)
         in_support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32)
         return jnp.maximum(in_support, 1).astype(dtype)
 
-    support = lax.cond(t < 1, count_support, lambda: jnp.full(row_shape, num_classes, dtype))
+    # for t >= 1, D = C: the local class count, reduced like the support count
+    (support,) = rows.sum(lax.cond(t < 1, count_support, lambda: jnp.full_like(a0[..., :1], num_classes)))
     tol = tolerance(dtype)
     ulp4 = 4 * float(jnp.finfo(dtype).eps)
 
@@ -110,6 +133,7 @@ def solve_converged(a0: jax.Array, t: jax.Array):
     def body(state):
         step, y, lo, hi, done, lo_evaluated, passes, _ = state
         _, f, g = _evaluate(a0, y, one_minus_t)
+        f, g = rows.sum(f, g)
         y_evaluated = y
         passes = passes + (~done).astype(jnp.int32)
         r = f - 1.0
@@ -129,20 +153,22 @@ def solve_converged(a0: jax.Array, t: jax.Array):
         return step + 1, y, lo, hi, done, lo_evaluated, passes, y_evaluated
 
     lo = jnp.zeros_like(support)
-    false = jnp.zeros(row_shape, dtype=bool)
+    false = jnp.zeros_like(support, dtype=bool)
+
     def iterate():
-        state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros(row_shape, jnp.int32), lo)
+        state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros_like(support, jnp.int32), lo)
         state = lax.while_loop(cond, body, state)
         passes, y_evaluated = state[6], state[7]
         return _log_p_at(a0, y_evaluated, one_minus_t)[0], passes
 
     def softmax():  # t = 1: the normalizer is the logsumexp, exact in one pass
-        return a0 - jax.nn.logsumexp(a0, axis=-1, keepdims=True), jnp.ones(row_shape, jnp.int32)
+        (total,) = rows.sum(jnp.sum(jnp.exp(a0), axis=-1, keepdims=True))  # >= 1: the max is 0
+        return a0 - jnp.log(total), jnp.ones_like(support, jnp.int32)
 
     return lax.cond(t == 1, softmax, iterate)
 
 
-def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int) -> jax.Array:
+def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int, rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps.
 
     The method (logsumexp at t = 1, fixed point for t > 1, bisection for t < 1) is chosen at run
@@ -150,26 +176,28 @@ def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int) -> jax.Arra
     """
     one_minus_t = 1.0 - t
 
+    def row_sum(x):  # sum over the classes of every device
+        return rows.sum(jnp.sum(x, axis=-1, keepdims=True))[0]
+
     def logsumexp(a0):
-        return jax.nn.logsumexp(a0, axis=-1, keepdims=True)
+        return jnp.log(row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
 
     def fixed_point(a0):
         def step(_, z):
-            partition = jnp.sum(exp_t(z, t), axis=-1, keepdims=True)
+            partition = row_sum(exp_t(z, t))
             return a0 * partition ** one_minus_t
 
         z = lax.fori_loop(0, num_iters, step, a0)
-        partition = jnp.sum(exp_t(z, t), axis=-1, keepdims=True)
+        partition = row_sum(exp_t(z, t))
         return -log_t(1.0 / partition, t)
 
     def bisection(a0):
-        support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True)
-        support = support.astype(a0.dtype)
+        support = row_sum((a0 > -_safe_reciprocal(one_minus_t)).astype(a0.dtype))
 
         def step(_, bracket):
             lo, hi = bracket
             mid = 0.5 * (lo + hi)
-            below = jnp.sum(exp_t(a0 - mid, t), axis=-1, keepdims=True) < 1.0
+            below = row_sum(exp_t(a0 - mid, t)) < 1.0
             return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
 
         hi = -log_t(1.0 / support, t)
@@ -180,12 +208,16 @@ def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int) -> jax.Arra
     return lax.switch(branch, (logsumexp, fixed_point, bisection), a0)
 
 
-def tempered_log_softmax_rows(a: jax.Array, t: jax.Array, num_iters: int | None) -> jax.Array:
-    """log of SPEC's tempered softmax of rows ``a`` [..., C] (compute dtype); -inf where p = 0."""
-    a0 = shift_by_max(a)
+def tempered_log_softmax_rows(a: jax.Array, t: jax.Array, num_iters: int | None,
+                              rows: LocalRows = LOCAL_ROWS) -> jax.Array:
+    """log of SPEC's tempered softmax of rows ``a`` [..., C] (compute dtype); -inf where p = 0.
+
+    ``rows`` reduces row statistics across devices when the classes are sharded (``LocalRows``).
+    """
+    a0 = shift_by_max(a, rows)
     if num_iters is None:
-        return solve_converged(a0, t)[0]
-    lam = normalizer_original(a0, t, num_iters)
+        return solve_converged(a0, t, rows)[0]
+    lam = normalizer_original(a0, t, num_iters, rows)
     one_minus_t = 1.0 - t
     u = a0 - lam
     return _log1p_over(one_minus_t * u, one_minus_t, u)

@@ -20,6 +20,24 @@ import torch
 MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
 
 
+class LocalRows:
+    """Row reductions across ranks: the identity for rows that hold every class.
+
+    The solver reduces each row statistic (the max, the packed per-pass sums) through such an
+    object; ``bindings/torch_vocab_parallel.py`` passes one whose methods all-reduce over the
+    process group that shards the classes, so the solver stays one.
+    """
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:  # row maxima [N, 1]
+        return x
+
+    def sum(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:  # partial sums [N, 1], reduced together
+        return parts
+
+
+LOCAL_ROWS = LocalRows()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -28,9 +46,9 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-6 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
 
 
-def shift_by_max(a: torch.Tensor) -> torch.Tensor:
+def shift_by_max(a: torch.Tensor, rows: LocalRows = LOCAL_ROWS) -> torch.Tensor:
     """a - max(a) per row; a +inf logit maps to 0 and the other classes to -inf (the limit)."""
-    mx = a.amax(dim=-1, keepdim=True)
+    mx = rows.max(a.amax(dim=-1, keepdim=True))
     return torch.where(a == mx, torch.zeros_like(a), a - mx)
 
 
@@ -86,24 +104,28 @@ def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
     return y_new, lo, hi, lo_evaluated
 
 
-def solve_converged(a0: torch.Tensor, t):
+def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
     """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes).
 
     The safeguarded Newton iteration of kernels/README.md. Rows that have converged drop out of
     the working set, so each pass only touches the rows still iterating.
+
+    ``rows`` reduces the row statistics across ranks (classes sharded): one packed (f, g)
+    reduction per pass; the support size D rides along with the first one (the bracket's upper
+    end log D is first needed by the first update). All ranks get the same reduced sums, so they
+    take the same decisions and drop the same rows.
     """
     t = float(t)
     num_rows = a0.shape[0]
-    if t == 1.0:  # softmax: the normalizer is exact in one pass
-        return a0 - torch.logsumexp(a0, dim=-1, keepdim=True), torch.ones(num_rows, 1, dtype=torch.int32,
-                                                                           device=a0.device)
+    if t == 1.0:  # softmax: the normalizer is exact in one pass (the max of a0 is 0: the sum is >= 1)
+        (total,) = rows.sum(torch.exp(a0).sum(dim=-1, keepdim=True))
+        return a0 - torch.log(total), torch.ones(num_rows, 1, dtype=torch.int32, device=a0.device)
     one_minus_t = 1.0 - t
-    num_classes = a0.shape[-1]
     if t < 1.0:
-        support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True).clamp_(min=1).to(a0.dtype)
-        hi = torch.log(support)
+        support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True).to(a0.dtype)
     else:
-        hi = torch.full((num_rows, 1), math.log(num_classes), dtype=a0.dtype, device=a0.device)
+        support = torch.full((num_rows, 1), a0.shape[-1], dtype=a0.dtype, device=a0.device)
+    hi = support  # log D once D is reduced (in the first pass)
     lo = torch.zeros_like(hi)
     y = torch.zeros_like(hi)
     lo_evaluated = torch.zeros_like(y, dtype=torch.bool)
@@ -116,9 +138,14 @@ def solve_converged(a0: torch.Tensor, t):
     finished = torch.zeros_like(lo_evaluated)
     log_p = torch.empty_like(a0)
     active = torch.arange(num_rows, device=a0.device)
-    rows = a0
-    for _ in range(MAX_PASSES):
-        row_log_p, f, g = _evaluate(rows, y, one_minus_t)
+    live = a0  # the rows still iterating
+    for step in range(MAX_PASSES):
+        row_log_p, f, g = _evaluate(live, y, one_minus_t)
+        if step == 0:
+            f, g, support = rows.sum(f, g, hi)
+            hi = torch.log(support.clamp_(min=1.0))
+        else:
+            f, g = rows.sum(f, g)
         r = f - 1.0
         done = (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
         y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
@@ -129,7 +156,7 @@ def solve_converged(a0: torch.Tensor, t):
             keep = ~done.squeeze(-1)
             if not bool(keep.any()):
                 break
-            active, rows = active[keep], rows[keep]
+            active, live = active[keep], live[keep]
             y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
         else:
             log_p = row_log_p
@@ -141,35 +168,42 @@ def solve_converged(a0: torch.Tensor, t):
     return log_p, passes
 
 
-def normalizer_original(a0: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
+def normalizer_original(a0: torch.Tensor, t: float, num_iters: int, rows: LocalRows = LOCAL_ROWS) -> torch.Tensor:
     """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps."""
     t = float(t)
+
+    def row_sum(x):  # sum over the classes of every rank
+        return rows.sum(x.sum(dim=-1, keepdim=True))[0]
+
     if t == 1.0:
-        return torch.logsumexp(a0, dim=-1, keepdim=True)
+        return torch.log(row_sum(torch.exp(a0)))  # the max of a0 is 0: the sum is >= 1
     if t > 1.0:
         z = a0
         for _ in range(num_iters):
-            partition = exp_t(z, t).sum(dim=-1, keepdim=True)
+            partition = row_sum(exp_t(z, t))
             z = a0 * partition ** (1.0 - t)
-        partition = exp_t(z, t).sum(dim=-1, keepdim=True)
+        partition = row_sum(exp_t(z, t))
         return -log_t(1.0 / partition, t)
-    support = (a0 > -1.0 / (1.0 - t)).sum(dim=-1, keepdim=True).to(a0.dtype)
+    support = row_sum((a0 > -1.0 / (1.0 - t)).to(a0.dtype))
     lo = torch.zeros_like(support)
     hi = -log_t(1.0 / support, t)
     for _ in range(num_iters):
         mid = 0.5 * (lo + hi)
-        below = exp_t(a0 - mid, t).sum(dim=-1, keepdim=True) < 1.0
+        below = row_sum(exp_t(a0 - mid, t)) < 1.0
         hi = torch.where(below, mid, hi)
         lo = torch.where(below, lo, mid)
     return 0.5 * (lo + hi)
 
 
-def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None):
-    """log of SPEC's tempered softmax of rows ``a`` [N, C] (compute dtype); -inf where p = 0."""
-    a0 = shift_by_max(a)
+def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None, rows: LocalRows = LOCAL_ROWS):
+    """log of SPEC's tempered softmax of rows ``a`` [N, C] (compute dtype); -inf where p = 0.
+
+    ``rows`` reduces row statistics across ranks when the classes are sharded (``LocalRows``).
+    """
+    a0 = shift_by_max(a, rows)
     if num_iters is None:
-        return solve_converged(a0, t)[0]
-    lam = normalizer_original(a0, t, num_iters)
+        return solve_converged(a0, t, rows)[0]
+    lam = normalizer_original(a0, t, num_iters, rows)
     one_minus_t = 1.0 - float(t)
     u = a0 - lam
     return _log1p_over(one_minus_t * u, one_minus_t, u)

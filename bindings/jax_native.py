@@ -259,7 +259,9 @@ def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Ar
 
     def tempered(log_p, y):
         p = jnp.exp(log_p)
-        positive = p > 0
+        # p is exactly 0 only where log p = -inf (outside the finite support, a -inf logit); an
+        # underflowed p keeps p^(t2 - t1) from its finite log p (SPEC "Zero versus underflow")
+        positive = log_p > -jnp.inf
         two_minus_t1 = 2.0 - t1
         y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
         power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
@@ -275,7 +277,7 @@ def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Ar
         p = jnp.exp(log_p)
         y_log_ratio = jnp.where(y > 0, y * (jnp.log(jnp.where(y > 0, y, 1.0)) - log_p), 0.0)
         loss = jnp.sum(y_log_ratio - (y - p), axis=-1)
-        return loss, (_project(p - y, p) if need_grad else None)
+        return loss, (_project(jnp.where(log_p > -jnp.inf, p - y, 0.0), p) if need_grad else None)
 
     return lax.cond((t1 == 1) & (t2 == 1), cross_entropy, tempered, log_p, y)
 

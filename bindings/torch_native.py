@@ -225,6 +225,14 @@ def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ig
     return onehot, kept
 
 
+def _exact_zeros(log_p: torch.Tensor) -> torch.Tensor:
+    """Where p is exactly 0 (SPEC "Zero versus underflow"): log p = -inf, i.e. outside the finite
+    support (t2 < 1) or a -inf logit. Only there is d = (p - y) p^(t2 - t1) set to 0 (the formula
+    would give 0 * inf); a p that merely underflows keeps p^(t2 - t1) from its finite log p, so a
+    confidently wrong row still gets d_target = -y at t1 = t2 (cross-entropy's gradient)."""
+    return torch.isneginf(log_p)
+
+
 def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: bool):
     """Per-row loss [N] and dL/da for unit upstream gradient [N, C] (or None)."""
     t1, t2 = float(t1), float(t2)
@@ -237,9 +245,8 @@ def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: 
     if not need_grad:
         return loss, None
     p = torch.exp(log_p)
-    # d = (p - y) p^(t2 - t1), 0 where p = 0 (also when t2 < t1, where p^(t2-t1) is infinite)
     forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
-    d = (p - y).mul_(forget).masked_fill_(p == 0, 0.0)
+    d = (p - y).mul_(forget).masked_fill_(_exact_zeros(log_p), 0.0)
     escort = torch.exp(t2 * log_p)
     escort.div_(escort.sum(dim=-1, keepdim=True))
     return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))
@@ -284,7 +291,7 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
         forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
         d = (p - off).mul_(forget)
         d.scatter_add_(-1, target, -(on - off) * forget.gather(-1, target))
-    d.masked_fill_(p == 0, 0.0)
+    d.masked_fill_(_exact_zeros(log_p), 0.0)
     escort = p.clone() if t2 == 1.0 else torch.exp(t2 * log_p)
     escort.div_(escort.sum(dim=-1, keepdim=True))
     return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))

@@ -328,8 +328,16 @@ def loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1, two_mi
 
 @triton.jit
 def grad_terms(y, log2_p, p, t2_minus_t1):
-    """d = (p - y) p^(t2 - t1), 0 wherever p = 0 (no 0 * inf)."""
-    return tl.where(p > 0.0, (p - y) * tl.exp2(t2_minus_t1 * tl.where(p > 0.0, log2_p, 0.0)), 0.0)
+    """d = (p - y) p^(t2 - t1) (SPEC "Zero versus underflow").
+
+    d is 0 only where p is exactly 0 (log2 p = -inf: outside the finite support, a -inf logit,
+    a masked column). A p that underflows (log2 p finite, p = 0 in fp32, also ex2.approx's
+    flush-to-zero) is not zero: p^(t2 - t1) comes from log2 p, so a confidently wrong row keeps
+    d_target = -y at t1 = t2 and the large true value at t2 < t1.
+    """
+    positive = log2_p > -INF
+    power = tl.exp2(t2_minus_t1 * tl.where(positive, log2_p, 0.0))
+    return tl.where(positive, (p - y) * power, 0.0)
 
 
 @triton.jit

@@ -48,12 +48,20 @@ def normalizer_of_shifted(a0, t, halvings=200):
     return 0.5 * (lo + hi)
 
 
-def tempered_softmax(a, t):
+def log_tempered_softmax(a, t):
+    """log p, finite wherever p > 0 in exact arithmetic (also where p underflows float64), -inf
+    exactly outside the finite support (t < 1) and at -inf logits."""
     a0 = shift_by_max(a)
-    if t == 1.0:
-        e = np.exp(a0)
-        return e / e.sum(axis=-1, keepdims=True)
-    return exp_t(a0 - normalizer_of_shifted(a0, t), t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if t == 1.0:
+            top = np.where(np.isneginf(a0), 0.0, np.exp(a0))
+            return a0 - np.log(top.sum(axis=-1, keepdims=True))
+        base = np.maximum(1.0 + (1.0 - t) * (a0 - normalizer_of_shifted(a0, t)), 0.0)
+        return np.log(base) / (1.0 - t)
+
+
+def tempered_softmax(a, t):
+    return np.exp(log_tempered_softmax(a, t))
 
 
 def tempered_sigmoid(x, t):
@@ -77,23 +85,38 @@ def one_hot(indices, num_classes, ignore_index=-100):
     return y * kept[..., None], kept
 
 
+def log_t_of_log(log_x, t):
+    """log_t(x) from log x (finite for an x that underflows)."""
+    if t == 1.0:
+        return log_x
+    with np.errstate(over="ignore"):
+        return np.expm1((1.0 - t) * log_x) / (1.0 - t)
+
+
 def loss(a, y, t1, t2, label_smoothing=0.0):
-    """Per-row loss of dense labels y (shape of a)."""
-    p = tempered_softmax(a, t2)
+    """Per-row loss of dense labels y (shape of a); log_t1(p) from log p (SPEC: an underflowed p
+    keeps its finite log_t1, only an exact zero gives +inf for t1 >= 1, y > 0)."""
+    log_p = log_tempered_softmax(a, t2)
     y = smooth(y, label_smoothing)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cross = np.where(y > 0, y * (log_t(y, t1) - log_t(p, t1)), 0.0)
-        power = (y ** (2.0 - t1) - p ** (2.0 - t1)) / (2.0 - t1)
+        cross = np.where(y > 0, y * (log_t(y, t1) - log_t_of_log(log_p, t1)), 0.0)
+        power = (y ** (2.0 - t1) - np.exp((2.0 - t1) * log_p)) / (2.0 - t1)
     return (cross - power).sum(axis=-1)
 
 
 def loss_grad(a, y, t1, t2, label_smoothing=0.0):
-    """dL/da of the per-row loss for unit upstream gradient."""
-    p = tempered_softmax(a, t2)
+    """dL/da of the per-row loss for unit upstream gradient.
+
+    d_i = (p_i - y_i) p_i^(t2 - t1) is 0 only where p_i is exactly 0 (log p = -inf); elsewhere
+    p^(t2 - t1) = exp((t2 - t1) log p), also where p underflows (SPEC "Zero versus underflow").
+    """
+    log_p = log_tempered_softmax(a, t2)
+    p = np.exp(log_p)
     y = smooth(y, label_smoothing)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(p > 0, (p - y) * np.where(p > 0, p, 1.0) ** (t2 - t1), 0.0)
-    escort = p ** t2
+    positive = log_p > -np.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = np.where(positive, (p - y) * np.exp((t2 - t1) * np.where(positive, log_p, 0.0)), 0.0)
+    escort = np.exp(t2 * log_p)
     escort = escort / escort.sum(axis=-1, keepdims=True)
     return d - escort * d.sum(axis=-1, keepdims=True)
 

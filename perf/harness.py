@@ -5,7 +5,8 @@ Modes:
              int/dense labels. Meant for a GPU, in pieces (each piece appends to the CSV and the
              report is rebuilt from every row), e.g.
                  python -m perf --dtypes bf16 --directions fwdbwd --time-budget-s 540
-  --quick    a CPU-sized subset (about 2 minutes on 2 cores), including the JAX acceptance cells.
+  --quick    a CPU-sized subset (a few minutes on 2 cores), t1 = t2 = 1 next to the cross-entropies.
+  --memory   peak memory of one fwd+bwd per temperature (perf/memory.py), a few minutes on 2 cores.
   --smoke    one tiny shape, 1-2 repeats, no torch.compile providers unless named (for tests).
 Every axis can be narrowed with flags (--providers, --shapes, --temps, --dtypes, --directions,
 --labels); --list prints the providers.
@@ -65,6 +66,10 @@ def parse_args(argv):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.md and the plots from the CSV in --out (or this device's folder)")
+    p.add_argument("--memory", action="store_true",
+                   help="memory mode: peak memory of one fwd+bwd per temperature (default 4096x50000 fp32, "
+                        "every temperature pair, int labels; --shapes/--temps/--labels narrow it), "
+                        "written to memory.md / memory.csv (perf/memory.py)")
     p.add_argument("--list", action="store_true", help="list the providers and exit")
     return p.parse_args(argv)
 
@@ -327,12 +332,31 @@ def report_only(args, device) -> int:
         name=last["device"], slug=last["device_slug"], bandwidth=last["bandwidth_GBps"] * 1e9, args=args,
         sfu_note=f"{rate:.2f} Tops/s (from the CSV)" if rate else "n/a (CPU: memory roofline only)")
     md_path = report.write_report(session, csv_path, plots=not args.no_plots)
-    print(report.acceptance_summary(csv_path, session.slug))
+    print(report.summary(csv_path, session.slug))
     print(f"wrote {md_path}")
     return 0
 
 
+def memory_mode(args, device) -> int:
+    """``--memory``: perf/memory.py's table; results.md picks it up when rebuilt."""
+    from . import memory
+
+    start = time.perf_counter()
+    session = types.SimpleNamespace(name=measure.device_name(device), slug=measure.device_slug(device),
+                                    sha=measure.git_sha(), run_id=measure.timestamp())
+    out = args.out or default_out(session.slug)
+    shapes = [_shape(s) for s in args.shapes] if args.shapes else memory.MEMORY_SHAPES
+    temps = [_temps(t) for t in args.temps] if args.temps else TEMPERATURES
+    md_path = memory.run(session, shapes, temps, args.labels or ["int"], out)
+    print(f"wrote {md_path}\nelapsed {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tune" in argv:  # heuristic vs tuned launch configs: perf/tuning.py (its own flags)
+        from .tuning import main as tuning_main
+        return tuning_main([a for a in argv if a != "--tune"])
     args = parse_args(argv)
     if args.list:
         for p in all_providers():
@@ -343,6 +367,8 @@ def main(argv=None) -> int:
         sys.exit("--device cuda: no CUDA device")
     if args.report_only:
         return report_only(args, device)
+    if args.memory:
+        return memory_mode(args, device)
     directions, groups = grid(args, device)
     providers = choose_providers(args)
     start = time.perf_counter()
@@ -379,6 +405,6 @@ def main(argv=None) -> int:
         free(device)
     elapsed = time.perf_counter() - start
     md_path = report.write_report(session, csv_path, plots=not args.no_plots)
-    print(report.acceptance_summary(csv_path, session.slug))
+    print(report.summary(csv_path, session.slug))
     print(f"wrote {csv_path}\nwrote {md_path}\nelapsed {elapsed:.0f} s")
     return 0

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .report import PROVIDERS, group_order  # noqa: E402
 
 LEGEND_INCHES = 2.6
+MARKERS = "os^Dv<>ph*XP8"
 
 
 def plot_groups(rows: list[dict], out: Path) -> list[str]:
@@ -31,7 +32,8 @@ def plot_groups(rows: list[dict], out: Path) -> list[str]:
                              for r in cell_rows if r["provider"] == provider)
                 cs = [p[0] for p in pts]
                 index = PROVIDERS.index(provider)  # a fixed color per provider across every panel
-                style = dict(marker="os^Dv<>ph*"[index], color=plt.get_cmap("tab10")(index), label=provider,
+                style = dict(marker=MARKERS[index % len(MARKERS)], color=plt.get_cmap("tab20")(index % 20),
+                             label=provider,
                              linewidth=2.2 if provider.startswith("bitempered") else 1.2)
                 axes[0][col].plot(cs, [p[1] for p in pts], **style)
                 axes[1][col].plot(cs, [p[2] for p in pts], **style)

@@ -250,8 +250,10 @@ def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignor
 
 
 def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Array,
-                       need_grad: bool):
+                       need_grad: bool, rows: LocalRows = LOCAL_ROWS):
     """Per-row loss [...] and dL/da for unit upstream gradient [..., C] (or None).
+
+    Its row sums (loss, sum e, sum d) are reduced by ``rows`` in one step (classes sharded).
 
     At t1 = t2 = 1 (cross-entropy) every power below is p itself or 1: a ``lax.cond`` takes that
     cheaper branch with the same values, chosen at run time from the (possibly traced) t1, t2.
@@ -265,32 +267,45 @@ def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Ar
         two_minus_t1 = 2.0 - t1
         y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
         power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
-        loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
+        terms = y_log_ratio - power_gap
         if not need_grad:
-            return loss, None
+            return _reduce_and_project(terms, None, None, rows)
         safe_log_p = jnp.where(positive, log_p, 0.0)
         d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * safe_log_p), 0.0)
         escort = jnp.exp(t2 * log_p)
-        return loss, _project(d, escort)
+        return _reduce_and_project(terms, d, escort, rows)
 
     def cross_entropy(log_p, y):
         p = jnp.exp(log_p)
         y_log_ratio = jnp.where(y > 0, y * (jnp.log(jnp.where(y > 0, y, 1.0)) - log_p), 0.0)
-        loss = jnp.sum(y_log_ratio - (y - p), axis=-1)
-        return loss, (_project(jnp.where(log_p > -jnp.inf, p - y, 0.0), p) if need_grad else None)
+        terms = y_log_ratio - (y - p)
+        if not need_grad:
+            return _reduce_and_project(terms, None, None, rows)
+        return _reduce_and_project(terms, jnp.where(log_p > -jnp.inf, p - y, 0.0), p, rows)
 
     return lax.cond((t1 == 1) & (t2 == 1), cross_entropy, tempered, log_p, y)
 
 
-def _project(d: jax.Array, escort: jax.Array) -> jax.Array:
-    """d - e sum(d) with the escort e = escort / sum(escort) (the normalizer's derivative)."""
-    escort = escort / jnp.sum(escort, axis=-1, keepdims=True)
-    return d - escort * jnp.sum(d, axis=-1, keepdims=True)
+def _reduce_and_project(terms: jax.Array, d, escort, rows: LocalRows):
+    """(loss = sum(terms), d - e sum(d) with the escort e = escort / sum(escort)) or (loss, None).
+
+    e sum(d) is the normalizer's derivative. The row sums are reduced by ``rows`` together.
+    """
+    def row_sum(x):
+        return jnp.sum(x, axis=-1, keepdims=True)
+
+    if d is None:
+        (loss,) = rows.sum(row_sum(terms))
+        return loss[..., 0], None
+    loss, escort_sum, d_sum = rows.sum(row_sum(terms), row_sum(escort), row_sum(d))
+    return loss[..., 0], d - (escort / escort_sum) * d_sum
 
 
-def tempered_softmax_vjp_rows(p: jax.Array, grad_p: jax.Array, t: jax.Array) -> jax.Array:
+def tempered_softmax_vjp_rows(p: jax.Array, grad_p: jax.Array, t: jax.Array,
+                              rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     """Vector-Jacobian product of the tempered softmax: w - e * sum(w), w = g p^t, e = p^t / sum p^t."""
     positive = p > 0
     p_t = jnp.where(positive, jnp.exp(t * jnp.log(jnp.where(positive, p, 1.0))), 0.0)
     w = grad_p * p_t
-    return w - p_t / jnp.sum(p_t, axis=-1, keepdims=True) * jnp.sum(w, axis=-1, keepdims=True)
+    sum_p_t, sum_w = rows.sum(jnp.sum(p_t, axis=-1, keepdims=True), jnp.sum(w, axis=-1, keepdims=True))
+    return w - p_t / sum_p_t * sum_w

@@ -233,23 +233,29 @@ def _exact_zeros(log_p: torch.Tensor) -> torch.Tensor:
     return torch.isneginf(log_p)
 
 
-def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: bool):
-    """Per-row loss [N] and dL/da for unit upstream gradient [N, C] (or None)."""
+def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: bool,
+                       rows: LocalRows = LOCAL_ROWS):
+    """Per-row loss [N] and dL/da for unit upstream gradient [N, C] (or None).
+
+    Its row sums (loss, sum e, sum d) are reduced by ``rows`` in one step (classes sharded).
+    """
     t1, t2 = float(t1), float(t2)
     two_minus_t1 = 2.0 - t1
     # y log_t1(y) - y^(2-t1)/(2-t1) - y log_t1(p) + p^(2-t1)/(2-t1), with y log(.) = 0 at y = 0
     y_log_ratio = torch.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
     terms = y_log_ratio.sub_(y.pow(two_minus_t1).div_(two_minus_t1))
     terms.add_(torch.exp(two_minus_t1 * log_p).div_(two_minus_t1))
-    loss = terms.sum(dim=-1)
     if not need_grad:
-        return loss, None
+        (loss,) = rows.sum(terms.sum(dim=-1, keepdim=True))
+        return loss.squeeze(-1), None
     p = torch.exp(log_p)
     forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
     d = (p - y).mul_(forget).masked_fill_(_exact_zeros(log_p), 0.0)
     escort = torch.exp(t2 * log_p)
-    escort.div_(escort.sum(dim=-1, keepdim=True))
-    return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))
+    loss, escort_sum, d_sum = rows.sum(terms.sum(dim=-1, keepdim=True), escort.sum(dim=-1, keepdim=True),
+                                       d.sum(dim=-1, keepdim=True))
+    escort.div_(escort_sum)
+    return loss.squeeze(-1), d.sub_(escort.mul_(d_sum))
 
 
 def _label_term(value: float, t1: float) -> float:

@@ -9,6 +9,11 @@ smoothing and the gradient scale travel as 1-element fp32 arrays that the kernel
 a traced temperature schedule compiles once. Sizes and ``num_iters`` are static anyway.
 ``triton_call`` has no batching or differentiation rule: ``bindings/jax.py`` keeps these calls
 inside its ``custom_vjp`` and folds ``vmap`` batches into the row dimension.
+
+Launch configurations: the heuristic, or with autotuning on the best one cached by the torch
+launchers / ``python -m bitempered.tune`` for this device (``autotune.py``). Nothing is timed
+here: these calls run inside traces. jax-triton has no ``maxnreg`` option, so a cached config's
+register cap is not applied (num_warps, num_stages and the block sizes are).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import autotune
 from ..kernels import launch_config
 from ..kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
@@ -47,6 +53,31 @@ def _shape(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
+def device_name() -> str:
+    """The autotune cache's device name: the GPU jax-triton launches on, or the interpreter."""
+    if autotune.interpreted() or jax.default_backend() != "gpu":
+        return autotune.INTERPRETER_DEVICE
+    return jax.devices()[0].device_kind
+
+
+def _row_config(family, x, **key):
+    dtype = jnp.dtype(x.dtype)
+    return autotune.row_config(family, x.shape[-1], dtype.name, dtype.itemsize,
+                               device=device_name(), **key)
+
+
+def _binary_config(family, x, **key):
+    return autotune.binary_config(family, jnp.dtype(x.dtype).name, device=device_name(), **key)
+
+
+def _options(config) -> dict:
+    """triton_call's launch keywords (it takes no maxnreg)."""
+    options = {"num_warps": config.num_warps}
+    if config.num_stages is not None:
+        options["num_stages"] = config.num_stages
+    return options
+
+
 def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
     """(per-row loss fp32 [N], dL/dlogits for unit upstream gradient fp32 [N, C] or None).
 
@@ -56,7 +87,8 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
     n_rows, n_cols = logits.shape
     indices = jnp.issubdtype(labels.dtype, jnp.integer)
     original, steps = _solver(num_iters)
-    config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize)
+    config = _row_config("loss", logits, labels="indices" if indices else "dense",
+                         need_grad=bool(need_grad), original=original)
     grad_shape = (n_rows, n_cols) if need_grad else (1,)
     loss, grad = _triton_call(
         logits, labels, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
@@ -65,7 +97,7 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         n_cols, 1 if indices else n_cols, n_cols if need_grad else 0,
         kernel=tempered_loss_kernel,
         out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32)],
-        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
         LABELS_ARE_INDICES=bool(indices), NEED_GRAD=bool(need_grad), ORIGINAL=original,
         CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
         MAX_PASSES=launch_config.MAX_PASSES,
@@ -76,12 +108,12 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
 def softmax_forward(logits, t, num_iters):
     n_rows, n_cols = logits.shape
     original, steps = _solver(num_iters)
-    config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize)
+    config = _row_config("softmax_fwd", logits, original=original)
     return _triton_call(
         logits, _scalar(t), steps, n_rows, n_cols, n_cols, n_cols,
         kernel=tempered_softmax_fwd_kernel,
         out_shape=_shape(logits.shape, logits.dtype),
-        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
         ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
         BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES,
     )
@@ -89,12 +121,12 @@ def softmax_forward(logits, t, num_iters):
 
 def softmax_backward(probs, grad, t):
     n_rows, n_cols = probs.shape
-    config = launch_config.row_config(n_cols, jnp.dtype(probs.dtype).itemsize)
+    config = _row_config("softmax_bwd", probs)
     return _triton_call(
         probs, grad, _scalar(t), n_rows, n_cols, n_cols, n_cols, n_cols,
         kernel=tempered_softmax_bwd_kernel,
         out_shape=_shape(probs.shape, probs.dtype),
-        grid=(_cdiv(n_rows, config.block_rows),), num_warps=config.num_warps,
+        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
         CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
     )
 
@@ -103,13 +135,13 @@ def binary_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad):
     """(loss fp32 [M], dL/dx fp32 [M] for unit upstream gradient or None) of 1-D x and y."""
     (n,) = x.shape
     original, steps = _solver(num_iters)
-    config = launch_config.binary_config()
+    config = _binary_config("binary_loss", x, need_grad=bool(need_grad), original=original)
     loss, grad = _triton_call(
         x, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
         steps, n, 1, 1,
         kernel=tempered_binary_loss_kernel,
         out_shape=[_shape((n,), jnp.float32), _shape((n,) if need_grad else (1,), jnp.float32)],
-        grid=(_cdiv(n, config.block),), num_warps=config.num_warps,
+        grid=(_cdiv(n, config.block),), **_options(config),
         NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
         MAX_PASSES=launch_config.MAX_PASSES,
     )
@@ -119,22 +151,22 @@ def binary_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad):
 def sigmoid_forward(x, t, num_iters):
     (n,) = x.shape
     original, steps = _solver(num_iters)
-    config = launch_config.binary_config()
+    config = _binary_config("sigmoid_fwd", x, original=original)
     return _triton_call(
         x, _scalar(t), steps, n, 1,
         kernel=tempered_sigmoid_fwd_kernel,
         out_shape=_shape(x.shape, x.dtype),
-        grid=(_cdiv(n, config.block),), num_warps=config.num_warps,
+        grid=(_cdiv(n, config.block),), **_options(config),
         ORIGINAL=original, BLOCK=config.block, MAX_PASSES=launch_config.MAX_PASSES,
     )
 
 
 def sigmoid_backward(probs, grad, t):
     (n,) = probs.shape
-    config = launch_config.binary_config()
+    config = _binary_config("sigmoid_bwd", probs)
     return _triton_call(
         probs, grad, _scalar(t), n, 1, 1,
         kernel=tempered_sigmoid_bwd_kernel,
         out_shape=_shape(probs.shape, probs.dtype),
-        grid=(_cdiv(n, config.block),), num_warps=config.num_warps, BLOCK=config.block,
+        grid=(_cdiv(n, config.block),), **_options(config), BLOCK=config.block,
     )

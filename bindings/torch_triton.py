@@ -4,6 +4,11 @@ Inputs are already flattened: rows ``[N, C]`` with last stride 1 (any row stride
 tensors for the binary kernels. Temperatures and label smoothing may be Python floats or 0-d
 tensors; they reach the kernels as 1-element fp32 device tensors, built without a host sync.
 On CUDA every launch runs inside ``torch.cuda.device(x.device)``; nothing here calls ``.item()``.
+
+Launch configurations come from ``autotune.row_config`` / ``binary_config``: the heuristic of
+``kernels/launch_config.py`` unless autotuning is on (then the cached best, or a one-time timing
+of the candidates on scratch outputs, never on the caller's buffers; not while a CUDA graph is
+being captured).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 
 import torch
 
+from . import autotune
 from ..kernels import launch_config
 from ..kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
@@ -23,8 +29,35 @@ MAX_PASSES = launch_config.MAX_PASSES
 
 
 def loss_path(num_classes: int, dtype: torch.dtype) -> str:
-    """"on_chip" or "chunked": the path the row kernels take for this C and logits dtype."""
+    """"on_chip" or "chunked": the path the heuristic takes for this C and logits dtype."""
     return launch_config.row_config(num_classes, dtype.itemsize).path
+
+
+def device_name(x: torch.Tensor) -> str:
+    """The autotune cache's device name (the interpreter has one of its own)."""
+    if autotune.interpreted() or not x.is_cuda:
+        return autotune.INTERPRETER_DEVICE
+    return torch.cuda.get_device_name(x.device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tunable(x: torch.Tensor) -> bool:
+    """Timing syncs the device: never while a CUDA graph is being captured."""
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _row_config(family, x, n_cols, make_bench, **key):
+    return autotune.row_config(family, n_cols, dtype_name(x.dtype), x.element_size(),
+                               device=device_name(x), **key,
+                               make_bench=make_bench if _tunable(x) else None)
+
+
+def _binary_config(family, x, make_bench, **key):
+    return autotune.binary_config(family, dtype_name(x.dtype), device=device_name(x), **key,
+                                  make_bench=make_bench if _tunable(x) else None)
 
 
 def _device_scope(x: torch.Tensor):
@@ -81,20 +114,30 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
         labels = _rows(labels)
         stride_labels = labels.stride(0)
     original, k = _solver_args(num_iters)
-    config = launch_config.row_config(n_cols, logits2d.element_size())
-    grid = (triton_cdiv(n_rows, config.block_rows),)
-    with _device_scope(logits2d):
-        tempered_loss_kernel[grid](
-            logits2d, labels, _scalar(t1, device), _scalar(t2, device),
-            _scalar(label_smoothing, device), _scalar(_one_if_none(grad_scale), device),
-            k, int(ignore_index),
-            n_rows, n_cols,
-            logits2d.stride(0), stride_labels, grad.stride(0) if need_grad else 0,
-            loss, grad if need_grad else loss,
-            LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), ORIGINAL=original,
-            CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
-            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps, maxnreg=config.maxnreg,
-        )
+    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
+               _scalar(_one_if_none(grad_scale), device))
+
+    def launch(config, loss_out, grad_buffer):
+        with _device_scope(logits2d):
+            tempered_loss_kernel[(triton_cdiv(n_rows, config.block_rows),)](
+                logits2d, labels, *scalars, k, int(ignore_index),
+                n_rows, n_cols,
+                logits2d.stride(0), stride_labels, grad_buffer.stride(0) if need_grad else 0,
+                loss_out, grad_buffer if need_grad else loss_out,
+                LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), ORIGINAL=original,
+                CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
+                BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, **config.launch_options(),
+            )
+
+    def make_bench():  # scratch outputs: grad may be the logits buffer itself (in place)
+        scratch_loss = torch.empty_like(loss)
+        scratch_grad = torch.empty_like(grad) if need_grad else None
+        return lambda config: launch(config, scratch_loss, scratch_grad)
+
+    config = _row_config("loss", logits2d, n_cols, make_bench,
+                         labels="indices" if indices else "dense", need_grad=bool(need_grad),
+                         original=original)
+    launch(config, loss, grad)
     return loss, grad
 
 
@@ -106,15 +149,22 @@ def softmax_forward(logits2d, t, num_iters):
     if n_rows == 0:
         return probs
     original, k = _solver_args(num_iters)
-    config = launch_config.row_config(n_cols, logits2d.element_size())
-    with _device_scope(logits2d):
-        tempered_softmax_fwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
-            logits2d, _scalar(t, logits2d.device), k, n_rows, n_cols,
-            logits2d.stride(0), probs.stride(0), probs,
-            ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
-            BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, num_warps=config.num_warps,
-            maxnreg=config.maxnreg,
-        )
+    t_device = _scalar(t, logits2d.device)
+
+    def launch(config, out):
+        with _device_scope(logits2d):
+            tempered_softmax_fwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
+                logits2d, t_device, k, n_rows, n_cols,
+                logits2d.stride(0), out.stride(0), out,
+                ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
+                BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, **config.launch_options(),
+            )
+
+    def make_bench():
+        scratch = torch.empty_like(probs)
+        return lambda config: launch(config, scratch)
+
+    launch(_row_config("softmax_fwd", logits2d, n_cols, make_bench, original=original), probs)
     return probs
 
 
@@ -125,14 +175,22 @@ def softmax_backward(probs2d, grad2d, t):
     out = torch.empty(probs2d.shape, dtype=probs2d.dtype, device=probs2d.device)
     if n_rows == 0:
         return out
-    config = launch_config.row_config(n_cols, probs2d.element_size())
-    with _device_scope(probs2d):
-        tempered_softmax_bwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
-            probs2d, grad2d, _scalar(t, probs2d.device), n_rows, n_cols,
-            probs2d.stride(0), grad2d.stride(0), out.stride(0), out,
-            CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
-            num_warps=config.num_warps, maxnreg=config.maxnreg,
-        )
+    t_device = _scalar(t, probs2d.device)
+
+    def launch(config, result):
+        with _device_scope(probs2d):
+            tempered_softmax_bwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
+                probs2d, grad2d, t_device, n_rows, n_cols,
+                probs2d.stride(0), grad2d.stride(0), result.stride(0), result,
+                CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
+                BLOCK_COLS=config.block_cols, **config.launch_options(),
+            )
+
+    def make_bench():
+        scratch = torch.empty_like(out)
+        return lambda config: launch(config, scratch)
+
+    launch(_row_config("softmax_bwd", probs2d, n_cols, make_bench), out)
     return out
 
 
@@ -146,15 +204,27 @@ def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad,
     if n == 0:
         return loss, grad
     original, k = _solver_args(num_iters)
-    config = launch_config.binary_config()
-    with _device_scope(x1d):
-        tempered_binary_loss_kernel[(triton_cdiv(n, config.block),)](
-            x1d, y1d, _scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
-            _scalar(_one_if_none(grad_scale), device),
-            k, n, x1d.stride(0), y1d.stride(0), loss, grad if need_grad else loss,
-            NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
-            MAX_PASSES=MAX_PASSES, num_warps=config.num_warps, maxnreg=config.maxnreg,
-        )
+    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
+               _scalar(_one_if_none(grad_scale), device))
+
+    def launch(config, loss_out, grad_buffer):
+        with _device_scope(x1d):
+            tempered_binary_loss_kernel[(triton_cdiv(n, config.block),)](
+                x1d, y1d, *scalars,
+                k, n, x1d.stride(0), y1d.stride(0), loss_out,
+                grad_buffer if need_grad else loss_out,
+                NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
+                MAX_PASSES=MAX_PASSES, **config.launch_options(),
+            )
+
+    def make_bench():
+        scratch_grad = torch.empty_like(grad) if need_grad else None
+        scratch_loss = torch.empty_like(loss)
+        return lambda config: launch(config, scratch_loss, scratch_grad)
+
+    config = _binary_config("binary_loss", x1d, make_bench, need_grad=bool(need_grad),
+                            original=original)
+    launch(config, loss, grad)
     return loss, grad
 
 
@@ -165,13 +235,21 @@ def sigmoid_forward(x1d, t, num_iters):
     if n == 0:
         return probs
     original, k = _solver_args(num_iters)
-    config = launch_config.binary_config()
-    with _device_scope(x1d):
-        tempered_sigmoid_fwd_kernel[(triton_cdiv(n, config.block),)](
-            x1d, _scalar(t, x1d.device), k, n, x1d.stride(0), probs,
-            ORIGINAL=original, BLOCK=config.block, MAX_PASSES=MAX_PASSES,
-            num_warps=config.num_warps, maxnreg=config.maxnreg,
-        )
+    t_device = _scalar(t, x1d.device)
+
+    def launch(config, out):
+        with _device_scope(x1d):
+            tempered_sigmoid_fwd_kernel[(triton_cdiv(n, config.block),)](
+                x1d, t_device, k, n, x1d.stride(0), out,
+                ORIGINAL=original, BLOCK=config.block, MAX_PASSES=MAX_PASSES,
+                **config.launch_options(),
+            )
+
+    def make_bench():
+        scratch = torch.empty_like(probs)
+        return lambda config: launch(config, scratch)
+
+    launch(_binary_config("sigmoid_fwd", x1d, make_bench, original=original), probs)
     return probs
 
 
@@ -181,13 +259,20 @@ def sigmoid_backward(probs1d, grad1d, t):
     out = torch.empty(n, dtype=probs1d.dtype, device=probs1d.device)
     if n == 0:
         return out
-    config = launch_config.binary_config()
-    with _device_scope(probs1d):
-        tempered_sigmoid_bwd_kernel[(triton_cdiv(n, config.block),)](
-            probs1d, grad1d, _scalar(t, probs1d.device), n, probs1d.stride(0), grad1d.stride(0),
-            out,
-            BLOCK=config.block, num_warps=config.num_warps, maxnreg=config.maxnreg,
-        )
+    t_device = _scalar(t, probs1d.device)
+
+    def launch(config, result):
+        with _device_scope(probs1d):
+            tempered_sigmoid_bwd_kernel[(triton_cdiv(n, config.block),)](
+                probs1d, grad1d, t_device, n, probs1d.stride(0), grad1d.stride(0), result,
+                BLOCK=config.block, **config.launch_options(),
+            )
+
+    def make_bench():
+        scratch = torch.empty_like(out)
+        return lambda config: launch(config, scratch)
+
+    launch(_binary_config("sigmoid_bwd", probs1d, make_bench), out)
     return out
 
 

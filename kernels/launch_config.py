@@ -1,7 +1,9 @@
 """Launch configuration of every kernel family: one heuristic per family, keyed on C and dtype.
 
-Framework-free (sizes and element sizes in bytes, no torch). There is no autotuning: every call
-gets exactly one configuration, on a GPU and under the Triton interpreter alike.
+Framework-free (sizes and element sizes in bytes, no torch). By default every call gets exactly
+one configuration, on a GPU and under the Triton interpreter alike. Opt-in autotuning
+(``bindings/autotune.py``) times the candidate sets below (``row_candidates``,
+``binary_candidates``) and caches the fastest; the heuristic is always the first candidate.
 
 Where the numbers come from. NONE of them has been timed on a GPU yet. They come from the
 register budget, checked without a GPU by ``tests/test_triton_compile.py`` (Triton 3.9 + its
@@ -26,6 +28,17 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
   (BLOCK_ROWS = 1024 // BLOCK_COLS) so that a program still has >= 1024 elements of work; every
   row of a program runs as many solver passes as the slowest one. Not timed.
 - ``BINARY_BLOCK = 1024``: elements per program of the binary kernels ([1024, 2] tile). Not timed.
+
+Candidate sets (what the tuner may pick; ``python -m bitempered.tune`` / ``python -m perf.tuning``
+record the times, so a tuned table can be folded back into the constants above):
+- rows per program: the packed tile of small rows at ``TUNE_ROW_TILES`` elements;
+- ``num_warps``: the heuristic's and twice it (half of it spills: 8 fp32 values per thread and more);
+- on-chip versus chunked: above ``TUNE_CHUNKED_FROM`` classes both paths are timed, which moves the
+  ``ON_CHIP_LIMIT`` threshold per C bucket;
+- chunk width ``TUNE_CHUNK_COLS``; ``maxnreg`` left to ptxas (None) on the heuristic's config;
+  ``num_stages=1`` (no software pipelining of the chunk loops) on the chunked heuristic.
+Under the interpreter (no GPU) the sets shrink to a few cheap configurations, so that the tuning
+logic is tested on CPU in seconds (the times there say nothing about a GPU).
 """
 
 from __future__ import annotations
@@ -42,6 +55,12 @@ CHUNK_COLS = 2048
 SMALL_ROW_TILE = 1024
 BINARY_BLOCK = 1024
 
+TUNE_ROW_TILES = (512, 1024, 2048, 4096)  # elements per program of the packed on-chip path
+TUNE_CHUNKED_FROM = 1024                  # C above which the chunked path is timed too
+TUNE_CHUNK_COLS = (1024, 2048, 4096)
+TUNE_BINARY_BLOCKS = (512, 1024, 2048, 4096)
+INTERPRETER_MIN_CHUNK = 16                # the chunked candidate under the interpreter: 4 chunks
+
 _on_chip_limit_override: int | None = None
 
 
@@ -53,18 +72,44 @@ class RowConfig:
     block_rows: int
     block_cols: int
     num_warps: int
-    maxnreg: int = MAX_REGISTERS
+    maxnreg: int | None = MAX_REGISTERS   # None: ptxas chooses
+    num_stages: int | None = None         # None: Triton's default
 
     @property
     def path(self) -> str:
         return "chunked" if self.chunked else "on_chip"
+
+    def launch_options(self) -> dict:
+        return _launch_options(self)
+
+    def describe(self) -> str:
+        return (f"{self.path} block_rows={self.block_rows} block_cols={self.block_cols} "
+                f"num_warps={self.num_warps} maxnreg={self.maxnreg} num_stages={self.num_stages}")
 
 
 @dataclasses.dataclass(frozen=True)
 class BinaryConfig:
     block: int
     num_warps: int
-    maxnreg: int = MAX_REGISTERS
+    maxnreg: int | None = MAX_REGISTERS
+    num_stages: int | None = None
+
+    def launch_options(self) -> dict:
+        return _launch_options(self)
+
+    def describe(self) -> str:
+        return (f"block={self.block} num_warps={self.num_warps} maxnreg={self.maxnreg} "
+                f"num_stages={self.num_stages}")
+
+
+def _launch_options(config) -> dict:
+    """Triton launch keywords of a config; unset ones are left to Triton (and ptxas)."""
+    options = {"num_warps": config.num_warps}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    if config.num_stages is not None:
+        options["num_stages"] = config.num_stages
+    return options
 
 
 def next_power_of_2(n: int) -> int:
@@ -105,6 +150,58 @@ def row_config(n_cols: int, elem_bytes: int) -> RowConfig:
 
 def binary_config() -> BinaryConfig:
     return BinaryConfig(BINARY_BLOCK, warps_for(2 * BINARY_BLOCK))
+
+
+def row_candidates(n_cols: int, elem_bytes: int, interpreted: bool = False) -> list[RowConfig]:
+    """Configurations the tuner times for C = n_cols (heuristic first; all valid for every C of
+    the same power-of-two bucket, the cache key). Every candidate computes the same function:
+    they differ only in how rows and classes are split into blocks (rounding-level differences
+    between the on-chip and chunked sums, none between configs of the same path and width)."""
+    heuristic = row_config(n_cols, elem_bytes)
+    block = next_power_of_2(n_cols)
+    candidates = [heuristic]
+    if interpreted:
+        if not heuristic.chunked:
+            rows = max(1, heuristic.block_rows // 2)
+            candidates.append(RowConfig(False, rows, block, warps_for(rows * block)))
+            candidates.append(dataclasses.replace(
+                heuristic, num_warps=min(MAX_WARPS, 2 * heuristic.num_warps), maxnreg=None))
+        chunk = max(INTERPRETER_MIN_CHUNK, block // 4)
+        if n_cols > chunk:
+            candidates.append(RowConfig(True, 1, chunk, 1))
+        return _unique(candidates)
+    if block <= max(ON_CHIP_LIMIT.values()):
+        for tile in TUNE_ROW_TILES:
+            if tile >= block:
+                warps = warps_for(tile)
+                for num_warps in (warps, min(MAX_WARPS, 2 * warps)):
+                    candidates.append(RowConfig(False, tile // block, block, num_warps))
+        if not heuristic.chunked:
+            candidates.append(dataclasses.replace(heuristic, maxnreg=None))
+    if n_cols > TUNE_CHUNKED_FROM:
+        for chunk in TUNE_CHUNK_COLS:
+            warps = warps_for(chunk)
+            for num_warps in (warps, min(MAX_WARPS, 2 * warps)):
+                candidates.append(RowConfig(True, 1, chunk, num_warps))
+        chunked = row_config(max(n_cols, on_chip_limit(elem_bytes) + 1), elem_bytes)
+        candidates.append(dataclasses.replace(chunked, num_stages=1))
+    return _unique(candidates)
+
+
+def binary_candidates(interpreted: bool = False) -> list[BinaryConfig]:
+    heuristic = binary_config()
+    if interpreted:
+        return _unique([heuristic, BinaryConfig(256, 2), BinaryConfig(64, 1, maxnreg=None)])
+    candidates = [heuristic]
+    for block in TUNE_BINARY_BLOCKS:
+        warps = warps_for(2 * block)
+        for num_warps in (warps, min(MAX_WARPS, 2 * warps)):
+            candidates.append(BinaryConfig(block, num_warps))
+    return _unique(candidates)
+
+
+def _unique(configs: list) -> list:
+    return list(dict.fromkeys(configs))
 
 
 def shipped_row_configs() -> list[RowConfig]:

@@ -1,0 +1,417 @@
+"""Autotuning (bindings/autotune.py) and its cache, on CPU under Triton's interpreter.
+
+The interpreter times candidates with a wall clock, so every piece of the mechanism runs here:
+the default never tunes, selection of the fastest candidate, the cache file (write, reload in a
+second process without timing, invalidation by Triton version and kernel-source hash, C bucketing),
+the in-place gradient intact after tuning, every candidate computing the same numbers, the JAX
+launchers reading the same cache, ``python -m bitempered.tune`` and ``python -m perf.tuning``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import reference as ref  # noqa: E402
+from bitempered.bindings import autotune  # noqa: E402
+from bitempered.bindings import torch_native as native  # noqa: E402
+from bitempered.bindings import torch_triton as tt  # noqa: E402
+from bitempered.kernels import launch_config  # noqa: E402
+from test_triton_kernels import TOLERANCES, check_loss, random_logits, scaled_error  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log2(0) (interpreter)
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = autotune.interpreted()
+DEVICE = tt.device_name(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="the CPU variant of the tuner")
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """Autotuning on, an empty cache folder, and a count of the timing runs."""
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    autotune.clear_memory()
+    autotune.set_enabled(True)
+    timed = []
+    real = autotune.measure_ms
+
+    def counting(run):
+        timed.append(run)
+        return real(run)
+
+    monkeypatch.setattr(autotune, "measure_ms", counting)
+    yield timed
+    autotune.set_enabled(None)
+    autotune.clear_memory()
+
+
+def fake_timer(monkeypatch, times_ms):
+    """measure_ms that runs each candidate (so a timing run that wrote into the caller's buffers
+    would show) and reports the given times in candidate order."""
+    calls = []
+
+    def fake(run):
+        run()
+        calls.append(run)
+        return times_ms[(len(calls) - 1) % len(times_ms)]
+
+    monkeypatch.setattr(autotune, "measure_ms", fake)
+    return calls
+
+
+class Recorder:
+    """Wraps a kernel and records the launch keywords (block sizes, num_warps, ...) of each call."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def launched_config(kwargs) -> dict:
+    names = ("CHUNKED", "BLOCK_ROWS", "BLOCK_COLS", "BLOCK", "num_warps", "maxnreg", "num_stages")
+    return {k: kwargs[k] for k in names if k in kwargs}
+
+
+def expected_kwargs(config) -> dict:
+    if isinstance(config, launch_config.RowConfig):
+        out = {"CHUNKED": config.chunked, "BLOCK_ROWS": config.block_rows,
+               "BLOCK_COLS": config.block_cols}
+    else:
+        out = {"BLOCK": config.block}
+    return {**out, **config.launch_options()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate sets (framework-free)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_candidates_start_with_the_heuristic_and_fit_their_whole_bucket(interpreted):
+    for elem_bytes in (4, 2):
+        for c in (1, 3, 20, 33, 100, 1000, 1025, 2049, 4096, 4097, 32000, 128256):
+            heuristic = launch_config.row_config(c, elem_bytes)
+            cands = launch_config.row_candidates(c, elem_bytes, interpreted)
+            assert cands[0] == heuristic and len(set(cands)) == len(cands)
+            lowest = launch_config.next_power_of_2(c) // 2 + 1  # every C of the key's bucket
+            for cfg in cands:
+                assert 1 <= cfg.num_warps <= launch_config.MAX_WARPS
+                assert cfg.block_cols & (cfg.block_cols - 1) == 0
+                assert cfg.chunked or cfg.block_cols >= launch_config.next_power_of_2(c) >= lowest
+            paths = {cfg.path for cfg in cands}
+            if not interpreted and 1024 < c <= 4096:
+                assert paths == {"on_chip", "chunked"}, c  # the threshold itself is tuned
+            if not interpreted:
+                assert len(cands) <= 17  # each is compiled once per key on a GPU
+    assert launch_config.binary_candidates()[0] == launch_config.binary_config()
+    assert launch_config.binary_candidates(True)[0] == launch_config.binary_config()
+
+
+def test_cache_key_buckets_c_and_names_every_axis():
+    key = autotune.cache_key("loss", 1000, "bfloat16", "indices", True, False)
+    assert key == "loss|C<=1024|bfloat16|labels=indices|need_grad=1|original=0"
+    assert autotune.cache_key("loss", 513, "float32") == autotune.cache_key("loss", 1024, "float32")
+    assert autotune.cache_key("loss", 1025, "float32") != autotune.cache_key("loss", 1024, "float32")
+    assert autotune.cache_key("sigmoid_fwd", None, "float32").startswith("sigmoid_fwd|C<=-|")
+
+
+# ----------------------------------------------------------------------------------------------
+# The switch and the default path
+# ----------------------------------------------------------------------------------------------
+
+def test_switch(monkeypatch):
+    import bitempered
+
+    monkeypatch.delenv(autotune.ENV_SWITCH, raising=False)
+    try:
+        assert not autotune.is_enabled()
+        assert bitempered.autotune(True) is False and autotune.is_enabled()
+        assert bitempered.autotune(False) is True and not autotune.is_enabled()
+        monkeypatch.setenv(autotune.ENV_SWITCH, "1")
+        assert not autotune.is_enabled()  # the Python switch wins over the environment
+        bitempered.autotune(None)
+        assert autotune.is_enabled()
+        with pytest.raises(TypeError, match="enabled"):
+            bitempered.autotune("yes")
+    finally:
+        autotune.set_enabled(None)
+
+
+def test_default_path_never_tunes_nor_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(autotune.ENV_SWITCH, raising=False)
+    autotune.set_enabled(None)
+    autotune.clear_memory()
+
+    def forbidden(run):
+        raise AssertionError("timed with autotuning off")
+
+    monkeypatch.setattr(autotune, "measure_ms", forbidden)
+    # a cache entry that a tuned run would take: the default must ignore it
+    pinned = launch_config.RowConfig(False, 1, 32, 1)
+    autotune._store(DEVICE, autotune.cache_key("softmax_bwd", 20, "float32"),
+                    {"config": dataclasses.asdict(pinned)})
+    autotune.clear_memory()
+    recorder = Recorder(tt.tempered_softmax_bwd_kernel)
+    monkeypatch.setattr(tt, "tempered_softmax_bwd_kernel", recorder)
+    x = random_logits(5, 20, torch.float32, seed=1)
+    tt.loss_forward(x, torch.arange(5) % 20, 0.8, 1.2, 0.0, None, -100, True)
+    tt.softmax_backward(torch.rand(5, 20), torch.rand(5, 20), 1.2)
+    tt.sigmoid_backward(torch.rand(7), torch.rand(7), 1.2)
+    assert launched_config(recorder.calls[0]) == expected_kwargs(launch_config.row_config(20, 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [autotune.cache_path(DEVICE).name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection, cache, invalidation, bucketing
+# ----------------------------------------------------------------------------------------------
+
+@needs_interpreter
+def test_selects_the_fastest_candidate_stores_it_and_reuses_it(tuning, monkeypatch):
+    cands = launch_config.row_candidates(20, 4, interpreted=True)
+    times = [5.0] * len(cands)
+    times[-1] = 1.0  # the last candidate is the fastest
+    calls = fake_timer(monkeypatch, times)
+    recorder = Recorder(tt.tempered_softmax_bwd_kernel)
+    monkeypatch.setattr(tt, "tempered_softmax_bwd_kernel", recorder)
+    p, g = torch.rand(5, 20), torch.rand(5, 20)
+    out = tt.softmax_backward(p, g, 1.2)
+    assert len(calls) == len(cands)
+    assert launched_config(recorder.calls[-1]) == expected_kwargs(cands[-1])
+    content = json.loads(autotune.cache_path(DEVICE).read_text())
+    assert content["triton"] == autotune.triton_version()
+    assert content["kernels"] == autotune.kernel_source_hash()
+    entry = content["entries"][autotune.cache_key("softmax_bwd", 20, "float32")]
+    assert entry["config"] == dataclasses.asdict(cands[-1]) and entry["time_ms"] == 1.0
+    assert entry["heuristic"] == dataclasses.asdict(cands[0]) and entry["heuristic_ms"] == 5.0
+    # the same bucket (C = 17..32) reuses it, with no timing; C = 33 is a new key
+    out2 = tt.softmax_backward(p[:, :17].contiguous(), g[:, :17].contiguous(), 1.2)
+    assert len(calls) == len(cands) and out2.shape == (5, 17)
+    assert launched_config(recorder.calls[-1]) == expected_kwargs(cands[-1])
+    tt.softmax_backward(torch.rand(3, 33), torch.rand(3, 33), 1.2)
+    assert len(calls) > len(cands)
+    assert torch.isfinite(out).all()
+
+
+@needs_interpreter
+def test_in_place_gradient_is_not_corrupted_by_the_timing_runs(tuning, monkeypatch):
+    fake_timer(monkeypatch, [1.0, 2.0, 3.0, 4.0])  # runs every candidate, keeps the heuristic
+    logits = random_logits(6, 20, torch.float32, seed=3)
+    labels = torch.tensor([0, 5, 19, 7, 3, 11])
+    loss_ref, grad_ref = tt.loss_forward(logits, labels, 0.7, 1.5, 0.1, None, -100, True)
+    autotune.forget(DEVICE)
+    buffer = logits.clone()
+    loss, grad = tt.loss_forward(buffer, labels, 0.7, 1.5, 0.1, None, -100, True, grad_out=buffer)
+    assert grad.data_ptr() == buffer.data_ptr()
+    assert torch.equal(loss, loss_ref) and torch.equal(grad, grad_ref)
+
+
+@needs_interpreter
+def test_cache_is_invalidated_by_triton_version_and_kernel_sources(tuning, monkeypatch):
+    calls = fake_timer(monkeypatch, [1.0, 2.0, 3.0])
+    p, g = torch.rand(9), torch.rand(9)
+    tt.sigmoid_backward(p, g, 1.2)
+    first = len(calls)
+    autotune.clear_memory()
+    tt.sigmoid_backward(p, g, 1.2)
+    assert len(calls) == first  # reloaded from the file, not timed
+    monkeypatch.setattr(autotune, "triton_version", lambda: "0.0.0-other")
+    tt.sigmoid_backward(p, g, 1.2)
+    assert len(calls) == 2 * first
+    assert json.loads(autotune.cache_path(DEVICE).read_text())["triton"] == "0.0.0-other"
+    monkeypatch.setattr(autotune, "kernel_source_hash", lambda: "edited-kernel")
+    tt.sigmoid_backward(p, g, 1.2)
+    assert len(calls) == 3 * first
+    # a corrupt file is ignored (tuned again, then rewritten)
+    autotune.cache_path(DEVICE).write_text("{not json")
+    autotune.clear_memory()
+    tt.sigmoid_backward(p, g, 1.2)
+    assert len(calls) == 4 * first
+    assert json.loads(autotune.cache_path(DEVICE).read_text())["kernels"] == "edited-kernel"
+
+
+def test_kernel_source_hash_covers_every_kernel_file():
+    names = sorted(p.name for p in Path(launch_config.__file__).parent.glob("*.py"))
+    assert {"loss.py", "softmax.py", "binary.py", "tempered_math.py"} <= set(names)
+    assert len(autotune.kernel_source_hash()) == 16
+
+
+@needs_interpreter
+def test_a_second_process_reuses_the_cache_without_timing(tuning, tmp_path):
+    """``python -m bitempered.tune`` (process 1) fills the cache; this process (2) launches the
+    same keys with the timer forbidden."""
+    env = dict(os.environ, **{autotune.ENV_CACHE_DIR: str(tmp_path), "TRITON_INTERPRET": "1",
+                              "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run([sys.executable, "-m", "bitempered.tune", "--shapes", "4x20", "--dtypes",
+                           "fp32", "--families", "softmax", "binary", "--grad", "no"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tuned now on 4x20" in done.stdout and "heuristic" in done.stdout
+    entries = json.loads(autotune.cache_path(DEVICE).read_text())["entries"]
+    assert len(entries) == 5  # softmax fwd/bwd, binary loss, sigmoid fwd/bwd
+    tuning.clear()
+    autotune.clear_memory()
+    x = random_logits(3, 30, torch.float32, seed=5)  # C = 30: the same bucket as 20
+    with autotune.recording() as looked_up:
+        tt.softmax_forward(x, 1.2, None)
+        tt.sigmoid_forward(x[0], 1.2, None)
+    assert tuning == [] and [tuned for _d, _k, tuned in looked_up] == [False, False]
+
+
+def test_tune_cli_rejects_bad_arguments(capsys):
+    from bitempered import tune
+
+    for argv in (["--shapes", "12by3"], ["--shapes", "0x5"], ["--shapes", "4x4", "--num-iters", "0"],
+                 ["--shapes", "4x4", "--families", "nope"], []):
+        with pytest.raises(SystemExit) as exc:
+            tune.parse_args(argv)
+        assert exc.value.code == 2
+    assert "--shapes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Every candidate computes the same numbers
+# ----------------------------------------------------------------------------------------------
+
+def _same_split(a, b) -> bool:
+    """Configs that split the classes the same way (only rows per program, warps, registers,
+    stages differ): their results must be bitwise equal."""
+    return a.chunked == b.chunked and (not a.chunked or a.block_cols == b.block_cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_loss_candidate_gives_the_same_results(dtype, monkeypatch):
+    n, c = 7, 20  # masked row tail and class tail; one row with extreme values
+    logits = random_logits(n, c, dtype, seed=11)
+    logits[2] = torch.linspace(-300.0, 300.0, c).to(dtype)
+    logits[4, 3] = float("-inf")
+    labels = torch.tensor([1, 0, 3, 19, 5, 7, 2])
+    dense = torch.softmax(torch.randn(n, c, generator=torch.Generator().manual_seed(2)), -1)
+    recorder = Recorder(tt.tempered_loss_kernel)
+    monkeypatch.setattr(tt, "tempered_loss_kernel", recorder)
+    cands = launch_config.row_candidates(c, dtype.itemsize, INTERPRETED)
+    assert {cfg.path for cfg in cands} == {"on_chip", "chunked"}
+    base = None
+    for cfg in cands:
+        with autotune.pinned(cfg):
+            loss_i, grad_i = check_loss(logits, labels, 0.7, 1.5, 0.1)  # vs float64 truth
+            loss_d, grad_d = check_loss(logits, dense, 1.2, 0.8)
+        assert launched_config(recorder.calls[-1]) == expected_kwargs(cfg)
+        result = (loss_i, grad_i, loss_d, grad_d)
+        if base is None:
+            base = (cfg, result)
+        elif _same_split(cfg, base[0]):
+            assert all(torch.equal(r, b) for r, b in zip(result, base[1])), cfg
+        else:  # another split of the classes: rounding-level differences only
+            for r, b, quantity in zip(result, base[1], ("loss", "out", "loss", "out")):
+                assert scaled_error(r, b.double().numpy()) <= TOLERANCES[dtype][quantity], cfg
+
+
+def test_every_softmax_and_binary_candidate_gives_the_same_results(monkeypatch):
+    n, c, t = 5, 20, 1.3
+    logits = random_logits(n, c, torch.float32, seed=21)
+    logits[1] = torch.linspace(-400.0, 400.0, c)
+    upstream = torch.randn(n, c, generator=torch.Generator().manual_seed(3))
+    probs_truth = ref.tempered_softmax(logits.double().numpy(), t)
+    results = []
+    for cfg in launch_config.row_candidates(c, 4, INTERPRETED):
+        with autotune.pinned(cfg):
+            probs = tt.softmax_forward(logits, t, None)
+            grad = tt.softmax_backward(probs, upstream, t)
+        grad_truth = native.tempered_softmax_vjp_rows(probs.double(), upstream.double(),
+                                                      torch.tensor(t, dtype=torch.float64))
+        assert scaled_error(probs, probs_truth) <= TOLERANCES[torch.float32]["out"]
+        assert scaled_error(grad, grad_truth.numpy()) <= TOLERANCES[torch.float32]["out"]
+        results.append((cfg, probs, grad))
+    for cfg, probs, grad in results[1:]:
+        if _same_split(cfg, results[0][0]):
+            assert torch.equal(probs, results[0][1]) and torch.equal(grad, results[0][2])
+    x = torch.cat([torch.linspace(-50, 50, 299), torch.tensor([float("inf"), -float("inf")])])
+    y = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(4))
+    outs = []
+    for cfg in launch_config.binary_candidates(INTERPRETED):
+        with autotune.pinned(cfg):
+            loss, dx = tt.binary_loss_forward(x, y, 0.8, 1.2, 0.05, None, True)
+            p = tt.sigmoid_forward(x, 1.2, None)
+            dp = tt.sigmoid_backward(p, y, 1.2)
+        outs.append((loss, dx, p, dp))
+    assert scaled_error(outs[0][2], ref.tempered_sigmoid(x.double().numpy(), 1.2)) <= 2e-5
+    for other in outs[1:]:  # elementwise kernels: the block size cannot change a single bit
+        assert all(torch.equal(a, b) for a, b in zip(other, outs[0]))
+
+
+def test_pinned_rejects_a_tile_narrower_than_the_row():
+    with autotune.pinned(launch_config.RowConfig(False, 1, 16, 1)):
+        with pytest.raises(ValueError, match="block_cols=16 < C=20"):
+            tt.softmax_forward(torch.rand(2, 20), 1.2, None)
+    with pytest.raises(TypeError, match="config"):
+        with autotune.pinned({"block": 4}):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX reads the same cache and never tunes
+# ----------------------------------------------------------------------------------------------
+
+def test_jax_launchers_read_the_cache_and_never_time(tuning, monkeypatch):
+    jnp = pytest.importorskip("jax.numpy")
+    from bitempered.bindings import jax_kernels as jk
+
+    if jk.device_name() != DEVICE:
+        pytest.skip("jax and torch see different devices here")
+
+    def forbidden(run):
+        raise AssertionError("the JAX path timed a candidate")
+
+    monkeypatch.setattr(autotune, "measure_ms", forbidden)
+    logits = jnp.zeros((4, 20), jnp.bfloat16)
+    labels = jnp.zeros((4,), jnp.int32)
+    key = {"labels": "indices", "need_grad": True, "original": False}
+    assert jk._row_config("loss", logits, **key) == launch_config.row_config(20, 2)
+    assert not autotune.cache_path(DEVICE).exists()  # a miss writes nothing
+    tuned = launch_config.RowConfig(True, 1, 16, 2, maxnreg=None, num_stages=1)
+    autotune._store(DEVICE, autotune.cache_key("loss", 20, "bfloat16", "indices", True, False),
+                    {"config": dataclasses.asdict(tuned)})
+    autotune.clear_memory()
+    assert jk._row_config("loss", logits, **key) == tuned
+    assert jk._options(tuned) == {"num_warps": 2, "num_stages": 1}  # triton_call takes no maxnreg
+    assert jk._binary_config("sigmoid_bwd", labels.astype(jnp.float32)) == launch_config.binary_config()
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m perf --tune
+# ----------------------------------------------------------------------------------------------
+
+@needs_interpreter
+def test_perf_tuning_records_heuristic_and_tuned_side_by_side(tuning, tmp_path):
+    from perf import tuning as perf_tuning
+
+    out = tmp_path / "out"
+    assert perf_tuning.main(["--shapes", "3x20", "--device", "cpu", "--out", str(out),
+                             "--families", "softmax", "--min-time-s", "0"]) == 0
+    rows = perf_tuning.read_rows(out / "tuning.csv")
+    assert {r["family"] for r in rows} == {"softmax_fwd", "softmax_bwd"}
+    for row in rows:
+        assert row["heuristic_config"] and row["tuned_config"]
+        assert float(row["heuristic_ms"]) > 0 and float(row["tuned_ms"]) > 0
+        assert float(row["speedup"]) == pytest.approx(float(row["heuristic_ms"]) / float(row["tuned_ms"]))
+    md = (out / "tuning.md").read_text()
+    assert "| softmax_fwd |" in md and "heuristic" in md and "speedup" in md

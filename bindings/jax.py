@@ -429,6 +429,17 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     return _sigmoid_jit(logits, t_, iters, backend)
 
 
+def _check_dense_labels(labels) -> None:
+    """Dense/binary labels are SPEC's values in [0, 1] when concrete (traced: unchecked)."""
+    if _is_traced(labels):
+        return
+    values = np.asarray(labels)
+    if values.size:
+        has_nan = bool(np.isnan(values).any())
+        low, high = (0.0, 1.0) if has_nan else (float(values.min()), float(values.max()))
+        check.check_dense_label_range(low, high, has_nan, "labels")
+
+
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
                               ignore_index=-100, backend="auto"):
     """Bi-tempered logistic loss (Amid et al., 2019) over the last axis, one value per row (like optax).
@@ -436,7 +447,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     Args:
         logits: [..., C] floating array.
         labels: dense floating labels of the logits' shape (values in [0, 1]; rows need not sum to
-            1), or integer class indices of shape ``logits.shape[:-1]``. Rows whose index equals
+            1; concrete values outside [0, 1] or NaN raise ValueError, traced ones are unchecked and
+            give a meaningless or NaN loss), or integer class indices of shape ``logits.shape[:-1]``. Rows whose index equals
             ``ignore_index`` get loss 0 and gradient 0. Any other index outside [0, C) raises
             ValueError when the labels are concrete; traced labels give a NaN loss for that row.
         t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1: heavy tails, t2 < 1: finite
@@ -464,6 +476,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     check.check_smoothing_classes(s_value, logits.shape[-1])
     if indices:
         _check_indices(labels, logits.shape[-1], ignore_index)
+    else:
+        _check_dense_labels(labels)
     if logits.size == 0:
         return jnp.zeros(logits.shape[:-1], dtype)
     return _loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, ignore_index, backend)
@@ -484,6 +498,7 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     backend = _resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
+    _check_dense_labels(labels)
     if logits.size == 0:
         return jnp.zeros(logits.shape, dtype)
     return _binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, backend)

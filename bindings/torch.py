@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import torch_func
 from . import validation as check
 from .torch_ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
 
@@ -45,32 +46,55 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
-def _temperature(value, name: str, device: torch.device) -> torch.Tensor:
-    """A 0-d float64 tensor of a temperature-like argument, checked where that costs no sync."""
+def _checkable(tensor: torch.Tensor):
+    """The concrete values behind ``tensor`` (unwrapped from torch.func transforms), or None where
+    reading them would cost a host sync (CUDA) or a graph break (torch.compile)."""
+    if tensor.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)  # vmap: every sample's values
+    return tensor.detach()
+
+
+def _scalar_tensor(value, name: str, device: torch.device, check_value):
+    """(0-d float64 tensor, its concrete value or None) of a temperature-like argument, checked with
+    ``check_value`` where that costs no sync."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a float or a 0-d floating tensor, got {value.dtype} of shape "
                             f"{tuple(value.shape)}")
-        # CUDA values would need a host sync, traced values a graph break: those stay unchecked.
-        checkable = value.device.type == "cpu" and not torch.compiler.is_compiling()
-        concrete = float(value) if checkable else None
+        values = _checkable(value)
+        concrete = None
+        if values is not None:
+            for v in values.reshape(-1).tolist():  # one value, or one per vmapped sample
+                check_value(v)
+            concrete = float(values.reshape(-1)[0]) if values.numel() == 1 else None
         tensor = value.reshape(())
     else:
         concrete = check.concrete_float(value, name)
+        check_value(concrete)
         tensor = torch.tensor(concrete, dtype=torch.float64)
-    if name == "t1":
-        check.check_t1(concrete)
-    else:
-        check.check_t(concrete, name)
-    return tensor if tensor.device == device or tensor.device.type == "cpu" else tensor.to(device)
+    return (tensor if tensor.device == device or tensor.device.type == "cpu" else tensor.to(device)), concrete
 
 
-def _label_smoothing(value) -> float:
-    concrete = check.concrete_float(value, "label_smoothing")
-    if concrete is None:
-        raise TypeError("label_smoothing must be a Python float")
-    check.check_label_smoothing(concrete)
-    return concrete
+def _temperature(value, name: str, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor of a temperature, checked where that costs no sync."""
+    check_value = check.check_t1 if name == "t1" else (lambda v: check.check_t(v, name))
+    return _scalar_tensor(value, name, device, check_value)[0]
+
+
+def _label_smoothing(value, device: torch.device):
+    """(0-d tensor, concrete value or None): a tensor keeps a smoothing schedule from recompiling."""
+    return _scalar_tensor(value, "label_smoothing", device, check.check_label_smoothing)
+
+
+def _check_dense_labels(labels: torch.Tensor) -> None:
+    """SPEC's dense labels lie in [0, 1]; CUDA and traced values stay unchecked (see the docstring)."""
+    values = _checkable(labels)
+    if values is not None and values.numel() > 0:
+        has_nan = bool(values.isnan().any())
+        low, high = (0.0, 1.0) if has_nan else (values.min().item(), values.max().item())
+        check.check_dense_label_range(low, high, has_nan, "labels")
 
 
 def _check_logits(logits) -> None:
@@ -104,7 +128,7 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
     t = _temperature(t, "t", logits.device)
     if logits.numel() == 0:
         return torch.empty_like(logits)
-    return softmax_op(_rows(logits), t, iters, backend).reshape(logits.shape)
+    return torch_func.call(softmax_op, _rows(logits), t, iters, backend).reshape(logits.shape)
 
 
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
@@ -116,7 +140,7 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     t = _temperature(t, "t", logits.device)
     if logits.numel() == 0:
         return torch.empty_like(logits)
-    return sigmoid_op(logits.reshape(-1), t, iters, backend).reshape(logits.shape)
+    return torch_func.call(sigmoid_op, logits.reshape(-1), t, iters, backend).reshape(logits.shape)
 
 
 def _empty_loss(logits, shape, reduction):
@@ -131,12 +155,13 @@ def _empty_loss(logits, shape, reduction):
 
 def _check_indices(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Class indices outside [0, C) (other than ignore_index) raise where that needs no sync."""
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    values = _checkable(labels)
+    if values is None:
         return  # CUDA/traced: the backends turn such a row into NaN instead (never read out of bounds)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    bad = (values != ignore_index) & ((values < 0) | (values >= num_classes))
     if bool(bad.any()):
         raise ValueError(f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
-                         f"({ignore_index}): {labels[bad][:5].tolist()}")
+                         f"({ignore_index}): {values[bad][:5].tolist()}")
 
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
@@ -167,8 +192,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     indices = check.labels_are_indices(logits.shape, labels.shape, not labels.dtype.is_floating_point)
     check.check_reduction(reduction)
     iters = _num_iters(num_iters)
-    smoothing = _label_smoothing(label_smoothing)
-    check.check_smoothing_classes(smoothing, logits.shape[-1])
+    smoothing, concrete_smoothing = _label_smoothing(label_smoothing, logits.device)
+    check.check_smoothing_classes(concrete_smoothing, logits.shape[-1])
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = _resolve_backend(backend, logits.device, logits.dtype)
@@ -184,13 +209,16 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     label_rows = labels.reshape(-1) if indices else _rows(labels)
     if indices:
         _check_indices(label_rows, logits.shape[-1], ignore_index)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    if need_grad and inplace_backward and not torch.compiler.is_compiling():
+    else:
+        _check_dense_labels(label_rows)
+    need_grad = torch.is_grad_enabled() and torch_func.requires_grad(logits)
+    eager = not torch.compiler.is_compiling() and not torch_func.transforms_active()
+    if need_grad and inplace_backward and eager:
         loss = InplaceBackwardLoss.apply(logits, rows, label_rows, t1_, t2_, smoothing, iters, ignore_index,
                                          reduction, backend)
         return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
-    loss, _ = loss_op(rows, label_rows, t1_, t2_, smoothing, iters, ignore_index, reduction, backend,
-                      need_grad)
+    loss, _ = torch_func.call(loss_op, rows, label_rows, t1_, t2_, smoothing, iters, ignore_index, reduction,
+                              backend, need_grad)
     return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
 
 
@@ -207,16 +235,17 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     check.check_binary_shapes(logits.shape, labels.shape)
     check.check_reduction(reduction)
     iters = _num_iters(num_iters)
-    smoothing = _label_smoothing(label_smoothing)
+    smoothing, _ = _label_smoothing(label_smoothing, logits.device)
     backend = _resolve_backend(backend, logits.device, logits.dtype)
     t1_ = _temperature(t1, "t1", logits.device)
     t2_ = _temperature(t2, "t2", logits.device)
+    _check_dense_labels(labels)
     if logits.numel() == 0:
         return _empty_loss(logits, logits.shape, reduction)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    need_grad = torch.is_grad_enabled() and torch_func.requires_grad(logits)
     labels_rows = labels.reshape(-1).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    loss, _ = binary_loss_op(logits.reshape(-1), labels_rows, t1_, t2_, smoothing,
-                             iters, reduction, backend, need_grad)
+    loss, _ = torch_func.call(binary_loss_op, logits.reshape(-1), labels_rows, t1_, t2_, smoothing,
+                              iters, reduction, backend, need_grad)
     return loss.reshape(logits.shape) if reduction == "none" else loss
 
 

@@ -16,11 +16,14 @@ into the logits' dtype, so non-unit upstream gradients round twice).
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import torch_native as native
+from . import torch_softmax_second_order as second_order
 
 Tensor = torch.Tensor
-NO_GRAD = torch.empty(0)
 
 
 def _triton():
@@ -49,7 +52,8 @@ def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str) -> Tensor:
 def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
     dtype = native.compute_dtype(logits.dtype)
     a = logits.to(dtype)
-    t1, t2 = float(t1), float(t2)  # host values: free for CPU tensors, one sync on CUDA
+    # host values (floats or 0-d tensors): free for CPU tensors, one sync on CUDA
+    t1, t2, label_smoothing = float(t1), float(t2), float(label_smoothing)
     log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
     if labels.dtype.is_floating_point:
         kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
@@ -67,7 +71,7 @@ def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     loss_rows = torch.where(kept, loss_rows, 0.0)
     loss = _reduce(loss_rows, kept, reduction)
     if not need_grad:
-        return loss, NO_GRAD.to(logits.device)
+        return loss, _no_grad(logits)
     grad = grad.masked_fill_(~kept.unsqueeze(-1), 0.0).mul_(_grad_scale(kept, reduction, grad.dtype))
     return loss, grad.to(logits.dtype)
 
@@ -84,11 +88,16 @@ def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
                                              ignore_index, need_grad, grad_out=grad_out, grad_scale=scale)
     loss = _reduce(loss_rows, kept, reduction)
-    return loss, grad if grad is not None else NO_GRAD.to(logits.device)
+    return loss, grad if grad is not None else _no_grad(logits)
+
+
+def _no_grad(logits: Tensor) -> Tensor:
+    """The op's second output when no gradient was asked for: empty, in the logits' dtype."""
+    return logits.new_empty(0)
 
 
 @torch.library.custom_op("bitempered::loss", mutates_args=())
-def loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: float,
+def loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
             num_iters: int, ignore_index: int, reduction: str, backend: str,
             need_grad: bool) -> tuple[Tensor, Tensor]:
     """Rows [N, C] -> (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
@@ -110,20 +119,55 @@ def _(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reductio
 
 
 def _save_grad(ctx, inputs, output):
+    ctx.need_grad = inputs[-1]
     ctx.save_for_backward(output[1])
 
 
+SECOND_DERIVATIVES = (
+    "bitempered: the losses have no second derivative (backward with create_graph=True, double "
+    "backward, torch.func.grad of a grad): their gradient is a closed form computed in the forward "
+    "pass, not a differentiable graph. (tempered_softmax and tempered_sigmoid do support double "
+    "backward.)")
+FORWARD_MODE = ("bitempered: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported; use "
+                "reverse mode (torch.func.grad, vjp, jacrev)")
+
+
+def _forbid_double_backward() -> None:
+    """The gradient is a closed form computed in the forward pass, not a differentiable graph: raise
+    where this backward is itself being differentiated."""
+    if torch._C._are_functorch_transforms_active():
+        differentiating = [i for i in retrieve_all_functorch_interpreters()
+                           if i.key() in (TransformType.Grad, TransformType.Jvp)]
+        nested = len(differentiating) >= 2  # this backward runs under another derivative transform
+    else:
+        nested = torch.is_grad_enabled()  # create_graph=True
+    if nested:
+        raise RuntimeError(SECOND_DERIVATIVES)
+
+
+def _scale_in_place(grad: Tensor) -> bool:
+    """Eager autograd scales the saved gradient in place (no second N x C buffer). A functionalized
+    trace (torch.compile's AOT autograd, torch.export) cannot mutate a forward output in the
+    backward and torch.func transforms may hold it at another level: there the product is a new
+    tensor (the compiler may reuse the saved buffer for it)."""
+    functional_trace = (isinstance(grad, FunctionalTensor) or torch.compiler.is_compiling()
+                        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL) is not None)
+    return not functional_trace and not torch._C._are_functorch_transforms_active()
+
+
 def _scale_saved_grad(ctx, grad_loss, _unused):
-    """dL/dlogits = stored gradient x upstream gradient, multiplied in place: no second N x C buffer.
+    """dL/dlogits = stored gradient x upstream gradient, in place in eager mode (``_scale_in_place``).
 
     (The saved tensor changes, so a second backward through the same graph fails autograd's
     saved-tensor version check instead of silently scaling twice.)
     """
+    _forbid_double_backward()
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad_loss.numel() != 0:
+    if not ctx.need_grad:
         raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
     upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
-    return grad.mul_(upstream), None, None, None, None, None, None, None, None, None
+    scaled = grad.mul_(upstream) if _scale_in_place(grad) else grad * upstream
+    return (scaled,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)
@@ -167,12 +211,34 @@ def _save_probs(ctx, inputs, output):
     ctx.save_for_backward(output, inputs[1])
 
 
-def _softmax_vjp(ctx, grad):
+def _direct(op, *args):
+    return op(*args)
+
+
+def _softmax_vjp(ctx, grad, invoke=_direct):
+    """(``invoke`` calls the backward op: torch_func passes its transform-ready call.)"""
     probs, t = ctx.saved_tensors
-    return softmax_backward_op(probs, grad.contiguous(), t, ctx.backend), None, None, None
+    return invoke(softmax_backward_op, probs, grad.contiguous(), t, ctx.backend), None, None, None
 
 
 softmax_op.register_autograd(_softmax_vjp, setup_context=_save_probs)
+
+
+def _save_vjp_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+
+
+def _softmax_vjp_vjp(ctx, upstream):
+    probs, grad, t = ctx.saved_tensors
+    return second_order.softmax_vjp_vjp_rows(probs, grad, upstream, t) + (None, None)
+
+
+softmax_backward_op.register_autograd(_softmax_vjp_vjp, setup_context=_save_vjp_inputs)
+
+
+def _second_class(rows: Tensor) -> Tensor:
+    """Column 1 of [N, 2] rows as a new contiguous tensor (no view: offset 0, as the fake says)."""
+    return rows[:, 1].clone(memory_format=torch.contiguous_format)
 
 
 def _binary_rows(x: Tensor) -> Tensor:
@@ -181,7 +247,7 @@ def _binary_rows(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("bitempered::binary_loss", mutates_args=())
-def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: float,
+def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
                    num_iters: int, reduction: str, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]."""
     if backend == "triton":
@@ -189,11 +255,11 @@ def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label
         loss_rows, grad = _triton().binary_loss_forward(logits, labels, t1, t2, label_smoothing, num_iters or None,
                                                         need_grad, grad_scale=_grad_scale(kept, reduction, torch.float32))
         loss = _reduce(loss_rows, kept, reduction)
-        return loss, grad if grad is not None else NO_GRAD.to(logits.device)
+        return loss, grad if grad is not None else _no_grad(logits)
     dense = torch.stack([1.0 - labels, labels], dim=-1)
     loss, grad = _native_loss(_binary_rows(logits), dense, t1, t2, label_smoothing, num_iters or None,
                               -100, reduction, need_grad)
-    return loss, grad[:, 1].contiguous() if need_grad else grad
+    return loss, _second_class(grad) if need_grad else grad
 
 
 @binary_loss_op.register_fake
@@ -212,7 +278,7 @@ def sigmoid_op(logits: Tensor, t: Tensor, num_iters: int, backend: str) -> Tenso
     """Tempered sigmoid of 1-D logits: tempered_softmax([0, x])[1]."""
     if backend == "triton":
         return _triton().sigmoid_forward(logits, t, num_iters or None)
-    return _native_probs(_binary_rows(logits), t, num_iters or None)[:, 1].contiguous()
+    return _second_class(_native_probs(_binary_rows(logits), t, num_iters or None))
 
 
 @sigmoid_op.register_fake
@@ -226,7 +292,7 @@ def sigmoid_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) ->
         return _triton().sigmoid_backward(probs, grad, t)
     rows = torch.stack([1.0 - probs, probs], dim=-1)
     grad_rows = torch.stack([torch.zeros_like(grad), grad], dim=-1)
-    return softmax_backward_op(rows, grad_rows, t, backend)[:, 1].contiguous()
+    return _second_class(softmax_backward_op(rows, grad_rows, t, backend))
 
 
 @sigmoid_backward_op.register_fake
@@ -234,12 +300,20 @@ def _(probs, grad, t, backend):
     return torch.empty_like(probs)
 
 
-def _sigmoid_vjp(ctx, grad):
+def _sigmoid_vjp(ctx, grad, invoke=_direct):
     probs, t = ctx.saved_tensors
-    return sigmoid_backward_op(probs, grad.contiguous(), t, ctx.backend), None, None, None
+    return invoke(sigmoid_backward_op, probs, grad.contiguous(), t, ctx.backend), None, None, None
 
 
 sigmoid_op.register_autograd(_sigmoid_vjp, setup_context=_save_probs)
+
+
+def _sigmoid_vjp_vjp(ctx, upstream):
+    probs, grad, t = ctx.saved_tensors
+    return second_order.sigmoid_vjp_vjp(probs, grad, upstream, t) + (None, None)
+
+
+sigmoid_backward_op.register_autograd(_sigmoid_vjp_vjp, setup_context=_save_vjp_inputs)
 
 
 class InplaceBackwardLoss(torch.autograd.Function):

@@ -89,6 +89,14 @@ def check_smoothing_classes(label_smoothing, num_classes: int) -> None:
             f"{label_smoothing})")
 
 
+def check_dense_label_range(low: float, high: float, has_nan: bool, name: str = "labels") -> None:
+    """Dense (and binary) labels are SPEC's values in [0, 1]; ``low``/``high`` are their extremes
+    ignoring NaN."""
+    if has_nan or not (0.0 <= low and high <= 1.0):
+        raise ValueError(f"{name} (dense/binary) must hold values in [0, 1], got "
+                         + ("NaN" if has_nan else f"values from {low} to {high}"))
+
+
 def check_binary_shapes(logits_shape, labels_shape) -> None:
     if tuple(logits_shape) != tuple(labels_shape):
         raise ValueError(

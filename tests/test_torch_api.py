@@ -43,6 +43,14 @@ def loss(**overrides):
     (dict(logits=torch.randn(4, 1), labels=torch.zeros(4, dtype=torch.long), label_smoothing=0.1),
      ValueError, "label_smoothing"),
     (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(label_smoothing=torch.tensor(1.0)), ValueError, "label_smoothing"),
+    (dict(label_smoothing=torch.tensor([0.1, 0.2])), TypeError, "label_smoothing"),
+    (dict(logits=torch.randn(4, 1), labels=torch.zeros(4, dtype=torch.long), label_smoothing=torch.tensor(0.1)),
+     ValueError, "label_smoothing"),
+    # SPEC's dense labels lie in [0, 1]: negative, > 1 and NaN values are rejected (they gave a NaN loss)
+    (dict(labels=torch.tensor([[0.5, -0.5, 1.0, 0.0, 0.0]] * 4)), ValueError, "labels"),
+    (dict(labels=torch.full((4, 5), 1.5)), ValueError, "labels"),
+    (dict(labels=torch.tensor([[0.5, float("nan"), 0.5, 0.0, 0.0]] * 4)), ValueError, "labels"),
 ])
 def test_bad_input_names_the_argument(overrides, error, name):
     with pytest.raises(error, match=name):
@@ -62,7 +70,63 @@ def test_bad_input_of_the_other_functions():
         bt.BiTemperedLogisticLoss(t1=0.5, t2=1.0, reduction="max")
 
 
+@pytest.mark.parametrize("labels", [torch.tensor([0.5, -0.1, 1.0]), torch.tensor([0.5, 1.1, 1.0]),
+                                    torch.tensor([0.5, float("nan"), 1.0])])
+def test_binary_labels_outside_zero_one_are_rejected(labels):
+    with pytest.raises(ValueError, match="labels"):
+        bt.bi_tempered_binary_logistic_loss(torch.randn(3), labels, 0.5, 1.5)
+
+
+def test_dense_labels_at_the_edges_of_zero_one_are_accepted():
+    y = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0] * 5])
+    assert torch.isfinite(loss(labels=y))
+    assert torch.isfinite(bt.bi_tempered_binary_logistic_loss(torch.randn(3), torch.tensor([0.0, 0.5, 1.0]), 0.5, 1.5))
+
+
+@pytest.mark.parametrize("indices", [True, False])
+def test_label_smoothing_as_a_tensor_equals_the_float(indices):
+    labels = IDX if indices else torch.softmax(torch.randn(4, 5), dim=-1)
+    x = A.clone().requires_grad_()
+    expected = loss(logits=x, labels=labels, label_smoothing=0.15, reduction="none")
+    expected.sum().backward()
+    expected_grad, x.grad = x.grad, None
+    out = loss(logits=x, labels=labels, label_smoothing=torch.tensor(0.15), reduction="none")
+    out.sum().backward()
+    assert torch.allclose(out, expected) and torch.allclose(x.grad, expected_grad)
+    binary = [bt.bi_tempered_binary_logistic_loss(A[0], A[1].sigmoid(), 0.5, 1.5, label_smoothing=s)
+              for s in (0.2, torch.tensor(0.2))]
+    assert torch.allclose(binary[0], binary[1])
+
+
+def test_label_smoothing_schedule_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+
+    model = torch.nn.Linear(5, 5)
+
+    def step(x, y, smoothing):
+        return bt.bi_tempered_logistic_loss(model(x), y, 0.8, 1.2, label_smoothing=smoothing)
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for smoothing in (0.0, 0.05, 0.1, 0.2):
+        out = compiled(A, IDX, torch.tensor(smoothing))
+        out.backward()
+        assert torch.allclose(out, step(A, IDX, smoothing))
+    assert counter.frame_count == 1
+
+
+def test_values_are_not_checked_while_compiling():
+    """Traced labels are documented as unchecked: a bad value gives a NaN loss, not an error."""
+    bad = torch.tensor([[0.5, -0.5, 1.0, 0.0, 0.0]] * 4)
+    compiled = torch.compile(lambda x, y: bt.bi_tempered_logistic_loss(x, y, 0.8, 1.2, reduction="none"),
+                             backend="eager", fullgraph=True)
+    assert torch.isnan(compiled(A, bad)).all()
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    # Triton reads TRITON_INTERPRET when it is first imported: import it before unsetting the flag,
+    # or every later interpreted kernel in this process fails.
+    pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         loss(backend="triton")

@@ -1,0 +1,177 @@
+"""torch.func support for the custom ops: vmap rules and transform-ready autograd.
+
+vmap: each op's rule folds the vmapped dimension into the rows (one call on [B * N, C] instead of
+B calls), and reduces per sample afterwards. Only a vmapped temperature or label smoothing, which
+the kernels take as one scalar per call, falls back to one call per sample.
+
+grad/vjp/jacrev: the autograd that ``torch.library`` generates for a custom op does not work under
+torch.func transforms (pytorch/pytorch#168393), so while a transform is active the public API calls
+the op through :func:`transformable`, an autograd.Function with the same setup_context and backward
+functions as the op's own registration, and a vmap rule generated from the op's vmap rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_ops as ops
+
+Tensor = torch.Tensor
+
+
+def transforms_active() -> bool:
+    """True inside torch.func.grad/vmap/vjp/jacrev (the ops then go through ``transformable``)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def requires_grad(tensor: Tensor) -> bool:
+    """``tensor.requires_grad`` at any torch.func level (a vmapped tensor hides its grad wrapper)."""
+    if torch.compiler.is_compiling():
+        return tensor.requires_grad  # (dynamo cannot trace the unwrapping, and needs none)
+    while True:
+        if tensor.requires_grad:
+            return True
+        if not torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            return False
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+
+
+def _fold(x: Tensor, in_dim, batch_size: int) -> Tensor:
+    """x with its vmapped dim (or a broadcast one) moved first and merged into the next (rows) dim."""
+    x = x.movedim(in_dim, 0) if in_dim is not None else x.expand(batch_size, *x.shape)
+    return x.reshape(batch_size * x.shape[1], *x.shape[2:])
+
+
+def _per_sample(op, info, in_dims, args):
+    """One op call per sample, for vmapped scalars; outputs stacked on dim 0."""
+    outputs = []
+    for b in range(info.batch_size):
+        sample = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]
+        outputs.append(op(*sample))
+    if isinstance(outputs[0], tuple):
+        loss = torch.stack([o[0] for o in outputs])
+        grads = [o[1] for o in outputs]
+        if grads[0].numel() == 0:  # need_grad=False: one unbatched empty tensor
+            return (loss, grads[0]), (0, None)
+        return (loss, torch.stack(grads)), (0, 0)
+    return torch.stack(outputs), 0
+
+
+def _scalars_batched(in_dims, positions) -> bool:
+    return any(in_dims[i] is not None for i in positions)
+
+
+def _reduce_per_sample(loss_rows: Tensor, grad: Tensor, kept: Tensor, reduction: str, need_grad: bool):
+    """Per-row losses [B, N] and unscaled gradients [B, N, ...] -> each sample's reduction."""
+    if reduction == "none":
+        return loss_rows, grad
+    if reduction == "sum":
+        return loss_rows.sum(dim=1), grad
+    count = kept.sum(dim=1).to(loss_rows.dtype)
+    loss = loss_rows.sum(dim=1) / count
+    if need_grad:
+        scale = torch.where(count > 0, 1.0 / count, 0.0).to(grad.dtype)
+        grad = grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))))
+    return loss, grad
+
+
+def _loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
+               backend, need_grad):
+    args = (logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad)
+    if _scalars_batched(in_dims, (2, 3, 4)):
+        return _per_sample(ops.loss_op, info, in_dims, args)
+    batch = info.batch_size
+    folded_logits = _fold(logits, in_dims[0], batch)
+    folded_labels = _fold(labels, in_dims[1], batch)
+    rows = folded_logits.shape[0] // batch
+    loss_rows, grad = ops.loss_op(folded_logits, folded_labels, t1, t2, label_smoothing, num_iters, ignore_index,
+                                  "none", backend, need_grad)
+    if folded_labels.dtype.is_floating_point:
+        kept = torch.ones(batch, rows, dtype=torch.bool, device=logits.device)
+    else:
+        kept = (folded_labels != ignore_index).reshape(batch, rows)
+    grad = grad.reshape(batch, rows, -1) if need_grad else grad
+    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, reduction, need_grad)
+    return (loss, grad), (0, 0 if need_grad else None)
+
+
+def _binary_loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend,
+                      need_grad):
+    args = (logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend, need_grad)
+    if _scalars_batched(in_dims, (2, 3, 4)):
+        return _per_sample(ops.binary_loss_op, info, in_dims, args)
+    batch = info.batch_size
+    folded_logits = _fold(logits, in_dims[0], batch)
+    loss_rows, grad = ops.binary_loss_op(folded_logits, _fold(labels, in_dims[1], batch), t1, t2, label_smoothing,
+                                         num_iters, "none", backend, need_grad)
+    rows = folded_logits.shape[0] // batch
+    kept = torch.ones(batch, rows, dtype=torch.bool, device=logits.device)
+    grad = grad.reshape(batch, rows) if need_grad else grad
+    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, reduction, need_grad)
+    return (loss, grad), (0, 0 if need_grad else None)
+
+
+def _rowwise_vmap(op, tensor_args: int, scalar_position: int):
+    """vmap rule of an op whose first ``tensor_args`` inputs are rows and whose output has their shape."""
+
+    def rule(info, in_dims, *args):
+        if in_dims[scalar_position] is not None:
+            return _per_sample(op, info, in_dims, args)
+        batch = info.batch_size
+        folded = [_fold(a, d, batch) for a, d in zip(args[:tensor_args], in_dims)]
+        out = op(*folded, *args[tensor_args:])
+        return out.reshape(batch, -1, *out.shape[1:]), 0
+
+    return rule
+
+
+torch.library.register_vmap(ops.loss_op, _loss_vmap)
+torch.library.register_vmap(ops.binary_loss_op, _binary_loss_vmap)
+torch.library.register_vmap(ops.softmax_op, _rowwise_vmap(ops.softmax_op, 1, 1))
+torch.library.register_vmap(ops.softmax_backward_op, _rowwise_vmap(ops.softmax_backward_op, 2, 2))
+torch.library.register_vmap(ops.sigmoid_op, _rowwise_vmap(ops.sigmoid_op, 1, 1))
+torch.library.register_vmap(ops.sigmoid_backward_op, _rowwise_vmap(ops.sigmoid_backward_op, 2, 2))
+
+
+def _no_forward_mode(*args):
+    raise RuntimeError(ops.FORWARD_MODE)
+
+
+def _transform_function(op, setup_context, backward):
+    """An autograd.Function equal to ``op`` with its registered autograd, usable under torch.func."""
+
+    def forward(*args):
+        return op(*args)
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        if isinstance(output, tuple):
+            ctx.mark_non_differentiable(output[1])  # the loss ops' gradient output
+
+    name = f"{op._namespace}_{op._name}_for_transforms"
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward), "jvp": staticmethod(_no_forward_mode),
+        "generate_vmap_rule": True,
+    })
+
+
+_TRANSFORMABLE = {
+    ops.loss_op: _transform_function(ops.loss_op, ops._save_grad, ops._scale_saved_grad),
+    ops.binary_loss_op: _transform_function(ops.binary_loss_op, ops._save_grad, ops._scale_saved_grad),
+    ops.softmax_op: _transform_function(ops.softmax_op, ops._save_probs,
+                                        lambda ctx, grad: ops._softmax_vjp(ctx, grad, invoke=call)),
+    ops.sigmoid_op: _transform_function(ops.sigmoid_op, ops._save_probs,
+                                        lambda ctx, grad: ops._sigmoid_vjp(ctx, grad, invoke=call)),
+    ops.softmax_backward_op: _transform_function(ops.softmax_backward_op, ops._save_vjp_inputs,
+                                                 ops._softmax_vjp_vjp),
+    ops.sigmoid_backward_op: _transform_function(ops.sigmoid_backward_op, ops._save_vjp_inputs,
+                                                 ops._sigmoid_vjp_vjp),
+}
+
+
+def call(op, *args):
+    """``op(*args)``, through its transform-ready autograd.Function while a torch.func transform runs."""
+    if transforms_active():
+        return _TRANSFORMABLE[op].apply(*args)
+    return op(*args)

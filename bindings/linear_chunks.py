@@ -1,7 +1,8 @@
 """The row-chunk rule of the fused linear + loss (framework-free, shared by the torch and JAX bindings).
 
 Default: as many rows as keep one fp32 chunk x C buffer of logits within ``CHUNK_BYTES`` (64 MiB),
-``clamp(CHUNK_BYTES // (4 C), 1, N)``: 335 rows at C = 50000, 130 at C = 128256. Why 64 MiB: on CPU
+``clamp(CHUNK_BYTES // (4 C), 1, N)`` (335 rows at C = 50000, 130 at C = 128256), then evened out
+over the chunks (N = 4096, C = 50000: 13 chunks of 316 rows). Why 64 MiB: on CPU
 the native backends hold about six chunk-sized fp32 temporaries, so the peak stays a few hundred
 MiB, and a (335 x H) @ (H x C) matmul still runs at full speed (perf/linear.py measures both).
 """
@@ -12,8 +13,11 @@ CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(num_rows: int, num_classes: int) -> int:
-    """Rows per chunk so that one fp32 chunk x C buffer stays within CHUNK_BYTES (1 <= rows <= N)."""
-    return max(1, min(max(num_rows, 1), CHUNK_BYTES // (4 * max(num_classes, 1))))
+    """Rows per chunk so that one fp32 chunk x C buffer stays within CHUNK_BYTES (1 <= rows <= N),
+    balanced so the last chunk is not a sliver (the JAX scan pads it to a whole chunk)."""
+    most = max(1, min(max(num_rows, 1), CHUNK_BYTES // (4 * max(num_classes, 1))))
+    num_chunks = -(-max(num_rows, 1) // most)
+    return -(-max(num_rows, 1) // num_chunks)
 
 
 def chunk_size(value, num_rows: int, num_classes: int) -> int:

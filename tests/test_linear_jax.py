@@ -1,0 +1,230 @@
+"""Fused linear + bi-tempered loss (JAX): value and the gradients of hidden, weight and bias against
+the float64 NumPy reference and the materialized loss, on small ragged shapes that force several
+chunks; jit/grad, every reduction with a random upstream vector, and the Triton path through the
+interpreter stand-in of tests/test_jax_triton.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+from bitempered import jax as bj
+from test_jax_triton import triton_backend  # noqa: F401  (the fixture: real jax-triton or the stand-in)
+
+jax.config.update("jax_enable_x64", True)
+
+N, H, C, CHUNK = 13, 7, 11, 4  # 4 chunks, the last one of 1 row (padded to 4 inside the scan)
+TEMPS = [(0.7, 1.3), (1.0, 1.0), (0.5, 0.8), (1.3, 1.1)]
+
+
+def _inputs(n=N, h=H, c=C, dtype=jnp.float64, seed=0, dense=False, ignore=(3,)):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h))
+    w = rng.standard_normal((c, h)) * 1.5
+    b = rng.standard_normal(c)
+    if dense:
+        y = rng.random((n, c))
+        y = jnp.asarray(y / y.sum(-1, keepdims=True), dtype)
+    else:
+        y = rng.integers(0, c, n)
+        y[[i for i in ignore if i < n]] = -100
+        y = jnp.asarray(y, jnp.int32)
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(b, dtype), y
+
+
+def _reference(x, w, b, y, t1, t2, smoothing, reduction, upstream):
+    xs, ws = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    a = xs @ ws.T + (0.0 if b is None else np.asarray(b, np.float64))
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        labels, kept = np.asarray(y, np.float64), np.ones(len(xs), bool)
+    else:
+        labels, kept = ref.one_hot(np.asarray(y), ws.shape[0])
+    rows = ref.loss(a, labels, t1, t2, smoothing) * kept
+    dlogits = ref.loss_grad(a, labels, t1, t2, smoothing) * kept[:, None]
+    g = np.asarray(upstream, np.float64)
+    if reduction == "none":
+        value, row_weights = rows, g
+    elif reduction == "sum":
+        value, row_weights = rows.sum(), np.full(len(xs), g)
+    else:
+        value, row_weights = rows.sum() / kept.sum(), np.full(len(xs), g / kept.sum())
+    dlogits = dlogits * row_weights[:, None]
+    return value, dlogits @ ws, dlogits.T @ xs, dlogits.sum(0)
+
+
+def _upstream(reduction, n=N, dtype=jnp.float64):
+    g = np.random.default_rng(1).standard_normal(n) if reduction == "none" else -1.7
+    return jnp.asarray(g, dtype)
+
+
+def _close(actual, expected, tol):
+    actual = np.asarray(jnp.asarray(actual, jnp.float64))
+    scale = max(np.abs(expected).max(), 1e-12)
+    assert np.abs(actual - expected).max() <= tol * scale, (np.abs(actual - expected).max(), scale)
+
+
+def _vjp(fn, args, upstream):
+    value, pullback = jax.vjp(fn, *args)
+    return value, pullback(upstream.astype(value.dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("t1,t2", TEMPS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_float64_reference(reduction, t1, t2, bias):
+    x, w, b, y = _inputs()
+    b = b if bias else None
+    fn = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, t1, t2, bias=b, reduction=reduction,  # noqa: E731
+                                                             chunk_size=CHUNK)
+    g = _upstream(reduction)
+    value, grads = _vjp(fn, (x, w, b), g)
+    expected = _reference(x, w, b, y, t1, t2, 0.0, reduction, g)
+    _close(value, expected[0], 1e-9)
+    assert (grads[2] is None) == (not bias)
+    for got, want in zip(grads, expected[1:]):
+        if got is not None:
+            _close(got, want, 1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_smoothing_dense_labels_and_num_iters(reduction, dense):
+    x, w, b, y = _inputs(dense=dense)
+    g = _upstream(reduction)
+    fn = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.8, 1.2, bias=b, label_smoothing=0.15,  # noqa: E731
+                                                             reduction=reduction, chunk_size=CHUNK)
+    value, grads = _vjp(fn, (x, w, b), g)
+    expected = _reference(x, w, b, y, 0.8, 1.2, 0.15, reduction, g)
+    _close(value, expected[0], 1e-9)
+    for got, want in zip(grads, expected[1:]):
+        _close(got, want, 1e-8)
+    # num_iters=k: the materialized plain loss with the same k is the oracle (reference.py converges)
+    fused = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.6, 1.4, bias=b, num_iters=2,  # noqa: E731
+                                                                chunk_size=CHUNK)
+    plain = lambda x, w, b: bj.bi_tempered_logistic_loss(x @ w.T + b, y, 0.6, 1.4, num_iters=2)  # noqa: E731
+    g = _upstream("none")
+    (v1, g1), (v2, g2) = _vjp(fused, (x, w, b), g), _vjp(plain, (x, w, b), g)
+    np.testing.assert_allclose(v1, v2, rtol=1e-12, atol=1e-12)
+    for a, c in zip(g1, g2):
+        np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_jit_grad_traced_temperatures_and_leading_axes():
+    x, w, b, y = _inputs(n=12, dtype=jnp.float32)
+    x3, y3 = x.reshape(3, 4, H), y.reshape(3, 4)
+
+    @jax.jit
+    def objective(x, w, b, t1, t2):
+        return jnp.sum(bj.linear_bi_tempered_logistic_loss(x, w, y3, t1, t2, bias=b, chunk_size=5))
+
+    grad_fn = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
+    for t1, t2 in [(0.7, 1.3), (1.0, 1.0)]:
+        grads = grad_fn(x3, w, b, jnp.float32(t1), jnp.float32(t2))
+        expected = _reference(x, w, b, y, t1, t2, 0.0, "none", np.ones(12))
+        _close(grads[0].reshape(12, H), expected[1], 2e-5)
+        _close(grads[1], expected[2], 2e-5)
+        _close(grads[2], expected[3], 2e-5)
+    assert grad_fn._cache_size() == 1  # a new temperature value does not retrace
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_and_all_ignored(reduction):
+    x, w, b, y = _inputs(n=0)
+    fn = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.7, 1.3, bias=b, reduction=reduction)  # noqa: E731
+    value, grads = _vjp(fn, (x, w, b), _upstream(reduction, n=0))
+    assert value.shape == ((0,) if reduction == "none" else ())
+    if reduction == "mean":
+        assert jnp.isnan(value)
+    assert grads[0].shape == (0, H) and not jnp.any(grads[1]) and not jnp.any(grads[2])
+    x, w, b, y = _inputs(ignore=range(N))
+    value, grads = _vjp(lambda x, w, b: bj.linear_bi_tempered_logistic_loss(
+        x, w, y, 0.7, 1.3, bias=b, reduction=reduction, chunk_size=CHUNK), (x, w, b), _upstream(reduction))
+    if reduction != "mean":
+        assert not jnp.any(value)
+    assert all(not jnp.any(g) for g in grads)
+
+
+def test_one_class():
+    x, w, b, y = _inputs(c=1, ignore=())
+    value, grads = _vjp(lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.7, 1.3, bias=b,
+                                                                            chunk_size=CHUNK),
+                        (x, w, b), _upstream("none"))
+    assert np.abs(np.asarray(value)).max() < 1e-12 and all(not jnp.any(g) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_low_precision_no_worse_than_materialized(dtype):
+    x, w, b, y = _inputs(n=37, h=19, c=53, dtype=dtype, ignore=(3, 20))
+    g = _upstream("none", n=37)
+    exact = _reference(x, w, b, y, 0.8, 1.2, 0.1, "none", g)
+    fused = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.8, 1.2, bias=b, label_smoothing=0.1,  # noqa: E731
+                                                                chunk_size=8)
+    plain = lambda x, w, b: bj.bi_tempered_logistic_loss(x @ w.T + b, y, 0.8, 1.2, label_smoothing=0.1)  # noqa: E731
+    (v1, g1), (v2, g2) = _vjp(fused, (x, w, b), g), _vjp(plain, (x, w, b), g)
+    tol = {jnp.float32: 1e-6, jnp.bfloat16: 2e-2}[dtype]
+    for got, base, want in zip((v1,) + g1, (v2,) + g2, exact):
+        assert got.dtype == base.dtype
+        scale = np.abs(want).max()
+        err = np.abs(np.asarray(got, np.float64) - want).max() / scale
+        base_err = np.abs(np.asarray(base, np.float64) - want).max() / scale
+        assert err <= base_err + tol, (err, base_err)
+
+
+def test_memory_is_one_chunk_not_n_by_c():
+    """XLA's temporaries of jit(value_and_grad): the fused program holds O(chunk x C), not N x C."""
+    n, h, c, chunk = 512, 16, 2000, 32
+    x, w, b, y = _inputs(n=n, h=h, c=c, dtype=jnp.float32, ignore=())
+    t = jnp.float32(0.8), jnp.float32(1.2)
+    fused = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, *t, bias=b, reduction="mean",  # noqa: E731
+                                                                chunk_size=chunk)
+    plain = lambda x, w, b: jnp.mean(bj.bi_tempered_logistic_loss(x @ w.T + b, y, *t))  # noqa: E731
+    temp = [jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(x, w, b).compile().memory_analysis()
+            .temp_size_in_bytes for f in (fused, plain)]
+    assert temp[0] < n * c * 4 / 2 < temp[1], temp
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x[:, :-1], w, y, 1.0, 1.0), ValueError, "last dim"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 1.0, 1.0, bias=b[:-1]), ValueError, "bias"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w.astype(jnp.float32), y, 1.0, 1.0), TypeError,
+     "same dtype"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y[:-1], 1.0, 1.0), ValueError, "labels shape"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, jnp.full_like(y, C), 1.0, 1.0), ValueError,
+     "must be in"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 1.0, 1.0, chunk_size=0), ValueError,
+     "chunk_size"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 1.0, 1.0, chunk_size=1.5), TypeError,
+     "chunk_size"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 2.0, 1.0), ValueError, "t1"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 1.0, -1.0), ValueError, "t2"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w, y, 1.0, 1.0, reduction="avg"), ValueError,
+     "reduction"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x, w[0], y, 1.0, 1.0), ValueError, "weight"),
+    (lambda x, w, b, y: bj.linear_bi_tempered_logistic_loss(x.astype(jnp.int32), w, y, 1.0, 1.0), TypeError,
+     "hidden"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_inputs())
+
+
+def test_triton_path(triton_backend, monkeypatch):
+    """The per-chunk Triton kernel (jax_kernels.loss_rows): real jax-triton on a GPU, else the
+    interpreter stand-in of tests/test_jax_triton.py (the ``triton_backend`` fixture)."""
+    from bitempered.bindings import jax_kernels
+
+    calls = []
+    real = jax_kernels.loss_rows
+    monkeypatch.setattr(jax_kernels, "loss_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x, w, b, y = _inputs(n=7, h=5, c=9, dtype=jnp.float32, ignore=(2,))
+    for reduction in ("mean", "none"):
+        g = _upstream(reduction, n=7, dtype=jnp.float32)
+        fn = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, 0.7, 1.3, bias=b, reduction=reduction,  # noqa: E731
+                                                                 label_smoothing=0.1, chunk_size=3, backend="triton")
+        value, grads = _vjp(fn, (x, w, b), g)
+        expected = _reference(x, w, b, y, 0.7, 1.3, 0.1, reduction, g)
+        _close(value, expected[0], 1e-5)
+        for got, want in zip(grads, expected[1:]):
+            _close(got, want, 1e-5)
+    assert calls and all(shape == (3, 9) for shape in calls)  # traced once per scan body, chunk-sized

@@ -258,10 +258,10 @@ def _select(kind, device: str, key: str, heuristic, candidates, make_bench):
             return config
         except (KeyError, TypeError):
             pass  # an entry of another layout: tune again
-    if make_bench is None:
+    bench = make_bench() if make_bench is not None else None
+    if bench is None:  # nothing to time here (JAX, a CUDA graph being captured)
         return heuristic
     _record(device, key, True)
-    bench = make_bench()
     times = _time_candidates(candidates, bench)
     best = min(range(len(candidates)), key=lambda i: times[i])
     entry = {
@@ -282,14 +282,17 @@ def _record(device: str, key: str, tuned_now: bool) -> None:
         keys.append((device, key, tuned_now))
 
 
-def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *, device: str,
-               labels: str = "-", need_grad: bool = False, original: bool = False,
-               make_bench: Callable[[], Callable[[RowConfig], None]] | None = None) -> RowConfig:
+def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *,
+               device: str | Callable[[], str], labels: str = "-", need_grad: bool = False,
+               original: bool = False,
+               make_bench: Callable[[], Callable[[RowConfig], None] | None] | None = None
+               ) -> RowConfig:
     """Launch configuration of a row kernel: the heuristic when autotuning is off; else the cached
     best, or (on a miss, when ``make_bench`` is given) the fastest candidate, timed now.
 
-    ``make_bench()`` returns ``bench(config)``, one launch with ``config`` into scratch outputs;
-    it is called only on a cache miss with autotuning on.
+    ``device``: the cache's device name, or a function giving it (called only when tuning is on).
+    ``make_bench()`` returns ``bench(config)``, one launch with ``config`` into scratch outputs,
+    or None where nothing may be timed; it is called only on a cache miss with autotuning on.
     """
     heuristic = launch_config.row_config(n_cols, elem_bytes)
     forced = _pinned_of(RowConfig)
@@ -301,12 +304,12 @@ def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *, device:
         return heuristic
     key = cache_key(family, n_cols, dtype, labels, need_grad, original)
     candidates = launch_config.row_candidates(n_cols, elem_bytes, interpreted())
-    return _select(RowConfig, device, key, heuristic, candidates, make_bench)
+    return _select(RowConfig, _name(device), key, heuristic, candidates, make_bench)
 
 
-def binary_config(family: str, dtype: str, *, device: str, need_grad: bool = False,
-                  original: bool = False,
-                  make_bench: Callable[[], Callable[[BinaryConfig], None]] | None = None
+def binary_config(family: str, dtype: str, *, device: str | Callable[[], str],
+                  need_grad: bool = False, original: bool = False,
+                  make_bench: Callable[[], Callable[[BinaryConfig], None] | None] | None = None
                   ) -> BinaryConfig:
     """As ``row_config``, for the elementwise binary kernels (no C in the key)."""
     heuristic = launch_config.binary_config()
@@ -317,7 +320,11 @@ def binary_config(family: str, dtype: str, *, device: str, need_grad: bool = Fal
         return heuristic
     key = cache_key(family, None, dtype, "-", need_grad, original)
     candidates = launch_config.binary_candidates(interpreted())
-    return _select(BinaryConfig, device, key, heuristic, candidates, make_bench)
+    return _select(BinaryConfig, _name(device), key, heuristic, candidates, make_bench)
+
+
+def _name(device) -> str:
+    return device() if callable(device) else device
 
 
 def entries(device: str) -> dict:

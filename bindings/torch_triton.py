@@ -44,20 +44,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _tunable(x: torch.Tensor) -> bool:
-    """Timing syncs the device: never while a CUDA graph is being captured."""
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+def _tunable(x: torch.Tensor, make_bench):
+    """Timing syncs the device: never while a CUDA graph is being captured (then the cached
+    config or the heuristic)."""
+    def maybe_bench():
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return None if capturing else make_bench()
+
+    return maybe_bench
 
 
 def _row_config(family, x, n_cols, make_bench, **key):
+    """(The device name and the tuning runs are only computed when autotuning is on.)"""
     return autotune.row_config(family, n_cols, dtype_name(x.dtype), x.element_size(),
-                               device=device_name(x), **key,
-                               make_bench=make_bench if _tunable(x) else None)
+                               device=lambda: device_name(x), **key,
+                               make_bench=_tunable(x, make_bench))
 
 
 def _binary_config(family, x, make_bench, **key):
-    return autotune.binary_config(family, dtype_name(x.dtype), device=device_name(x), **key,
-                                  make_bench=make_bench if _tunable(x) else None)
+    return autotune.binary_config(family, dtype_name(x.dtype), device=lambda: device_name(x),
+                                  **key, make_bench=_tunable(x, make_bench))
 
 
 def _device_scope(x: torch.Tensor):

@@ -209,7 +209,9 @@ stage_command() {
 python_plugin_flags() {
   local flags=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && flags+=" --timeout=120"
-  "$PY" -c 'import xdist' 2>/dev/null && flags+=" -n ${GPU_SESSION_TEST_WORKERS:-8}"
+  # one file per worker (--dist loadfile): files keep their own order and shared state
+  local workers="${GPU_SESSION_TEST_WORKERS:-8}"
+  (( workers > 0 )) && "$PY" -c 'import xdist' 2>/dev/null && flags+=" -n $workers --dist loadfile"
   echo "$flags"
 }
 export -f python_plugin_flags
@@ -258,6 +260,7 @@ for entry in "${STAGES[@]}"; do
       124|130|137) status="timed out (rc $rc)" ;;
       *) status="failed (rc $rc)" ;;
     esac
+    # the carried wheels for every later stage (the editable install needs no path)
     if [[ $name == env && $rc == 0 ]]; then export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"; fi
     if [[ $name == tests ]]; then tail -n 40 "$log" > "$OUT_DIR/tests-summary.txt"; fi
   fi

@@ -242,19 +242,18 @@ def markdown(rows: list[dict]) -> list[str]:
         "- JAX: `jax.jit(jax.value_and_grad(loss))` with traced temperatures: XLA's temporary buffers plus "
         "the arrays it returns (the gradient and the loss), from `compiled.memory_analysis()` (nothing runs).",
         "",
-        "| framework | provider | N x C | labels | t1,t2 | x logits | extra MiB | of which XLA temp MiB | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| framework | provider | N x C | labels | t1,t2 | x logits | extra MiB | of which XLA temp MiB | seconds | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {name: i for i, name in enumerate(TORCH_PROVIDERS + JAX_PROVIDERS)}
     ok = sorted((r for r in rows if r["status"] == "ok"),
                 key=lambda r: (r["framework"] != "torch", r["N"], r["C"], r["labels"] != "int",
-                               order.get(r["provider"], 99),
-                               r["t1"], r["t2"]))
+                               order.get(r["provider"], 99), (r["t1"], r["t2"]) != (1.0, 1.0), r["t1"], r["t2"]))
     for r in ok:
         num = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"| {r['framework']} | {r['provider']} | {int(r['N'])} x {int(r['C'])} | {r['labels']} | "
                      f"{r['t1']:g},{r['t2']:g} | **{r['extra_x_logits']:.2f}** | {r['extra_MiB']:.0f} | "
-                     f"{num(r['temp_MiB'], '.0f')} | {num(r['seconds'], '.2f')} |")
+                     f"{num(r['temp_MiB'], '.0f')} | {num(r['seconds'], '.2f')} | {r['notes']} |")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Not measured: " + "; ".join(f"{r['provider']} t=({r['t1']:g},{r['t2']:g}): {r['status']}"

@@ -12,8 +12,9 @@ temperatures and smoothing; ``float0`` for integer labels).
 Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
 checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
 ``jit``/``vmap``/``grad``) cannot be inspected without a host sync and are NOT checked: out-of-range
-temperatures then give NaN or meaningless values, and an out-of-range class index gives a NaN loss
-for its row (never an out-of-bounds read). Checking a concrete JAX array reads it to the host.
+temperatures then give NaN or meaningless values, a dense/binary label outside [0, 1] a NaN or
+meaningless loss for its row, and an out-of-range class index gives a NaN loss for its row (never
+an out-of-bounds read). Checking a concrete JAX array reads it to the host.
 
 Backends: ``"xla"`` runs the jnp implementation (XLA on CPU, GPU and TPU); ``"triton"`` runs the
 fused kernels of ``kernels/`` through jax-triton (CUDA GPUs only; the same kernels PyTorch uses);

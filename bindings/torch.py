@@ -1,9 +1,20 @@
 """PyTorch API of bitempered: validation, backend choice, reshaping. The math is in the ops.
 
-Classes are the LAST axis; any number of leading axes. Temperatures may be Python floats or 0-d
-tensors (a tensor never triggers a recompile under ``torch.compile``). Values of CUDA tensors are
-not checked (that would need a host sync); everything else is checked and bad input raises
-ValueError/TypeError naming the argument.
+Classes are the LAST axis; any number of leading axes. Temperatures and ``label_smoothing`` may be
+Python floats or 0-d tensors (a tensor never triggers a recompile under ``torch.compile``).
+
+Validation: bad input raises ValueError/TypeError naming the argument. Values held in CUDA tensors
+(reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked:
+there an out-of-range temperature or smoothing gives meaningless or NaN values, a dense/binary
+label outside [0, 1] gives a NaN or meaningless loss for its row (a negative label: NaN loss, finite
+gradient), and a bad class index gives a NaN row. Under ``torch.func.vmap`` the values are checked.
+
+Autograd: the forward pass stores the gradient; in eager mode the backward scales that buffer in
+place (no second N x C buffer). Compiled graphs (torch.compile, torch.export) and torch.func
+transforms compute the product out of place (one more N x C buffer, unless the compiler reuses the
+stored one). ``torch.func.grad``/``vmap``/``vjp``/``jacrev`` work (vmap folds the batch into rows).
+The losses have no second derivative (``create_graph=True`` raises); ``tempered_softmax`` and
+``tempered_sigmoid`` support double backward. Forward-mode AD (jvp, jacfwd, hessian) is not supported.
 """
 
 from __future__ import annotations
@@ -170,10 +181,12 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
 
     Args:
         logits: [..., C] float16/bfloat16/float32/float64 tensor.
-        labels: dense floating labels of the logits' shape, or integer class indices of shape
-            ``logits.shape[:-1]`` (rows equal to ``ignore_index`` are skipped).
+        labels: dense floating labels of the logits' shape, values in [0, 1] (checked on CPU, see
+            the module docstring), or integer class indices of shape ``logits.shape[:-1]`` (rows
+            equal to ``ignore_index`` are skipped).
         t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1 gives heavy tails).
-        label_smoothing: in [0, 1), the reference convention (target 1 - s, others s/(C-1)).
+        label_smoothing: in [0, 1), the reference convention (target 1 - s, others s/(C-1)); a
+            float or a 0-d tensor (a smoothing schedule then never recompiles).
         num_iters: None (converged, default) or the original algorithm's step count.
         reduction: "none" (per-row losses), "sum" or "mean" (over non-ignored rows).
         backend: "auto" (Triton kernels for CUDA tensors, native ops otherwise), "torch", "triton".

@@ -2,15 +2,19 @@
 
 Each op dispatches to the native backend (``torch_native.py``) or the Triton kernels
 (``torch_triton.py``) by its ``backend`` argument. Being custom ops, they are opaque to
-``torch.compile``: a model calling the loss compiles with ``fullgraph=True``, and temperatures are
-0-d tensors so a new value never recompiles.
+``torch.compile``: a model calling the loss compiles with ``fullgraph=True``, and temperatures and
+label smoothing are 0-d tensors so a new value never recompiles. Every op passes
+``torch.library.opcheck`` (tests/test_torch_opcheck.py); vmap rules and torch.func support are in
+``torch_func.py``.
 
 The loss op computes the gradient of the logits in its forward pass (while the row is on chip,
 for the kernels), already multiplied by the reduction's scale (1/#kept rows for "mean"), so the
 backward only multiplies by the upstream gradient: exact for the usual upstream of 1.0 (or any
 power of two). For reduction="none" the backward rescales the stored gradient per row (one read and
 one write of N x C, far cheaper than re-solving the rows; the stored gradient was rounded once
-into the logits' dtype, so non-unit upstream gradients round twice).
+into the logits' dtype, so non-unit upstream gradients round twice). The multiply is in place in
+eager mode (the returned gradient is the stored buffer) and out of place in functionalized graphs
+(torch.compile, torch.export), which cannot mutate a forward output in the backward.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import torch_native as native
+from . import torch_native_loss as native_loss
 from . import torch_softmax_second_order as second_order
 
 Tensor = torch.Tensor
@@ -50,30 +55,18 @@ def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str) -> Tensor:
 
 
 def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
-    dtype = native.compute_dtype(logits.dtype)
-    a = logits.to(dtype)
-    # host values (floats or 0-d tensors): free for CPU tensors, one sync on CUDA
-    t1, t2, label_smoothing = float(t1), float(t2), float(label_smoothing)
-    log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
+    """The native backend over row blocks (bindings/torch_native_loss.py): the gradient, already
+    scaled by the reduction and masked, is the only N x C buffer it allocates."""
     if labels.dtype.is_floating_point:
         kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-        y = native.smooth_labels(labels.to(dtype), label_smoothing)
-        loss_rows, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad)
     else:
         kept = labels != ignore_index
-        # CPU indices were range-checked by the API; an unchecked (CUDA) bad index gives a NaN row.
-        bad = kept & ((labels < 0) | (labels >= a.shape[-1]))
-        safe = torch.where(kept & ~bad, labels, 0)
-        loss_rows, grad = native.loss_and_grad_rows_indices(log_p, safe, label_smoothing, t1, t2, need_grad)
-        loss_rows = torch.where(bad, float("nan"), loss_rows)
-        if need_grad:
-            grad = torch.where(bad.unsqueeze(-1), float("nan"), grad)
-    loss_rows = torch.where(kept, loss_rows, 0.0)
+    scale = _grad_scale(kept, reduction, native.compute_dtype(logits.dtype))
+    # host values (floats or 0-d tensors): free for CPU tensors, one sync on CUDA
+    loss_rows, kept, grad = native_loss.loss_and_grad(
+        logits, labels, float(t1), float(t2), float(label_smoothing), num_iters, ignore_index, need_grad, scale)
     loss = _reduce(loss_rows, kept, reduction)
-    if not need_grad:
-        return loss, _no_grad(logits)
-    grad = grad.masked_fill_(~kept.unsqueeze(-1), 0.0).mul_(_grad_scale(kept, reduction, grad.dtype))
-    return loss, grad.to(logits.dtype)
+    return loss, grad if need_grad else _no_grad(logits)
 
 
 def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,

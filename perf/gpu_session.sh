@@ -25,9 +25,9 @@ cd "$REPO"
 PY="${PYTHON:-python3}"
 
 DEFAULT_TOTAL_S=510
-MIN_STAGE_S=15
+MIN_STAGE_S=${GPU_SESSION_MIN_STAGE_S:-15}
 REPORT_RESERVE_S=25
-KILL_GRACE_S=10   # SIGINT this long before a stage's limit, SIGKILL at the limit
+KILL_GRACE_S=${GPU_SESSION_KILL_GRACE_S:-10}   # SIGINT this long before a stage's limit, SIGKILL at it
 # The grid of the autotune sweep and of perf/tuning.py (perf's own default grid for the perf stages).
 TUNE_SHAPES="65536x1000 16384x32000 8192x128256 4096x262144"
 
@@ -177,7 +177,8 @@ unset TRITON_INTERPRET   # tests and perf run compiled (tests/conftest.py sets i
 # ---------------------------------------------------------------------------------------------
 # stage_command NAME BUDGET -> the command line of the stage (one line; runs in $REPO)
 stage_command() {
-  local name=$1 budget=$2 inner=$(( $2 * 7 / 10 ))
+  local name=$1 budget=$2 inner=$(( $2 * 7 / 10 )) override="GPU_SESSION_OVERRIDE_${1//-/_}"
+  if [[ -n "${!override:-}" ]]; then echo "${!override}"; return; fi  # tests of the runner
   case "$name" in
     env) echo "bash perf/gpu_session.sh --env-stage $(printf %q "$OUT_DIR")" ;;
     tests)

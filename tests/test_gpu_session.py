@@ -4,6 +4,7 @@ its Python entry point accepts."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -22,9 +23,9 @@ STAGES = ["env", "tests", "tune", "tuning", "perf-bf16", "perf-fp32", "perf-fwd-
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run(script, *args, timeout=60):
+def run(script, *args, timeout=60, env=None):
     return subprocess.run(["bash", str(script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 def stage_rows(out: Path) -> dict[str, tuple[int, int, str]]:
@@ -92,6 +93,26 @@ def test_archive_holds_the_whole_folder(tmp_path):
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert "folder/session.md" in names and "folder/logs/report.log" in names
+
+
+def test_real_run_records_ok_failed_and_timed_out_stages_and_keeps_going(tmp_path):
+    """Not a dry run: stage commands replaced by stand-ins (the runner's test hook), with a short
+    kill grace so that a stage past its limit is stopped within seconds."""
+    out = tmp_path / "real"
+    env = {"GPU_SESSION_MIN_STAGE_S": "1", "GPU_SESSION_KILL_GRACE_S": "1",
+           "GPU_SESSION_OVERRIDE_tune": "echo tuned; sleep 100",
+           "GPU_SESSION_OVERRIDE_tuning": "echo partial; exit 3",
+           "GPU_SESSION_OVERRIDE_report": "echo report ran"}
+    done = run(SESSION, "--out", str(out), "--budget-s", "45", "--only", "tune", "--only", "tuning",
+               env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = stage_rows(out)
+    assert rows["tune"][0] == 6 and rows["tune"][2] == "timed out (rc 124)"  # 70 * 45 / 510
+    assert rows["tune"][1] <= 6
+    assert rows["tuning"][2] == "failed (rc 3)" and rows["report"][2] == "ok"
+    assert rows["env"][2] == "skipped (asked)"
+    assert "tuned" in (out / "logs" / "tune.log").read_text()  # output before the stop is kept
+    assert "report ran" in (out / "logs" / "report.log").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -288,8 +288,10 @@ def gpu_comparisons(rows: list[dict]) -> list[tuple[str, str, bool]]:
     return out
 
 
-def gpu_section(rows: list[dict]) -> list[str]:
+def gpu_section(rows: list[dict], on_gpu: bool) -> list[str]:
     found = gpu_comparisons(rows)
+    if not found and on_gpu:
+        return ["No bitempered-triton rows in these results: the Triton kernel comparisons are left out.", ""]
     if not found:
         return ["Comparisons of the Triton kernels (share of the roofline, Liger-Kernel, GPU memory) and the "
                 "special-function (SFU) columns need a CUDA GPU: this run has none, so they are left out.", ""]
@@ -402,7 +404,7 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
                      f"{session.args.sfu_ops_per_pass:g} ops per solver pass x mean converged passes + the loss "
                      "and gradient epilogue.")
     lines.append("")
-    lines += cross_entropy_section(rows) + original_section(rows) + memory_section(out) + gpu_section(rows)
+    lines += cross_entropy_section(rows) + original_section(rows) + memory_section(out) + gpu_section(rows, gpu_columns)
     lines += ["## All results", "", "Columns:", ""] + [f"- {m}" for m in COLUMN_MEANINGS if gpu_columns
                                                         or not m.startswith("`SFU")] + [""]
     lines += results_tables(ok, gpu_columns)

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from bitempered import torch as bt
+from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS
+
+pytestmark = EXPECTED_INTERPRETER_WARNINGS  # Triton's interpreter on masked tails (see that module)
 
 A = torch.randn(4, 5)
 IDX = torch.tensor([0, 1, 2, 3])

@@ -8,6 +8,9 @@ from torch.func import grad, jacrev, vmap
 
 from bitempered import torch as bt
 from bitempered.bindings import torch_func, torch_ops
+from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS
+
+pytestmark = EXPECTED_INTERPRETER_WARNINGS  # Triton's interpreter on masked tails (see that module)
 
 B, N, C = 3, 4, 5  # vmapped samples, rows per sample, classes (not powers of two)
 torch.manual_seed(0)

@@ -8,6 +8,9 @@ from torch.library import opcheck
 
 from bitempered import torch as bt
 from bitempered.bindings import torch_ops as ops
+from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS
+
+pytestmark = EXPECTED_INTERPRETER_WARNINGS  # Triton's interpreter on masked tails (see that module)
 
 N, C = 3, 5  # not powers of two
 REDUCTIONS = ["none", "sum", "mean"]

@@ -24,6 +24,7 @@ import os
 import torch
 
 from . import torch_func
+from . import torch_vocab_parallel as vocab_parallel
 from . import validation as check
 from .torch_ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
 
@@ -133,6 +134,8 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
     ``num_iters=None`` solves the normalization to convergence (default); an int reproduces the
     original algorithm with exactly that many steps.
     """
+    if vocab_parallel.is_dtensor(logits):  # a DTensor sharded on the classes: the vocab-parallel path
+        return vocab_parallel.dtensor_softmax(logits, t, num_iters, backend)
     _check_logits(logits)
     iters = _num_iters(num_iters)
     backend = _resolve_backend(backend, logits.device, logits.dtype)
@@ -196,7 +199,11 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             ignored while torch.compile traces the call.
 
     Returns the loss in float32 (float64 for float64 logits). The gradient flows to ``logits``.
+    A DTensor sharded on the class dimension (``Shard(-1)``) takes the vocab-parallel path.
     """
+    if vocab_parallel.is_dtensor(logits):
+        return vocab_parallel.dtensor_loss(logits, labels, t1, t2, label_smoothing, num_iters, reduction,
+                                           ignore_index, backend, inplace_backward)
     _check_logits(logits)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")

@@ -1,0 +1,50 @@
+"""Spawn gloo ranks on 127.0.0.1 for a test, bounded in time (no hang can outlive the test).
+
+``run_ranks(fn, world_size, timeout_s, *args)`` starts ``world_size`` processes with
+``torch.multiprocessing`` (spawn), each calling ``fn(rank, world_size, *args)`` inside an
+initialized gloo process group on a free port. An exception in any rank fails the test with
+that rank's traceback; a rank still running after ``timeout_s`` is killed and fails it too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60  # gloo's own limit on one collective (a rank left waiting raises)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the few cores of a CI machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, timeout_s: float, *args) -> None:
+    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world_size} gloo ranks still running after {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)

@@ -1,0 +1,187 @@
+"""Vocab-parallel loss on torch.distributed: gloo ranks on 127.0.0.1 (spawned, bounded in time).
+
+Each rank holds an uneven slice of the classes (C = 11 split 4 + 7 and 2 + 5 + 4); the loss and
+each slice's gradient must equal the unsharded loss on the whole logits (float64: to rounding,
+float32/bfloat16: the unsharded result of the same dtype to float32 rounding), for every
+reduction, class-index and dense labels, ignore_index, smoothing (global C), t2 < 1 and t2 > 1,
+num_iters=k, and rows with -inf, NaN and a far-off maximum. Then the collective count per call
+(passes + 3), bad input (a clear ValueError on every rank, no hang), a group of one rank, and a
+DTensor sharded on the class dimension through the plain ``bi_tempered_logistic_loss``.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from distributed import run_ranks
+
+C = 11
+SPLITS = {2: [4, 7], 3: [2, 5, 4]}
+TEMPERATURES = [(0.8, 1.2), (0.5, 0.7), (1.0, 1.0), (0.2, 0.3), (1.5, 3.0)]
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),  # gradients rounded to bfloat16 (one ulp apart at most)
+}
+TIMEOUT_S = 240
+
+
+def _logits(dtype, seed=0):
+    """[2, 3, C]: ordinary rows, a wide row, a confident row (its max in the last slice), a row
+    with -inf logits, and a NaN row."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, 3, C, generator=g, dtype=torch.float64) * 2.0
+    a[0, 2] *= 4.0
+    a[1, 0, -1] += 40.0
+    a[1, 1, [0, 5, 9]] = float("-inf")
+    a[1, 2, 3] = float("nan")
+    return a.to(dtype)
+
+
+def _labels(kind, seed=1):
+    if kind == "indices":
+        return torch.tensor([[0, 4, 10], [3, -100, 7]])  # a target in every slice, an ignored row
+    g = torch.Generator().manual_seed(seed)  # the same labels on every rank
+    weights = -torch.log(torch.rand(2, 3, C, generator=g, dtype=torch.float64))
+    return weights / weights.sum(dim=-1, keepdim=True)  # Dirichlet(1, ..., 1) rows
+
+
+def _slice(rank, world_size):
+    splits = SPLITS[world_size]
+    start = sum(splits[:rank])
+    return slice(start, start + splits[rank])
+
+
+def _loss_and_grad(fn, logits, labels, upstream, **kwargs):
+    logits = logits.detach().clone().requires_grad_()
+    loss = fn(logits, labels, **kwargs)
+    loss.backward(upstream if loss.dim() else None)
+    return loss.detach(), logits.grad
+
+
+def _matches_unsharded(rank, world_size):
+    import bitempered.torch as bt
+    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+
+    cols = _slice(rank, world_size)
+    grid = list(itertools.product((torch.float64, torch.float32), TEMPERATURES, (0.0, 0.1), (None, 5),
+                                  ("none", "sum", "mean"), ("indices", "dense")))
+    grid += itertools.product((torch.bfloat16,), TEMPERATURES, (0.1,), (None,), ("none",), ("indices", "dense"))
+    checked = 0
+    for dtype, (t1, t2), smoothing, num_iters, reduction, kind in grid:
+        logits, labels = _logits(dtype), _labels(kind)
+        if kind == "dense":
+            labels = labels.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        upstream = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).reshape(2, 3)
+        kwargs = dict(t1=t1, t2=t2, label_smoothing=smoothing, num_iters=num_iters, reduction=reduction)
+        upstream = upstream.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, upstream, **kwargs)
+        local_labels = labels if kind == "indices" else labels[..., cols]
+        got, got_grad = _loss_and_grad(vocab_parallel_bi_tempered_logistic_loss, logits[..., cols],
+                                       local_labels, upstream, **kwargs)
+        where = f"rank {rank}/{world_size}: {dtype} {kwargs} {kind}"
+        assert got.dtype == want.dtype and got_grad.dtype == dtype, where
+        message = lambda m: f"{where}\n{m}"  # noqa: E731
+        torch.testing.assert_close(got, want, equal_nan=True, **TOLERANCES[dtype], msg=message)
+        torch.testing.assert_close(got_grad, want_grad[..., cols], equal_nan=True, **TOLERANCES[dtype], msg=message)
+        checked += 1
+    assert checked == 2 * 5 * 2 * 2 * 3 * 2 + 5 * 2
+
+
+def _count_collectives(monkeypatch_target, fn):
+    """(number of all-reduces, values they carried) during ``fn()``."""
+    calls = []
+    original = monkeypatch_target.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch_target.all_reduce = counting
+    try:
+        fn()
+    finally:
+        monkeypatch_target.all_reduce = original
+    return len(calls), sum(calls)
+
+
+def _collective_count(rank, world_size):
+    import torch.distributed as dist
+
+    from bitempered.bindings import torch_native as native
+    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+
+    cols = _slice(rank, world_size)
+    logits = _logits(torch.float64)[:, :2].reshape(4, C)  # finite rows
+    labels = torch.tensor([1, 4, 8, 10])
+    for t2 in (0.3, 0.7, 1.0, 1.2, 3.0):
+        passes = int(native.solve_converged(native.shift_by_max(logits), t2)[1].max())
+        local = logits[:, cols].clone().requires_grad_()
+
+        def call(num_iters=None):
+            vocab_parallel_bi_tempered_logistic_loss(local, labels, 0.8, t2, num_iters=num_iters).backward()
+
+        count, values = _count_collectives(dist, call)
+        assert count == passes + 3, (t2, count, passes)  # check, max, passes, loss/gradient sums
+        # O(rows) values each: the P x 10 check, N maxima, N x 3 per pass (at most), N x 3 sums
+        assert values <= world_size * 10 + 4 * (1 + 3 * passes + 3), values
+        count, _ = _count_collectives(dist, lambda: call(num_iters=5))
+        assert count == (4 if t2 == 1.0 else 5 + 4), (t2, count)
+
+
+def _bad_input_group_of_one_and_dtensor(rank, world_size):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import bitempered.torch as bt
+    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss as loss
+
+    cols = _slice(rank, world_size)
+    logits = _logits(torch.float32)[0]  # [3, C], finite
+    labels = torch.tensor([0, 5, 10])
+    with pytest.raises(ValueError, match=r"outside \[0, 11\)"):
+        loss(logits[:, cols], torch.tensor([0, 11, 3]), 0.8, 1.2)  # 11 is past the GLOBAL C
+    loss(logits[:, cols], torch.tensor([0, 7, 3]), 0.8, 1.2)  # in range globally, outside rank 0's slice
+    with pytest.raises(ValueError, match="disagree"):  # rank 1 has one row less: every rank raises
+        loss(logits[: 3 - rank, cols], labels[: 3 - rank], 0.8, 1.2)
+    with pytest.raises(ValueError, match="disagree"):
+        loss(logits[:, cols], labels, 0.8, 1.2 + rank)
+    with pytest.raises(ValueError, match="t2"):
+        loss(logits[:, cols], labels, 0.8, 0.0)
+    # a group of one rank is the plain loss (and sends nothing)
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    torch.testing.assert_close(loss(logits, labels, 0.8, 0.7, group=alone, label_smoothing=0.1),
+                               bt.bi_tempered_logistic_loss(logits, labels, 0.8, 0.7, label_smoothing=0.1))
+    # DTensor sharded on the classes (torch's chunking: 6 + 5): the plain function takes this path
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = _logits(torch.float64)[0]
+    sharded = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_()
+    got = bt.bi_tempered_logistic_loss(sharded, labels, 0.5, 0.7, label_smoothing=0.1)
+    got.backward()
+    want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, full, labels, None, t1=0.5, t2=0.7,
+                                     label_smoothing=0.1)
+    torch.testing.assert_close(got.full_tensor(), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sharded.grad.full_tensor(), want_grad, rtol=1e-10, atol=1e-12)
+    probs = bt.tempered_softmax(distribute_tensor(full, mesh, [Shard(-1)]), 0.7)
+    torch.testing.assert_close(probs.full_tensor(), bt.tempered_softmax(full, 0.7), rtol=1e-12, atol=1e-12)
+
+
+# One spawn per world size (starting ranks costs far more than the cases): each runs several checks.
+def _two_ranks(rank, world_size):
+    _matches_unsharded(rank, world_size)
+    _bad_input_group_of_one_and_dtensor(rank, world_size)
+
+
+def _three_ranks(rank, world_size):
+    _matches_unsharded(rank, world_size)
+    _collective_count(rank, world_size)
+
+
+def test_two_ranks_match_unsharded_bad_input_group_of_one_dtensor():
+    run_ranks(_two_ranks, 2, TIMEOUT_S)
+
+
+def test_three_ranks_match_unsharded_collectives_are_passes_plus_three():
+    run_ranks(_three_ranks, 3, TIMEOUT_S)

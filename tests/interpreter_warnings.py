@@ -11,7 +11,11 @@ The kernel expressions (kernels/, measured on the tests of this suite):
 - tempered_math.py ``tl.log2(f)`` and ``f / g`` in the Newton step: f = g = 0 in rows past N
   ("log2", "divide");
 - tempered_math.py ``tl.log2(y)`` in the binary solver: y = 0 in lanes past the end ("log2");
-- softmax.py ``sum(w) / sum(p_t)`` in the softmax backward: 0 / 0 in rows past N ("divide").
+- softmax.py ``sum(w) / sum(p_t)`` in the softmax backward: 0 / 0 in rows past N ("divide");
+- tempered_math.py ``a0 * (one_minus_t / c)`` in the original (num_iters=k) solver: c = 0 in rows
+  past N ("divide by zero ... divide");
+- tempered_math.py ``y * (log_t_y - log_t_p)`` in the loss: 0 * inf in masked lanes ("multiply");
+- binary.py ``grad.to(<16-bit dtype>)`` on store: inf/NaN placeholders of masked lanes ("cast").
 """
 
 import pytest
@@ -21,5 +25,8 @@ MESSAGES = (
     "divide by zero encountered in log2",
     "invalid value encountered in subtract",
     "invalid value encountered in divide",
+    "divide by zero encountered in divide",
+    "invalid value encountered in multiply",
+    "overflow encountered in cast",
 )
 EXPECTED = [pytest.mark.filterwarnings(f"ignore:{message}:RuntimeWarning:{_INTERPRETER}") for message in MESSAGES]

@@ -21,7 +21,10 @@ from bitempered.bindings import torch_native as native  # noqa: E402
 from bitempered.bindings import torch_triton as tt  # noqa: E402
 from bitempered.kernels import launch_config  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log2(0) etc. (interpreter)
+from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS  # noqa: E402
+
+# Only the interpreter's expected messages on masked tails (see that module); others stay visible.
+pytestmark = EXPECTED_INTERPRETER_WARNINGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

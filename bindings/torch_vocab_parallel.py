@@ -43,8 +43,10 @@ class GroupRows(native.LocalRows):
         self.group = group
 
     def max(self, x):
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
-        return x
+        # a NaN flag rides along: a backend's MAX need not propagate a NaN, SPEC's NaN row must
+        packed = torch.cat([x, x.isnan().to(x.dtype)], dim=-1)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.group)
+        return torch.where(packed[:, 1:] > 0, float("nan"), packed[:, :1])
 
     def sum(self, *parts):
         packed = torch.cat(parts, dim=-1)  # one collective per step: (f, g[, D]) or (loss, sum e, sum d)

@@ -62,7 +62,8 @@ def _loss_and_grad(fn, logits, labels, upstream, **kwargs):
 
 def _matches_unsharded(rank, world_size):
     import bitempered.torch as bt
-    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.torch_vocab_parallel import (vocab_parallel_bi_tempered_logistic_loss,
+                                                          vocab_parallel_tempered_softmax)
 
     cols = _slice(rank, world_size)
     grid = list(itertools.product((torch.float64, torch.float32), TEMPERATURES, (0.0, 0.1), (None, 5),
@@ -87,6 +88,17 @@ def _matches_unsharded(rank, world_size):
         torch.testing.assert_close(got_grad, want_grad[..., cols], equal_nan=True, **TOLERANCES[dtype], msg=message)
         checked += 1
     assert checked == 2 * 5 * 2 * 2 * 3 * 2 + 5 * 2
+    for dtype, t, num_iters in itertools.product((torch.float64, torch.float32), (0.3, 1.0, 1.6), (None, 4)):
+        logits = _logits(dtype)
+        upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        want, want_grad = _loss_and_grad(lambda a, _: bt.tempered_softmax(a, t, num_iters), logits, None,
+                                         upstream.to(dtype))
+        got, got_grad = _loss_and_grad(lambda a, _: vocab_parallel_tempered_softmax(a, t, num_iters=num_iters),
+                                       logits[..., cols], None, upstream[..., cols].to(dtype))
+        where = f"rank {rank}/{world_size}: tempered_softmax {dtype} t={t} num_iters={num_iters}"
+        message = lambda m: f"{where}\n{m}"  # noqa: E731
+        torch.testing.assert_close(got, want[..., cols], equal_nan=True, **TOLERANCES[dtype], msg=message)
+        torch.testing.assert_close(got_grad, want_grad[..., cols], equal_nan=True, **TOLERANCES[dtype], msg=message)
 
 
 def _count_collectives(monkeypatch_target, fn):
@@ -124,8 +136,8 @@ def _collective_count(rank, world_size):
 
         count, values = _count_collectives(dist, call)
         assert count == passes + 3, (t2, count, passes)  # check, max, passes, loss/gradient sums
-        # O(rows) values each: the P x 10 check, N maxima, N x 3 per pass (at most), N x 3 sums
-        assert values <= world_size * 10 + 4 * (1 + 3 * passes + 3), values
+        # O(rows) values each: the P x 10 check, N maxima and NaN flags, N x 3 per pass (at most), N x 3 sums
+        assert values <= world_size * 10 + 4 * (2 + 3 * passes + 3), values
         count, _ = _count_collectives(dist, lambda: call(num_iters=5))
         assert count == (4 if t2 == 1.0 else 5 + 4), (t2, count)
 

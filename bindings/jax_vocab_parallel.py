@@ -1,0 +1,181 @@
+"""JAX vocab-parallel loss: the classes sharded over a mesh axis, for use inside ``jax.shard_map``.
+
+Each device holds ``local_logits`` [..., C_local], its slice of the classes in the order of its
+index along ``axis_name`` (``shard_map`` slices evenly, so C = C_local * axis size). The result
+equals :func:`bitempered.jax.bi_tempered_logistic_loss` on the concatenated logits, on every
+device; the gradient of each slice is local.
+
+It is the native solver of ``jax_native`` with its row statistics reduced over ``axis_name``
+(``AxisRows``): ``pmax`` of the row max, ``psum`` of the support size, one packed ``psum`` of
+(f, g) per solver pass and one packed ``psum`` of (loss, sum e, sum d) for the loss and the
+gradient's row sums. That is passes + 3 collectives of O(rows) floats each, never N x C; the
+backward needs none. Under plain ``jax.jit`` with the logits sharded on the class axis by a
+``NamedSharding``, the ordinary ``bi_tempered_logistic_loss`` already partitions this way (XLA
+turns its row reductions into all-reduces; ``tests/test_vocab_parallel_jax.py`` checks the HLO).
+
+XLA backend only (the jax-triton kernels need the whole row).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import jax_native as native
+from . import validation as check
+from .jax import _as_labels, _as_logits, _num_iters, _scalar, _temperatures, _widen_indices
+
+__all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax", "AxisRows"]
+
+
+class AxisRows(native.LocalRows):
+    """Row reductions over the mesh axis (or axes) ``axis_name`` that shard the classes."""
+
+    def __init__(self, axis_name):
+        self.axis_name = axis_name
+
+    def max(self, x):
+        # a NaN flag rides along: XLA's max reduction need not propagate a NaN, SPEC's NaN row must
+        packed = lax.pmax(jnp.concatenate([x, jnp.isnan(x).astype(x.dtype)], axis=-1), self.axis_name)
+        return jnp.where(packed[..., 1:] > 0, jnp.nan, packed[..., :1])
+
+    def sum(self, *parts):
+        # one collective for all the partial sums of a step: pack them on the last axis
+        packed = lax.psum(jnp.concatenate(parts, axis=-1), self.axis_name)
+        return tuple(packed[..., i:i + 1] for i in range(len(parts)))
+
+
+def _class_offset(num_local: int, axis_name):
+    """(first global class of this device, global class count)."""
+    return lax.axis_index(axis_name) * num_local, num_local * lax.axis_size(axis_name)
+
+
+def _local_labels(labels, num_local: int, dtype, ignore_index: int, axis_name):
+    """This device's slice of the one-hot rows of global class indices, and the kept/invalid masks."""
+    indices = _widen_indices(labels)
+    offset, num_classes = _class_offset(num_local, axis_name)
+    kept = indices != ignore_index
+    invalid = kept & ((indices < 0) | (indices >= num_classes))
+    classes = offset.astype(indices.dtype) + jnp.arange(num_local, dtype=indices.dtype)
+    return (indices[..., None] == classes).astype(dtype), kept, invalid
+
+
+def _smooth(y, label_smoothing, num_classes):
+    """SPEC's smoothing with the GLOBAL class count (NaN rows for one class, as jax_native)."""
+    share = label_smoothing / jnp.maximum(num_classes - 1, 1).astype(y.dtype)
+    smoothed = (1.0 - num_classes * share) * y + share
+    return jnp.where((num_classes < 2) & (label_smoothing != 0), jnp.nan, smoothed)
+
+
+def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, need_grad):
+    rows = AxisRows(axis_name)
+    dtype = t1.dtype
+    a = logits.astype(dtype)
+    log_p = native.tempered_log_softmax_rows(a, t2, num_iters, rows)
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    if indices:
+        y, kept, invalid = _local_labels(labels, a.shape[-1], dtype, ignore_index, axis_name)
+    else:
+        y = labels.astype(dtype)
+    y = _smooth(y, label_smoothing, _class_offset(a.shape[-1], axis_name)[1])
+    loss, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad, rows)
+    if indices:
+        loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
+        if need_grad:
+            grad = jnp.where(kept[..., None], jnp.where(invalid[..., None], jnp.nan, grad), 0.0)
+    return loss, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name):
+    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, False)[0]
+
+
+def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name):
+    loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, True)
+    return loss, (grad, jnp.zeros((0,), logits.dtype))
+
+
+def _loss_bwd(num_iters, ignore_index, axis_name, residuals, grad_loss):
+    grad, like_logits = residuals
+    # local: the row sums are already reduced, so each slice's gradient needs no collective
+    return (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype), None, None, None, None
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax(logits, t, num_iters, axis_name):
+    return _softmax_fwd(logits, t, num_iters, axis_name)[0]
+
+
+def _softmax_fwd(logits, t, num_iters, axis_name):
+    p = jnp.exp(native.tempered_log_softmax_rows(logits.astype(t.dtype), t, num_iters, AxisRows(axis_name)))
+    return p.astype(logits.dtype), (p, t)
+
+
+def _softmax_bwd(num_iters, axis_name, residuals, grad_p):
+    p, t = residuals
+    grad = native.tempered_softmax_vjp_rows(p, grad_p.astype(p.dtype), t, AxisRows(axis_name))
+    return grad.astype(grad_p.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def _check_axis_name(axis_name) -> None:
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"axis_name must be a mesh axis name (str) or a tuple of them, got {axis_name!r}")
+
+
+def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
+    """Tempered softmax of rows whose classes are sharded over ``axis_name`` (inside shard_map).
+
+    Returns this device's slice of ``tempered_softmax(concatenated logits, t)``, in the logits'
+    dtype. Collectives: pmax, then psum of the support size and one psum per solver pass.
+    """
+    _check_axis_name(axis_name)
+    logits = _as_logits(local_logits)
+    iters = _num_iters(num_iters)
+    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
+    check.check_t(t_value, "t")
+    if logits.size == 0:
+        return jnp.zeros(logits.shape, logits.dtype)
+    return _softmax(logits, t_, iters, axis_name)
+
+
+def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_name, label_smoothing=0.0,
+                                             num_iters=None, ignore_index=-100):
+    """Bi-tempered loss of rows whose classes are sharded over ``axis_name`` (call inside shard_map).
+
+    Args:
+        local_logits: [..., C_local], this device's contiguous slice of the classes (device i of
+            the axis holds classes [i C_local, (i + 1) C_local)).
+        labels: integer GLOBAL class indices of shape ``local_logits.shape[:-1]`` (an index outside
+            [0, C) other than ``ignore_index`` gives a NaN row), or dense labels sliced like the
+            logits.
+        axis_name: the mesh axis (or tuple of axes) that shards the classes.
+        t1, t2, label_smoothing, num_iters, ignore_index: as in ``bi_tempered_logistic_loss``;
+            smoothing uses the GLOBAL class count.
+
+    Returns the per-row losses (the same on every device of the axis); the custom gradient flows
+    to this device's slice.
+    """
+    _check_axis_name(axis_name)
+    logits = _as_logits(local_logits)
+    labels = _as_labels(labels)
+    check.labels_are_indices(logits.shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+    iters = _num_iters(num_iters)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    dtype = native.compute_dtype(logits.dtype)
+    t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
+    if logits.size == 0:
+        return jnp.zeros(logits.shape[:-1], dtype)
+    return _loss(logits, jnp.asarray(labels), t1_, t2_, s_, iters, int(ignore_index), axis_name)

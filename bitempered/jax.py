@@ -8,10 +8,17 @@ from bitempered.bindings.jax import (
 )
 from bitempered.bindings.jax_linear import linear_bi_tempered_logistic_loss
 
+from bitempered.bindings.jax_vocab_parallel import (
+    vocab_parallel_bi_tempered_logistic_loss,
+    vocab_parallel_tempered_softmax,
+)
+
 __all__ = [
     "linear_bi_tempered_logistic_loss",
     "bi_tempered_binary_logistic_loss",
     "bi_tempered_logistic_loss",
     "tempered_sigmoid",
     "tempered_softmax",
+    "vocab_parallel_bi_tempered_logistic_loss",
+    "vocab_parallel_tempered_softmax",
 ]

@@ -9,6 +9,11 @@ from bitempered.bindings.torch import (
 )
 from bitempered.bindings.torch_linear import LinearBiTemperedLogisticLoss, linear_bi_tempered_logistic_loss
 
+from bitempered.bindings.torch_vocab_parallel import (
+    vocab_parallel_bi_tempered_logistic_loss,
+    vocab_parallel_tempered_softmax,
+)
+
 __all__ = [
     "linear_bi_tempered_logistic_loss",
     "LinearBiTemperedLogisticLoss",
@@ -17,4 +22,6 @@ __all__ = [
     "bi_tempered_logistic_loss",
     "tempered_sigmoid",
     "tempered_softmax",
+    "vocab_parallel_bi_tempered_logistic_loss",
+    "vocab_parallel_tempered_softmax",
 ]

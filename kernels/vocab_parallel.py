@@ -1,0 +1,160 @@
+"""Vocab-parallel kernels: the fused loss split where the classes are sharded across devices.
+
+A device holds a slice [N, C_local] of the classes, so a row's sums must be all-reduced before
+the solver (or the gradient) can use them. The fused kernel of ``loss.py`` is therefore split at
+each reduction; the launcher runs the one solver's per-row update between the launches:
+
+- ``partial_sums_kernel``: (f, g) of this slice at a given normalizer y (one solver pass), plus
+  the support count D of the slice (first pass, t < 1) in the same launch;
+- ``epilogue_sums_kernel``: this slice's part of the loss, sum e and sum d at the converged y;
+- ``gradient_kernel``: the gradient of this slice from the reduced sums, d - e / sum(e) * sum(d),
+  times the per-row scale (0 for ignored rows, NaN for bad labels).
+
+Inputs of every kernel: the logits slice (native dtype; only the class stride is 1), the GLOBAL
+row max and y = -log p_max in natural units (fp32 [N]). Every pass streams the row in BLOCK_COLS
+chunks through the helpers of ``tempered_math.py`` (the Y of those helpers is y log2 e).
+"""
+
+import triton
+import triton.language as tl
+
+from .loss import label_tile
+from .tempered_math import (
+    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, safe_reciprocal, sums_at,
+)
+
+
+@triton.jit
+def _rows(n_rows, stride, BLOCK_ROWS: tl.constexpr):
+    """(row indices [R, 1], their mask, int64 row offsets) of this program."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
+    row_mask = rows < n_rows
+    return rows, row_mask, rows.to(tl.int64) * stride
+
+
+@triton.jit
+def partial_sums_kernel(
+    # input pointers: logits slice [N, C_local]; global row max [N] and y [N] (fp32)
+    logits_ptr, row_max_ptr, y_ptr,
+    # runtime scalars: the temperature
+    t,
+    # sizes, strides (elements)
+    n_rows, n_cols, stride_logits,
+    # output pointer: [N, 3] fp32 (f, g, D of this slice; D written only with COUNT_SUPPORT)
+    sums_ptr,
+    COUNT_SUPPORT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
+    row_ptr = logits_ptr + offsets
+    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+    one_minus_t = 1.0 - t
+    inv_one_minus_t = safe_reciprocal(one_minus_t)
+    f, g, _, _, _ = sums_at(y2, y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True, BLOCK_COLS)
+    out = sums_ptr + rows.to(tl.int64) * 3
+    tl.store(out, f, mask=row_mask)
+    tl.store(out + 1, g, mask=row_mask)
+    if COUNT_SUPPORT:
+        # the slice's count without the >= 1 floor (the floor applies to the reduced D)
+        count = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+        cols = tl.arange(0, BLOCK_COLS)[None, :]
+        for start in range(0, n_cols, BLOCK_COLS):
+            a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+            in_support = tl.sum((mask & (a0 > -inv_one_minus_t)).to(tl.float32), axis=1, keep_dims=True)
+            in_slice = tl.sum(mask.to(tl.float32), axis=1, keep_dims=True)
+            count += tl.where(one_minus_t > 0.0, in_support, in_slice)  # t >= 1: D = C
+        tl.store(out + 2, count, mask=row_mask)
+
+
+@triton.jit
+def _epilogue_chunk(row_ptr, label_row_ptr, idx, row_mask, cols, n_cols, mx, y2, t2, scale, add,
+                    one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES: tl.constexpr):
+    """(y, log_t1 y, y^(2-t1), log2 p, p, mask) of one chunk of a slice at the converged Y."""
+    a0, mask = load_shifted(row_ptr, row_mask, cols, n_cols, mx)
+    one_minus_t2 = 1.0 - t2
+    log2_p, p, _ = evaluate(a0, y2, one_minus_t2, safe_reciprocal(one_minus_t2))
+    y, log_t_y, pow_y = label_tile(label_row_ptr, idx, mask, cols, scale, add, one_minus_t1, inv_one_minus_t1,
+                                   two_minus_t1, LABELS_ARE_INDICES)
+    return y, log_t_y, pow_y, log2_p, p, mask
+
+
+@triton.jit
+def epilogue_sums_kernel(
+    # input pointers: logits slice [N, C_local]; labels: dense slice [N, C_local] or [N] class
+    # indices LOCAL to the slice (the global index minus the slice's first class; may be outside
+    # [0, C_local)); global row max [N] and converged y [N] (fp32)
+    logits_ptr, labels_ptr, row_max_ptr, y_ptr,
+    # runtime scalars: temperatures, smoothing y <- scale y + add (from the GLOBAL C)
+    t1, t2, scale, add,
+    # sizes, strides (elements)
+    n_rows, n_cols, stride_logits, stride_labels,
+    # output pointer: [N, 3] fp32 (loss, sum e, sum d of this slice)
+    sums_ptr,
+    LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
+    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+    idx = rows  # unused for dense labels
+    if LABELS_ARE_INDICES:
+        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    one_minus_t1 = 1.0 - t1
+    inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
+    two_minus_t1 = 2.0 - t1
+    loss = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    sum_e = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    sum_d = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    cols = tl.arange(0, BLOCK_COLS)[None, :]
+    label_rows = labels_ptr + rows.to(tl.int64) * stride_labels
+    for start in range(0, n_cols, BLOCK_COLS):
+        y, log_t_y, pow_y, log2_p, p, mask = _epilogue_chunk(
+            logits_ptr + offsets + start, label_rows + start, idx - start, row_mask, cols, n_cols - start, mx, y2,
+            t2, scale, add, one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
+        terms = loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1, two_minus_t1,
+                           1.0 / two_minus_t1)
+        loss += tl.sum(tl.where(mask, terms, 0.0), axis=1, keep_dims=True)
+        sum_e += tl.sum(tl.where(mask, tl.exp2(t2 * log2_p), 0.0), axis=1, keep_dims=True)
+        sum_d += tl.sum(tl.where(mask, grad_terms(y, log2_p, p, t2 - t1), 0.0), axis=1, keep_dims=True)
+    out = sums_ptr + rows.to(tl.int64) * 3
+    tl.store(out, loss, mask=row_mask)
+    tl.store(out + 1, sum_e, mask=row_mask)
+    tl.store(out + 2, sum_d, mask=row_mask)
+
+
+@triton.jit
+def gradient_kernel(
+    # input pointers: as epilogue_sums_kernel, plus the REDUCED sums [N, 3] (loss, sum e, sum d)
+    # and the per-row gradient scale [N] (fp32; 0: ignored row, NaN: bad label)
+    logits_ptr, labels_ptr, row_max_ptr, y_ptr, sums_ptr, row_scale_ptr,
+    # runtime scalars
+    t1, t2, scale, add,
+    # sizes, strides (elements)
+    n_rows, n_cols, stride_logits, stride_labels, stride_grad,
+    # output pointer: the gradient slice [N, C_local] (any float dtype; rounded once)
+    grad_ptr,
+    LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
+    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+    idx = rows  # unused for dense labels
+    if LABELS_ARE_INDICES:
+        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    sums = sums_ptr + rows.to(tl.int64) * 3
+    sum_e = tl.load(sums + 1, mask=row_mask, other=1.0)
+    sum_d = tl.load(sums + 2, mask=row_mask, other=0.0)
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    one_minus_t1 = 1.0 - t1
+    inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
+    two_minus_t1 = 2.0 - t1
+    cols = tl.arange(0, BLOCK_COLS)[None, :]
+    label_rows = labels_ptr + rows.to(tl.int64) * stride_labels
+    grad_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+    for start in range(0, n_cols, BLOCK_COLS):
+        y, _, _, log2_p, p, mask = _epilogue_chunk(
+            logits_ptr + offsets + start, label_rows + start, idx - start, row_mask, cols, n_cols - start, mx, y2,
+            t2, scale, add, one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
+        d = grad_terms(y, log2_p, p, t2 - t1)
+        grad = d - tl.exp2(t2 * log2_p) / sum_e * sum_d
+        grad = tl.where(row_scale == 0.0, 0.0, row_scale * grad)  # ignored rows: 0 even for inf/NaN logits
+        tl.store(grad_rows + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)

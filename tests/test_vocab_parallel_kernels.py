@@ -1,0 +1,123 @@
+"""Vocab-parallel Triton kernels (kernels/vocab_parallel.py) under the interpreter on CPU.
+
+The classes of each row are split into uneven slices (as ranks would hold them); each kernel's
+per-slice partial sums, added over the slices (what the all-reduce does), must equal the native
+backend's sums over the whole row at the same normalizer (float64 native: the truth), and the
+gradient kernel, given the reduced sums, must give each slice of the native gradient. BLOCK_COLS
+is small so every kernel streams several chunks and a masked tail.
+"""
+
+import os
+
+import pytest
+import torch
+
+from bitempered.bindings import torch_native as native
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA or the Triton interpreter"),
+    # the interpreter (numpy) warns on log2(0) = -inf of masked tails and p = 0 classes: expected
+    pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
+]
+
+C = 37
+SLICES = [(0, 13), (13, 30), (30, 37)]  # uneven, none a power of two
+BLOCK = dict(BLOCK_ROWS=2, BLOCK_COLS=8)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels():
+    from bitempered.kernels import vocab_parallel
+
+    return vocab_parallel
+
+
+def _logits(dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, C, generator=g, dtype=torch.float64) * 3.0
+    a[1, 30] += 30.0          # confident row, max in the last slice
+    a[2, [0, 14, 31]] = float("-inf")
+    return a.to(dtype)
+
+
+def _solved(logits, t2):
+    """(global row max [N], y = -log p_max [N], log p [N, C]) from the float64 native solver."""
+    a = logits.double()
+    log_p = native.tempered_log_softmax_rows(a, t2, None)
+    mx = a.amax(dim=-1)
+    return mx, -log_p.amax(dim=-1), log_p
+
+
+def _grid(n):
+    return ((n + BLOCK["BLOCK_ROWS"] - 1) // BLOCK["BLOCK_ROWS"],)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t2", [0.3, 0.7, 1.0, 1.6])
+def test_partial_sums_add_up_to_the_row_sums(t2, dtype):
+    kernels = _kernels()
+    logits = _logits(dtype)
+    mx, y, _ = _solved(logits, t2)
+    y = y + 0.05  # a normalizer off the root (as in a solver pass), f != 1
+    total = torch.zeros(5, 3, dtype=torch.float32)
+    for lo, hi in SLICES:
+        part = logits[:, lo:hi].contiguous().to(DEVICE)
+        sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
+        kernels.partial_sums_kernel[_grid(5)](part, mx.float().to(DEVICE), y.float().to(DEVICE), t2, 5, hi - lo,
+                                              part.stride(0), sums, COUNT_SUPPORT=True, **BLOCK)
+        total += sums.cpu()
+    a0 = native.shift_by_max(logits.double())
+    _, f, g = native._evaluate(a0, y.unsqueeze(-1), 1.0 - t2) if t2 != 1.0 else (
+        None, torch.exp(a0 - y.unsqueeze(-1)).sum(-1, keepdim=True), torch.exp(a0 - y.unsqueeze(-1)).sum(-1, keepdim=True))
+    support = (a0 > -1.0 / (1.0 - t2)).sum(-1) if t2 < 1.0 else torch.full((5,), C)
+    torch.testing.assert_close(total[:, 0].double(), f.squeeze(-1), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(total[:, 1].double(), g.squeeze(-1), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(total[:, 2].double(), support.double())
+
+
+@pytest.mark.parametrize("labels_kind", ["indices", "dense"])
+@pytest.mark.parametrize("t1, t2", [(0.8, 1.2), (0.5, 0.7), (1.0, 1.0), (1.5, 3.0), (0.2, 0.3)])
+def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
+    kernels = _kernels()
+    smoothing = 0.1
+    logits = _logits(torch.float32)
+    mx, y, log_p = _solved(logits, t2)
+    if labels_kind == "indices":
+        labels = torch.tensor([0, 30, 14, 36, 20])
+        dense = torch.nn.functional.one_hot(labels, C).double()
+    else:
+        w = -torch.log(torch.rand(5, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        dense = labels = w / w.sum(-1, keepdim=True)
+    add = smoothing / (C - 1)
+    scale = 1.0 - C * add
+    want_loss, want_grad = native.loss_and_grad_rows(log_p, scale * dense + add, t1, t2, True)
+    escort = torch.exp(t2 * log_p)
+    forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(torch.float64).min))
+    d = ((torch.exp(log_p) - (scale * dense + add)) * forget).masked_fill(torch.isneginf(log_p), 0.0)
+    total = torch.zeros(5, 3, dtype=torch.float32)
+    row_scale = torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5])  # row 2 ignored: gradient 0
+    parts = []
+    for lo, hi in SLICES:
+        part = logits[:, lo:hi].contiguous().to(DEVICE)
+        local = (labels - lo) if labels_kind == "indices" else labels[:, lo:hi].float().contiguous()
+        local = local.to(DEVICE)
+        stride_labels = 0 if labels_kind == "indices" else local.stride(0)
+        sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
+        args = (part, local, mx.float().to(DEVICE), y.float().to(DEVICE))
+        kernels.epilogue_sums_kernel[_grid(5)](*args, t1, t2, scale, add, 5, hi - lo, part.stride(0), stride_labels,
+                                               sums, LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
+        total += sums.cpu()
+        parts.append((args, hi - lo, stride_labels))
+    torch.testing.assert_close(total[:, 0].double(), want_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(total[:, 1].double(), escort.sum(-1), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(total[:, 2].double(), d.sum(-1), rtol=2e-5, atol=2e-6)
+    reduced = total.to(DEVICE)
+    for (lo, hi), (args, width, stride_labels) in zip(SLICES, parts):
+        grad = torch.full((5, width), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        kernels.gradient_kernel[_grid(5)](*args, reduced, row_scale.float().to(DEVICE), t1, t2, scale, add, 5, width,
+                                          args[0].stride(0), stride_labels, grad.stride(0), grad,
+                                          LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
+        want = (want_grad * row_scale.unsqueeze(-1))[:, lo:hi]
+        torch.testing.assert_close(grad.cpu().double(), want, rtol=1.6e-2, atol=1e-3)

@@ -36,13 +36,16 @@ def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with the products summed in acc's dtype (fp32): never rounded to bf16 between chunks."""
+    """acc += a @ b, the running sum over chunks kept in acc's dtype (fp32), never rounded to bf16."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # bf16 tensor cores, fp32 output
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # bf16 tensor cores with an fp32 output
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the chunk's product rounds once
+            acc.add_(torch.mm(a, b))
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # CPU: no fast bf16 GEMM to keep anyway
 
 
 def _chunk_gradient(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend, row_scale,

@@ -4,7 +4,8 @@ Every provider computes ``loss = mean_i L(hidden @ W.T + b, labels)`` and its gr
 hidden, W and b (fwd+bwd, one step). Each (provider, cell) runs in a FRESH subprocess, so that one
 provider's caches and allocator pools never count against another. Reported per provider:
 
-- time: min and median wall-clock (CUDA: synchronized) over ``--repeats`` steps after a warm-up step.
+- time: min and median wall-clock (CUDA: synchronized) over ``--repeats`` steps after a warm-up step
+  (on CPU the memory-measured step counts as one more).
 - peak extra memory, above what the inputs and the parameters' ``.grad`` buffers already hold:
   torch CPU: peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up step,
   which also holds torch.compile's compilation) minus the RSS before the measured step;
@@ -125,9 +126,11 @@ def run_torch(args, arrays, truth):
             p.grad = None
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         base_kb = _rss_kb("VmRSS")
+        start = time.perf_counter()
         loss = step()
+        measured = time.perf_counter() - start
         peak = (_rss_kb("VmHWM") - base_kb) * 1024 - grads_bytes
-    times = []
+    times = [measured] if device.type == "cpu" else []  # a steady-state step too (after the warm-up)
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()

@@ -197,3 +197,18 @@ def test_two_ranks_match_unsharded_bad_input_group_of_one_dtensor():
 
 def test_three_ranks_match_unsharded_collectives_are_passes_plus_three():
     run_ranks(_three_ranks, 3, TIMEOUT_S)
+
+
+def test_perf_workload_reports_collectives_and_bytes(tmp_path):
+    import json
+
+    from perf import vocab_parallel
+
+    vocab_parallel.main(["--ranks", "2", "--rows", "16", "--classes", "50", "--repeats", "1", "--timeout",
+                         str(TIMEOUT_S), "--out", str(tmp_path)])
+    (row,) = [json.loads(line) for line in (tmp_path / "vocab_parallel.jsonl").read_text().splitlines()]
+    # (its "passes" are derived from the count; the count itself is checked in _collective_count)
+    assert row["ranks"] == 2 and 4 <= row["collectives"] <= 3 + 30 and row["min_s"] > 0, row
+    # the P x 10 fp64 check, then O(N) fp32 values per collective: far below the 16 x 25 logits per pass
+    assert row["bytes_sent"] <= 2 * 10 * 8 + 4 * 16 * (2 + 3 * row["passes"] + 3), row
+    assert (tmp_path / "vocab_parallel_last.md").exists()

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import jax_native as native
+from . import jax_native_loss as native_loss
 from . import validation as check
 
 BACKENDS = ("auto", "xla", "triton")
@@ -276,21 +277,63 @@ def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
     return loss, grad
 
 
+def _xla_labels(labels, dtype, num_classes, ignore_index, label_smoothing):
+    """(function building the smoothed dense labels, kept rows, invalid rows) of dense labels or
+    class indices. The one-hot rows are a comparison XLA fuses into their consumers (never an
+    N x C array) as long as they are built where they are used: hence a function."""
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        indices = _widen_indices(labels)
+        kept = indices != ignore_index
+        invalid = kept & ((indices < 0) | (indices >= num_classes))
+
+        def dense():
+            y = native.dense_labels_from_indices(indices, num_classes, dtype, ignore_index)[0]
+            return native.smooth_labels(y, label_smoothing)
+
+        return dense, kept, invalid, indices
+    return (lambda: native.smooth_labels(labels.astype(dtype), label_smoothing)), None, None, None
+
+
+def _mask_rows(values, kept, invalid):
+    """Ignored rows 0, invalid class indices NaN (per-row values, or [..., C] rows)."""
+    if kept is None:
+        return values
+    extra = (None,) * (values.ndim - kept.ndim)
+    kept, invalid = kept[(...,) + extra], invalid[(...,) + extra]
+    return jnp.where(kept, jnp.where(invalid, jnp.nan, values), 0.0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
-    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, False, backend)[0]
+    return _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend)[0]
 
 
 def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
-    loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, True, backend)
-    # The unit gradient stays in the compute dtype; the zero-size array only carries the logits'
-    # dtype to the backward rule, which rounds once to it.
-    return loss, (grad, jnp.zeros((0,), logits.dtype))
+    if backend == "triton":
+        loss, grad = _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, True, backend)
+        # The unit gradient stays in the compute dtype; the zero-size array only carries the
+        # logits' dtype to the backward rule, which rounds once to it.
+        return loss, (grad, jnp.zeros((0,), logits.dtype))
+    # XLA: per-row statistics only; the backward rebuilds the gradient (bindings/jax_native_loss.py)
+    y, kept, invalid, indices = _xla_labels(labels, t1.dtype, logits.shape[-1], ignore_index, label_smoothing)
+    target = None
+    if kept is not None:  # class indices: the cross-entropy branch gathers the target logit
+        target = jnp.where(kept & ~invalid, indices, 0)
+    loss, stats = native_loss.forward(logits.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing)
+    return _mask_rows(loss, kept, invalid), (logits, labels, t1, t2, label_smoothing, stats)
 
 
 def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
-    grad, like_logits = residuals
-    grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
+    if backend == "triton":
+        grad, like_logits = residuals
+        grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
+    else:
+        logits, labels, t1, t2, label_smoothing, stats = residuals
+        y, kept, invalid, _ = _xla_labels(labels, t1.dtype, logits.shape[-1], ignore_index, label_smoothing)
+        upstream = grad_loss[..., None].astype(t1.dtype)
+        grad = native_loss.backward(logits.astype(t1.dtype), y, stats, t1, t2, upstream,
+                                    lambda values: _mask_rows(values, kept, invalid))
+        grad_logits = grad.astype(logits.dtype)
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
     return grad_logits, None, None, None, None
 

@@ -1,0 +1,149 @@
+"""The JAX (XLA) loss as a forward that keeps per-row statistics and a backward that rebuilds the
+gradient from them: no N x C residual.
+
+``bindings/jax_native.py`` holds the math (solver, loss and gradient terms). Saving the gradient
+of the forward as the residual (what the Triton path does) costs an N x C buffer written by the
+forward and read by the backward, plus the product with the upstream gradient in another. Here
+the forward keeps, per row, the shift ``max(a)``, the normalizer ``Y = -log p_max`` and
+``ratio = sum(d) / sum(p^t2)``; the backward recomputes, elementwise and fused by XLA with the
+upstream multiply,
+
+    log p = log p(a - max(a); Y)  (the solver's own formula),   d = (p - y) p^(t2 - t1),
+    dL/da = g (d - p^t2 ratio)
+
+which is SPEC's closed form (e = p^t2 / sum p^t2). So ``jit(value_and_grad)`` holds the logits,
+labels and the returned gradient, and O(N) besides.
+
+At t1 = t2 = 1 (cross-entropy) a ``lax.cond`` takes a lean branch in both passes: a logsumexp
+forward and ``g (p - y - p sum(d))`` backward, the same values as the tempered branch at t = 1.
+Branches are chosen at run time from the traced temperatures: one compiled program for every
+temperature value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import jax_native as native
+
+
+def _row_sum(x):
+    return jnp.sum(x, axis=-1, keepdims=True)
+
+
+def _row_sums(*xs):
+    """Several row sums, each [..., 1] (separate reductions: XLA:CPU vectorizes those, while a
+    variadic reduce ran several times slower, measured)."""
+    return tuple(_row_sum(x) for x in xs)
+
+
+def _gradient_terms(log_p, y, t1, t2):
+    """(p, d, p^t2): d = (p - y) p^(t2 - t1), 0 only where p is exactly 0 (log p = -inf)."""
+    p = jnp.exp(log_p)
+    positive = log_p > -jnp.inf
+    d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * jnp.where(positive, log_p, 0.0)), 0.0)
+    return p, d, jnp.exp(t2 * log_p)
+
+
+def _is_cross_entropy(t1, t2):
+    return (t1 == 1) & (t2 == 1)
+
+
+def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
+    """Per-row loss [...] and the residual row statistics (shift, Y, ratio), each [..., 1].
+
+    ``a``: logits in the compute dtype [..., C]; ``labels()``: a function returning the smoothed
+    dense labels of the same shape, called inside each branch so that XLA fuses them (an
+    elementwise expression, e.g. a one-hot comparison) instead of passing an N x C array into the
+    ``lax.cond``. With class indices,
+    ``target`` [...] and ``smoothing`` let the cross-entropy branch read the target logit by a
+    gather from ``a`` itself instead of reducing over ``y``.
+
+    XLA:CPU notes (measured, jax 0.10): separate row sums, not a variadic reduce (several times
+    slower); N x C values are built inside the branch that uses them (a ``lax.cond`` operand or
+    closed-over N x C value is materialized). Dense labels at t1 = t2 = 1 still cost about 2x
+    optax's cross-entropy here: the selects of SPEC's exact-zero rules inside the row sums.
+    """
+    shift = jnp.max(a, axis=-1, keepdims=True)
+    # a gather from a0 (a select) would materialize it: gather from a, shift the one value per row
+    a_target = None if target is None else jnp.take_along_axis(a, target[..., None], axis=-1)
+
+    def shifted(x):
+        return jnp.where(x == shift, 0.0, x - shift)
+
+    def cross_entropy(a):
+        y = labels()
+        a0 = shifted(a)
+        y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
+        if target is None:
+            # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
+            # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
+            y_log_y = jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0)
+            y_a0 = jnp.where(y > 0, y * a0, 0.0)
+            y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
+            cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
+            loss = cross + y_norm * y_sum - y_sum + 1.0
+            return loss[..., 0], y_norm, 1.0 - y_finite  # ratio = sum d / sum p, sum p = 1
+        num_classes = a.shape[-1]
+        off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
+        on = 1.0 - smoothing
+        a0_target = shifted(a_target)
+        log_p_target = a0_target - y_norm
+
+        def x_log_x(v):
+            return jnp.where(v > 0, v * jnp.log(jnp.where(v > 0, v, 1.0)), 0.0)
+
+        def off_target():  # label mass off the target (smoothing): sum log p, count of p > 0
+            a0 = shifted(a)  # recomputed here: a closed-over N x C value would be materialized
+            log_p_sum, positive = _row_sums(a0, (a0 > -jnp.inf).astype(a.dtype))
+            return log_p_sum - num_classes * y_norm, positive
+
+        # without smoothing (the usual case) those two sums are skipped at run time
+        log_p_sum, positive = lax.cond(off > 0, off_target, lambda: (jnp.zeros_like(y_norm),) * 2)
+        # sum y log y - sum y log p of the smoothed one-hot row (sum y = sum p = 1 cancel)
+        loss = x_log_x(on) + (num_classes - 1) * x_log_x(off) - (on - off) * log_p_target - off * log_p_sum
+        ratio = 1.0 - (on - off) * (a0_target > -jnp.inf) - off * positive
+        return loss[..., 0], y_norm, ratio
+
+    def tempered(a):
+        y = labels()
+        log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
+        y_norm = -jnp.max(log_p, axis=-1, keepdims=True)  # p_max sits at a0 = 0
+        two_minus_t1 = 2.0 - t1
+        y_log_ratio = jnp.where(y > 0, y * (native.log_t(y, t1) - native.log_t_from_log(log_p, t1)), 0.0)
+        power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
+        loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
+        _, d, escort = _gradient_terms(log_p, y, t1, t2)
+        return loss, y_norm, _row_sum(d) / _row_sum(escort)
+
+    loss, y_norm, ratio = lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
+    return loss, (shift, y_norm, ratio)
+
+
+def backward(a, labels, stats, t1, t2, upstream, mask_rows=lambda values: values):
+    """upstream [..., 1] x dL/da [..., C] from the forward's row statistics (compute dtype).
+
+    ``labels`` as in :func:`forward`; ``mask_rows`` sets ignored rows to 0 and invalid ones to NaN
+    (applied inside each branch, fused with the gradient: outside it would be one more N x C pass).
+    """
+    shift, y_norm, ratio = stats
+
+    def shifted(a):  # inside each branch: a cond operand would be materialized
+        return jnp.where(a == shift, 0.0, a - shift)
+
+    def cross_entropy(a):
+        y = labels()
+        log_p = shifted(a) - y_norm
+        p = jnp.exp(log_p)
+        d = jnp.where(log_p > -jnp.inf, p - y, 0.0)
+        return mask_rows(upstream * (d - p * ratio))
+
+    def tempered(a):
+        y = labels()
+        log_p = native._log_p_at(shifted(a), y_norm, 1.0 - t2)[0]  # the solver's own formula
+        _, d, escort = _gradient_terms(log_p, y, t1, t2)
+        return mask_rows(upstream * (d - escort * ratio))
+
+    return lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)

@@ -151,11 +151,17 @@ def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
         y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
         done |= (y_new - y).abs() <= ulp4 * torch.clamp(y.abs(), min=1.0)
         if compact:
-            log_p.index_copy_(0, active, row_log_p)
             passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
             keep = ~done.squeeze(-1)
-            if not bool(keep.any()):
+            if step == MAX_PASSES - 1 or not bool(keep.any()):
+                if active.numel() == num_rows:  # every row ran every pass: no copy
+                    return row_log_p, passes
+                log_p.index_copy_(0, active, row_log_p)
                 break
+            # each row's log p is stored once, in the pass it finished in
+            finished_now = ~keep
+            if bool(finished_now.any()):
+                log_p.index_copy_(0, active[finished_now], row_log_p[finished_now])
             active, live = active[keep], live[keep]
             y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
         else:
@@ -225,12 +231,15 @@ def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ig
     return onehot, kept
 
 
-def _exact_zeros(log_p: torch.Tensor) -> torch.Tensor:
-    """Where p is exactly 0 (SPEC "Zero versus underflow"): log p = -inf, i.e. outside the finite
-    support (t2 < 1) or a -inf logit. Only there is d = (p - y) p^(t2 - t1) set to 0 (the formula
-    would give 0 * inf); a p that merely underflows keeps p^(t2 - t1) from its finite log p, so a
-    confidently wrong row still gets d_target = -y at t1 = t2 (cross-entropy's gradient)."""
-    return torch.isneginf(log_p)
+def _zero_where_p_is_zero_(d: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """d = 0 where p is exactly 0 (SPEC "Zero versus underflow"): log p = -inf, i.e. outside the
+    finite support (t2 < 1) or a -inf logit (the formula would give 0 * inf there). A p that merely
+    underflows keeps p^(t2 - t1) from its finite log p, so a confidently wrong row still gets
+    d_target = -y at t1 = t2 (cross-entropy's gradient). Eager mode skips the fill when no p is 0."""
+    zeros = torch.isneginf(log_p)
+    if torch.compiler.is_compiling() or bool(zeros.any()):
+        d.masked_fill_(zeros, 0.0)
+    return d
 
 
 def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: bool,
@@ -250,7 +259,7 @@ def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: 
         return loss.squeeze(-1), None
     p = torch.exp(log_p)
     forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
-    d = (p - y).mul_(forget).masked_fill_(_exact_zeros(log_p), 0.0)
+    d = _zero_where_p_is_zero_((p - y).mul_(forget), log_p)
     escort = torch.exp(t2 * log_p)
     loss, escort_sum, d_sum = rows.sum(terms.sum(dim=-1, keepdim=True), escort.sum(dim=-1, keepdim=True),
                                        d.sum(dim=-1, keepdim=True))
@@ -297,7 +306,7 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
         forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
         d = (p - off).mul_(forget)
         d.scatter_add_(-1, target, -(on - off) * forget.gather(-1, target))
-    d.masked_fill_(_exact_zeros(log_p), 0.0)
+    _zero_where_p_is_zero_(d, log_p)
     escort = p.clone() if t2 == 1.0 else torch.exp(t2 * log_p)
     escort.div_(escort.sum(dim=-1, keepdim=True))
     return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))

@@ -159,8 +159,21 @@ def _scale_saved_grad(ctx, grad_loss, _unused):
     if not ctx.need_grad:
         raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
     upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
-    scaled = grad.mul_(upstream) if _scale_in_place(grad) else grad * upstream
+    if not _scale_in_place(grad):
+        scaled = grad * upstream
+    elif _is_host_one(grad_loss):
+        # the usual loss.backward() of a reduced loss: no pass over N x C; the version bump keeps
+        # the second-backward check that mul_ would have triggered
+        torch.autograd.graph.increment_version(grad)
+        scaled = grad
+    else:
+        scaled = grad.mul_(upstream)
     return (scaled,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def _is_host_one(grad_loss: Tensor) -> bool:
+    """A CPU scalar upstream gradient equal to 1 (reading it costs no device sync)."""
+    return grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
 
 
 loss_op.register_autograd(_scale_saved_grad, setup_context=_save_grad)

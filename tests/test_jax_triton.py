@@ -20,6 +20,7 @@ import pytest
 
 import reference as ref
 from bitempered import jax as bj
+from interpreter_warnings import EXPECTED as pytestmark  # noqa: E402  (the interpreter's expected warnings)
 
 
 def _real_jax_triton() -> bool:

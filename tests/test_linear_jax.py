@@ -11,8 +11,16 @@ import pytest
 import reference as ref
 from bitempered import jax as bj
 from test_jax_triton import triton_backend  # noqa: F401  (the fixture: real jax-triton or the stand-in)
+from interpreter_warnings import EXPECTED as pytestmark  # noqa: E402  (the interpreter's expected warnings)
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for this module's tests only (a module-level config switch would leak into every
+    later test module of the session)."""
+    with jax.enable_x64(True):
+        yield
 
 N, H, C, CHUNK = 13, 7, 11, 4  # 4 chunks, the last one of 1 row (padded to 4 inside the scan)
 TEMPS = [(0.7, 1.3), (1.0, 1.0), (0.5, 0.8), (1.3, 1.1)]

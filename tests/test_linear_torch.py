@@ -10,6 +10,7 @@ import reference as ref
 from bitempered import torch as bt
 from bitempered.bindings import linear_chunks
 from bitempered.bindings import torch_linear
+from interpreter_warnings import EXPECTED as pytestmark  # noqa: E402  (the interpreter's expected warnings)
 
 N, H, C, CHUNK = 13, 7, 11, 4  # 4 chunks, the last one of 1 row
 TEMPS = [(0.7, 1.3), (1.0, 1.0), (0.5, 0.8), (1.3, 1.1)]

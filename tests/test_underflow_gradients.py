@@ -20,17 +20,13 @@ import reference as ref
 from bitempered import jax as bj
 from bitempered import torch as bt
 from bitempered.kernels import launch_config
+from interpreter_warnings import EXPECTED
 from test_jax_triton import triton_backend  # noqa: F401  (fixture: real jax-triton or the interpreter stand-in)
+
+pytestmark = EXPECTED  # the interpreter's expected warnings (tests/interpreter_warnings.py)
 
 # (t1, t2): equal temperatures at and away from 1, t2 < t1 and t2 > t1 near 1 (where p still
 # underflows: heavy tails at t2 > 1 decay like a power, not exponentially).
-# Triton's interpreter evaluates both sides of every tl.where in numpy: log2(0) and 0 * inf in the
-# branch that is selected away (p = 0 classes, masked columns) are expected there and harmless.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:invalid value encountered in (subtract|multiply|divide):RuntimeWarning"),
-]
-
 TEMPERATURES = [(1.0, 1.0), (0.999, 0.999), (1.2, 1.2), (1.0, 0.999), (1.2, 0.999), (0.999, 1.0)]
 GAPS_FLOAT32 = [90.0, 110.0, 250.0]
 GAP_FLOAT64 = 800.0

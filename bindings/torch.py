@@ -178,6 +178,16 @@ def _check_indices(labels: torch.Tensor, num_classes: int, ignore_index: int) ->
                          f"({ignore_index}): {values[bad][:5].tolist()}")
 
 
+def _label_kind(logits_shape, labels) -> bool:
+    """True for class indices, False for dense labels; TypeError/ValueError for anything else
+    (shared by the plain, fused-linear and vocab-parallel losses)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
+    return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
+
+
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
                               reduction="mean", ignore_index=-100, backend="auto", inplace_backward=False):
     """Bi-tempered logistic loss (Amid et al., 2019) over the last axis.
@@ -205,11 +215,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         return vocab_parallel.dtensor_loss(logits, labels, t1, t2, label_smoothing, num_iters, reduction,
                                            ignore_index, backend, inplace_backward)
     _check_logits(logits)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
-    indices = check.labels_are_indices(logits.shape, labels.shape, not labels.dtype.is_floating_point)
+    indices = _label_kind(logits.shape, labels)
     check.check_reduction(reduction)
     iters = _num_iters(num_iters)
     smoothing, concrete_smoothing = _label_smoothing(label_smoothing, logits.device)

@@ -256,11 +256,7 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     _check_operands(hidden, weight, bias)
     num_classes = weight.shape[0]
     logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
-    indices = api.check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
+    indices = api._label_kind(logits_shape, labels)
     api.check.check_reduction(reduction)
     iters = api._num_iters(num_iters)
     smoothing, smoothing_value = api._label_smoothing(label_smoothing, hidden.device)

@@ -154,15 +154,11 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     Returns the loss (the same on every rank); the gradient flows to this rank's slice. Every rank
     must call it (collectives). See the module docstring for the collective count.
     """
-    from .torch import (_check_dense_labels, _check_indices, _check_logits, _empty_loss, _label_smoothing,
-                        _num_iters, _rows, _temperature)
+    from .torch import (_check_dense_labels, _check_indices, _check_logits, _empty_loss, _label_kind,
+                        _label_smoothing, _num_iters, _rows, _temperature)
 
     _check_logits(local_logits)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
-    indices = check.labels_are_indices(local_logits.shape, labels.shape, not labels.dtype.is_floating_point)
+    indices = _label_kind(local_logits.shape, labels)
     check.check_reduction(reduction)
     check.check_backend(backend, ("auto", "torch"))
     iters = _num_iters(num_iters)

@@ -18,7 +18,7 @@ provider's caches and allocator pools never count against another. Reported per 
 Shapes ``NxHxC``; CPU default: the issue's acceptance cell 4096x256x50000 fp32. GPU (``--device cuda``)
 defaults: the issue's bf16 targets 8192x4096x128256 and 16384x2048x262144 (peak extra memory <= 1/8 of
 materialized; at t1 = t2 = 1 time within 1.2x of Liger's fused linear cross-entropy).
-Results: rows (JSON lines) appended to ``perf/results/<device-slug>/linear.jsonl`` and the table of this run
+Results: rows (JSON lines) appended to ``<out>/linear.jsonl`` (default ``perf/out/<device-slug>/``, git-ignored) and the table of this run
 printed (markdown) and written to ``linear_last.md`` there.
 """
 
@@ -252,7 +252,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout-s", type=float, default=900, help="per provider x cell subprocess")
     p.add_argument("--no-truth", action="store_true", help="skip the float64 gradients (no error columns)")
-    p.add_argument("--out", type=Path, help="default perf/results/<device-slug>")
+    p.add_argument("--out", type=Path, help="default perf/out/<device-slug> (git-ignored); perf/results/... to record")
     # child mode (one provider, one cell; prints one JSON line)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--provider", help=argparse.SUPPRESS)
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = args.shapes or ["x".join(map(str, s)) for s in (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)]
     dtypes = args.dtypes or (["bf16"] if device.type == "cuda" else ["fp32"])
-    out = args.out or measure.REPO / "perf" / "results" / measure.device_slug(device)
+    out = args.out or measure.REPO / "perf" / "out" / measure.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     rows, scratch = [], Path(tempfile.mkdtemp(prefix="perf-linear-"))
     for shape, dtype, temps in ((s, d, t) for s in shapes for d in dtypes for t in args.temps):

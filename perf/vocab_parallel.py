@@ -11,7 +11,7 @@ one rank sends into them (the sum of their tensors' sizes: O(N), never N x C).
 
 CPU default: N = 4096, C = 32000, fp32, (t1, t2) = (0.8, 1.2). Note that P ranks on a machine with
 fewer than P free cores share them: CPU times show the overhead of the collectives, not a speed-up.
-Rows (JSON lines) are appended to ``perf/results/<device-slug>/vocab_parallel.jsonl`` and the table
+Rows (JSON lines) are appended to ``<out>/vocab_parallel.jsonl`` (default ``perf/out/<device-slug>/``, git-ignored) and the table
 of the run is printed (markdown).
 """
 
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per rank count")
-    parser.add_argument("--out", help="default perf/results/<device-slug>")
+    parser.add_argument("--out", help="default perf/out/<device-slug> (git-ignored); perf/results/... to record")
     args = parser.parse_args(argv)
 
     import torch
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     from perf import measure
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    out = args.out or str(measure.REPO / "perf" / "results" / measure.device_slug(device))
+    out = args.out or str(measure.REPO / "perf" / "out" / measure.device_slug(device))
     os.makedirs(out, exist_ok=True)
     rows = []
     for world_size in args.ranks:

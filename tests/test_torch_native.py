@@ -1,11 +1,14 @@
 """PyTorch API on the native backend against the float64 reference (tests/reference.py)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import reference as ref
 from bitempered import torch as bt
+from bitempered.bindings import torch_native as native
 
 T2_VALUES = [0.3, 0.8, 1.0, 1.2, 2.0, 4.0]
 LEADING_SHAPES = [(), (3,), (2, 5)]
@@ -263,3 +266,16 @@ def test_module_matches_function_and_temperature_tensors():
     module.t1, module.t2 = torch.tensor(0.7), torch.tensor(1.3)
     assert torch.allclose(module(a, idx), bt.bi_tempered_logistic_loss(a, idx, 0.7, 1.3, 0.1))
     assert "t1=" in repr(module)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_flushed_is_exp_except_for_subnormal_results(dtype):
+    """exp_flushed (the native solver's exp where log p = -inf is common): exp itself on the normal
+    range, 0 for -inf and for results at the subnormal end, NaN and +inf propagated."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([0.0, -3.5, 20.0, math.log(tiny) + 2.0, math.log(tiny) - 5.0, -1e30,
+                      -math.inf, math.inf, math.nan], dtype=dtype)
+    got = native.exp_flushed(x)
+    torch.testing.assert_close(got[:4], torch.exp(x[:4]), rtol=2 * torch.finfo(dtype).eps, atol=0.0)
+    assert got[3] > 0  # the smallest kept results are normal numbers, not flushed
+    assert (got[4:7] == 0).all() and got[7] == math.inf and torch.isnan(got[8])

@@ -67,6 +67,18 @@ def partial_sums_kernel(
 
 
 @triton.jit
+def _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES: tl.constexpr):
+    """Per-row (global max, Y = y log2 e, class index) of the epilogue and gradient kernels (the
+    index is the row number, unused, for dense labels)."""
+    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+    idx = rows
+    if LABELS_ARE_INDICES:
+        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    return mx, y2, idx
+
+
+@triton.jit
 def _epilogue_chunk(row_ptr, label_row_ptr, idx, row_mask, cols, n_cols, mx, y2, t2, scale, add,
                     one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES: tl.constexpr):
     """(y, log_t1 y, y^(2-t1), log2 p, p, mask) of one chunk of a slice at the converged Y."""
@@ -93,11 +105,7 @@ def epilogue_sums_kernel(
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
-    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
-    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
-    idx = rows  # unused for dense labels
-    if LABELS_ARE_INDICES:
-        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    mx, y2, idx = _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES)
     one_minus_t1 = 1.0 - t1
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
     two_minus_t1 = 2.0 - t1
@@ -135,11 +143,7 @@ def gradient_kernel(
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
-    mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
-    y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
-    idx = rows  # unused for dense labels
-    if LABELS_ARE_INDICES:
-        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    mx, y2, idx = _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES)
     sums = sums_ptr + rows.to(tl.int64) * 3
     sum_e = tl.load(sums + 1, mask=row_mask, other=1.0)
     sum_d = tl.load(sums + 2, mask=row_mask, other=0.0)

@@ -152,15 +152,7 @@ def _as_operand(value, name: str):
 
 
 def _check_shapes(hidden, weight, bias) -> None:
-    if hidden.ndim < 1:
-        raise ValueError("hidden must have at least one axis ([..., H]), got a scalar")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's second dim "
-                         f"(weight [C, H] = {tuple(weight.shape)}); hidden shape {tuple(hidden.shape)}")
+    check.check_linear_shapes(hidden.shape, weight.shape)
     if jnp.dtype(hidden.dtype) != jnp.dtype(weight.dtype):
         raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:

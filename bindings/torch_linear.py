@@ -24,6 +24,7 @@ import torch
 
 from . import linear_chunks
 from . import torch_native as native
+from . import validation as check
 from .torch_ops import _grad_scale, _native_loss, _reduce, _triton
 
 Tensor = torch.Tensor
@@ -208,15 +209,7 @@ def _check_operands(hidden, weight, bias) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one axis ([..., H]), got a scalar")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's second dim "
-                         f"(weight [C, H] = {tuple(weight.shape)}); hidden shape {tuple(hidden.shape)}")
+    check.check_linear_shapes(hidden.shape, weight.shape)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
     if hidden.device != weight.device:

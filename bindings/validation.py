@@ -102,3 +102,17 @@ def check_binary_shapes(logits_shape, labels_shape) -> None:
         raise ValueError(
             "binary labels must have the logits' shape: "
             f"labels shape {tuple(labels_shape)}, logits shape {tuple(logits_shape)}")
+
+
+def check_linear_shapes(hidden_shape, weight_shape) -> None:
+    """hidden [..., H] and weight [C, H] (the nn.Linear layout) of the fused linear losses."""
+    hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
+    if len(hidden_shape) < 1:
+        raise ValueError("hidden must have at least one axis ([..., H]), got a scalar")
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {weight_shape}")
+    if weight_shape[0] < 1:
+        raise ValueError(f"weight must have at least one class (C >= 1), got shape {weight_shape}")
+    if hidden_shape[-1] != weight_shape[1]:
+        raise ValueError(f"hidden's last dim ({hidden_shape[-1]}) must equal weight's second dim "
+                         f"(weight [C, H] = {weight_shape}); hidden shape {hidden_shape}")

@@ -25,10 +25,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+INIT_FAILED = "gloo process group could not be set up on port"
+
+
 def _entry(rank, fn, world_size, port, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the few cores of a CI machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    except Exception as error:  # e.g. the free port was taken again before the store bound it
+        raise RuntimeError(f"{INIT_FAILED} {port}: {error}") from error
     try:
         fn(rank, world_size, *args)
     finally:
@@ -36,6 +42,17 @@ def _entry(rank, fn, world_size, port, args):
 
 
 def run_ranks(fn, world_size: int, timeout_s: float, *args) -> None:
+    """Runs the ranks; a failure to set up the process group itself (an infrastructure race on the
+    free port, not the code under test) is retried once on a new port."""
+    try:
+        _run_once(fn, world_size, timeout_s, *args)
+    except mp.ProcessRaisedException as error:
+        if INIT_FAILED not in str(error):
+            raise
+        _run_once(fn, world_size, timeout_s, *args)
+
+
+def _run_once(fn, world_size: int, timeout_s: float, *args) -> None:
     context = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s

@@ -108,6 +108,55 @@ def _evaluate(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float):
     return log_p, f, g
 
 
+def _log_p_at(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float) -> torch.Tensor:
+    """log p at y without the sums (the original algorithm's final evaluation), t != 1."""
+    z = (a0 * (one_minus_t * torch.exp(one_minus_t * y))).clamp_(min=-1.0)
+    return torch.log1p(z).div_(one_minus_t).sub_(y)
+
+
+class ShiftedRows:
+    """The solver's row evaluations (``RowSums``) on max-shifted rows a0 [N, C] held in memory.
+
+    It keeps each row's log p of its last evaluation, stored once, when the row leaves the working
+    set (or at the end): ``log_p()`` after the solver returns. t != 1.
+    """
+
+    def __init__(self, a0: torch.Tensor, t: float):
+        self.a0, self.one_minus_t = a0, 1.0 - t
+        self.live, self.active = a0, None  # the rows still iterating (None: every row)
+        self.last = None                   # log p of the live rows at their last evaluation
+        self.stored = None                 # log p of the rows that left
+
+    def support(self) -> torch.Tensor:
+        if self.one_minus_t > 0.0:  # the classes that can have p > 0
+            return (self.live > -1.0 / self.one_minus_t).sum(dim=-1, keepdim=True).to(self.a0.dtype)
+        return torch.full((self.live.shape[0], 1), self.a0.shape[-1], dtype=self.a0.dtype, device=self.a0.device)
+
+    def sums(self, y, keep=None, support=False):
+        if keep is not None:
+            self._drop(keep)
+        count = self.support() if support else None
+        self.last, f, g = _evaluate(self.live, y, self.one_minus_t)
+        return (f, g, count) if support else (f, g)
+
+    def _drop(self, keep: torch.Tensor) -> None:
+        if self.active is None:
+            self.active = torch.arange(self.a0.shape[0], device=self.a0.device)
+            self.stored = torch.empty_like(self.a0)
+        leaving = ~keep
+        if bool(leaving.any()):
+            self.stored.index_copy_(0, self.active[leaving], self.last[leaving])
+        self.active, self.live, self.last = self.active[keep], self.live[keep], self.last[keep]
+
+    def log_p(self) -> torch.Tensor:
+        if self.active is None:  # every row ran every pass: no copy
+            return self.last
+        return self.stored.index_copy_(0, self.active, self.last)
+
+    def log_p_at(self, y: torch.Tensor) -> torch.Tensor:
+        return _log_p_at(self.a0, y, self.one_minus_t)
+
+
 def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
     """One safeguarded step of kernels/README.md for per-row scalars; returns the new state."""
     r = f - 1.0
@@ -124,48 +173,50 @@ def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
     return y_new, lo, hi, lo_evaluated
 
 
-def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
-    """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes).
+def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows = LOCAL_ROWS,
+                      compact: bool | None = None):
+    """THE solver of every torch path: the safeguarded Newton iteration of kernels/README.md on
+    per-row scalars, driven by an evaluation object. Returns (y [N, 1], passes [N, 1] int32): each
+    row's y = -log p_max at its last evaluation (the y its log p is taken at).
 
-    The safeguarded Newton iteration of kernels/README.md. Rows that have converged drop out of
-    the working set, so each pass only touches the rows still iterating.
+    ``row_sums`` evaluates this rank's classes (``ShiftedRows`` on a0 in memory; the vocab-parallel
+    Triton kernels in ``torch_vocab_parallel``):
+        ``sums(y, keep=None, support=False)`` -> (f, g[, D]): the partial sums f = sum p and
+        g = sum p / (1 + z) at y [M, 1] of the M rows still iterating, and (``support``) the
+        support size D (t < 1; the class count for t >= 1). ``keep``: when compacting, the rows of
+        the previous working set that stay (drop the others first).
+    ``rows`` reduces those sums across ranks (classes sharded): one packed (f, g) reduction per pass;
+    D rides along with the first one (the bracket's upper end log D is first needed by the first
+    update). All ranks get the same reduced sums, so they take the same decisions.
 
-    ``rows`` reduces the row statistics across ranks (classes sharded): one packed (f, g)
-    reduction per pass; the support size D rides along with the first one (the bracket's upper
-    end log D is first needed by the first update). All ranks get the same reduced sums, so they
-    take the same decisions and drop the same rows.
+    ``compact`` (default: eager) drops finished rows from the working set; otherwise (torch.compile,
+    which would recompile on a shrinking row count, or an evaluator that always runs every row)
+    finished rows are frozen at their y and evaluated again (same values). t = 1 is one pass.
     """
     t = float(t)
-    num_rows = a0.shape[0]
-    if t == 1.0:  # softmax: the normalizer is exact in one pass (the max of a0 is 0: the sum is >= 1)
-        (total,) = rows.sum(torch.exp(a0).sum(dim=-1, keepdim=True))
-        return a0 - torch.log(total), torch.ones(num_rows, 1, dtype=torch.int32, device=a0.device)
+    zeros = torch.zeros(num_rows, 1, dtype=dtype, device=device)
+    passes = torch.ones(num_rows, 1, dtype=torch.int32, device=device)
+    if t == 1.0:  # softmax: y = log sum exp(a0) exactly (the max of a0 is 0: the sum is >= 1)
+        f, _ = rows.sum(*row_sums.sums(zeros))
+        return torch.log(f), passes
+    if compact is None:
+        compact = not torch.compiler.is_compiling()
     one_minus_t = 1.0 - t
-    if t < 1.0:
-        support = (a0 > -1.0 / one_minus_t).sum(dim=-1, keepdim=True).to(a0.dtype)
-    else:
-        support = torch.full((num_rows, 1), a0.shape[-1], dtype=a0.dtype, device=a0.device)
-    hi = support  # log D once D is reduced (in the first pass)
-    lo = torch.zeros_like(hi)
-    y = torch.zeros_like(hi)
+    tol = tolerance(dtype)
+    ulp4 = 4 * torch.finfo(dtype).eps
+    passes.zero_()
+    y_out = zeros.clone()
+    active = torch.arange(num_rows, device=device)
+    y, lo, hi = zeros, zeros, zeros
     lo_evaluated = torch.zeros_like(y, dtype=torch.bool)
-    tol = tolerance(a0.dtype)
-    ulp4 = 4 * torch.finfo(a0.dtype).eps
-    passes = torch.zeros(num_rows, 1, dtype=torch.int32, device=a0.device)
-    # Eager: finished rows leave the working set. Traced by torch.compile: keep static shapes and
-    # freeze finished rows instead (a shrinking row count would recompile every pass).
-    compact = not torch.compiler.is_compiling()
     finished = torch.zeros_like(lo_evaluated)
-    log_p = torch.empty_like(a0)
-    active = torch.arange(num_rows, device=a0.device)
-    live = a0  # the rows still iterating
+    keep = None
     for step in range(MAX_PASSES):
-        row_log_p, f, g = _evaluate(live, y, one_minus_t)
         if step == 0:
-            f, g, support = rows.sum(f, g, hi)
+            f, g, support = rows.sum(*row_sums.sums(y, support=True))
             hi = torch.log(support.clamp_(min=1.0))
         else:
-            f, g = rows.sum(f, g)
+            f, g = rows.sum(*row_sums.sums(y, keep if compact else None))
         r = f - 1.0
         done = (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
         y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
@@ -174,51 +225,74 @@ def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
             passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
             keep = ~done.squeeze(-1)
             if step == MAX_PASSES - 1 or not bool(keep.any()):
-                if active.numel() == num_rows:  # every row ran every pass: no copy
-                    return row_log_p, passes
-                log_p.index_copy_(0, active, row_log_p)
+                y_out.index_copy_(0, active, y)
                 break
-            # each row's log p is stored once, in the pass it finished in
-            finished_now = ~keep
-            if bool(finished_now.any()):
-                log_p.index_copy_(0, active[finished_now], row_log_p[finished_now])
-            active, live = active[keep], live[keep]
+            leaving = ~keep
+            if bool(leaving.any()):
+                y_out.index_copy_(0, active[leaving], y[leaving])
+            active = active[keep]
             y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
         else:
-            log_p = row_log_p
             passes += (~finished).int()
             finished |= done
+            y_out = y
             y = torch.where(finished, y, y_new)
             if bool(finished.all()):
                 break
-    return log_p, passes
+    return y_out, passes
 
 
-def normalizer_original(a0: torch.Tensor, t: float, num_iters: int, rows: LocalRows = LOCAL_ROWS) -> torch.Tensor:
-    """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps."""
+def original_normalizers(row_sums, t, num_iters: int, num_rows: int, dtype, device,
+                         rows: LocalRows = LOCAL_ROWS) -> torch.Tensor:
+    """y [N, 1] of SPEC's original algorithm with exactly ``num_iters`` steps, in the solver's
+    variable (as the kernels' ORIGINAL mode, ``kernels/tempered_math.solve``):
+
+    - t > 1: the fixed point z <- a0 Z^(1-t), Z = sum exp_t(z), is exactly y <- y + log f(y) from
+      y = 0 (y = log Z), run num_iters + 1 times (the original's last partition sum included);
+    - t = 1: y = log f(0), the logsumexp;
+    - t < 1: bisection of lam in [0, -log_t(1/D)] on f < 1, at y(lam) = -log(1 - (1-t) lam)/(1-t),
+      ending at the bracket's midpoint.
+
+    ``row_sums`` and ``rows`` as in ``solve_normalizers`` (every row, every step: no ``keep``).
+    """
     t = float(t)
+    y = torch.zeros(num_rows, 1, dtype=dtype, device=device)
+    if t >= 1.0:
+        for _ in range(1 if t == 1.0 else num_iters + 1):
+            f, _ = rows.sum(*row_sums.sums(y))
+            y = y + torch.log(f)
+        return y
+    one_minus_t = 1.0 - t
+    (support,) = rows.sum(row_sums.support())
+    lo = torch.zeros_like(y)
+    hi = -log_t(1.0 / support.clamp(min=1.0), t)
 
-    def row_sum(x):  # sum over the classes of every rank
-        return rows.sum(x.sum(dim=-1, keepdim=True))[0]
+    def y_of(lam):  # y(lam) = -log(1 - (1-t) lam) / (1-t)
+        return -torch.log1p(-one_minus_t * lam) / one_minus_t
 
-    if t == 1.0:
-        return torch.log(row_sum(torch.exp(a0)))  # the max of a0 is 0: the sum is >= 1
-    if t > 1.0:
-        z = a0
-        for _ in range(num_iters):
-            partition = row_sum(exp_t(z, t))
-            z = a0 * partition ** (1.0 - t)
-        partition = row_sum(exp_t(z, t))
-        return -log_t(1.0 / partition, t)
-    support = row_sum((a0 > -1.0 / (1.0 - t)).to(a0.dtype))
-    lo = torch.zeros_like(support)
-    hi = -log_t(1.0 / support, t)
     for _ in range(num_iters):
         mid = 0.5 * (lo + hi)
-        below = row_sum(exp_t(a0 - mid, t)) < 1.0
+        f, _ = rows.sum(*row_sums.sums(y_of(mid)))
+        below = f < 1.0
         hi = torch.where(below, mid, hi)
         lo = torch.where(below, lo, mid)
-    return 0.5 * (lo + hi)
+    return y_of(0.5 * (lo + hi))
+
+
+def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
+    """Converged log-probabilities for max-shifted rows ``a0`` [N, C]; returns (log_p, passes).
+
+    ``solve_normalizers`` on the rows in memory. Rows that have converged drop out of the working
+    set, so each pass only touches the rows still iterating; each row's log p is stored once.
+    """
+    t = float(t)
+    num_rows = a0.shape[0]
+    if t == 1.0:  # softmax: the normalizer is exact in one pass (the max of a0 is 0: the sum is >= 1)
+        (total,) = rows.sum(torch.exp(a0).sum(dim=-1, keepdim=True))
+        return a0 - torch.log(total), torch.ones(num_rows, 1, dtype=torch.int32, device=a0.device)
+    row_sums = ShiftedRows(a0, t)
+    _, passes = solve_normalizers(row_sums, t, num_rows, a0.dtype, a0.device, rows)
+    return row_sums.log_p(), passes
 
 
 def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None, rows: LocalRows = LOCAL_ROWS):
@@ -227,12 +301,12 @@ def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None, rows: L
     ``rows`` reduces row statistics across ranks when the classes are sharded (``LocalRows``).
     """
     a0 = shift_by_max(a, rows)
-    if num_iters is None:
+    t = float(t)
+    if num_iters is None or t == 1.0:  # (at t = 1 the original algorithm is the same logsumexp)
         return solve_converged(a0, t, rows)[0]
-    lam = normalizer_original(a0, t, num_iters, rows)
-    one_minus_t = 1.0 - float(t)
-    u = a0 - lam
-    return _log1p_over(one_minus_t * u, one_minus_t, u)
+    y = original_normalizers(ShiftedRows(a0, t), t, num_iters, a0.shape[0], a0.dtype, a0.device, rows)
+    return _log_p_at(a0, y, 1.0 - t)
+
 
 
 def smooth_labels(y: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ from ..kernels.binary import (
 )
 from ..kernels.loss import tempered_loss_kernel
 from ..kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+from ..kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
 MAX_PASSES = launch_config.MAX_PASSES
 
@@ -198,6 +199,54 @@ def softmax_backward(probs2d, grad2d, t):
 
     launch(_row_config("softmax_bwd", probs2d, n_cols, make_bench), out)
     return out
+
+
+def _vocab_parallel_launch(kernel, rows2d, *args, **constexprs):
+    """One launch of a vocab-parallel kernel over every row of the slice ``rows2d``. Each kernel
+    streams a row in BLOCK_COLS chunks: the loss kernel's heuristic gives the chunk (the whole
+    padded slice below the on-chip limit, with its rows per program)."""
+    config = launch_config.row_config(rows2d.shape[1], rows2d.element_size())
+    with _device_scope(rows2d):
+        kernel[(triton_cdiv(rows2d.shape[0], config.block_rows),)](
+            *args, **constexprs, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
+            **config.launch_options())
+
+
+def vocab_parallel_sums(rows2d, row_max, y, t: float, count_support: bool):
+    """This slice's (f, g[, D]) at the normalizer y (fp32 [N, 3]; D only with ``count_support``):
+    one solver pass. ``row_max`` and ``y`` are the GLOBAL row max and y = -log p_max, fp32 [N]."""
+    n_rows, n_cols = rows2d.shape
+    sums = torch.empty(n_rows, 3, dtype=torch.float32, device=rows2d.device)
+    _vocab_parallel_launch(partial_sums_kernel, rows2d, rows2d, row_max, y, float(t), n_rows, n_cols,
+                           rows2d.stride(0), sums, COUNT_SUPPORT=bool(count_support))
+    return sums
+
+
+def vocab_parallel_epilogue(rows2d, labels, row_max, y, t1: float, t2: float, scale: float, add: float):
+    """This slice's (loss, sum e, sum d) at the converged y (fp32 [N, 3]). ``labels``: the dense
+    slice [N, C_local] or class indices [N] LOCAL to the slice (any value outside [0, C_local)
+    matches no class here); smoothing y <- scale y + add from the GLOBAL C."""
+    n_rows, n_cols = rows2d.shape
+    indices = not labels.is_floating_point()
+    sums = torch.empty(n_rows, 3, dtype=torch.float32, device=rows2d.device)
+    _vocab_parallel_launch(epilogue_sums_kernel, rows2d, rows2d, labels, row_max, y, float(t1), float(t2),
+                           float(scale), float(add), n_rows, n_cols, rows2d.stride(0),
+                           0 if indices else labels.stride(0), sums, LABELS_ARE_INDICES=indices)
+    return sums
+
+
+def vocab_parallel_gradient(rows2d, labels, row_max, y, sums, row_scale, t1: float, t2: float, scale: float,
+                            add: float):
+    """This slice's gradient (logits' dtype [N, C_local]) from the REDUCED (loss, sum e, sum d)
+    sums [N, 3], times ``row_scale`` [N] (fp32; 0 for ignored rows, NaN for bad labels)."""
+    n_rows, n_cols = rows2d.shape
+    indices = not labels.is_floating_point()
+    grad = torch.empty(n_rows, n_cols, dtype=rows2d.dtype, device=rows2d.device)
+    _vocab_parallel_launch(gradient_kernel, rows2d, rows2d, labels, row_max, y, sums, row_scale, float(t1),
+                           float(t2), float(scale), float(add), n_rows, n_cols, rows2d.stride(0),
+                           0 if indices else labels.stride(0), grad.stride(0), grad,
+                           LABELS_ARE_INDICES=indices)
+    return grad
 
 
 def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad, grad_scale=None):

@@ -18,7 +18,14 @@ support count). The check makes a rank whose arguments differ (rows, dtype, temp
 raise ValueError on every rank instead of hanging in a later collective. A group of size 1 runs
 the plain loss (no collective).
 
-Gloo (CPU) and NCCL (CUDA) take the same code path; the math runs on the native backend.
+Gloo (CPU) and NCCL (CUDA) take the same code path. The per-slice math runs on the native backend
+(CPU, float64, ``backend="torch"``) or on the vocab-parallel Triton kernels (CUDA by default, or
+interpreted CPU tensors with ``backend="triton"``): ``kernels/vocab_parallel.py`` is the fused loss
+kernel split at each row reduction, one launch per solver pass (``KernelRows``), then one for the
+loss sums and one for the gradient. Both evaluate the same solver (``torch_native.solve_normalizers``
+/ ``original_normalizers``), so the collectives above are the same. The kernels run every row in
+every pass (a finished row is evaluated again at its frozen y); the native path drops finished rows.
+``vocab_parallel_tempered_softmax`` runs native ops on every backend.
 """
 
 from __future__ import annotations
@@ -113,12 +120,73 @@ def loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, nu
     return loss, grad.to(rows.dtype)
 
 
+def _launchers():
+    """The kernel launchers (imported on first use: triton is an optional dependency)."""
+    from . import torch_triton
+
+    return torch_triton
+
+
+class KernelRows:
+    """The solver's row evaluations (``torch_native.RowSums``) by the vocab-parallel kernels: one
+    ``partial_sums_kernel`` launch per pass over every row of the slice (so no ``keep``)."""
+
+    def __init__(self, rows, row_max, t: float):
+        self.rows, self.row_max, self.t = rows, row_max, t
+
+    def support(self):
+        return self.sums(torch.zeros_like(self.row_max.unsqueeze(-1)), support=True)[2]
+
+    def sums(self, y, keep=None, support=False):
+        sums = _launchers().vocab_parallel_sums(self.rows, self.row_max, y.reshape(-1).contiguous(), self.t,
+                                                 support)
+        return (sums[:, :1], sums[:, 1:2], sums[:, 2:]) if support else (sums[:, :1], sums[:, 1:2])
+
+
+def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, num_iters, ignore_index: int,
+                         reduction: str, need_grad: bool, reducer, offset: int, num_classes: int):
+    """``loss_and_grad`` on the vocab-parallel Triton kernels (fp32 math, the logits' dtype
+    read and written as is): the same solver and the same collectives as the native path."""
+    num_rows = rows.shape[0]
+    row_max = reducer.max(rows.amax(dim=-1, keepdim=True).float()).reshape(-1).contiguous()
+    evaluations = KernelRows(rows, row_max, t2)
+    if num_iters is None:
+        y, _ = native.solve_normalizers(evaluations, t2, num_rows, torch.float32, rows.device, reducer,
+                                        compact=False)
+    else:
+        y = native.original_normalizers(evaluations, t2, num_iters, num_rows, torch.float32, rows.device, reducer)
+    y = y.reshape(-1).contiguous()
+    add = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
+    scale = 1.0 - num_classes * add
+    if labels.dtype.is_floating_point:
+        kept = torch.ones(num_rows, dtype=torch.bool, device=rows.device)
+        bad = torch.zeros_like(kept)
+        local = labels
+    else:
+        kept = labels != ignore_index
+        bad = kept & ((labels < 0) | (labels >= num_classes))
+        # the target's index in this slice; -1 (no class here) for ignored and bad rows
+        local = torch.where(kept & ~bad, labels.long() - offset, -1).contiguous()
+    loss_sums, sum_e, sum_d = reducer.sum(*_launchers().vocab_parallel_epilogue(
+        rows, local, row_max, y, t1, t2, scale, add).split(1, dim=-1))
+    loss_rows = torch.where(kept, torch.where(bad, float("nan"), loss_sums.squeeze(-1)), 0.0)
+    loss = _reduce(loss_rows, kept, reduction)
+    if not need_grad:
+        return loss, None
+    row_scale = torch.where(kept, torch.where(bad, float("nan"), 1.0), 0.0) * _grad_scale(kept, reduction,
+                                                                                          torch.float32)
+    reduced = torch.cat([loss_sums, sum_e, sum_d], dim=-1)
+    grad = _launchers().vocab_parallel_gradient(rows, local, row_max, y, reduced, row_scale.float().contiguous(),
+                                                 t1, t2, scale, add)
+    return loss, grad
+
+
 class _VocabParallelLoss(torch.autograd.Function):
     """The gradient is made in the forward (from the reduced row sums); the backward scales it."""
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, settings, reducer, offset, num_classes):
-        loss, grad = loss_and_grad(rows, labels, *settings, True, reducer, offset, num_classes)
+    def forward(ctx, logits, rows, labels, settings, reducer, offset, num_classes, compute):
+        loss, grad = compute(rows, labels, *settings, True, reducer, offset, num_classes)
         ctx.save_for_backward(grad)
         ctx.logits_shape = logits.shape
         return loss
@@ -128,7 +196,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         upstream = grad_loss.reshape(-1, 1) if grad_loss.dim() > 0 else grad_loss
         grad_logits = (grad * upstream.to(grad.dtype)).reshape(ctx.logits_shape)
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def _group_size(group) -> int:
@@ -149,18 +217,20 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
             rank), or dense labels sliced like the logits.
         t1, t2, label_smoothing, num_iters, reduction, ignore_index: as in
             ``bi_tempered_logistic_loss`` (smoothing uses the GLOBAL C); the same on every rank.
-        backend: "auto" or "torch" (native ops, for CPU and CUDA tensors alike).
+        backend: "auto" (the vocab-parallel Triton kernels for CUDA tensors, native ops otherwise),
+            "torch" (native ops, CPU and CUDA alike) or "triton" (the kernels; CPU tensors only
+            under TRITON_INTERPRET=1).
 
     Returns the loss (the same on every rank); the gradient flows to this rank's slice. Every rank
     must call it (collectives). See the module docstring for the collective count.
     """
     from .torch import (_check_dense_labels, _check_indices, _check_logits, _empty_loss, _label_kind,
-                        _label_smoothing, _num_iters, _rows, _temperature)
+                        _label_smoothing, _num_iters, _resolve_backend, _rows, _temperature)
 
     _check_logits(local_logits)
     indices = _label_kind(local_logits.shape, labels)
     check.check_reduction(reduction)
-    check.check_backend(backend, ("auto", "torch"))
+    backend = _resolve_backend(backend, local_logits.device, local_logits.dtype)
     iters = _num_iters(num_iters)
     _, smoothing = _label_smoothing(label_smoothing, local_logits.device)
     if smoothing is None:
@@ -189,10 +259,12 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     else:
         _check_dense_labels(label_rows)
     settings = (t1_, t2_, smoothing, iters or None, ignore_index, reduction)
+    compute = kernel_loss_and_grad if backend == "triton" else loss_and_grad
     if torch.is_grad_enabled() and local_logits.requires_grad:
-        loss = _VocabParallelLoss.apply(local_logits, rows, label_rows, settings, reducer, offset, num_classes)
+        loss = _VocabParallelLoss.apply(local_logits, rows, label_rows, settings, reducer, offset, num_classes,
+                                        compute)
     else:
-        loss, _ = loss_and_grad(rows, label_rows, *settings, False, reducer, offset, num_classes)
+        loss, _ = compute(rows, label_rows, *settings, False, reducer, offset, num_classes)
     return loss.reshape(local_logits.shape[:-1]) if reduction == "none" else loss
 
 

@@ -36,6 +36,10 @@ def _jobs():
     (most rows per program, largest on-chip tile, chunked) also the other loss variants (16-bit
     logits; class indices with the original algorithm) and the softmax forward kernel, whose code
     is a subset of the loss kernel's on the same config. The binary config: all four kernels.
+    The vocab-parallel kernels (launched with the loss kernel's config) on the edge configs: the
+    partial sums with the support count, the epilogue sums and the gradient (16-bit logits,
+    class indices / fp32 logits, dense labels). The third element maps argument names to types
+    (pointers default to *fp32, other arguments to i32).
     """
     from bitempered.kernels import launch_config as lc
     from bitempered.kernels.binary import (
@@ -43,6 +47,7 @@ def _jobs():
     )
     from bitempered.kernels.loss import tempered_loss_kernel
     from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+    from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
     configs = lc.shipped_row_configs()
     on_chip = [c for c in configs if not c.chunked]
@@ -65,6 +70,18 @@ def _jobs():
                          tempered_softmax_fwd_kernel, {},
                          dict(blocks, ORIGINAL=original, MAX_PASSES=lc.MAX_PASSES), cfg))
         jobs.append((f"softmax_bwd {name}", tempered_softmax_bwd_kernel, {}, blocks, cfg))
+        if cfg in edges:
+            tiles = dict(BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
+            floats = {name: "fp32" for name in ("t", "t1", "t2", "scale", "add")}
+            jobs.append((f"vp_partial_sums {name} bf16", partial_sums_kernel,
+                         dict(floats, logits_ptr="*bf16"), dict(tiles, COUNT_SUPPORT=True), cfg))
+            for dtype, labels, indices in (("bf16", "*i64", True), ("fp32", "*fp32", False)):
+                kind = "indices" if indices else "dense"
+                types = dict(floats, logits_ptr="*" + dtype, labels_ptr=labels, grad_ptr="*" + dtype)
+                jobs.append((f"vp_epilogue {name} {dtype} {kind}", epilogue_sums_kernel, types,
+                             dict(tiles, LABELS_ARE_INDICES=indices), cfg))
+                jobs.append((f"vp_gradient {name} {dtype} {kind}", gradient_kernel, types,
+                             dict(tiles, LABELS_ARE_INDICES=indices), cfg))
     for cfg in lc.shipped_binary_configs():
         name = f"[{cfg.block}x2]"
         for original in (False, True):
@@ -110,16 +127,16 @@ def worker(arch: int) -> None:
             return
 
     results = []
-    for label, kernel, pointer_types, constexprs, cfg in _jobs():
+    for label, kernel, types, constexprs, cfg in _jobs():
         signature, attrs = {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in constexprs:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
-                signature[arg] = pointer_types.get(arg, "*fp32")
+                signature[arg] = types.get(arg, "*fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
             else:
-                signature[arg] = "i32"
+                signature[arg] = types.get(arg, "i32")
         start = time.perf_counter()
         src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -10,6 +10,7 @@ DTensor sharded on the class dimension through the plain ``bi_tempered_logistic_
 """
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),  # gradients rounded to bfloat16 (one ulp apart at most)
 }
 TIMEOUT_S = 240
+# (dtype, smoothing, reduction) of the grid also run on the vocab-parallel Triton kernels
+# (backend="triton", interpreted here): every temperature, num_iters, label kind; kept small
+# because the interpreter is slow
+# because the interpreter is slow. Gloo ranks hold CPU tensors, so without the interpreter (a GPU
+# run) the kernels are checked by the single-rank test below instead.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_CASES = {(torch.float32, 0.1, "none"), (torch.float32, 0.0, "mean"), (torch.bfloat16, 0.1, "none")}
+if not INTERPRETED:
+    KERNEL_CASES = set()
 
 
 def _logits(dtype, seed=0):
@@ -79,15 +89,17 @@ def _matches_unsharded(rank, world_size):
         upstream = upstream.to(torch.float64 if dtype == torch.float64 else torch.float32)
         want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, upstream, **kwargs)
         local_labels = labels if kind == "indices" else labels[..., cols]
-        got, got_grad = _loss_and_grad(vocab_parallel_bi_tempered_logistic_loss, logits[..., cols],
-                                       local_labels, upstream, **kwargs)
-        where = f"rank {rank}/{world_size}: {dtype} {kwargs} {kind}"
-        assert got.dtype == want.dtype and got_grad.dtype == dtype, where
-        message = lambda m: f"{where}\n{m}"  # noqa: E731
-        torch.testing.assert_close(got, want, equal_nan=True, **TOLERANCES[dtype], msg=message)
-        torch.testing.assert_close(got_grad, want_grad[..., cols], equal_nan=True, **TOLERANCES[dtype], msg=message)
-        checked += 1
-    assert checked == 2 * 5 * 2 * 2 * 3 * 2 + 5 * 2
+        for backend in ("torch", "triton") if (dtype, smoothing, reduction) in KERNEL_CASES else ("torch",):
+            got, got_grad = _loss_and_grad(vocab_parallel_bi_tempered_logistic_loss, logits[..., cols],
+                                           local_labels, upstream, backend=backend, **kwargs)
+            where = f"rank {rank}/{world_size}: {dtype} {kwargs} {kind} backend={backend}"
+            assert got.dtype == want.dtype and got_grad.dtype == dtype, where
+            message = lambda m: f"{where}\n{m}"  # noqa: E731
+            torch.testing.assert_close(got, want, equal_nan=True, **TOLERANCES[dtype], msg=message)
+            torch.testing.assert_close(got_grad, want_grad[..., cols], equal_nan=True, **TOLERANCES[dtype],
+                                       msg=message)
+            checked += 1
+    assert checked == 2 * 5 * 2 * 2 * 3 * 2 + 5 * 2 + (5 * 2 * 2 * 2 + 5 * 2 if KERNEL_CASES else 0)
     for dtype, t, num_iters in itertools.product((torch.float64, torch.float32), (0.3, 1.0, 1.6), (None, 4)):
         logits = _logits(dtype)
         upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -142,6 +154,56 @@ def _collective_count(rank, world_size):
         assert count == (4 if t2 == 1.0 else 5 + 4), (t2, count)
 
 
+def _kernel_collective_count(rank, world_size):
+    """The kernel path (interpreted): the same count, one partial-sums launch per solver pass."""
+    import torch.distributed as dist
+
+    from bitempered.bindings import torch_native as native
+    from bitempered.bindings import torch_triton
+    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+
+    cols = _slice(rank, world_size)
+    logits = _logits(torch.float32)[:, :2].reshape(4, C)  # finite rows
+    labels = torch.tensor([1, 4, 8, 10])
+    launches = []
+    launch = torch_triton.vocab_parallel_sums
+    torch_triton.vocab_parallel_sums = lambda *args: launches.append(args) or launch(*args)
+    try:
+        for t2 in (0.3, 1.2):
+            launches.clear()
+            local = logits[:, cols].clone().requires_grad_()
+            count, _ = _count_collectives(dist, lambda: vocab_parallel_bi_tempered_logistic_loss(
+                local, labels, 0.8, t2, backend="triton").backward())
+            passes = int(native.solve_converged(native.shift_by_max(logits), t2)[1].max())
+            assert count == len(launches) + 3, (t2, count, len(launches))
+            assert abs(len(launches) - passes) <= 1, (t2, len(launches), passes)  # fp32 sums, rounded differently
+    finally:
+        torch_triton.vocab_parallel_sums = launch
+
+
+def _single_rank_kernels(rank, world_size):
+    """A group of one rank on the kernel path equals the plain loss: on a GPU this runs the
+    COMPILED vocab-parallel kernels (CUDA tensors), here the interpreter."""
+    import bitempered.torch as bt
+    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not INTERPRETED:
+        return
+    tolerance = dict(rtol=1e-4, atol=1e-5) if device == "cuda" else TOLERANCES[torch.float32]  # ex2.approx
+    for (t1, t2), num_iters, kind in itertools.product(TEMPERATURES, (None, 5), ("indices", "dense")):
+        logits, labels = _logits(torch.float32).to(device), _labels(kind).to(device)
+        labels = labels.float() if kind == "dense" else labels
+        kwargs = dict(t1=t1, t2=t2, label_smoothing=0.1, num_iters=num_iters, reduction="sum")
+        want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, None, backend="torch",
+                                         **kwargs)
+        got, got_grad = _loss_and_grad(vocab_parallel_bi_tempered_logistic_loss, logits, labels, None,
+                                       backend="triton", **kwargs)
+        message = lambda m: f"{device} {kwargs} {kind}\n{m}"  # noqa: E731
+        torch.testing.assert_close(got, want, equal_nan=True, **tolerance, msg=message)
+        torch.testing.assert_close(got_grad, want_grad, equal_nan=True, **tolerance, msg=message)
+
+
 def _bad_input_group_of_one_and_dtensor(rank, world_size):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -189,6 +251,8 @@ def _two_ranks(rank, world_size):
 def _three_ranks(rank, world_size):
     _matches_unsharded(rank, world_size)
     _collective_count(rank, world_size)
+    if INTERPRETED:
+        _kernel_collective_count(rank, world_size)
 
 
 def test_two_ranks_match_unsharded_bad_input_group_of_one_dtensor():
@@ -197,6 +261,10 @@ def test_two_ranks_match_unsharded_bad_input_group_of_one_dtensor():
 
 def test_three_ranks_match_unsharded_collectives_are_passes_plus_three():
     run_ranks(_three_ranks, 3, TIMEOUT_S)
+
+
+def test_single_rank_kernel_path_matches_plain_loss():
+    run_ranks(_single_rank_kernels, 1, TIMEOUT_S)
 
 
 def test_perf_workload_reports_collectives_and_bytes(tmp_path):

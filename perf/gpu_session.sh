@@ -35,12 +35,14 @@ TUNE_SHAPES="65536x1000 16384x32000 8192x128256 4096x262144"
 STAGES=(
   "env:40"
   "tests:150"
-  "tune:70"
-  "tuning:35"
-  "perf-bf16:90"
-  "perf-fp32:45"
+  "tune:55"
+  "tuning:30"
+  "perf-bf16:80"
+  "perf-fp32:35"
   "perf-fwd-bwd:30"
-  "tune-more:25"       # nominal; takes whatever is left
+  "linear:30"
+  "vocab-parallel:20"
+  "tune-more:15"       # nominal; takes whatever is left
   "report:$REPORT_RESERVE_S"
 )
 
@@ -199,6 +201,12 @@ stage_command() {
     perf-fwd-bwd)
       echo "$PY -m perf --dtypes bf16 --directions fwd bwd --labels int --providers bitempered-triton" \
            "naive-port torch-ce liger-ce --out $OUT_DIR --no-plots --time-budget-s $inner" ;;
+    linear)
+      echo "$PY -m perf.linear --device cuda --shapes 8192x4096x128256 --dtypes bf16 --temps 0.8:1.2" \
+           "--providers torch-fused torch-materialized liger-flce cce --repeats 3 --no-truth --out $OUT_DIR" ;;
+    vocab-parallel)
+      echo "$PY -m perf.vocab_parallel --device cuda --ranks 1 --rows 4096 --classes 32000 --dtype bf16" \
+           "--repeats 5 --timeout $inner --out $OUT_DIR" ;;
     tune-more)
       echo "$PY -m bitempered.tune --shapes $TUNE_SHAPES --dtypes bf16 fp32 --labels dense int" \
            "--families loss softmax binary --time-budget-s $inner" ;;

@@ -7,7 +7,10 @@ Ranks are spawned processes on 127.0.0.1: gloo on CPU (``--device cpu``), NCCL w
 rank (``--device cuda``, the same code path). Reported (rank 0): min and median wall-clock of a
 step (CUDA: synchronized), the solver passes (P > 1: all-reduces - 3, the count that
 ``tests/test_vocab_parallel_torch.py`` checks), and per call the number of all-reduces and the bytes
-one rank sends into them (the sum of their tensors' sizes: O(N), never N x C).
+one rank sends into them (the sum of their tensors' sizes: O(N), never N x C). At P = 1 it also
+times the plain ``bi_tempered_logistic_loss`` on the same logits ("plain" column: on CUDA the fused
+kernel, so the ratio is the cost of the vocab-parallel kernels' split launches). ``--backend``
+picks the per-slice math (default auto: the vocab-parallel Triton kernels on CUDA, native on CPU).
 
 CPU default: N = 4096, C = 32000, fp32, (t1, t2) = (0.8, 1.2). Note that P ranks on a machine with
 fewer than P free cores share them: CPU times show the overhead of the collectives, not a speed-up.
@@ -32,7 +35,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     import torch.distributed as dist
 
     from bitempered.bindings import torch_native as native
-    from bitempered.torch import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.torch import bi_tempered_logistic_loss, vocab_parallel_bi_tempered_logistic_loss
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
@@ -59,28 +62,35 @@ def _rank_main(rank, world_size, port, args, results_path):
 
         dist.all_reduce = counting
 
-        def step():
+        def step(loss=vocab_parallel_bi_tempered_logistic_loss):
             x = logits.detach().requires_grad_()
-            vocab_parallel_bi_tempered_logistic_loss(x, labels, args.t1, args.t2).backward()
+            loss(x, labels, args.t1, args.t2, backend=args.backend).backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        step()  # warm-up (and the collective count of one call)
+        def timed(run):
+            run()  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            return times
+
+        step()  # the collective count of one call
         count, sent = len(calls), sum(calls)
-        times = []
-        for _ in range(args.repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        times = timed(step)
         dist.all_reduce = original
+        plain = timed(lambda: step(bi_tempered_logistic_loss)) if world_size == 1 else None
         if rank == 0:
             # solver passes: all-reduces minus the check, the max and the epilogue (P = 1 sends none)
             passes = count - 3 if world_size > 1 else int(
                 native.solve_converged(native.shift_by_max(logits.float()), args.t2)[1].max())
             row = dict(ranks=world_size, backend=backend, rows=n, classes=c, dtype=args.dtype, t1=args.t1,
                        t2=args.t2, min_s=min(times), median_s=statistics.median(times), collectives=count,
-                       bytes_sent=sent, threads_per_rank=threads, passes=passes)
+                       bytes_sent=sent, threads_per_rank=threads, passes=passes, per_slice=args.backend,
+                       plain_median_s=statistics.median(plain) if plain else None)
             with open(results_path, "w") as f:
                 json.dump(row, f)
     finally:
@@ -117,8 +127,8 @@ def run_ranks(world_size: int, args) -> dict:
             return json.load(f)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m perf.vocab_parallel", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=32000)
@@ -128,8 +138,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per rank count")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="the per-slice math (auto: the Triton kernels on CUDA, native ops on CPU)")
     parser.add_argument("--out", help="default perf/out/<device-slug> (git-ignored); perf/results/... to record")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     import torch
 
@@ -148,11 +164,15 @@ def main(argv=None) -> None:
     base = rows[0]["median_s"]
     lines = [f"vocab-parallel fwd+bwd, N={args.rows}, C={args.classes}, {args.dtype}, t1={args.t1}, t2={args.t2}, "
              f"{rows[0]['device']}, git {rows[0]['git']}, {rows[0]['timestamp']}", "",
-             "| ranks | backend | median s | min s | vs first | passes | all-reduces/call | bytes sent/call/rank |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| ranks | backend | median s | min s | vs first | plain loss, median s | passes | all-reduces/call | "
+             "bytes sent/call/rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        plain = "-" if row["plain_median_s"] is None else (
+            f"{row['plain_median_s']:.3f} (vocab-parallel {row['median_s'] / row['plain_median_s']:.2f}x)")
         lines.append(f"| {row['ranks']} | {row['backend']} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
-                     f"{row['median_s'] / base:.2f}x | {row['passes']} | {row['collectives']} | {row['bytes_sent']} |")
+                     f"{row['median_s'] / base:.2f}x | {plain} | {row['passes']} | {row['collectives']} | "
+                     f"{row['bytes_sent']} |")
     print("\n".join(lines))
     with open(os.path.join(out, "vocab_parallel_last.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

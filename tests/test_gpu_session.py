@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SESSION = ROOT / "perf" / "gpu_session.sh"
 FETCH = ROOT / "perf" / "fetch_gpu_wheels.sh"
-STAGES = ["env", "tests", "tune", "tuning", "perf-bf16", "perf-fp32", "perf-fwd-bwd", "tune-more",
-          "report"]
+STAGES = ["env", "tests", "tune", "tuning", "perf-bf16", "perf-fp32", "perf-fwd-bwd", "linear",
+          "vocab-parallel", "tune-more", "report"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -45,8 +45,8 @@ def test_dry_run_writes_the_layout_and_exits_0(tmp_path):
     rows = stage_rows(out)
     assert list(rows) == STAGES  # most important first, the report last
     assert all(status == "dry-run" for _b, _u, status in rows.values())
-    nominal = {"env": 40, "tests": 150, "tune": 70, "tuning": 35, "perf-bf16": 90, "perf-fp32": 45,
-               "perf-fwd-bwd": 30}
+    nominal = {"env": 40, "tests": 150, "tune": 55, "tuning": 30, "perf-bf16": 80, "perf-fp32": 35,
+               "perf-fwd-bwd": 30, "linear": 30, "vocab-parallel": 20}
     assert {k: rows[k][0] for k in nominal} == nominal
     listed = dict(line.split()[:2] for line in run(SESSION, "--list").stdout.splitlines())
     assert sum(int(v.rstrip("s")) for v in listed.values()) == 510  # the 8.5-minute default total
@@ -107,8 +107,8 @@ def test_real_run_records_ok_failed_and_timed_out_stages_and_keeps_going(tmp_pat
                env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = stage_rows(out)
-    assert rows["tune"][0] == 6 and rows["tune"][2] == "timed out (rc 124)"  # 70 * 45 / 510
-    assert rows["tune"][1] <= 6
+    assert rows["tune"][0] == 4 and rows["tune"][2] == "timed out (rc 124)"  # 55 * 45 / 510
+    assert rows["tune"][1] <= 4
     assert rows["tuning"][2] == "failed (rc 3)" and rows["report"][2] == "ok"
     assert rows["env"][2] == "skipped (asked)"
     assert "tuned" in (out / "logs" / "tune.log").read_text()  # output before the stop is kept
@@ -139,12 +139,13 @@ def test_help_and_list():
 def test_every_stage_command_is_accepted_by_its_entry_point(tmp_path):
     """The dry run's command lines parse with the real argument parsers (no stale flags)."""
     from bitempered import tune
-    from perf import harness, tuning
+    from perf import harness, linear, tuning, vocab_parallel
 
     out = tmp_path / "cmds"
     assert run(SESSION, "--dry-run", "--out", str(out)).returncode == 0
     parsers = {"bitempered.tune": tune.parse_args, "perf.tuning": tuning.parse_args,
-               "perf": harness.parse_args}
+               "perf": harness.parse_args, "perf.linear": linear.parse_args,
+               "perf.vocab_parallel": vocab_parallel.parse_args}
     checked = set()
     for stage in STAGES:
         command = (out / "logs" / f"{stage}.log").read_text().splitlines()[0].removeprefix("command: ")

@@ -212,40 +212,45 @@ def _vocab_parallel_launch(kernel, rows2d, *args, **constexprs):
             **config.launch_options())
 
 
-def vocab_parallel_sums(rows2d, row_max, y, t: float, count_support: bool):
+def vocab_parallel_sums(rows2d, row_max, y, t, count_support: bool):
     """This slice's (f, g[, D]) at the normalizer y (fp32 [N, 3]; D only with ``count_support``):
     one solver pass. ``row_max`` and ``y`` are the GLOBAL row max and y = -log p_max, fp32 [N]."""
     n_rows, n_cols = rows2d.shape
     sums = torch.empty(n_rows, 3, dtype=torch.float32, device=rows2d.device)
-    _vocab_parallel_launch(partial_sums_kernel, rows2d, rows2d, row_max, y, float(t), n_rows, n_cols,
-                           rows2d.stride(0), sums, COUNT_SUPPORT=bool(count_support))
+    _vocab_parallel_launch(partial_sums_kernel, rows2d, rows2d, row_max, y, _scalar(t, rows2d.device), n_rows,
+                           n_cols, rows2d.stride(0), sums, COUNT_SUPPORT=bool(count_support))
     return sums
 
 
-def vocab_parallel_epilogue(rows2d, labels, row_max, y, t1: float, t2: float, scale: float, add: float):
+def _epilogue_args(rows2d, labels, row_max, y, t1, t2, label_smoothing):
+    device = rows2d.device
+    return (rows2d, labels, row_max, y, _scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device))
+
+
+def vocab_parallel_epilogue(rows2d, labels, row_max, y, t1, t2, label_smoothing, num_classes: int):
     """This slice's (loss, sum e, sum d) at the converged y (fp32 [N, 3]). ``labels``: the dense
     slice [N, C_local] or class indices [N] LOCAL to the slice (any value outside [0, C_local)
-    matches no class here); smoothing y <- scale y + add from the GLOBAL C."""
+    matches no class here); the smoothing uses the GLOBAL class count ``num_classes``."""
     n_rows, n_cols = rows2d.shape
     indices = not labels.is_floating_point()
     sums = torch.empty(n_rows, 3, dtype=torch.float32, device=rows2d.device)
-    _vocab_parallel_launch(epilogue_sums_kernel, rows2d, rows2d, labels, row_max, y, float(t1), float(t2),
-                           float(scale), float(add), n_rows, n_cols, rows2d.stride(0),
-                           0 if indices else labels.stride(0), sums, LABELS_ARE_INDICES=indices)
+    _vocab_parallel_launch(epilogue_sums_kernel, rows2d,
+                           *_epilogue_args(rows2d, labels, row_max, y, t1, t2, label_smoothing), int(num_classes),
+                           n_rows, n_cols, rows2d.stride(0), 0 if indices else labels.stride(0), sums,
+                           LABELS_ARE_INDICES=indices)
     return sums
 
 
-def vocab_parallel_gradient(rows2d, labels, row_max, y, sums, row_scale, t1: float, t2: float, scale: float,
-                            add: float):
+def vocab_parallel_gradient(rows2d, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int):
     """This slice's gradient (logits' dtype [N, C_local]) from the REDUCED (loss, sum e, sum d)
     sums [N, 3], times ``row_scale`` [N] (fp32; 0 for ignored rows, NaN for bad labels)."""
     n_rows, n_cols = rows2d.shape
     indices = not labels.is_floating_point()
     grad = torch.empty(n_rows, n_cols, dtype=rows2d.dtype, device=rows2d.device)
-    _vocab_parallel_launch(gradient_kernel, rows2d, rows2d, labels, row_max, y, sums, row_scale, float(t1),
-                           float(t2), float(scale), float(add), n_rows, n_cols, rows2d.stride(0),
-                           0 if indices else labels.stride(0), grad.stride(0), grad,
-                           LABELS_ARE_INDICES=indices)
+    _vocab_parallel_launch(gradient_kernel, rows2d,
+                           *_epilogue_args(rows2d, labels, row_max, y, t1, t2, label_smoothing), sums, row_scale,
+                           int(num_classes), n_rows, n_cols, rows2d.stride(0), 0 if indices else labels.stride(0),
+                           grad.stride(0), grad, LABELS_ARE_INDICES=indices)
     return grad
 
 

@@ -132,7 +132,8 @@ class KernelRows:
     ``partial_sums_kernel`` launch per pass over every row of the slice (so no ``keep``)."""
 
     def __init__(self, rows, row_max, t: float):
-        self.rows, self.row_max, self.t = rows, row_max, t
+        self.rows, self.row_max = rows, row_max
+        self.t = torch.full((1,), t, dtype=torch.float32, device=rows.device)  # made once, read by every pass
 
     def support(self):
         return self.sums(torch.zeros_like(self.row_max.unsqueeze(-1)), support=True)[2]
@@ -156,8 +157,6 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
     else:
         y = native.original_normalizers(evaluations, t2, num_iters, num_rows, torch.float32, rows.device, reducer)
     y = y.reshape(-1).contiguous()
-    add = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
-    scale = 1.0 - num_classes * add
     if labels.dtype.is_floating_point:
         kept = torch.ones(num_rows, dtype=torch.bool, device=rows.device)
         bad = torch.zeros_like(kept)
@@ -168,7 +167,7 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
         # the target's index in this slice; -1 (no class here) for ignored and bad rows
         local = torch.where(kept & ~bad, labels.long() - offset, -1).contiguous()
     loss_sums, sum_e, sum_d = reducer.sum(*_launchers().vocab_parallel_epilogue(
-        rows, local, row_max, y, t1, t2, scale, add).split(1, dim=-1))
+        rows, local, row_max, y, t1, t2, label_smoothing, num_classes).split(1, dim=-1))
     loss_rows = torch.where(kept, torch.where(bad, float("nan"), loss_sums.squeeze(-1)), 0.0)
     loss = _reduce(loss_rows, kept, reduction)
     if not need_grad:
@@ -177,7 +176,7 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
                                                                                           torch.float32)
     reduced = torch.cat([loss_sums, sum_e, sum_d], dim=-1)
     grad = _launchers().vocab_parallel_gradient(rows, local, row_max, y, reduced, row_scale.float().contiguous(),
-                                                 t1, t2, scale, add)
+                                                 t1, t2, label_smoothing, num_classes)
     return loss, grad
 
 

@@ -11,7 +11,9 @@ each reduction; the launcher runs the one solver's per-row update between the la
   times the per-row scale (0 for ignored rows, NaN for bad labels).
 
 Inputs of every kernel: the logits slice (native dtype; only the class stride is 1), the GLOBAL
-row max and y = -log p_max in natural units (fp32 [N]). Every pass streams the row in BLOCK_COLS
+row max and y = -log p_max in natural units (fp32 [N]). Temperatures and label smoothing are
+1-element fp32 arrays (loaded, as in ``loss.py``: a traced or 0-d tensor value compiles once);
+smoothing uses the GLOBAL class count ``num_classes``. Every pass streams the row in BLOCK_COLS
 chunks through the helpers of ``tempered_math.py`` (the Y of those helpers is y log2 e).
 """
 
@@ -20,7 +22,7 @@ import triton.language as tl
 
 from .loss import label_tile
 from .tempered_math import (
-    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, safe_reciprocal, sums_at,
+    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, safe_reciprocal, smoothing_coefficients, sums_at,
 )
 
 
@@ -34,10 +36,9 @@ def _rows(n_rows, stride, BLOCK_ROWS: tl.constexpr):
 
 @triton.jit
 def partial_sums_kernel(
-    # input pointers: logits slice [N, C_local]; global row max [N] and y [N] (fp32)
-    logits_ptr, row_max_ptr, y_ptr,
-    # runtime scalars: the temperature
-    t,
+    # input pointers: logits slice [N, C_local]; global row max [N] and y [N] (fp32); the
+    # temperature [1] (fp32)
+    logits_ptr, row_max_ptr, y_ptr, t_ptr,
     # sizes, strides (elements)
     n_rows, n_cols, stride_logits,
     # output pointer: [N, 3] fp32 (f, g, D of this slice; D written only with COUNT_SUPPORT)
@@ -48,7 +49,7 @@ def partial_sums_kernel(
     row_ptr = logits_ptr + offsets
     mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
-    one_minus_t = 1.0 - t
+    one_minus_t = 1.0 - tl.load(t_ptr)
     inv_one_minus_t = safe_reciprocal(one_minus_t)
     f, g, _, _, _ = sums_at(y2, y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True, BLOCK_COLS)
     out = sums_ptr + rows.to(tl.int64) * 3
@@ -79,6 +80,14 @@ def _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICE
 
 
 @triton.jit
+def _settings(t1_ptr, t2_ptr, smoothing_ptr, num_classes):
+    """(t1, t2, scale, add) of the epilogue and gradient kernels: y <- scale y + add with the
+    GLOBAL class count."""
+    scale, add = smoothing_coefficients(tl.load(smoothing_ptr), num_classes)
+    return tl.load(t1_ptr), tl.load(t2_ptr), scale, add
+
+
+@triton.jit
 def _epilogue_chunk(row_ptr, label_row_ptr, idx, row_mask, cols, n_cols, mx, y2, t2, scale, add,
                     one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES: tl.constexpr):
     """(y, log_t1 y, y^(2-t1), log2 p, p, mask) of one chunk of a slice at the converged Y."""
@@ -94,18 +103,18 @@ def _epilogue_chunk(row_ptr, label_row_ptr, idx, row_mask, cols, n_cols, mx, y2,
 def epilogue_sums_kernel(
     # input pointers: logits slice [N, C_local]; labels: dense slice [N, C_local] or [N] class
     # indices LOCAL to the slice (the global index minus the slice's first class; may be outside
-    # [0, C_local)); global row max [N] and converged y [N] (fp32)
-    logits_ptr, labels_ptr, row_max_ptr, y_ptr,
-    # runtime scalars: temperatures, smoothing y <- scale y + add (from the GLOBAL C)
-    t1, t2, scale, add,
-    # sizes, strides (elements)
-    n_rows, n_cols, stride_logits, stride_labels,
+    # [0, C_local)); global row max [N] and converged y [N]; temperatures and label smoothing
+    # [1] (all fp32)
+    logits_ptr, labels_ptr, row_max_ptr, y_ptr, t1_ptr, t2_ptr, smoothing_ptr,
+    # sizes (num_classes: the GLOBAL C, for the smoothing), strides (elements)
+    num_classes, n_rows, n_cols, stride_logits, stride_labels,
     # output pointer: [N, 3] fp32 (loss, sum e, sum d of this slice)
     sums_ptr,
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
     mx, y2, idx = _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES)
+    t1, t2, scale, add = _settings(t1_ptr, t2_ptr, smoothing_ptr, num_classes)
     one_minus_t1 = 1.0 - t1
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
     two_minus_t1 = 2.0 - t1
@@ -133,11 +142,9 @@ def epilogue_sums_kernel(
 def gradient_kernel(
     # input pointers: as epilogue_sums_kernel, plus the REDUCED sums [N, 3] (loss, sum e, sum d)
     # and the per-row gradient scale [N] (fp32; 0: ignored row, NaN: bad label)
-    logits_ptr, labels_ptr, row_max_ptr, y_ptr, sums_ptr, row_scale_ptr,
-    # runtime scalars
-    t1, t2, scale, add,
+    logits_ptr, labels_ptr, row_max_ptr, y_ptr, t1_ptr, t2_ptr, smoothing_ptr, sums_ptr, row_scale_ptr,
     # sizes, strides (elements)
-    n_rows, n_cols, stride_logits, stride_labels, stride_grad,
+    num_classes, n_rows, n_cols, stride_logits, stride_labels, stride_grad,
     # output pointer: the gradient slice [N, C_local] (any float dtype; rounded once)
     grad_ptr,
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
@@ -148,6 +155,7 @@ def gradient_kernel(
     sum_e = tl.load(sums + 1, mask=row_mask, other=1.0)
     sum_d = tl.load(sums + 2, mask=row_mask, other=0.0)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    t1, t2, scale, add = _settings(t1_ptr, t2_ptr, smoothing_ptr, num_classes)
     one_minus_t1 = 1.0 - t1
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
     two_minus_t1 = 2.0 - t1

@@ -38,8 +38,8 @@ def _jobs():
     is a subset of the loss kernel's on the same config. The binary config: all four kernels.
     The vocab-parallel kernels (launched with the loss kernel's config) on the edge configs: the
     partial sums with the support count, the epilogue sums and the gradient (16-bit logits,
-    class indices / fp32 logits, dense labels). The third element maps argument names to types
-    (pointers default to *fp32, other arguments to i32).
+    class indices / fp32 logits, dense labels). The third element maps pointer arguments to their
+    types (default *fp32; every other argument is an i32).
     """
     from bitempered.kernels import launch_config as lc
     from bitempered.kernels.binary import (
@@ -72,12 +72,11 @@ def _jobs():
         jobs.append((f"softmax_bwd {name}", tempered_softmax_bwd_kernel, {}, blocks, cfg))
         if cfg in edges:
             tiles = dict(BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
-            floats = {name: "fp32" for name in ("t", "t1", "t2", "scale", "add")}
-            jobs.append((f"vp_partial_sums {name} bf16", partial_sums_kernel,
-                         dict(floats, logits_ptr="*bf16"), dict(tiles, COUNT_SUPPORT=True), cfg))
+            jobs.append((f"vp_partial_sums {name} bf16", partial_sums_kernel, {"logits_ptr": "*bf16"},
+                         dict(tiles, COUNT_SUPPORT=True), cfg))
             for dtype, labels, indices in (("bf16", "*i64", True), ("fp32", "*fp32", False)):
                 kind = "indices" if indices else "dense"
-                types = dict(floats, logits_ptr="*" + dtype, labels_ptr=labels, grad_ptr="*" + dtype)
+                types = {"logits_ptr": "*" + dtype, "labels_ptr": labels, "grad_ptr": "*" + dtype}
                 jobs.append((f"vp_epilogue {name} {dtype} {kind}", epilogue_sums_kernel, types,
                              dict(tiles, LABELS_ARE_INDICES=indices), cfg))
                 jobs.append((f"vp_gradient {name} {dtype} {kind}", gradient_kernel, types,
@@ -136,7 +135,7 @@ def worker(arch: int) -> None:
                 signature[arg] = types.get(arg, "*fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
             else:
-                signature[arg] = types.get(arg, "i32")
+                signature[arg] = "i32"
         start = time.perf_counter()
         src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

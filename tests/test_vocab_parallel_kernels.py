@@ -50,6 +50,11 @@ def _solved(logits, t2):
     return mx, -log_p.amax(dim=-1), log_p
 
 
+def _scalar(value):
+    """Temperatures and smoothing reach the kernels as 1-element fp32 arrays."""
+    return torch.full((1,), value, dtype=torch.float32, device=DEVICE)
+
+
 def _grid(n):
     return ((n + BLOCK["BLOCK_ROWS"] - 1) // BLOCK["BLOCK_ROWS"],)
 
@@ -65,8 +70,8 @@ def test_partial_sums_add_up_to_the_row_sums(t2, dtype):
     for lo, hi in SLICES:
         part = logits[:, lo:hi].contiguous().to(DEVICE)
         sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
-        kernels.partial_sums_kernel[_grid(5)](part, mx.float().to(DEVICE), y.float().to(DEVICE), t2, 5, hi - lo,
-                                              part.stride(0), sums, COUNT_SUPPORT=True, **BLOCK)
+        kernels.partial_sums_kernel[_grid(5)](part, mx.float().to(DEVICE), y.float().to(DEVICE), _scalar(t2), 5,
+                                              hi - lo, part.stride(0), sums, COUNT_SUPPORT=True, **BLOCK)
         total += sums.cpu()
     a0 = native.shift_by_max(logits.double())
     _, f, g = native._evaluate(a0, y.unsqueeze(-1), 1.0 - t2) if t2 != 1.0 else (
@@ -105,8 +110,8 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
         local = local.to(DEVICE)
         stride_labels = 0 if labels_kind == "indices" else local.stride(0)
         sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
-        args = (part, local, mx.float().to(DEVICE), y.float().to(DEVICE))
-        kernels.epilogue_sums_kernel[_grid(5)](*args, t1, t2, scale, add, 5, hi - lo, part.stride(0), stride_labels,
+        args = (part, local, mx.float().to(DEVICE), y.float().to(DEVICE), _scalar(t1), _scalar(t2), _scalar(smoothing))
+        kernels.epilogue_sums_kernel[_grid(5)](*args, C, 5, hi - lo, part.stride(0), stride_labels,
                                                sums, LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
         total += sums.cpu()
         parts.append((args, hi - lo, stride_labels))
@@ -116,7 +121,7 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
     reduced = total.to(DEVICE)
     for (lo, hi), (args, width, stride_labels) in zip(SLICES, parts):
         grad = torch.full((5, width), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        kernels.gradient_kernel[_grid(5)](*args, reduced, row_scale.float().to(DEVICE), t1, t2, scale, add, 5, width,
+        kernels.gradient_kernel[_grid(5)](*args, reduced, row_scale.float().to(DEVICE), C, 5, width,
                                           args[0].stride(0), stride_labels, grad.stride(0), grad,
                                           LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
         want = (want_grad * row_scale.unsqueeze(-1))[:, lo:hi]

@@ -278,20 +278,28 @@ def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
 
 
 def _xla_labels(labels, dtype, num_classes, ignore_index, label_smoothing):
-    """(function building the smoothed dense labels, kept rows, invalid rows) of dense labels or
-    class indices. The one-hot rows are a comparison XLA fuses into their consumers (never an
-    N x C array) as long as they are built where they are used: hence a function."""
+    """(function of ``take`` building the smoothed dense labels of the rows it selects, kept rows,
+    invalid rows, indices) of dense labels [N, C] or class indices [N] (rows flattened). The
+    one-hot rows are a comparison XLA fuses into their consumers (never an N x C array) as long as
+    they are built where they are used: hence a function."""
     if jnp.issubdtype(labels.dtype, jnp.integer):
         indices = _widen_indices(labels)
         kept = indices != ignore_index
         invalid = kept & ((indices < 0) | (indices >= num_classes))
 
-        def dense():
-            y = native.dense_labels_from_indices(indices, num_classes, dtype, ignore_index)[0]
+        def dense(take):
+            y = native.dense_labels_from_indices(take(indices), num_classes, dtype, ignore_index)[0]
             return native.smooth_labels(y, label_smoothing)
 
         return dense, kept, invalid, indices
-    return (lambda: native.smooth_labels(labels.astype(dtype), label_smoothing)), None, None, None
+    return (lambda take: native.smooth_labels(take(labels).astype(dtype), label_smoothing)), None, None, None
+
+
+def _flat_rows(logits, labels):
+    """Logits [N, C] and labels [N, C] or [N] with the leading axes flattened into rows."""
+    num_classes = logits.shape[-1]
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    return logits.reshape(-1, num_classes), labels.reshape((-1,) if indices else (-1, num_classes))
 
 
 def _mask_rows(values, kept, invalid):
@@ -315,12 +323,14 @@ def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         # logits' dtype to the backward rule, which rounds once to it.
         return loss, (grad, jnp.zeros((0,), logits.dtype))
     # XLA: per-row statistics only; the backward rebuilds the gradient (bindings/jax_native_loss.py)
-    y, kept, invalid, indices = _xla_labels(labels, t1.dtype, logits.shape[-1], ignore_index, label_smoothing)
+    rows_shape = logits.shape[:-1]
+    a, flat_labels = _flat_rows(logits, labels)
+    y, kept, invalid, indices = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
     target = None
     if kept is not None:  # class indices: the cross-entropy branch gathers the target logit
         target = jnp.where(kept & ~invalid, indices, 0)
-    loss, stats = native_loss.forward(logits.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing)
-    return _mask_rows(loss, kept, invalid), (logits, labels, t1, t2, label_smoothing, stats)
+    loss, stats = native_loss.forward(a.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing)
+    return _mask_rows(loss, kept, invalid).reshape(rows_shape), (logits, labels, t1, t2, label_smoothing, stats)
 
 
 def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
@@ -329,11 +339,12 @@ def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
         grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
     else:
         logits, labels, t1, t2, label_smoothing, stats = residuals
-        y, kept, invalid, _ = _xla_labels(labels, t1.dtype, logits.shape[-1], ignore_index, label_smoothing)
-        upstream = grad_loss[..., None].astype(t1.dtype)
-        grad = native_loss.backward(logits.astype(t1.dtype), y, stats, t1, t2, upstream,
+        a, flat_labels = _flat_rows(logits, labels)
+        y, kept, invalid, _ = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
+        upstream = grad_loss.reshape(-1, 1).astype(t1.dtype)
+        grad = native_loss.backward(a.astype(t1.dtype), y, stats, t1, t2, upstream,
                                     lambda values: _mask_rows(values, kept, invalid))
-        grad_logits = grad.astype(logits.dtype)
+        grad_logits = grad.astype(logits.dtype).reshape(logits.shape)
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
     return grad_logits, None, None, None, None
 

@@ -9,6 +9,18 @@ The solver is the one described in ``kernels/README.md``.
 Temperatures are always traced values here: nothing branches on them in Python. The ``t = 1``
 limits are taken with ``jnp.where`` (elementwise) and the ``num_iters=k`` algorithm picks its
 method with ``lax.switch`` at run time, so one compiled program serves every temperature.
+
+The converged solver is one loop, :func:`solve_normalizers`, driven by an evaluation callback
+``evaluate(y) -> (f, g)`` (rows in memory: :func:`local_evaluator`; sharded classes: the same
+callback with ``rows`` reducing across devices; a kernel can drive it the same way).
+
+XLA:CPU notes (measured, jax 0.10.2): row sums become YNNPACK fusions; a compare or select in
+the elementwise chain of a row sum, or any N x C value (a broadcast too) shared by two row sums,
+is written out as an N x C buffer first. A loop-invariant N x C expression inside a
+``while_loop`` body (``a - max``) is hoisted out of the loop and materialized, and an
+``optimization_barrier`` does not keep two equal chains apart (it is removed before the last
+CSE). So the N x C temporaries of a solve are bounded by the caller: ``jax_native_loss`` runs it
+on blocks of rows. Work inside a ``lax.cond`` branch is as parallel as outside it (measured).
 """
 
 from __future__ import annotations
@@ -99,30 +111,40 @@ def _evaluate(a0: jax.Array, y: jax.Array, one_minus_t: jax.Array):
     return log_p, f, g
 
 
-def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
-    """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
+def support_size(a0: jax.Array, t: jax.Array) -> jax.Array:
+    """This device's D of kernels/README.md per row [..., 1]: the classes that can have p > 0 for
+    t < 1 (one pass over the row, only run when t < 1), the class count for t >= 1."""
+    def count():
+        one_minus_t = 1.0 - t
+        return jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32).astype(a0.dtype)
 
-    The safeguarded Newton iteration of kernels/README.md in a ``lax.while_loop`` that stops as
-    soon as every row is done (or after MAX_PASSES passes). Finished rows keep their y, so
-    evaluating them again changes nothing. The loop carries only per-row scalars: log p of the
-    last evaluation is recomputed once from its y after the loop (same ops, same value), which XLA
-    fuses into the consumers instead of writing an [N, C] array on every pass.
+    return lax.cond(t < 1, count, lambda: jnp.full_like(a0[..., :1], a0.shape[-1]))
 
-    ``rows`` reduces the row statistics across devices (classes sharded): one reduction for the
-    support size, then one packed (f, g) reduction per pass. Every constant below is made ``*_like``
-    a row statistic so that it has the data's varying mesh axes: inside ``shard_map`` (check_vma)
-    both branches of a ``lax.cond`` and the loop carry must agree on them.
+
+def solve_normalizers(evaluate, support: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
+    """THE converged solver of every JAX path: y = -log p_max per row, and the passes it took.
+
+    The safeguarded Newton iteration of kernels/README.md on per-row scalars, in a
+    ``lax.while_loop`` that stops as soon as every row is done (or after MAX_PASSES passes),
+    driven by an evaluation callback, so the rows can live anywhere (in memory as here, sharded
+    over devices, or behind a kernel):
+
+        ``evaluate(y) -> (f, g)``: this device's partial row sums f = sum p and
+        g = sum p / (1 + z) at ``y`` [..., 1] (the formulas of kernels/README.md), each [..., 1].
+        It is called inside the loop body: what it computes from the logits there is recomputed
+        each pass (fused by XLA) instead of being carried as an N x C loop operand.
+    ``support`` [..., 1]: this device's D (:func:`support_size`); ``rows`` reduces it once and
+    (f, g) once per pass across devices (classes sharded), so every device takes the same steps.
+    ``t``: the 0-d temperature, t != 1 (callers take the exact one-pass logsumexp at t = 1).
+
+    Returns (y, passes), each [..., 1] (passes int32): each row's y at its last evaluation (the y
+    its log p is taken at). Finished rows keep their y, so evaluating them again changes nothing.
+    Every constant below is made ``*_like`` a row statistic so that it has the data's varying
+    mesh axes: inside ``shard_map`` (check_vma) the loop carry must agree on them.
     """
-    dtype = a0.dtype
+    dtype = support.dtype
     one_minus_t = 1.0 - t
-    num_classes = a0.shape[-1]
-
-    def count_support():  # the classes that can have p > 0 (t < 1 only: a pass over the row)
-        in_support = jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32)
-        return jnp.maximum(in_support, 1).astype(dtype)
-
-    # for t >= 1, D = C: the local class count, reduced like the support count
-    (support,) = rows.sum(lax.cond(t < 1, count_support, lambda: jnp.full_like(a0[..., :1], num_classes)))
+    (support,) = rows.sum(support)
     tol = tolerance(dtype)
     ulp4 = 4 * float(jnp.finfo(dtype).eps)
 
@@ -132,8 +154,7 @@ def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
 
     def body(state):
         step, y, lo, hi, done, lo_evaluated, passes, _ = state
-        _, f, g = _evaluate(a0, y, one_minus_t)
-        f, g = rows.sum(f, g)
+        f, g = rows.sum(*evaluate(y))
         y_evaluated = y
         passes = passes + (~done).astype(jnp.int32)
         r = f - 1.0
@@ -154,16 +175,47 @@ def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
 
     lo = jnp.zeros_like(support)
     false = jnp.zeros_like(support, dtype=bool)
+    state = (jnp.int32(0), lo, lo, jnp.log(jnp.maximum(support, 1.0)), false, false,
+             jnp.zeros_like(support, jnp.int32), lo)
+    state = lax.while_loop(cond, body, state)
+    return state[7], state[6]
 
+
+def local_evaluator(a0: jax.Array, t: jax.Array):
+    """``evaluate(y) -> (f, g)`` of :func:`solve_normalizers` for max-shifted rows ``a0`` [..., C]
+    in memory: two separate row sums (a variadic reduce is several times slower on XLA:CPU)."""
+    one_minus_t = 1.0 - t
+
+    def evaluate(y):
+        _, f, g = _evaluate(a0, y, one_minus_t)
+        return f, g
+
+    return evaluate
+
+
+def _shifted(a: jax.Array, shift: jax.Array) -> jax.Array:
+    """a - shift; a +inf logit of a row whose max is +inf maps to 0 (the limit), not NaN."""
+    return jnp.where(a == shift, jnp.zeros_like(a), a - shift)
+
+
+def log_p_at(a0: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
+    """log p of max-shifted rows ``a0`` at the solved ``y`` (the solver's own formula)."""
+    return _log_p_at(a0, y, 1.0 - t)[0]
+
+
+def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
+    """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
+
+    :func:`solve_normalizers` on the rows in memory, then log p once from the final y (fused by
+    XLA into its consumers). At t = 1 the normalizer is the logsumexp, exact in one pass.
+    """
     def iterate():
-        state = (jnp.int32(0), lo, lo, jnp.log(support), false, false, jnp.zeros_like(support, jnp.int32), lo)
-        state = lax.while_loop(cond, body, state)
-        passes, y_evaluated = state[6], state[7]
-        return _log_p_at(a0, y_evaluated, one_minus_t)[0], passes
+        y, passes = solve_normalizers(local_evaluator(a0, t), support_size(a0, t), t, rows)
+        return log_p_at(a0, y, t), passes
 
     def softmax():  # t = 1: the normalizer is the logsumexp, exact in one pass
         (total,) = rows.sum(jnp.sum(jnp.exp(a0), axis=-1, keepdims=True))  # >= 1: the max is 0
-        return a0 - jnp.log(total), jnp.ones_like(support, jnp.int32)
+        return a0 - jnp.log(total), jnp.ones_like(total, jnp.int32)  # reduced: iterate's vma
 
     return lax.cond(t == 1, softmax, iterate)
 

@@ -12,7 +12,11 @@ upstream multiply,
     dL/da = g (d - p^t2 ratio)
 
 which is SPEC's closed form (e = p^t2 / sum p^t2). So ``jit(value_and_grad)`` holds the logits,
-labels and the returned gradient, and O(N) besides.
+labels and the returned gradient, and O(N) besides, plus the forward's temporaries: the solver's
+passes and the epilogue write a few N x C values on XLA:CPU (see ``jax_native``), so the tempered
+forward (and the dense cross-entropy one) runs on blocks of rows of at most BLOCK_ELEMENTS
+elements: at N = 4096, C = 50000 the training step holds 1.08x the logits beyond its inputs,
+gradient included (``tests/test_jax_memory.py``), where one block for all rows held 4x.
 
 At t1 = t2 = 1 (cross-entropy) a ``lax.cond`` takes a lean branch in both passes: a logsumexp
 forward and ``g (p - y - p sum(d))`` backward, the same values as the tempered branch at t = 1.
@@ -47,6 +51,35 @@ def _gradient_terms(log_p, y, t1, t2):
     return p, d, jnp.exp(t2 * log_p)
 
 
+BLOCK_ELEMENTS = 2**22  # elements per row block of the tempered forward: 16 MiB per fp32 temporary
+
+
+def _by_row_blocks(block, num_rows: int, num_classes: int, like):
+    """``block(take)`` on blocks of rows, its per-row results put together.
+
+    ``block`` gets ``take``, which selects its rows of any per-row array (leading axis = rows),
+    and returns per-row arrays shaped like ``like`` (with the rows taken). One call when the rows
+    fit in BLOCK_ELEMENTS; otherwise a ``fori_loop`` over blocks of equal size, the last one
+    moved back to end at the last row (its first rows are computed twice, with the same values).
+    """
+    block_rows = max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+    if block_rows >= num_rows:
+        return block(lambda x: x)
+    num_blocks = -(-num_rows // block_rows)
+
+    def body(i, out):
+        start = jnp.minimum(i * block_rows, num_rows - block_rows)
+        values = block(lambda x: lax.dynamic_slice_in_dim(x, start, block_rows, 0))
+        return tuple(lax.dynamic_update_slice_in_dim(o, v, start, 0) for o, v in zip(out, values))
+
+    # zeros_like: the outputs carry the data's varying mesh axes (shard_map, check_vma)
+    return lax.fori_loop(0, num_blocks, body, tuple(jnp.zeros_like(x) for x in like))
+
+
+def _all_rows(x):
+    return x
+
+
 def _is_cross_entropy(t1, t2):
     return (t1 == 1) & (t2 == 1)
 
@@ -54,12 +87,13 @@ def _is_cross_entropy(t1, t2):
 def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
     """Per-row loss [...] and the residual row statistics (shift, Y, ratio), each [..., 1].
 
-    ``a``: logits in the compute dtype [..., C]; ``labels()``: a function returning the smoothed
-    dense labels of the same shape, called inside each branch so that XLA fuses them (an
-    elementwise expression, e.g. a one-hot comparison) instead of passing an N x C array into the
-    ``lax.cond``. With class indices,
-    ``target`` [...] and ``smoothing`` let the cross-entropy branch read the target logit by a
-    gather from ``a`` itself instead of reducing over ``y``.
+    ``a``: logits in the compute dtype [N, C] (rows flattened); ``labels(take)``: a function
+    returning the smoothed dense labels of the rows ``take`` selects (``take`` slices the leading
+    axis of the caller's per-row label arrays: every row, or one block), called inside each
+    branch so that XLA fuses them (an elementwise expression, e.g. a one-hot comparison) instead
+    of passing an N x C array into the ``lax.cond``. With class indices, ``target`` [N] and
+    ``smoothing`` let the cross-entropy branch read the target logit by a gather from ``a``
+    itself instead of reducing over ``y``.
 
     XLA:CPU notes (measured, jax 0.10): separate row sums, not a variadic reduce (several times
     slower); N x C values are built inside the branch that uses them (a ``lax.cond`` operand or
@@ -73,19 +107,25 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
     def shifted(x):
         return jnp.where(x == shift, 0.0, x - shift)
 
+    def dense_cross_entropy_block(take):
+        """(loss, Y, ratio) at t1 = t2 = 1 of the rows ``take`` selects, dense labels."""
+        y = labels(take)
+        a0 = jnp.where(take(a) == take(shift), 0.0, take(a) - take(shift))
+        y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
+        # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
+        # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
+        y_log_y = jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0)
+        y_a0 = jnp.where(y > 0, y * a0, 0.0)
+        y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
+        cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
+        loss = cross + y_norm * y_sum - y_sum + 1.0
+        return loss[..., 0], y_norm, 1.0 - y_finite  # ratio = sum d / sum p, sum p = 1
+
     def cross_entropy(a):
-        y = labels()
+        if target is None:  # its selects keep N x C temporaries: in blocks of rows, as tempered
+            return _by_row_blocks(dense_cross_entropy_block, a.shape[0], a.shape[-1], (shift[..., 0], shift, shift))
         a0 = shifted(a)
         y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
-        if target is None:
-            # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
-            # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
-            y_log_y = jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0)
-            y_a0 = jnp.where(y > 0, y * a0, 0.0)
-            y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
-            cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
-            loss = cross + y_norm * y_sum - y_sum + 1.0
-            return loss[..., 0], y_norm, 1.0 - y_finite  # ratio = sum d / sum p, sum p = 1
         num_classes = a.shape[-1]
         off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
         on = 1.0 - smoothing
@@ -107,16 +147,34 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
         ratio = 1.0 - (on - off) * (a0_target > -jnp.inf) - off * positive
         return loss[..., 0], y_norm, ratio
 
-    def tempered(a):
-        y = labels()
-        log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
-        y_norm = -jnp.max(log_p, axis=-1, keepdims=True)  # p_max sits at a0 = 0
+    def tempered_block(take):
+        """(loss, Y, ratio) of the rows ``take`` selects (all of them, or one block)."""
+        a_rows, shift_rows, y = take(a), take(shift), labels(take)
+        a0 = native._shifted(a_rows, shift_rows)
+        if num_iters is None:
+            def softmax():  # t2 = 1: Y is the logsumexp, exact in one pass
+                return jnp.log(_row_sum(jnp.exp(a0)))
+
+            def newton():
+                evaluate = native.local_evaluator(a0, t2)
+                return native.solve_normalizers(evaluate, native.support_size(a0, t2), t2)[0]
+
+            y_norm = lax.cond(t2 == 1, softmax, newton)
+            log_p = native.log_p_at(a0, y_norm, t2)  # p_max = exp(-Y) sits at a0 = 0
+        else:
+            log_p = native.tempered_log_softmax_rows(a0, t2, num_iters)
+            y_norm = -jnp.max(log_p, axis=-1, keepdims=True)  # p_max sits at a0 = 0
         two_minus_t1 = 2.0 - t1
         y_log_ratio = jnp.where(y > 0, y * (native.log_t(y, t1) - native.log_t_from_log(log_p, t1)), 0.0)
         power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
         loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
         _, d, escort = _gradient_terms(log_p, y, t1, t2)
         return loss, y_norm, _row_sum(d) / _row_sum(escort)
+
+    def tempered(a):
+        # The solver's passes and the epilogue hold a few N x C temporaries (a0, p, ...): in
+        # blocks of rows they stay a few BLOCK_ELEMENTS whatever N x C is (rows are independent).
+        return _by_row_blocks(tempered_block, a.shape[0], a.shape[-1], (shift[..., 0], shift, shift))
 
     loss, y_norm, ratio = lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
     return loss, (shift, y_norm, ratio)
@@ -134,14 +192,14 @@ def backward(a, labels, stats, t1, t2, upstream, mask_rows=lambda values: values
         return jnp.where(a == shift, 0.0, a - shift)
 
     def cross_entropy(a):
-        y = labels()
+        y = labels(_all_rows)
         log_p = shifted(a) - y_norm
         p = jnp.exp(log_p)
         d = jnp.where(log_p > -jnp.inf, p - y, 0.0)
         return mask_rows(upstream * (d - p * ratio))
 
     def tempered(a):
-        y = labels()
+        y = labels(_all_rows)
         log_p = native._log_p_at(shifted(a), y_norm, 1.0 - t2)[0]  # the solver's own formula
         _, d, escort = _gradient_terms(log_p, y, t1, t2)
         return mask_rows(upstream * (d - escort * ratio))

@@ -124,8 +124,15 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
     def cross_entropy(a):
         if target is None:  # its selects keep N x C temporaries: in blocks of rows, as tempered
             return _by_row_blocks(dense_cross_entropy_block, a.shape[0], a.shape[-1], (shift[..., 0], shift, shift))
-        a0 = shifted(a)
-        y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
+        def logsumexp_select():  # SPEC's limit for a row whose max is +-inf
+            return jnp.log(_row_sum(jnp.exp(shifted(a))))
+
+        def logsumexp():  # finite maxima: a - max is the same value, without the select that
+            return jnp.log(_row_sum(jnp.exp(a - shift)))  # would make XLA:CPU write a0 out
+
+        # the max of a0 is 0: the sum is >= 1. (Under vmap the row predicate is batched and
+        # both branches run: the same values, at the select's cost.)
+        y_norm = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), logsumexp, logsumexp_select)
         num_classes = a.shape[-1]
         off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
         on = 1.0 - smoothing

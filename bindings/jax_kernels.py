@@ -28,6 +28,7 @@ from ..kernels.binary import (
 )
 from ..kernels.loss import tempered_loss_kernel
 from ..kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+from ..kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
 
 def _triton_call(*args, **kwargs):
@@ -170,3 +171,44 @@ def sigmoid_backward(probs, grad, t):
         out_shape=_shape(probs.shape, probs.dtype),
         grid=(_cdiv(n, config.block),), **_options(config), BLOCK=config.block,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Vocab-parallel kernels (``bindings/jax_vocab_parallel.py``): rows [N, C_local] of a slice, the
+# GLOBAL row max and y (fp32 [N]); the loss kernel's heuristic gives the chunk width, as in torch.
+# --------------------------------------------------------------------------------------------
+
+def _vocab_parallel_call(kernel, rows, *args, out_shape, **constexprs):
+    config = launch_config.row_config(rows.shape[1], jnp.dtype(rows.dtype).itemsize)
+    return _triton_call(*args, kernel=kernel, out_shape=out_shape, grid=(_cdiv(rows.shape[0], config.block_rows),),
+                        **_options(config), **constexprs, BLOCK_ROWS=config.block_rows,
+                        BLOCK_COLS=config.block_cols)
+
+
+def vocab_parallel_sums(rows, row_max, y, t, count_support: bool):
+    """This slice's (f, g[, D]) at y, fp32 [N, 3] (column 2 is written only with ``count_support``)."""
+    n_rows, n_cols = rows.shape
+    return _vocab_parallel_call(partial_sums_kernel, rows, rows, row_max, y, _scalar(t), n_rows, n_cols, n_cols,
+                                out_shape=_shape((n_rows, 3), jnp.float32), COUNT_SUPPORT=bool(count_support))
+
+
+def vocab_parallel_epilogue(rows, labels, row_max, y, t1, t2, label_smoothing, num_classes: int):
+    """This slice's (loss, sum e, sum d) at the converged y, fp32 [N, 3]; ``labels``: the dense slice
+    or class indices LOCAL to the slice (outside [0, C_local): no class here)."""
+    n_rows, n_cols = rows.shape
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    return _vocab_parallel_call(
+        epilogue_sums_kernel, rows, rows, labels, row_max, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing),
+        int(num_classes), n_rows, n_cols, n_cols, 1 if indices else n_cols,
+        out_shape=_shape((n_rows, 3), jnp.float32), LABELS_ARE_INDICES=bool(indices))
+
+
+def vocab_parallel_gradient(rows, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int):
+    """This slice's gradient, fp32 [N, C_local], from the REDUCED sums [N, 3] times ``row_scale`` [N]
+    (fp32 so that the backward rule rounds once into the logits' dtype, as ``loss_rows``)."""
+    n_rows, n_cols = rows.shape
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    return _vocab_parallel_call(
+        gradient_kernel, rows, rows, labels, row_max, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing), sums,
+        row_scale, int(num_classes), n_rows, n_cols, n_cols, 1 if indices else n_cols, n_cols,
+        out_shape=_shape((n_rows, n_cols), jnp.float32), LABELS_ARE_INDICES=bool(indices))

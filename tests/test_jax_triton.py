@@ -10,6 +10,7 @@ printed in the test names ("real" / "interpreted").
 
 import os
 import sys
+import threading
 import types
 
 import jax
@@ -60,6 +61,11 @@ def _torch_dtype(dtype):
             np.dtype(ml_dtypes.bfloat16): torch.bfloat16}[np.dtype(dtype)]
 
 
+# Triton's interpreter patches module state while it runs a kernel: with several (fake) devices
+# XLA runs their callbacks on parallel threads, so the launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def interpreted_triton_call(*args, kernel, out_shape, grid, num_warps=None, **metaparams):
     """Stand-in for jax_triton.triton_call: same calling convention, runs on the interpreter."""
     import torch
@@ -73,7 +79,8 @@ def interpreted_triton_call(*args, kernel, out_shape, grid, num_warps=None, **me
         for position, array in zip(array_positions, arrays):
             call_args[position] = _to_torch(array)
         outs = [torch.empty(s.shape, dtype=_torch_dtype(s.dtype)) for s in out_shapes]
-        kernel[grid](*call_args, *outs, num_warps=num_warps, **metaparams)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*call_args, *outs, num_warps=num_warps, **metaparams)
         return tuple(_from_torch(out) for out in outs)
 
     results = jax.pure_callback(host, out_shapes, *[args[i] for i in array_positions])

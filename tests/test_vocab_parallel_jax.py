@@ -73,9 +73,12 @@ def _per_row_and_vjp(loss_fn):
 
 
 def _compare_with_unsharded(mesh, logits_spec, rows_spec, class_axis, num_rows, dtypes, kinds=("indices", "dense"),
-                            iters=(None, 5)):
+                            iters=(None, 5), backend="xla", temperatures=TEMPERATURES, batch=None):
+    """The sharded loss (``backend``; with ``batch``, vmapped over a leading axis of that size
+    inside ``shard_map``) against the plain XLA loss on the whole logits."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
 
     import bitempered.jax as bj
     from bitempered.bindings.jax_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
@@ -85,27 +88,40 @@ def _compare_with_unsharded(mesh, logits_spec, rows_spec, class_axis, num_rows, 
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
         logits = jnp.asarray(_logits(num_rows, num_classes), dtype)
+        if batch:
+            logits = jnp.stack([logits * (1.0 + 0.25 * b) for b in range(batch)])
         for kind, num_iters in ((k, i) for k in kinds for i in iters):
             labels = _labels(kind, num_rows, num_classes)
+            if batch:
+                labels = np.stack([labels] * batch)
             labels = jnp.asarray(labels, jnp.float64 if dtype_name == "float64" else jnp.float32) \
                 if kind == "dense" else jnp.asarray(labels)
             labels_spec = logits_spec if kind == "dense" else rows_spec
 
             def sharded(a, y, t1, t2, s, num_iters=num_iters):
-                return vocab_parallel_bi_tempered_logistic_loss(a, y, t1, t2, class_axis, label_smoothing=s,
-                                                                num_iters=num_iters)
+                def loss(a, y):
+                    return vocab_parallel_bi_tempered_logistic_loss(a, y, t1, t2, class_axis, label_smoothing=s,
+                                                                    num_iters=num_iters, backend=backend)
+                return jax.vmap(loss)(a, y) if batch else loss(a, y)
 
-            sharded = jax.shard_map(sharded, mesh=mesh, in_specs=(logits_spec, labels_spec, None, None, None),
-                                    out_specs=rows_spec)
+            if batch:
+                logits_spec_b, labels_spec_b, rows_spec_b = (P(None, *spec) for spec in (
+                    logits_spec, labels_spec, rows_spec))
+            else:
+                logits_spec_b, labels_spec_b, rows_spec_b = logits_spec, labels_spec, rows_spec
+
+            sharded = jax.shard_map(sharded, mesh=mesh, in_specs=(logits_spec_b, labels_spec_b, None, None, None),
+                                    out_specs=rows_spec_b)
             plain = _per_row_and_vjp(lambda a, y, t1, t2, s, num_iters=num_iters: bj.bi_tempered_logistic_loss(
                 a, y, t1, t2, label_smoothing=s, num_iters=num_iters))
             parallel = _per_row_and_vjp(sharded)
-            for (t1, t2), s in ((t, s) for t in TEMPERATURES for s in (0.0, 0.1)):
+            row_weights = jnp.asarray(np.broadcast_to(weights, logits.shape[:-1]))
+            for (t1, t2), s in ((t, s) for t in temperatures for s in (0.0, 0.1)):
                 scalars = tuple(jnp.asarray(v, logits.dtype if dtype_name == "float64" else jnp.float32)
                                 for v in (t1, t2, s))
-                want = plain(logits, labels, jnp.asarray(weights), *scalars)
-                got = parallel(logits, labels, jnp.asarray(weights), *scalars)
-                where = f"{dtype_name} {kind} num_iters={num_iters} t1={t1} t2={t2} s={s}"
+                want = plain(logits, labels, row_weights, *scalars)
+                got = parallel(logits, labels, row_weights, *scalars)
+                where = f"{dtype_name} {kind} num_iters={num_iters} t1={t1} t2={t2} s={s} backend={backend}"
                 assert got[1].dtype == dtype and got[0].dtype == want[0].dtype, where
                 _close(got[0], want[0], dtype_name, where)
                 _close(got[1], want[1], dtype_name, where)
@@ -134,6 +150,45 @@ def shard_map_2d_mesh_data_and_model():
     mesh = _mesh((4, 1), ("data", "model"))
     _compare_with_unsharded(mesh, P("data", "model"), P("data"), "model", 8, ("float64",), kinds=("indices",),
                             iters=(None,))
+
+
+@register
+def shard_map_triton_kernels_interpreted():
+    """backend="triton": the vocab-parallel kernels through the jax-triton stand-in of
+    test_jax_triton.py (the interpreter on CPU; skipped where it is off, i.e. a GPU run) in
+    shard_map over 1-D and 2-D meshes, under vmap, against the plain loss; num_iters=k routes to
+    XLA. (The partial-sums launcher is wrapped to prove that the kernel path was traced.)"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import sys
+    import types
+
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from bitempered.bindings import jax_kernels
+    from test_jax_triton import interpreted_triton_call
+
+    fake = types.ModuleType("jax_triton")
+    fake.triton_call = interpreted_triton_call
+    sys.modules["jax_triton"] = fake
+    platform, jax.default_backend = jax.default_backend, lambda: "gpu"
+    launches = []
+    launch = jax_kernels.vocab_parallel_sums
+    jax_kernels.vocab_parallel_sums = lambda *args: launches.append(args[-1]) or launch(*args)
+    try:
+        mesh = _mesh((4,), ("model",))
+        _compare_with_unsharded(mesh, P(None, "model"), P(), "model", 6, ("float32",), backend="triton")
+        assert launches, "the kernel path was not taken"
+        _compare_with_unsharded(mesh, P(None, "model"), P(), "model", 6, ("bfloat16",), kinds=("indices",),
+                                iters=(None,), backend="triton", temperatures=TEMPERATURES[:2])
+        mesh = _mesh((2, 2), ("data", "model"))
+        _compare_with_unsharded(mesh, P("data", "model"), P("data"), "model", 8, ("float32",), kinds=("dense",),
+                                iters=(None,), backend="triton", temperatures=TEMPERATURES[:3], batch=2)
+    finally:
+        jax.default_backend = platform
+        jax_kernels.vocab_parallel_sums = launch
+        del sys.modules["jax_triton"]
 
 
 @register

@@ -19,6 +19,7 @@ The losses have no second derivative (``create_graph=True`` raises); ``tempered_
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -104,8 +105,8 @@ def _check_dense_labels(labels: torch.Tensor) -> None:
     """SPEC's dense labels lie in [0, 1]; CUDA and traced values stay unchecked (see the docstring)."""
     values = _checkable(labels)
     if values is not None and values.numel() > 0:
-        has_nan = bool(values.isnan().any())
-        low, high = (0.0, 1.0) if has_nan else (values.min().item(), values.max().item())
+        low, high = (float(v) for v in torch.aminmax(values))  # one pass; NaN propagates to both
+        has_nan = math.isnan(low) or math.isnan(high)
         check.check_dense_label_range(low, high, has_nan, "labels")
 
 

@@ -11,10 +11,11 @@ each block's gradient, scaled and masked, straight into the one [N, C] output. W
   solver pass run at cache rather than DRAM bandwidth; only the logits read and the gradient
   write go to memory.
 
-At t1 = t2 = 1 the loss is cross-entropy (SPEC), and a block takes a lean path: one
-``log_softmax``, the gradient ``p - y`` (dense labels: ``p sum(y) - y``) made in place from it.
-Rows where that shortcut is not SPEC's value (a non-finite loss: NaN or +inf logits, label mass
-on a p = 0 class) are recomputed by the general path, so the result never depends on the path.
+At t1 = t2 = 1 the loss is cross-entropy (SPEC), and the blocks take a lean path
+(``_cross_entropy``): one fused ``softmax`` written into the gradient, ``p - y`` (dense labels:
+``p sum(y) - y``) made in place from it. Rows where that shortcut is not SPEC's value (NaN or +inf
+logits, label mass on a p = 0 class, a target probability below the normal range) come back
+non-finite and are recomputed by the general path, so the result never depends on the path.
 """
 
 from __future__ import annotations
@@ -39,34 +40,69 @@ def _xlogx(value: float) -> float:
     return value * math.log(value) if value > 0.0 else 0.0
 
 
-def _cross_entropy_block(a, labels, indices: bool, on: float, off: float, scale, grad_out):
-    """Loss at t1 = t2 = 1, KL(y || softmax(a)), and (into ``grad_out``, if given) its gradient
-    times the row scale: ``scale (p - y)``; dense labels ``scale (p sum(y) - y)``.
+def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_scale, grad):
+    """Per-row loss [N] at t1 = t2 = 1, KL(y || softmax(a)), and (into ``grad``, if given) its
+    gradient times the row scale: ``scale (p - y)``; dense labels ``scale (p sum(y) - y)``. A row it
+    cannot give exactly comes back with a non-finite loss (the caller redoes it).
 
-    The scale enters as ``exp(log p + log scale)``, so the gradient is stored by the same op that
-    exponentiates (no separate scaling pass). Returns the per-row loss.
+    One exp per logit: torch's fused ``softmax`` (cheaper than a log_softmax and a second exp) writes
+    p straight into the gradient's block. The loss needs log p only through
+    ``log p_i = (a_i - a_r) + log p_r`` for one class r whose p_r is a normal float: the target
+    (class indices; a target below the normal range, a loss above ~87, is marked for redoing) or
+    the row's max (dense labels; p_max >= 1/C). So the only log over C classes is dense labels'
+    ``sum y log y``. Blocks make only passes over their rows; the per-row arithmetic runs once on
+    [N] vectors after the loop (torch's per-op cost is paid per block).
     """
-    log_p = torch.log_softmax(a, dim=-1)
+    dtype = row_scale.dtype
+    num_rows, num_classes = logits.shape
+    tiny = torch.finfo(dtype).tiny
+    on = 1.0 - label_smoothing if label_smoothing > 0.0 else 1.0
+    off = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
+    scale = row_scale.unsqueeze(-1)
+    stats = torch.empty(3, num_rows, 1, dtype=dtype, device=logits.device)
     if indices:
         target = labels.unsqueeze(-1)
+        p_target, shifted_sum = stats[0], stats[1]
+        target_grad = (-(on - off)) * scale  # the target's -y, scaled
+    else:
+        total, kl_part, p_max = stats  # kl_part = sum y (log y - (a - max))
+    step = rows_per_block(num_classes)
+    for start in range(0, num_rows, step):
+        block = slice(start, min(start + step, num_rows))
+        a = logits[block].to(dtype)
+        # the block's gradient in the compute dtype: the output itself when the dtypes agree
+        out = grad[block] if grad is not None and grad.dtype == dtype else None
+        p = torch.softmax(a, dim=-1) if out is None else torch.softmax(a, dim=-1, out=out)
+        if indices:
+            t = target[block]
+            torch.gather(p, -1, t, out=p_target[block])
+            if off > 0.0:  # sum_i (a_i - a_target), for the smoothed classes' sum of log p
+                torch.sum(a - a.gather(-1, t), dim=-1, keepdim=True, out=shifted_sum[block])
+            if grad is not None:
+                if off > 0.0:
+                    p.sub_(off)
+                p.mul_(scale[block]).scatter_add_(-1, t, target_grad[block])
+        else:
+            y = native.smooth_labels(labels[block].to(dtype), label_smoothing)
+            torch.sum(y, dim=-1, keepdim=True, out=total[block])
+            # y log y -> 0 at y = 0 (a label below the normal range adds < 1e-36: it may take log(tiny))
+            log_ratio = y.clamp(min=tiny).log_().sub_(a - a.amax(dim=-1, keepdim=True))
+            torch.sum(log_ratio.mul_(y), dim=-1, keepdim=True, out=kl_part[block])
+            torch.amax(p, dim=-1, keepdim=True, out=p_max[block])
+            if grad is not None:
+                p.mul_(total[block] * scale[block]).addcmul_(y, scale[block], value=-1.0)
+        if grad is not None and out is None:
+            grad[block] = p  # the one rounding into the logits' dtype
+    if indices:
+        log_p_target = torch.where(p_target >= tiny, torch.log(p_target), -math.inf)
         # sum y log y of the smoothed one-hot row; sum p = sum y = 1 cancel in SPEC's loss
-        labels_part = _xlogx(on) + (a.shape[-1] - 1) * _xlogx(off)
-        loss = labels_part - (on - off) * log_p.gather(-1, target).squeeze(-1)
+        loss = (_xlogx(on) + (num_classes - 1) * _xlogx(off)) - (on - off) * log_p_target
         if off > 0.0:
-            loss = loss - off * log_p.sum(dim=-1)
-        if grad_out is not None:
-            torch.exp(log_p.add_(torch.log(scale)), out=grad_out)
-            if off > 0.0:
-                grad_out.sub_(off * scale)
-            grad_out.scatter_add_(-1, target, (-(on - off)) * scale)
-        return loss
-    total = labels.sum(dim=-1, keepdim=True)
-    # sum y log y - sum y log p - sum y + sum p, with sum p = 1
-    loss = torch.special.xlogy(labels, labels).sub_(labels * log_p).sum(dim=-1) - total.squeeze(-1) + 1.0
-    if grad_out is not None:
-        torch.exp(log_p.add_(torch.log(total * scale)), out=grad_out)
-        grad_out.addcmul_(labels, scale, value=-1.0)
-    return loss
+            loss -= off * (shifted_sum + num_classes * log_p_target)
+    else:
+        # SPEC's loss at t = 1: sum y log(y / p) - sum y + sum p, with sum p = 1
+        loss = kl_part - total * torch.log(p_max) - total + 1.0
+    return loss.squeeze(-1)
 
 
 def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool):
@@ -102,38 +138,34 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     # that stores each block's gradient.
     row_scale = torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(grad_scale.to(dtype))
     cross_entropy = t1 == 1.0 and t2 == 1.0
-    on = 1.0 - label_smoothing if label_smoothing > 0.0 else 1.0
-    off = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
-
-    loss = torch.empty(num_rows, dtype=dtype, device=logits.device)
     grad = torch.empty_like(logits) if need_grad else None
-    step = rows_per_block(num_classes)
-    for start in range(0, num_rows, step):
-        block = slice(start, min(start + step, num_rows))
-        a = logits[block].to(dtype)
-        y = safe_labels[block] if indices else native.smooth_labels(safe_labels[block].to(dtype), label_smoothing)
-        scale = row_scale[block].unsqueeze(-1)
-        # the block's gradient in the compute dtype: the output itself when the dtypes agree
-        block_grad = None
-        if need_grad:
-            block_grad = grad[block] if grad.dtype == dtype else torch.empty_like(a)
-        if cross_entropy:
-            block_loss = _cross_entropy_block(a, y, indices, on, off, scale, block_grad)
-            redo = ~torch.isfinite(block_loss)
-            if bool(redo.any()):  # NaN/+inf logits, label mass on p = 0: SPEC's general path
-                redo_loss, redo_grad = _general_block(a[redo], y[redo], indices, t1, t2, label_smoothing,
-                                                      num_iters, need_grad)
-                block_loss[redo] = redo_loss
-                if need_grad:
-                    block_grad[redo] = redo_grad.mul_(scale[redo])
-        else:
-            block_loss, general_grad = _general_block(a, y, indices, t1, t2, label_smoothing, num_iters,
-                                                      need_grad)
+    if cross_entropy:
+        loss = _cross_entropy(logits, safe_labels, indices, label_smoothing, row_scale, grad)
+    else:
+        loss = torch.empty(num_rows, dtype=dtype, device=logits.device)
+        step = rows_per_block(num_classes)
+        for start in range(0, num_rows, step):
+            block = slice(start, min(start + step, num_rows))
+            a = logits[block].to(dtype)
+            y = safe_labels[block] if indices else native.smooth_labels(safe_labels[block].to(dtype),
+                                                                         label_smoothing)
+            loss[block], block_grad = _general_block(a, y, indices, t1, t2, label_smoothing, num_iters, need_grad)
             if need_grad:
-                torch.mul(general_grad, scale, out=block_grad)
-        loss[block] = block_loss
-        if need_grad and block_grad.dtype != grad.dtype:
-            grad[block] = block_grad  # the one rounding into the logits' dtype
+                scale = row_scale[block].unsqueeze(-1)
+                if grad.dtype == dtype:
+                    torch.mul(block_grad, scale, out=grad[block])
+                else:
+                    grad[block] = block_grad.mul_(scale)  # the one rounding into the logits' dtype
+    if cross_entropy:
+        # Rows the shortcut returned non-finite (NaN/+inf logits, label mass on p = 0, a target
+        # below the normal range): SPEC's general path, all of them at once (one host sync per call).
+        redo = (~torch.isfinite(loss) & kept).nonzero().squeeze(-1)
+        if redo.numel() > 0:
+            y = safe_labels[redo] if indices else native.smooth_labels(safe_labels[redo].to(dtype), label_smoothing)
+            loss[redo], redo_grad = _general_block(logits[redo].to(dtype), y, indices, t1, t2, label_smoothing,
+                                                   num_iters, need_grad)
+            if need_grad:
+                grad[redo] = redo_grad.mul_(row_scale[redo].unsqueeze(-1)).to(grad.dtype)
     if indices:
         loss = torch.where(kept, torch.where(bad, math.nan, loss), 0.0)
         if need_grad and not bool(kept.all()):

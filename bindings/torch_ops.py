@@ -113,6 +113,8 @@ def _(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reductio
 
 def _save_grad(ctx, inputs, output):
     ctx.need_grad = inputs[-1]
+    # the gradient output is never differentiated: no N x C zeros for its (absent) upstream gradient
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 

@@ -1,0 +1,146 @@
+"""The native backend's t1 = t2 = 1 shortcut (bindings/torch_native_loss.py: ``_cross_entropy``)
+against the float64 reference, for class indices and dense labels, with the rows the shortcut must
+hand to the general path (NaN, +inf logits, label mass on a -inf logit, a target below the normal
+range) next to rows it must get exactly by itself (underflowing non-target classes and labels).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from bitempered import torch as bt
+from bitempered.bindings import torch_native_loss as native_loss
+
+C = 9
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _logits() -> np.ndarray:
+    """Rows 0-3 ordinary (large offsets included); 4 NaN; 5 +inf at the target; 6 +inf elsewhere;
+    7 -inf at the target; 8 target 120 below the max (p = 0 in float32); 9 a class 200 below
+    the max (p = 0 in float32, not the target); 10 a -inf logit off the target; 11 target 101
+    below the max (p a subnormal float32 with a few digits)."""
+    a = np.random.default_rng(0).standard_normal((12, C)) * 3.0
+    a[1] += 1000.0  # the loss is shift invariant: no cancellation against a large offset
+    a[2] -= 300.0
+    a[3] *= 10.0
+    a[4, 2] = np.nan
+    a[5, 1] = np.inf
+    a[6, 4] = np.inf
+    a[7, 1] = -np.inf
+    a[8, 1] = a[8].max() - 120.0
+    a[9, 3] = a[9].max() - 200.0
+    a[10, 6] = -np.inf
+    a[11, 1] = a[11].max() - 101.0
+    return a
+
+
+TARGETS = np.array([1, 2, 0, 5, 3, 1, 1, 1, 1, 1, 1, 1])
+
+
+def _dense_labels(a: np.ndarray) -> np.ndarray:
+    """Soft labels, some exactly 0; mass where the logits put p = 0 or underflow in rows 7-9."""
+    y = np.random.default_rng(1).random(a.shape) ** 4
+    y[:, 0] = 0.0                      # exact zeros: y log y = 0
+    y[0, 4] = 1e-39                    # a label below float32's normal range
+    y[10, 6] = 0.0                     # no mass on the -inf logit: a finite loss
+    y /= y.sum(-1, keepdims=True)
+    y[3] *= 0.7                        # rows need not sum to 1
+    return y
+
+
+def _check(loss, grad, want_loss, want_grad, dtype):
+    loss = loss.detach().double().numpy()
+    grad = grad.double().numpy()
+    tol = TOL[dtype]
+    assert np.array_equal(np.isnan(loss), np.isnan(want_loss)), (loss, want_loss)
+    finite = np.isfinite(want_loss)
+    assert np.array_equal(np.isposinf(loss), np.isposinf(want_loss)), (loss, want_loss)
+    np.testing.assert_allclose(loss[finite], want_loss[finite], rtol=tol, atol=tol)
+    rows = ~np.isnan(want_grad).any(-1)
+    assert np.isnan(grad[~rows]).all()
+    np.testing.assert_allclose(grad[rows], want_grad[rows], rtol=tol, atol=tol)
+
+
+def _redone_rows(monkeypatch):
+    """Counts the rows the shortcut hands to SPEC's general path."""
+    redone = []
+    general = native_loss._general_block
+
+    def counting(a, *args):
+        redone.append(a.shape[0])
+        return general(a, *args)
+
+    monkeypatch.setattr(native_loss, "_general_block", counting)
+    return redone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])  # several blocks / one
+def test_class_indices(dtype, smoothing, block_elements, monkeypatch):
+    monkeypatch.setattr(native_loss, "BLOCK_ELEMENTS", block_elements)
+    redone = _redone_rows(monkeypatch)
+    a64 = _logits()
+    a = torch.tensor(a64, dtype=dtype, requires_grad=True)
+    loss = bt.bi_tempered_logistic_loss(a, torch.tensor(TARGETS), 1.0, 1.0, label_smoothing=smoothing,
+                                        reduction="none")
+    loss.sum().backward()
+    dense, _ = ref.one_hot(TARGETS, C)
+    _check(loss, a.grad, ref.loss(a64, dense, 1.0, 1.0, smoothing), ref.loss_grad(a64, dense, 1.0, 1.0, smoothing),
+           dtype)
+    # The general path gets the NaN and +inf rows (softmax is NaN there), the -inf target, and in
+    # float32 the targets 120 and 101 below the max (p_target 0 or subnormal); with smoothing also the -inf
+    # logit off the target (label mass on p = 0: a true +inf). The class 200 below the max is exact
+    # without it (no log of that p is taken).
+    expected = {4, 5, 6, 7} | ({8, 11} if dtype == torch.float32 else set()) | ({10} if smoothing > 0.0 else set())
+    assert sum(redone) == len(expected)
+    assert np.isfinite(loss[[8, 9, 11]].detach().numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])
+def test_dense_labels(dtype, smoothing, block_elements, monkeypatch):
+    monkeypatch.setattr(native_loss, "BLOCK_ELEMENTS", block_elements)
+    redone = _redone_rows(monkeypatch)
+    a64 = _logits()
+    y64 = _dense_labels(a64)
+    a = torch.tensor(a64, dtype=dtype, requires_grad=True)
+    loss = bt.bi_tempered_logistic_loss(a, torch.tensor(y64, dtype=dtype), 1.0, 1.0, label_smoothing=smoothing,
+                                        reduction="none")
+    loss.sum().backward()
+    y_in = torch.tensor(y64, dtype=dtype).double().numpy()  # the labels as the loss saw them
+    _check(loss, a.grad, ref.loss(a64, y_in, 1.0, 1.0, smoothing), ref.loss_grad(a64, y_in, 1.0, 1.0, smoothing),
+           dtype)
+    # rows with a non-finite logit; label mass on underflowing classes (rows 8, 9) is exact by itself
+    assert sum(redone) == 5  # rows 4, 5, 6, 7, 10 (0 * -inf at the -inf logit of row 10)
+
+
+def test_reductions_ignore_index_and_bfloat16():
+    a64 = _logits()[[0, 1, 2, 3, 8, 9, 11]]
+    targets = torch.tensor([1, -100, 0, 5, 1, -100, 1])
+    a = torch.tensor(a64, dtype=torch.bfloat16, requires_grad=True)
+    loss = bt.bi_tempered_logistic_loss(a, targets, 1.0, 1.0)  # mean over the 4 kept rows
+    loss.backward()
+    rounded = a.detach().double().numpy()
+    kept = targets.numpy() != -100
+    dense, _ = ref.one_hot(targets.numpy(), C)
+    want = ref.loss(rounded, dense, 1.0, 1.0)[kept].mean()
+    want_grad = ref.loss_grad(rounded, dense, 1.0, 1.0) * kept[:, None] / kept.sum()
+    assert loss.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.item(), want, rtol=2e-5)
+    np.testing.assert_allclose(a.grad.double().numpy(), want_grad, rtol=1e-2, atol=1e-3)
+    assert (a.grad[~torch.from_numpy(kept)] == 0).all()
+
+
+def test_same_values_as_the_general_path_near_one():
+    """Continuity in (t1, t2): the shortcut at 1 and the general path just beside it agree."""
+    a = torch.tensor(_logits()[[0, 1, 2, 3, 8, 9]], dtype=torch.float64)
+    targets = torch.tensor([1, 2, 0, 5, 1, 1])
+    y = torch.tensor(_dense_labels(_logits())[[0, 1, 2, 3, 8, 9]])
+    for labels in (targets, y):
+        at_one = bt.bi_tempered_logistic_loss(a, labels, 1.0, 1.0, reduction="none")
+        beside = bt.bi_tempered_logistic_loss(a, labels, 1.0, 1.0 + 1e-12, reduction="none")
+        np.testing.assert_allclose(at_one.numpy(), beside.numpy(), rtol=1e-6)

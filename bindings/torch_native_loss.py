@@ -45,13 +45,15 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     gradient times the row scale: ``scale (p - y)``; dense labels ``scale (p sum(y) - y)``. A row it
     cannot give exactly comes back with a non-finite loss (the caller redoes it).
 
-    One exp per logit: torch's fused ``softmax`` (cheaper than a log_softmax and a second exp) writes
-    p straight into the gradient's block. The loss needs log p only through
-    ``log p_i = (a_i - a_r) + log p_r`` for one class r whose p_r is a normal float: the target
-    (class indices; a target below the normal range, a loss above ~87, is marked for redoing) or
-    the row's max (dense labels; p_max >= 1/C). So the only log over C classes is dense labels'
-    ``sum y log y``. Blocks make only passes over their rows; the per-row arithmetic runs once on
+    Each block costs torch's fused row kernels and a few passes; the per-row arithmetic runs once on
     [N] vectors after the loop (torch's per-op cost is paid per block).
+
+    - Class indices: one ``softmax`` (one exp per logit, cheaper than log_softmax and a second exp)
+      written straight into the gradient; the loss needs only log p_target, read off p_target (a
+      target below the normal range, a loss above ~87, is marked for redoing).
+    - Dense labels: ``log_softmax`` (exact where p underflows) for the loss, and the gradient from
+      it by torch's fused log-softmax backward: ``y - p sum(y)``, negated by the scale. The one log
+      over the classes is the labels' own ``sum y log y``, which cross-entropy does not have.
     """
     dtype = row_scale.dtype
     num_rows, num_classes = logits.shape
@@ -59,21 +61,22 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     on = 1.0 - label_smoothing if label_smoothing > 0.0 else 1.0
     off = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
     scale = row_scale.unsqueeze(-1)
-    stats = torch.empty(3, num_rows, 1, dtype=dtype, device=logits.device)
+    stats = torch.empty(2, num_rows, 1, dtype=dtype, device=logits.device)  # per-row sums
     if indices:
         target = labels.unsqueeze(-1)
-        p_target, shifted_sum = stats[0], stats[1]
+        p_target, shifted_sum = stats
         target_grad = (-(on - off)) * scale  # the target's -y, scaled
     else:
-        total, kl_part, p_max = stats  # kl_part = sum y (log y - (a - max))
+        total, kl_part = stats  # kl_part = sum y (log y - log p)
+        neg_scale = -scale
     step = rows_per_block(num_classes)
     for start in range(0, num_rows, step):
         block = slice(start, min(start + step, num_rows))
         a = logits[block].to(dtype)
         # the block's gradient in the compute dtype: the output itself when the dtypes agree
         out = grad[block] if grad is not None and grad.dtype == dtype else None
-        p = torch.softmax(a, dim=-1) if out is None else torch.softmax(a, dim=-1, out=out)
         if indices:
+            p = torch.softmax(a, dim=-1) if out is None else torch.softmax(a, dim=-1, out=out)
             t = target[block]
             torch.gather(p, -1, t, out=p_target[block])
             if off > 0.0:  # sum_i (a_i - a_target), for the smoothed classes' sum of log p
@@ -84,13 +87,15 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
                 p.mul_(scale[block]).scatter_add_(-1, t, target_grad[block])
         else:
             y = native.smooth_labels(labels[block].to(dtype), label_smoothing)
+            log_p = torch.log_softmax(a, dim=-1)
+            if grad is not None:
+                g = torch.empty_like(a) if out is None else out
+                torch._log_softmax_backward_data(y, log_p, -1, dtype, out=g)  # y - p sum(y)
+                p = g.mul_(neg_scale[block])
             torch.sum(y, dim=-1, keepdim=True, out=total[block])
             # y log y -> 0 at y = 0 (a label below the normal range adds < 1e-36: it may take log(tiny))
-            log_ratio = y.clamp(min=tiny).log_().sub_(a - a.amax(dim=-1, keepdim=True))
+            log_ratio = y.clamp(min=tiny).log_().sub_(log_p)
             torch.sum(log_ratio.mul_(y), dim=-1, keepdim=True, out=kl_part[block])
-            torch.amax(p, dim=-1, keepdim=True, out=p_max[block])
-            if grad is not None:
-                p.mul_(total[block] * scale[block]).addcmul_(y, scale[block], value=-1.0)
         if grad is not None and out is None:
             grad[block] = p  # the one rounding into the logits' dtype
     if indices:
@@ -101,7 +106,7 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
             loss -= off * (shifted_sum + num_classes * log_p_target)
     else:
         # SPEC's loss at t = 1: sum y log(y / p) - sum y + sum p, with sum p = 1
-        loss = kl_part - total * torch.log(p_max) - total + 1.0
+        loss = kl_part - total + 1.0
     return loss.squeeze(-1)
 
 

@@ -144,3 +144,16 @@ def test_same_values_as_the_general_path_near_one():
         at_one = bt.bi_tempered_logistic_loss(a, labels, 1.0, 1.0, reduction="none")
         beside = bt.bi_tempered_logistic_loss(a, labels, 1.0, 1.0 + 1e-12, reduction="none")
         np.testing.assert_allclose(at_one.numpy(), beside.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.7, 1.3])
+def test_exact_zeros_next_to_a_nan_row_in_one_block(t):
+    """The general path's "is some p exactly 0" check is per row: a NaN row in the same block must
+    not hide the -inf logits of another (d = -y there at t1 = t2 unless zeroed)."""
+    a64 = _logits()[[0, 4, 7, 10]]  # ordinary, NaN, -inf target, -inf elsewhere
+    targets = np.array([1, 3, 1, 1])
+    a = torch.tensor(a64, requires_grad=True)
+    loss = bt.bi_tempered_logistic_loss(a, torch.tensor(targets), t, t, reduction="none")
+    loss.sum().backward()
+    dense, _ = ref.one_hot(targets, C)
+    _check(loss, a.grad, ref.loss(a64, dense, t, t), ref.loss_grad(a64, dense, t, t), torch.float64)

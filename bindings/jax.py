@@ -323,14 +323,47 @@ def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         # logits' dtype to the backward rule, which rounds once to it.
         return loss, (grad, jnp.zeros((0,), logits.dtype))
     # XLA: per-row statistics only; the backward rebuilds the gradient (bindings/jax_native_loss.py)
-    rows_shape = logits.shape[:-1]
-    a, flat_labels = _flat_rows(logits, labels)
-    y, kept, invalid, indices = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
-    target = None
-    if kept is not None:  # class indices: the cross-entropy branch gathers the target logit
-        target = jnp.where(kept & ~invalid, indices, 0)
-    loss, stats = native_loss.forward(a.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing)
-    return _mask_rows(loss, kept, invalid).reshape(rows_shape), (logits, labels, t1, t2, label_smoothing, stats)
+    loss, *stats = _xla_forward_fn(num_iters, ignore_index)(logits, labels, t1, t2, label_smoothing)
+    return loss, (logits, labels, t1, t2, label_smoothing, tuple(stats))
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_forward_fn(num_iters, ignore_index):
+    """(loss, shift, Y, ratio) of the XLA loss, the row statistics shaped [..., 1].
+
+    Folded under vmap (``_fold_batch``): the run-time branches of ``jax_native_loss`` (the
+    cross-entropy fast paths and their exact fallback) decide once for all the rows instead of
+    per example, where a vmapped ``lax.cond`` would run both branches (and, inside shard_map,
+    trip check_vma on a batched branch's constants)."""
+    def fn(logits, labels, t1, t2, label_smoothing):
+        rows_shape = logits.shape[:-1]
+        a, flat_labels = _flat_rows(logits, labels)
+        y, kept, invalid, indices = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
+        target = None
+        if kept is not None:  # class indices: the cross-entropy branch gathers the target logit
+            target = jnp.where(kept & ~invalid, indices, 0)
+        dense = None if kept is not None else flat_labels  # unsmoothed: the t = 1 fast path reads them
+        loss, stats = native_loss.forward(a.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing, dense)
+        return (_mask_rows(loss, kept, invalid).reshape(rows_shape),) + tuple(
+            x.reshape(rows_shape + (1,)) for x in stats)
+
+    return _fold_batch(fn, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_backward_fn(ignore_index):
+    """dL/dlogits (the logits' dtype) from the row statistics and the upstream [...] (folded
+    under vmap as :func:`_xla_forward_fn`)."""
+    def fn(logits, labels, shift, y_norm, ratio, grad_loss, t1, t2, label_smoothing):
+        a, flat_labels = _flat_rows(logits, labels)
+        y, kept, invalid, _ = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
+        upstream = grad_loss.reshape(-1, 1).astype(t1.dtype)
+        stats = tuple(x.reshape(-1, 1) for x in (shift, y_norm, ratio))
+        grad = native_loss.backward(a.astype(t1.dtype), y, stats, t1, t2, upstream,
+                                    lambda values: _mask_rows(values, kept, invalid))
+        return grad.astype(logits.dtype).reshape(logits.shape)
+
+    return _fold_batch(fn, 6)
 
 
 def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
@@ -339,12 +372,7 @@ def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
         grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
     else:
         logits, labels, t1, t2, label_smoothing, stats = residuals
-        a, flat_labels = _flat_rows(logits, labels)
-        y, kept, invalid, _ = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
-        upstream = grad_loss.reshape(-1, 1).astype(t1.dtype)
-        grad = native_loss.backward(a.astype(t1.dtype), y, stats, t1, t2, upstream,
-                                    lambda values: _mask_rows(values, kept, invalid))
-        grad_logits = grad.astype(logits.dtype).reshape(logits.shape)
+        grad_logits = _xla_backward_fn(ignore_index)(logits, labels, *stats, grad_loss, t1, t2, label_smoothing)
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
     return grad_logits, None, None, None, None
 

@@ -80,11 +80,17 @@ def _all_rows(x):
     return x
 
 
+def _fast_path_ok(row_values):
+    """Whether a cross-entropy fast path's per-row values stand for every row (all finite): the
+    run-time predicate of its exact fallback (tests/test_jax_cross_entropy.py forces it)."""
+    return jnp.all(jnp.isfinite(row_values))
+
+
 def _is_cross_entropy(t1, t2):
     return (t1 == 1) & (t2 == 1)
 
 
-def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
+def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_labels=None):
     """Per-row loss [...] and the residual row statistics (shift, Y, ratio), each [..., 1].
 
     ``a``: logits in the compute dtype [N, C] (rows flattened); ``labels(take)``: a function
@@ -93,22 +99,28 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
     branch so that XLA fuses them (an elementwise expression, e.g. a one-hot comparison) instead
     of passing an N x C array into the ``lax.cond``. With class indices, ``target`` [N] and
     ``smoothing`` let the cross-entropy branch read the target logit by a gather from ``a``
-    itself instead of reducing over ``y``.
+    itself instead of reducing over ``y``. With dense labels, ``dense_labels`` (the caller's
+    unsmoothed [N, C] labels, any float dtype) and ``smoothing`` let the cross-entropy branch read
+    them directly when the smoothing is 0.
+
+    The shift is any finite per-row value with p = exp(a - shift - Y) (the backward only needs
+    that): the row max in general, the target logit in the class-index cross-entropy fast path.
 
     XLA:CPU notes (measured, jax 0.10): separate row sums, not a variadic reduce (several times
     slower); N x C values are built inside the branch that uses them (a ``lax.cond`` operand or
-    closed-over N x C value is materialized). Dense labels at t1 = t2 = 1 still cost about 2x
-    optax's cross-entropy here: the selects of SPEC's exact-zero rules inside the row sums.
+    closed-over N x C value is materialized); a compare or select inside a row sum's elementwise
+    chain makes XLA write that chain out as an N x C buffer first (a pass of its own), so the
+    cross-entropy fast paths below are select-free and leave the exact-zero rules of SPEC to a
+    run-time fallback branch, taken when a row needs them (decided from O(N) row values).
     """
-    shift = jnp.max(a, axis=-1, keepdims=True)
-    # a gather from a0 (a select) would materialize it: gather from a, shift the one value per row
-    a_target = None if target is None else jnp.take_along_axis(a, target[..., None], axis=-1)
+    def row_max():
+        return jnp.max(a, axis=-1, keepdims=True)
 
-    def shifted(x):
+    def shifted(x, shift):
         return jnp.where(x == shift, 0.0, x - shift)
 
-    def dense_cross_entropy_block(take):
-        """(loss, Y, ratio) at t1 = t2 = 1 of the rows ``take`` selects, dense labels."""
+    def dense_cross_entropy_block(take, shift):
+        """(loss, Y, ratio) at t1 = t2 = 1 of the rows ``take`` selects, dense labels (exact)."""
         y = labels(take)
         a0 = jnp.where(take(a) == take(shift), 0.0, take(a) - take(shift))
         y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
@@ -121,29 +133,36 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
         loss = cross + y_norm * y_sum - y_sum + 1.0
         return loss[..., 0], y_norm, 1.0 - y_finite  # ratio = sum d / sum p, sum p = 1
 
-    def cross_entropy(a):
-        if target is None:  # its selects keep N x C temporaries: in blocks of rows, as tempered
-            return _by_row_blocks(dense_cross_entropy_block, a.shape[0], a.shape[-1], (shift[..., 0], shift, shift))
-        def logsumexp_select():  # SPEC's limit for a row whose max is +-inf
-            return jnp.log(_row_sum(jnp.exp(shifted(a))))
+    def dense_exact():  # its selects keep N x C temporaries: in blocks of rows, as tempered
+        shift = row_max()
+        return _by_row_blocks(lambda take: dense_cross_entropy_block(take, shift), a.shape[0], a.shape[-1],
+                              (shift[..., 0], shift, shift)) + (shift,)
 
-        def logsumexp():  # finite maxima: a - max is the same value, without the select that
-            return jnp.log(_row_sum(jnp.exp(a - shift)))  # would make XLA:CPU write a0 out
+    def dense_fast():
+        """Unsmoothed dense labels, select-free: five row passes (max, sum exp(a0), sum y,
+        sum y (log y - a0); the backward), the exact branch's value wherever every a0 is finite.
+        y log max(y, tiny) is y log y for y > 0 and 0 for y = 0 (log tiny is finite). A row with
+        a -inf logit (0 * -inf or y * inf), a +inf max or a NaN gives a non-finite loss here:
+        then every row is recomputed by the exact branch (the predicate is O(N))."""
+        shift = row_max()
+        y = dense_labels.astype(a.dtype)
+        a0 = a - shift
+        y_norm = jnp.log(_row_sum(jnp.exp(a0)))
+        tiny = jnp.finfo(a.dtype).tiny
+        cross, y_sum = _row_sums(y * (jnp.log(jnp.maximum(y, tiny)) - a0), y)
+        loss = (cross + y_norm * y_sum - y_sum + 1.0)[..., 0]
+        fast = (loss, y_norm, 1.0 - y_sum, shift)
+        return lax.cond(_fast_path_ok(loss), lambda: fast, dense_exact)
 
-        # the max of a0 is 0: the sum is >= 1. (Under vmap the row predicate is batched and
-        # both branches run: the same values, at the select's cost.)
-        y_norm = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), logsumexp, logsumexp_select)
-        num_classes = a.shape[-1]
-        off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
-        on = 1.0 - smoothing
-        a0_target = shifted(a_target)
+    def index_cross_entropy(shift, y_norm, a0_target, shifted_rows):
+        """(loss, Y, ratio) of smoothed one-hot rows from the shift, Y and the target's a0."""
         log_p_target = a0_target - y_norm
 
         def x_log_x(v):
             return jnp.where(v > 0, v * jnp.log(jnp.where(v > 0, v, 1.0)), 0.0)
 
         def off_target():  # label mass off the target (smoothing): sum log p, count of p > 0
-            a0 = shifted(a)  # recomputed here: a closed-over N x C value would be materialized
+            a0 = shifted_rows()  # recomputed here: a closed-over N x C value would be materialized
             log_p_sum, positive = _row_sums(a0, (a0 > -jnp.inf).astype(a.dtype))
             return log_p_sum - num_classes * y_norm, positive
 
@@ -152,9 +171,49 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
         # sum y log y - sum y log p of the smoothed one-hot row (sum y = sum p = 1 cancel)
         loss = x_log_x(on) + (num_classes - 1) * x_log_x(off) - (on - off) * log_p_target - off * log_p_sum
         ratio = 1.0 - (on - off) * (a0_target > -jnp.inf) - off * positive
-        return loss[..., 0], y_norm, ratio
+        return loss[..., 0], y_norm, ratio, shift
 
-    def tempered_block(take):
+    # a gather from a0 (a select) would materialize it: gather from a, shift the one value per row
+    a_target = None if target is None else jnp.take_along_axis(a, target[..., None], axis=-1)
+    num_classes = a.shape[-1]
+    if target is not None:  # outside the branches (inside a vmapped cond a division by a Python
+        # constant would mix varying and unvarying mesh axes under shard_map's check_vma)
+        off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
+        on = 1.0 - smoothing
+
+    def index_exact():
+        shift = row_max()
+
+        def logsumexp_select():  # SPEC's limit for a row whose max is +-inf
+            return jnp.log(_row_sum(jnp.exp(shifted(a, shift))))
+
+        def logsumexp():  # finite maxima: a - max is the same value, without the select that
+            return jnp.log(_row_sum(jnp.exp(a - shift)))  # would make XLA:CPU write a0 out
+
+        # the max of a0 is 0: the sum is >= 1. (Under vmap the row predicate is batched and
+        # both branches run: the same values, at the select's cost.)
+        y_norm = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), logsumexp, logsumexp_select)
+        return index_cross_entropy(shift, y_norm, shifted(a_target, shift), lambda: shifted(a, shift))
+
+    def index_fast():
+        """The target logit as the shift: one row pass (no max). sum exp(a - a_target) >= 1
+        (the target's own term), so it is finite exactly when the row is finite with every
+        logit less than ~88 above its target's; any other row (a NaN, +-inf at the target or
+        the max, a gap that overflows) sends every row to the exact branch (O(N) predicate).
+        A -inf logit elsewhere is exact here: exp(-inf) = 0, and the smoothing sums see it."""
+        total = _row_sum(jnp.exp(a - a_target))
+        fast = lambda: index_cross_entropy(a_target, jnp.log(total), jnp.zeros_like(a_target),
+                                           lambda: a - a_target)
+        return lax.cond(_fast_path_ok(total), fast, index_exact)
+
+    def cross_entropy(a):
+        if target is None:
+            if dense_labels is None:
+                return dense_exact()
+            return lax.cond(smoothing == 0, dense_fast, dense_exact)
+        return index_fast()
+
+    def tempered_block(take, shift):
         """(loss, Y, ratio) of the rows ``take`` selects (all of them, or one block)."""
         a_rows, shift_rows, y = take(a), take(shift), labels(take)
         a0 = native._shifted(a_rows, shift_rows)
@@ -181,9 +240,11 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None):
     def tempered(a):
         # The solver's passes and the epilogue hold a few N x C temporaries (a0, p, ...): in
         # blocks of rows they stay a few BLOCK_ELEMENTS whatever N x C is (rows are independent).
-        return _by_row_blocks(tempered_block, a.shape[0], a.shape[-1], (shift[..., 0], shift, shift))
+        shift = row_max()
+        return _by_row_blocks(lambda take: tempered_block(take, shift), a.shape[0], a.shape[-1],
+                              (shift[..., 0], shift, shift)) + (shift,)
 
-    loss, y_norm, ratio = lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
+    loss, y_norm, ratio, shift = lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
     return loss, (shift, y_norm, ratio)
 
 

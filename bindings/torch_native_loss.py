@@ -12,10 +12,11 @@ each block's gradient, scaled and masked, straight into the one [N, C] output. W
   write go to memory.
 
 At t1 = t2 = 1 the loss is cross-entropy (SPEC), and the blocks take a lean path
-(``_cross_entropy``): one fused ``softmax`` written into the gradient, ``p - y`` (dense labels:
-``p sum(y) - y``) made in place from it. Rows where that shortcut is not SPEC's value (NaN or +inf
-logits, label mass on a p = 0 class, a target probability below the normal range) come back
-non-finite and are recomputed by the general path, so the result never depends on the path.
+(``_cross_entropy``): the gradient ``p - y`` (dense labels: ``p sum(y) - y``) is written by
+torch's fused row kernels (``softmax``; dense labels ``log_softmax`` and its backward). Rows
+where that shortcut is not SPEC's value (NaN or +inf logits, label mass on a p = 0 class, a
+target probability below the normal range) come back non-finite and are recomputed by the general
+path, so the result never depends on the path.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ from . import torch_native as native
 # pass stay in a CPU's L2/L3 cache; a block of at least this size keeps torch's per-op overhead
 # small against the work (a pass costs ~12 ops per block).
 BLOCK_ELEMENTS = 1 << 18
+# The t1 = t2 = 1 path's blocks: a few fused row kernels each, no solver temporaries (class indices:
+# none in fp32; dense labels: two), so larger blocks cost no speed on an idle CPU, and their 16x
+# fewer parallel regions keep it fast when another process holds a core (measured on 2 cores: a
+# busy core made 2^18-element blocks 2-5x slower than F.cross_entropy, 2^22 stayed within 1.5x).
+CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 22
 
 
-def rows_per_block(num_classes: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+def rows_per_block(num_classes: int, elements: int | None = None) -> int:
+    return max(1, (elements or BLOCK_ELEMENTS) // max(num_classes, 1))
 
 
 def _xlogx(value: float) -> float:
@@ -69,7 +75,7 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     else:
         total, kl_part = stats  # kl_part = sum y (log y - log p)
         neg_scale = -scale
-    step = rows_per_block(num_classes)
+    step = rows_per_block(num_classes, CROSS_ENTROPY_BLOCK_ELEMENTS)
     for start in range(0, num_rows, step):
         block = slice(start, min(start + step, num_rows))
         a = logits[block].to(dtype)

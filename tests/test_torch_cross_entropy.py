@@ -80,7 +80,7 @@ def _redone_rows(monkeypatch):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])  # several blocks / one
 def test_class_indices(dtype, smoothing, block_elements, monkeypatch):
-    monkeypatch.setattr(native_loss, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(native_loss, "CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
     redone = _redone_rows(monkeypatch)
     a64 = _logits()
     a = torch.tensor(a64, dtype=dtype, requires_grad=True)
@@ -103,7 +103,7 @@ def test_class_indices(dtype, smoothing, block_elements, monkeypatch):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])
 def test_dense_labels(dtype, smoothing, block_elements, monkeypatch):
-    monkeypatch.setattr(native_loss, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(native_loss, "CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
     redone = _redone_rows(monkeypatch)
     a64 = _logits()
     y64 = _dense_labels(a64)

@@ -164,7 +164,8 @@ def _fold_batch(fn, num_arrays: int):
 
     ``fn`` takes ``num_arrays`` arrays with any leading axes, then 0-d scalars. Unbatched arrays
     are broadcast to the batch; per-example scalars (a vmapped temperature) fall back to one call
-    per example (``lax.map``). Needed because jax-triton's ``triton_call`` has no batching rule.
+    per example (``lax.map``). Needed because jax-triton's ``triton_call`` has no batching rule, and
+    by the XLA loss so that its run-time branches decide once for all rows.
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
 
@@ -313,7 +314,10 @@ def _mask_rows(values, kept, invalid):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
-    return _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend)[0]
+    if backend == "triton":
+        return _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend)[0]
+    # no gradient wanted: the XLA forward skips the gradient's N x C residual
+    return _xla_forward_fn(num_iters, ignore_index, False)(logits, labels, t1, t2, label_smoothing)[0]
 
 
 def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
@@ -322,14 +326,15 @@ def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         # The unit gradient stays in the compute dtype; the zero-size array only carries the
         # logits' dtype to the backward rule, which rounds once to it.
         return loss, (grad, jnp.zeros((0,), logits.dtype))
-    # XLA: per-row statistics only; the backward rebuilds the gradient (bindings/jax_native_loss.py)
-    loss, *stats = _xla_forward_fn(num_iters, ignore_index)(logits, labels, t1, t2, label_smoothing)
-    return loss, (logits, labels, t1, t2, label_smoothing, tuple(stats))
+    # XLA: the residual (R, alpha, beta) of bindings/jax_native_loss.py; one elementwise backward
+    loss, *residual = _xla_forward_fn(num_iters, ignore_index, True)(logits, labels, t1, t2, label_smoothing)
+    return loss, (labels, label_smoothing, tuple(residual), jnp.zeros((0,), logits.dtype))
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_forward_fn(num_iters, ignore_index):
-    """(loss, shift, Y, ratio) of the XLA loss, the row statistics shaped [..., 1].
+def _xla_forward_fn(num_iters, ignore_index, need_residual):
+    """(loss, R, alpha, beta) of the XLA loss (R shaped as the logits, alpha and beta [..., 1]),
+    or (loss,) without the residual.
 
     Folded under vmap (``_fold_batch``): the run-time branches of ``jax_native_loss`` (the
     cross-entropy fast paths and their exact fallback) decide once for all the rows instead of
@@ -343,27 +348,31 @@ def _xla_forward_fn(num_iters, ignore_index):
         if kept is not None:  # class indices: the cross-entropy branch gathers the target logit
             target = jnp.where(kept & ~invalid, indices, 0)
         dense = None if kept is not None else flat_labels  # unsmoothed: the t = 1 fast path reads them
-        loss, stats = native_loss.forward(a.astype(t1.dtype), y, t1, t2, num_iters, target, label_smoothing, dense)
-        return (_mask_rows(loss, kept, invalid).reshape(rows_shape),) + tuple(
-            x.reshape(rows_shape + (1,)) for x in stats)
+        loss, (residual, alpha, beta) = native_loss.forward(a.astype(t1.dtype), y, t1, t2, num_iters, target,
+                                                            label_smoothing, dense, need_residual)
+        loss = _mask_rows(loss, kept, invalid).reshape(rows_shape)
+        if not need_residual:
+            return (loss,)
+        return (loss, residual.reshape(logits.shape), alpha.reshape(rows_shape + (1,)),
+                beta.reshape(rows_shape + (1,)))
 
     return _fold_batch(fn, 2)
 
 
 @functools.lru_cache(maxsize=None)
 def _xla_backward_fn(ignore_index):
-    """dL/dlogits (the logits' dtype) from the row statistics and the upstream [...] (folded
-    under vmap as :func:`_xla_forward_fn`)."""
-    def fn(logits, labels, shift, y_norm, ratio, grad_loss, t1, t2, label_smoothing):
-        a, flat_labels = _flat_rows(logits, labels)
-        y, kept, invalid, _ = _xla_labels(flat_labels, t1.dtype, a.shape[-1], ignore_index, label_smoothing)
-        upstream = grad_loss.reshape(-1, 1).astype(t1.dtype)
-        stats = tuple(x.reshape(-1, 1) for x in (shift, y_norm, ratio))
-        grad = native_loss.backward(a.astype(t1.dtype), y, stats, t1, t2, upstream,
-                                    lambda values: _mask_rows(values, kept, invalid))
-        return grad.astype(logits.dtype).reshape(logits.shape)
+    """dL/dlogits (the dtype of ``like``, a zero-size array) from the residual and the upstream
+    [...] (folded under vmap as :func:`_xla_forward_fn`)."""
+    def fn(labels, residual, alpha, beta, grad_loss, label_smoothing, like):
+        num_classes = residual.shape[-1]
+        flat_labels = labels.reshape((-1,) if jnp.issubdtype(labels.dtype, jnp.integer) else (-1, num_classes))
+        y, kept, invalid, _ = _xla_labels(flat_labels, residual.dtype, num_classes, ignore_index, label_smoothing)
+        upstream = grad_loss.reshape(-1, 1).astype(residual.dtype)
+        flat = (residual.reshape(-1, num_classes), alpha.reshape(-1, 1), beta.reshape(-1, 1))
+        grad = native_loss.backward(flat, y, upstream, lambda values: _mask_rows(values, kept, invalid))
+        return grad.astype(like.dtype).reshape(residual.shape)
 
-    return _fold_batch(fn, 6)
+    return _fold_batch(fn, 5)
 
 
 def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
@@ -371,8 +380,8 @@ def _loss_bwd(num_iters, ignore_index, backend, residuals, grad_loss):
         grad, like_logits = residuals
         grad_logits = (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype)
     else:
-        logits, labels, t1, t2, label_smoothing, stats = residuals
-        grad_logits = _xla_backward_fn(ignore_index)(logits, labels, *stats, grad_loss, t1, t2, label_smoothing)
+        labels, label_smoothing, residual, like = residuals
+        grad_logits = _xla_backward_fn(ignore_index)(labels, *residual, grad_loss, label_smoothing, like)
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
     return grad_logits, None, None, None, None
 

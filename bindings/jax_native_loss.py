@@ -1,27 +1,25 @@
-"""The JAX (XLA) loss as a forward that keeps per-row statistics and a backward that rebuilds the
-gradient from them: no N x C residual.
+"""The JAX (XLA) loss as a forward that keeps one N x C residual and a one-pass backward.
 
-``bindings/jax_native.py`` holds the math (solver, loss and gradient terms). Saving the gradient
-of the forward as the residual (what the Triton path does) costs an N x C buffer written by the
-forward and read by the backward, plus the product with the upstream gradient in another. Here
-the forward keeps, per row, the shift ``max(a)``, the normalizer ``Y = -log p_max`` and
-``ratio = sum(d) / sum(p^t2)``; the backward recomputes, elementwise and fused by XLA with the
-upstream multiply,
+``bindings/jax_native.py`` holds the math (solver, loss and gradient terms). The forward returns,
+besides the per-row loss, R [N, C] and alpha, beta [N, 1] with
 
-    log p = log p(a - max(a); Y)  (the solver's own formula),   d = (p - y) p^(t2 - t1),
-    dL/da = g (d - p^t2 ratio)
+    dL/da = g (R alpha - y beta),   exactly 0 where R is -0.0 (p exactly 0, SPEC's zero rule)
 
-which is SPEC's closed form (e = p^t2 / sum p^t2). So ``jit(value_and_grad)`` holds the logits,
-labels and the returned gradient, and O(N) besides, plus the forward's temporaries: the solver's
-passes and the epilogue write a few N x C values on XLA:CPU (see ``jax_native``), so the tempered
-forward (and the dense cross-entropy one) runs on blocks of rows of at most BLOCK_ELEMENTS
-elements: at N = 4096, C = 50000 the training step holds 1.08x the logits beyond its inputs,
-gradient included (``tests/test_jax_memory.py``), where one block for all rows held 4x.
+At t1 = t2 = 1 R = exp(a - shift) (softmax's numerator, written out by the forward anyway, since
+an elementwise exp written out and then summed is faster on XLA:CPU than exp fused into the row
+sum) with alpha = (1 - ratio) / sum R, beta = 1: the backward is optax's, no second exp.
+Otherwise R is the unit gradient d - e sum(d) (SPEC's closed form), alpha = 1, beta = 0. The
+backward is outside every ``lax.cond`` so that XLA writes the gradient over R in place: the
+training step holds about 1.1x the logits beyond its inputs, gradient included, at N = 4096,
+C = 50000 (``tests/test_jax_memory.py``). The tempered forward (and the exact cross-entropy
+ones) run on blocks of rows of at most BLOCK_ELEMENTS elements, so their temporaries stay a few
+blocks whatever N x C is. Without a gradient (``need_residual=False``) no R is made.
 
-At t1 = t2 = 1 (cross-entropy) a ``lax.cond`` takes a lean branch in both passes: a logsumexp
-forward and ``g (p - y - p sum(d))`` backward, the same values as the tempered branch at t = 1.
-Branches are chosen at run time from the traced temperatures: one compiled program for every
-temperature value.
+At t1 = t2 = 1 a ``lax.cond`` takes cross-entropy branches: select-free fast paths (class indices
+without the gradient: the target logit as the shift, one fused pass; dense labels without
+smoothing: y log max(y, tiny)) with the exact branch as a run-time fallback decided from O(N) row
+values (``_fast_path_ok``). Branches are chosen at run time from the traced temperatures: one
+compiled program for every temperature value.
 """
 
 from __future__ import annotations
@@ -90,8 +88,19 @@ def _is_cross_entropy(t1, t2):
     return (t1 == 1) & (t2 == 1)
 
 
-def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_labels=None):
-    """Per-row loss [...] and the residual row statistics (shift, Y, ratio), each [..., 1].
+def _true_zero(a0):
+    """-0.0 where p is exactly 0 (a0 = -inf): the residual's mark for a gradient of exactly 0."""
+    return a0 == -jnp.inf
+
+
+def _exp_marked(a0):
+    """exp(a0), -0.0 where a0 = -inf (exp never returns -0.0: an underflow gives +0.0)."""
+    return jnp.where(_true_zero(a0), -0.0, jnp.exp(a0))
+
+
+def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_labels=None,
+            need_residual=True):
+    """Per-row loss [...] and the residual (R, alpha, beta) of :func:`backward`.
 
     ``a``: logits in the compute dtype [N, C] (rows flattened); ``labels(take)``: a function
     returning the smoothed dense labels of the rows ``take`` selects (``take`` slices the leading
@@ -103,27 +112,50 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     unsmoothed [N, C] labels, any float dtype) and ``smoothing`` let the cross-entropy branch read
     them directly when the smoothing is 0.
 
-    The shift is any finite per-row value with p = exp(a - shift - Y) (the backward only needs
-    that): the row max in general, the target logit in the class-index cross-entropy fast path.
+    The residual: R [N, C] and alpha, beta [N, 1] with dL/da = R alpha - y beta, and exactly 0
+    where R is -0.0 (p exactly 0). At t1 = t2 = 1, R = exp(a - shift) for a per-row shift (the
+    row max, or the target logit in the class-index fast path), alpha = (1 - ratio) / sum R,
+    beta = 1; otherwise R is the unit gradient itself, alpha = 1, beta = 0. The backward is then
+    one elementwise pass outside any ``lax.cond``, which XLA writes in place over R: the training
+    step holds about 1x the logits beyond its inputs, gradient included. ``need_residual=False``
+    (no gradient wanted) skips R.
 
     XLA:CPU notes (measured, jax 0.10): separate row sums, not a variadic reduce (several times
     slower); N x C values are built inside the branch that uses them (a ``lax.cond`` operand or
     closed-over N x C value is materialized); a compare or select inside a row sum's elementwise
     chain makes XLA write that chain out as an N x C buffer first (a pass of its own), so the
-    cross-entropy fast paths below are select-free and leave the exact-zero rules of SPEC to a
-    run-time fallback branch, taken when a row needs them (decided from O(N) row values).
+    cross-entropy fast paths below are select-free in their row sums and leave the exact-zero
+    rules of SPEC to a run-time fallback branch, taken when a row needs them (decided from O(N)
+    row values); exp written out by an elementwise fusion and then summed is faster than exp
+    fused into the row sum, and keeping it as R saves the backward a second exp.
     """
+    num_rows, num_classes = a.shape
+    ones = lambda like: jnp.ones_like(like)
+
     def row_max():
         return jnp.max(a, axis=-1, keepdims=True)
 
     def shifted(x, shift):
         return jnp.where(x == shift, 0.0, x - shift)
 
+    def by_blocks(block, shift):
+        """``block(take)`` -> (loss, R or None, alpha, beta) over row blocks (see _by_row_blocks)."""
+        like = (shift[..., 0],) + ((a,) if need_residual else ()) + (shift, shift)
+        if need_residual:
+            return _by_row_blocks(block, num_rows, num_classes, like)
+        loss, alpha, beta = _by_row_blocks(lambda take: _drop_residual(block(take)), num_rows, num_classes, like)
+        return loss, None, alpha, beta
+
     def dense_cross_entropy_block(take, shift):
-        """(loss, Y, ratio) at t1 = t2 = 1 of the rows ``take`` selects, dense labels (exact)."""
+        """(loss, R, alpha, beta) at t1 = t2 = 1 of the rows ``take`` selects, dense labels (exact)."""
         y = labels(take)
         a0 = jnp.where(take(a) == take(shift), 0.0, take(a) - take(shift))
-        y_norm = jnp.log(_row_sum(jnp.exp(a0)))  # the max of a0 is 0: the sum is >= 1
+        if need_residual:  # exp written out, then summed (see above)
+            e = _exp_marked(a0)
+            total = _row_sum(e)
+        else:
+            e, total = None, _row_sum(jnp.exp(a0))
+        y_norm = jnp.log(total)  # the max of a0 is 0: the sum is >= 1
         # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
         # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
         y_log_y = jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0)
@@ -131,35 +163,49 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
         cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
         loss = cross + y_norm * y_sum - y_sum + 1.0
-        return loss[..., 0], y_norm, 1.0 - y_finite  # ratio = sum d / sum p, sum p = 1
+        # dL/da = p - y - p ratio with ratio = sum d / sum p = 1 - y_finite (sum p = 1)
+        return loss[..., 0], e, y_finite / total, ones(total)
 
     def dense_exact():  # its selects keep N x C temporaries: in blocks of rows, as tempered
         shift = row_max()
-        return _by_row_blocks(lambda take: dense_cross_entropy_block(take, shift), a.shape[0], a.shape[-1],
-                              (shift[..., 0], shift, shift)) + (shift,)
+        return by_blocks(lambda take: dense_cross_entropy_block(take, shift), shift)
 
     def dense_fast():
-        """Unsmoothed dense labels, select-free: five row passes (max, sum exp(a0), sum y,
-        sum y (log y - a0); the backward), the exact branch's value wherever every a0 is finite.
-        y log max(y, tiny) is y log y for y > 0 and 0 for y = 0 (log tiny is finite). A row with
-        a -inf logit (0 * -inf or y * inf), a +inf max or a NaN gives a non-finite loss here:
-        then every row is recomputed by the exact branch (the predicate is O(N))."""
+        """Unsmoothed dense labels, select-free row sums: max, sum y (log y - a0), sum y, then
+        exp(a0) written out as R and summed; the exact branch's value wherever every a0 is
+        finite. y log max(y, tiny) is y log y for y > 0 and 0 for y = 0 (log tiny is finite).
+        A row with a -inf logit (0 * -inf or y * inf), a +inf max or a NaN has a non-finite
+        sum y (log y - a0): then every row is computed by the exact branch instead (an O(N)
+        predicate, decided before R is written: a cond branch returning a value computed
+        outside it would copy it)."""
         shift = row_max()
         y = dense_labels.astype(a.dtype)
-        a0 = a - shift
-        y_norm = jnp.log(_row_sum(jnp.exp(a0)))
         tiny = jnp.finfo(a.dtype).tiny
-        cross, y_sum = _row_sums(y * (jnp.log(jnp.maximum(y, tiny)) - a0), y)
-        loss = (cross + y_norm * y_sum - y_sum + 1.0)[..., 0]
-        fast = (loss, y_norm, 1.0 - y_sum, shift)
-        return lax.cond(_fast_path_ok(loss), lambda: fast, dense_exact)
+        cross, y_sum = _row_sums(y * (jnp.log(jnp.maximum(y, tiny)) - (a - shift)), y)
 
-    def index_cross_entropy(shift, y_norm, a0_target, shifted_rows):
-        """(loss, Y, ratio) of smoothed one-hot rows from the shift, Y and the target's a0."""
+        def fast():
+            a0 = a - shift
+            if need_residual:
+                e = jnp.exp(a0)
+                total = _row_sum(e)
+            else:
+                e, total = None, _row_sum(jnp.exp(a0))
+            loss = (cross + jnp.log(total) * y_sum - y_sum + 1.0)[..., 0]
+            return loss, e, y_sum / total, ones(total)
+
+        return _cond_residual(_fast_path_ok(cross), fast, dense_exact)
+
+    # a gather from a0 (a select) would materialize it: gather from a, shift the one value per row
+    a_target = None if target is None else jnp.take_along_axis(a, target[..., None], axis=-1)
+    if target is not None:  # outside the branches: scalars only
+        off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
+        on = 1.0 - smoothing
+        labels_entropy = _x_log_x(on) + (num_classes - 1) * _x_log_x(off)
+        smoothed = off > 0
+
+    def index_cross_entropy(y_norm, a0_target, shifted_rows):
+        """(loss, ratio) of smoothed one-hot rows from Y and the target's a0."""
         log_p_target = a0_target - y_norm
-
-        def x_log_x(v):
-            return jnp.where(v > 0, v * jnp.log(jnp.where(v > 0, v, 1.0)), 0.0)
 
         def off_target():  # label mass off the target (smoothing): sum log p, count of p > 0
             a0 = shifted_rows()  # recomputed here: a closed-over N x C value would be materialized
@@ -167,54 +213,61 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
             return log_p_sum - num_classes * y_norm, positive
 
         # without smoothing (the usual case) those two sums are skipped at run time
-        log_p_sum, positive = lax.cond(off > 0, off_target, lambda: (jnp.zeros_like(y_norm),) * 2)
+        log_p_sum, positive = lax.cond(smoothed, off_target, lambda: (jnp.zeros_like(y_norm),) * 2)
         # sum y log y - sum y log p of the smoothed one-hot row (sum y = sum p = 1 cancel)
-        loss = x_log_x(on) + (num_classes - 1) * x_log_x(off) - (on - off) * log_p_target - off * log_p_sum
+        loss = labels_entropy - (on - off) * log_p_target - off * log_p_sum
         ratio = 1.0 - (on - off) * (a0_target > -jnp.inf) - off * positive
-        return loss[..., 0], y_norm, ratio, shift
+        return loss[..., 0], ratio
 
-    # a gather from a0 (a select) would materialize it: gather from a, shift the one value per row
-    a_target = None if target is None else jnp.take_along_axis(a, target[..., None], axis=-1)
-    num_classes = a.shape[-1]
-    if target is not None:  # outside the branches (inside a vmapped cond a division by a Python
-        # constant would mix varying and unvarying mesh axes under shard_map's check_vma)
-        off = smoothing / (num_classes - 1) if num_classes > 1 else jnp.where(smoothing == 0, 0.0, jnp.nan)
-        on = 1.0 - smoothing
+    def index_result(e, total, a0_target, shifted_rows):
+        loss, ratio = index_cross_entropy(jnp.log(total), a0_target, shifted_rows)
+        return loss, e, (1.0 - ratio) / total, ones(total)
+
+    def index_block(take):
+        """(loss, R, alpha, beta) of the rows ``take`` selects, class indices, max shift (exact)."""
+        a_rows = take(a)
+        shift = jnp.max(a_rows, axis=-1, keepdims=True)
+        e = _exp_marked(shifted(a_rows, shift))  # written out (a select), then summed
+        total = _row_sum(e)  # the max of a0 is 0: the sum is >= 1
+        return index_result(e, total, shifted(take(a_target), shift), lambda: shifted(a_rows, shift))
 
     def index_exact():
+        if need_residual:  # R and its temporaries in blocks of rows (as tempered)
+            like = jnp.zeros_like(a_target)
+            return _by_row_blocks(index_block, num_rows, num_classes, (like[..., 0], a, like, like))
         shift = row_max()
-
-        def logsumexp_select():  # SPEC's limit for a row whose max is +-inf
-            return jnp.log(_row_sum(jnp.exp(shifted(a, shift))))
-
-        def logsumexp():  # finite maxima: a - max is the same value, without the select that
-            return jnp.log(_row_sum(jnp.exp(a - shift)))  # would make XLA:CPU write a0 out
-
-        # the max of a0 is 0: the sum is >= 1. (Under vmap the row predicate is batched and
-        # both branches run: the same values, at the select's cost.)
-        y_norm = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), logsumexp, logsumexp_select)
-        return index_cross_entropy(shift, y_norm, shifted(a_target, shift), lambda: shifted(a, shift))
+        # the max of a0 is 0: the sum is >= 1. A finite max: a - max is the same value as the
+        # select, which XLA:CPU would write out first
+        total = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), lambda: _row_sum(jnp.exp(a - shift)),
+                         lambda: _row_sum(jnp.exp(shifted(a, shift))))
+        return index_result(None, total, shifted(a_target, shift), lambda: shifted(a, shift))
 
     def index_fast():
-        """The target logit as the shift: one row pass (no max). sum exp(a - a_target) >= 1
-        (the target's own term), so it is finite exactly when the row is finite with every
-        logit less than ~88 above its target's; any other row (a NaN, +-inf at the target or
-        the max, a gap that overflows) sends every row to the exact branch (O(N) predicate).
-        A -inf logit elsewhere is exact here: exp(-inf) = 0, and the smoothing sums see it."""
-        total = _row_sum(jnp.exp(a - a_target))
-        fast = lambda: index_cross_entropy(a_target, jnp.log(total), jnp.zeros_like(a_target),
-                                           lambda: a - a_target)
-        return lax.cond(_fast_path_ok(total), fast, index_exact)
+        """The target logit as the shift: no max. sum exp(a - a_target) >= 1 (the target's own
+        term), so it is finite exactly when the row is finite with every logit less than ~88
+        (float32) above its target's; any other row (a NaN, +-inf at the target or the max, a
+        gap that overflows) sends every row to the exact branch (O(N) predicate). A -inf logit
+        elsewhere is exact here: exp(-inf) = 0 (marked -0.0 in R), and the smoothing sums see it."""
+        a0 = a - a_target
+        if need_residual:
+            e = _exp_marked(a0)  # the select only writes R: the row sum below reads R
+            total = _row_sum(e)
+        else:
+            e, total = None, _row_sum(jnp.exp(a0))
+        fast = lambda: index_result(e, total, jnp.zeros_like(a_target), lambda: a - a_target)
+        return _cond_residual(_fast_path_ok(total), fast, index_exact)
 
     def cross_entropy(a):
         if target is None:
             if dense_labels is None:
                 return dense_exact()
-            return lax.cond(smoothing == 0, dense_fast, dense_exact)
-        return index_fast()
+            return _cond_residual(smoothing == 0, dense_fast, dense_exact)
+        # with the gradient: exp(a - max) written out (R) then summed, as optax does; without
+        # it, the target-logit shift's single fused pass
+        return index_exact() if need_residual else index_fast()
 
     def tempered_block(take, shift):
-        """(loss, Y, ratio) of the rows ``take`` selects (all of them, or one block)."""
+        """(loss, R = the unit gradient, 1, 0) of the rows ``take`` selects (all, or one block)."""
         a_rows, shift_rows, y = take(a), take(shift), labels(take)
         a0 = native._shifted(a_rows, shift_rows)
         if num_iters is None:
@@ -229,47 +282,57 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
             log_p = native.log_p_at(a0, y_norm, t2)  # p_max = exp(-Y) sits at a0 = 0
         else:
             log_p = native.tempered_log_softmax_rows(a0, t2, num_iters)
-            y_norm = -jnp.max(log_p, axis=-1, keepdims=True)  # p_max sits at a0 = 0
         two_minus_t1 = 2.0 - t1
         y_log_ratio = jnp.where(y > 0, y * (native.log_t(y, t1) - native.log_t_from_log(log_p, t1)), 0.0)
         power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
         loss = jnp.sum(y_log_ratio - power_gap, axis=-1)
+        one = jnp.ones_like(shift_rows)
+        if not need_residual:
+            return loss, None, one, one
         _, d, escort = _gradient_terms(log_p, y, t1, t2)
-        return loss, y_norm, _row_sum(d) / _row_sum(escort)
+        ratio = _row_sum(d) / _row_sum(escort)
+        return loss, d - escort * ratio, one, jnp.zeros_like(one)
 
     def tempered(a):
         # The solver's passes and the epilogue hold a few N x C temporaries (a0, p, ...): in
         # blocks of rows they stay a few BLOCK_ELEMENTS whatever N x C is (rows are independent).
         shift = row_max()
-        return _by_row_blocks(lambda take: tempered_block(take, shift), a.shape[0], a.shape[-1],
-                              (shift[..., 0], shift, shift)) + (shift,)
+        return by_blocks(lambda take: tempered_block(take, shift), shift)
 
-    loss, y_norm, ratio, shift = lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
-    return loss, (shift, y_norm, ratio)
+    loss, residual, alpha, beta = _cond_residual(_is_cross_entropy(t1, t2), lambda: cross_entropy(a),
+                                                 lambda: tempered(a))
+    return loss, (residual, alpha, beta)
 
 
-def backward(a, labels, stats, t1, t2, upstream, mask_rows=lambda values: values):
-    """upstream [..., 1] x dL/da [..., C] from the forward's row statistics (compute dtype).
+def _drop_residual(values):
+    loss, _, alpha, beta = values
+    return loss, alpha, beta
+
+
+def _cond_residual(predicate, true_fn, false_fn):
+    """``lax.cond`` of branches returning (loss, R or None, alpha, beta)."""
+    def strip(fn):
+        def run():
+            loss, residual, alpha, beta = fn()
+            return (loss, alpha, beta) if residual is None else (loss, residual, alpha, beta)
+        return run
+
+    out = lax.cond(predicate, strip(true_fn), strip(false_fn))
+    return out if len(out) == 4 else (out[0], None, out[1], out[2])
+
+
+def _x_log_x(v):
+    return jnp.where(v > 0, v * jnp.log(jnp.where(v > 0, v, 1.0)), 0.0)
+
+
+def backward(residual, labels, upstream, mask_rows=lambda values: values):
+    """upstream [..., 1] x dL/da [..., C] from the forward's residual (compute dtype): one
+    elementwise pass, g (R alpha - y beta), 0 where R is -0.0 (p exactly 0).
 
     ``labels`` as in :func:`forward`; ``mask_rows`` sets ignored rows to 0 and invalid ones to NaN
-    (applied inside each branch, fused with the gradient: outside it would be one more N x C pass).
+    (fused with the gradient). Outside any ``lax.cond`` so that XLA writes it over R.
     """
-    shift, y_norm, ratio = stats
-
-    def shifted(a):  # inside each branch: a cond operand would be materialized
-        return jnp.where(a == shift, 0.0, a - shift)
-
-    def cross_entropy(a):
-        y = labels(_all_rows)
-        log_p = shifted(a) - y_norm
-        p = jnp.exp(log_p)
-        d = jnp.where(log_p > -jnp.inf, p - y, 0.0)
-        return mask_rows(upstream * (d - p * ratio))
-
-    def tempered(a):
-        y = labels(_all_rows)
-        log_p = native._log_p_at(shifted(a), y_norm, 1.0 - t2)[0]  # the solver's own formula
-        _, d, escort = _gradient_terms(log_p, y, t1, t2)
-        return mask_rows(upstream * (d - escort * ratio))
-
-    return lax.cond(_is_cross_entropy(t1, t2), cross_entropy, tempered, a)
+    r, alpha, beta = residual
+    y = labels(_all_rows)
+    marked = (r == 0) & jnp.signbit(r)
+    return mask_rows(upstream * jnp.where(marked, 0.0, r * alpha - y * beta))

@@ -1,8 +1,10 @@
-"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax_native_loss.py: ``index_fast`` and
-``dense_fast``) and their exact fallback, against the float64 reference.
+"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax_native_loss.py: ``index_fast``, the loss of
+class indices without the gradient, and ``dense_fast``, unsmoothed dense labels) and their exact
+fallback, against the float64 reference; with the gradient, class indices take the max-shift
+branch (optax's arithmetic), checked here next to the same rows.
 
 The fast paths are select-free and stand for every row only where their per-row values are finite
-(``_fast_path_ok``); otherwise the whole batch is recomputed by the exact branch. So the tests put
+(``_fast_path_ok``); otherwise the whole batch is computed by the exact branch. So the tests put
 the rows that need the fallback (NaN, +-inf logits, label mass on a -inf logit, a target so far
 below the max that the fast sum overflows) in one batch with ordinary rows, one kind at a time and
 all together, and check the rows the fast paths must get right by themselves (large offsets, a
@@ -59,14 +61,18 @@ def _dense_labels(a: np.ndarray) -> np.ndarray:
     return y
 
 
-def _run(a, labels, smoothing, dtype, ignore_index=-100):
+def _run(a, labels, smoothing, dtype, ignore_index=-100, grad=True):
+    """(losses, gradient of their sum) with traced temperatures = 1; the gradient None with
+    grad=False (the loss alone: the forward without the gradient's residual)."""
     a = jnp.asarray(a, dtype)
+    t = jnp.asarray(1.0, dtype)  # traced: the one program of every temperature
 
-    def total(a_, t1, t2):
+    def losses(a_, t1, t2):
         return bj.bi_tempered_logistic_loss(a_, labels, t1, t2, smoothing, ignore_index=ignore_index)
 
-    t = jnp.asarray(1.0, dtype)  # traced: the one program of every temperature
-    loss, vjp = jax.vjp(lambda a_: total(a_, t, t), a)
+    if not grad:
+        return np.asarray(jax.jit(losses)(a, t, t), np.float64), None
+    loss, vjp = jax.vjp(lambda a_: losses(a_, t, t), a)
     return np.asarray(loss, np.float64), np.asarray(vjp(jnp.ones_like(loss))[0], np.float64)
 
 
@@ -88,6 +94,8 @@ def _check(got, want, dtype):
     assert np.array_equal(np.isposinf(loss), np.isposinf(want_loss)), (loss, want_loss)
     finite = np.isfinite(want_loss)
     np.testing.assert_allclose(loss[finite], want_loss[finite], rtol=tol, atol=tol)
+    if grad is None:
+        return
     rows = ~np.isnan(want_grad).any(-1)
     assert np.isnan(grad[~rows]).all()
     np.testing.assert_allclose(grad[rows], want_grad[rows], rtol=tol, atol=tol)
@@ -126,12 +134,16 @@ def test_special_rows_next_to_ordinary_rows(dtype, labels, smoothing):
         batches = [ORDINARY] + [ORDINARY[:3] + [row] + ORDINARY[3:] for row in SPECIAL] + [list(range(12))]
         for rows in batches:
             y = y_all[rows] if labels == "indices" else jnp.asarray(y_all[rows], dtype)
-            _check(_run(a[rows], y, smoothing, dtype), _want(a[rows], y_all[rows], smoothing), dtype)
+            want = _want(a[rows], y_all[rows], smoothing)
+            _check(_run(a[rows], y, smoothing, dtype), want, dtype)
+            _check(_run(a[rows], y, smoothing, dtype, grad=False), want, dtype)
 
 
-def _fast_rows(a, labels, dtype):
-    """The rows a fast path stands for: every logit finite, and with class indices no logit so far
-    above the target's that exp(a - a_target) overflows (float32: rows 3 of 11 and 8 of 11)."""
+def _fast_rows(a, labels, dtype, grad):
+    """The rows a fast path stands for. Dense labels: every logit finite. Class indices, the loss
+    alone (the target-logit shift): also no logit so far above the target's that exp(a - a_target)
+    overflows (float32: rows 8 and 11), and a -inf logit off the target is fine; with the
+    gradient, class indices take the max-shift branch: no fast path to check."""
     finite = np.isfinite(a).all(-1)
     if labels == "dense":
         return finite
@@ -140,26 +152,29 @@ def _fast_rows(a, labels, dtype):
     return finite & (gap < np.log(np.finfo(dtype).max)) | (np.arange(len(a)) == 10)
 
 
+CASES = [("indices", False), ("dense", False), ("dense", True)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("labels", ["indices", "dense"])
-def test_fast_paths_alone_are_exact_where_they_are_finite(fallback, dtype, labels):
-    """With the fallback switched off: the rows the fast path stands for (with class indices, the
-    -inf logit off the target too) are exact, and every other row comes out non-finite there, so
-    the predicate sees it: a finite fast value is always the exact one."""
+@pytest.mark.parametrize("labels,grad", CASES)
+def test_fast_paths_alone_are_exact_where_they_are_finite(fallback, dtype, labels, grad):
+    """With the fallback switched off: the rows the fast path stands for are exact, and every
+    other row comes out non-finite there, so the predicate sees it (a finite fast value is always
+    the exact one). The dense path decides from sum y (log y - a0), whose finiteness is the loss's."""
     a = _logits()
     y_all = TARGETS.astype(np.int32) if labels == "indices" else _dense_labels(a)
-    fast = _fast_rows(a, labels, dtype)
+    fast = _fast_rows(a, labels, dtype, grad)
     assert 6 <= fast.sum() < len(a)
     fallback(False)
     with _x64(dtype):
         y = y_all if labels == "indices" else jnp.asarray(y_all, dtype)
-        loss, grad = _run(a, y, 0.0, dtype)
+        loss, g = _run(a, y, 0.0, dtype, grad=grad)
         want_loss, want_grad = _want(a, y_all, 0.0)
-        _check((loss[fast], grad[fast]), (want_loss[fast], want_grad[fast]), dtype)
+        _check((loss[fast], None if g is None else g[fast]), (want_loss[fast], want_grad[fast]), dtype)
         assert not np.isfinite(loss[~fast]).any(), loss[~fast]
     fallback(True)
     with _x64(dtype):  # and with the fallback, every row
-        _check(_run(a, y, 0.0, dtype), (want_loss, want_grad), dtype)
+        _check(_run(a, y, 0.0, dtype, grad=grad), (want_loss, want_grad), dtype)
 
 
 def test_ignored_and_out_of_range_rows():

@@ -181,7 +181,7 @@ def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
 
 
 def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows = LOCAL_ROWS,
-                      compact: bool | None = None):
+                      compact: bool = True):
     """THE solver of every torch path: the safeguarded Newton iteration of kernels/README.md on
     per-row scalars, driven by an evaluation object. Returns (y [N, 1], passes [N, 1] int32): each
     row's y = -log p_max at its last evaluation (the y its log p is taken at).
@@ -196,9 +196,11 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
     D rides along with the first one (the bracket's upper end log D is first needed by the first
     update). All ranks get the same reduced sums, so they take the same decisions.
 
-    ``compact`` (default: eager) drops finished rows from the working set; otherwise (torch.compile,
-    which would recompile on a shrinking row count, or an evaluator that always runs every row)
-    finished rows are frozen at their y and evaluated again (same values). t = 1 is one pass.
+    ``compact`` drops finished rows from the working set; otherwise (torch.compile, which would
+    recompile on a shrinking row count, or an evaluator that always runs every row) finished rows
+    are frozen at their y and evaluated again (same values). The caller decides it: evaluated in
+    here, ``torch.compiler.is_compiling()`` was seen False under torch.compile (cause not pinned
+    down; graph breaks precede it), and dynamo then traced the compact path. t = 1 is one pass.
     """
     t = float(t)
     zeros = torch.zeros(num_rows, 1, dtype=dtype, device=device)
@@ -206,8 +208,6 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
     if t == 1.0:  # softmax: y = log sum exp(a0) exactly (the max of a0 is 0: the sum is >= 1)
         f, _ = rows.sum(*row_sums.sums(zeros))
         return torch.log(f), passes
-    if compact is None:
-        compact = not torch.compiler.is_compiling()
     one_minus_t = 1.0 - t
     tol = tolerance(dtype)
     ulp4 = 4 * torch.finfo(dtype).eps
@@ -298,7 +298,8 @@ def solve_converged(a0: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
         (total,) = rows.sum(torch.exp(a0).sum(dim=-1, keepdim=True))
         return a0 - torch.log(total), torch.ones(num_rows, 1, dtype=torch.int32, device=a0.device)
     row_sums = ShiftedRows(a0, t)
-    _, passes = solve_normalizers(row_sums, t, num_rows, a0.dtype, a0.device, rows)
+    _, passes = solve_normalizers(row_sums, t, num_rows, a0.dtype, a0.device, rows,
+                                  compact=not torch.compiler.is_compiling())
     return row_sums.log_p(), passes
 
 

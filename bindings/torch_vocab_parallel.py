@@ -16,7 +16,8 @@ group (``GroupRows``). Collectives per call, each O(N) values, never N x C:
 so passes + 3 (``num_iters=k``: k + 4 at most, from the original algorithm's k + 1 sums and the
 support count). The check makes a rank whose arguments differ (rows, dtype, temperatures, ...)
 raise ValueError on every rank instead of hanging in a later collective. A group of size 1 runs
-the plain loss (no collective).
+the same per-slice math with no collective (equal to the plain loss; on CPU slower than it, because
+the native per-slice math holds N x C_local temporaries where the plain loss works in row blocks).
 
 Gloo (CPU) and NCCL (CUDA) take the same code path. The per-slice math runs on the native backend
 (CPU, float64, ``backend="torch"``) or on the vocab-parallel Triton kernels (CUDA by default, or

@@ -285,8 +285,7 @@ def _xla_labels(labels, dtype, num_classes, ignore_index, label_smoothing):
     they are built where they are used: hence a function."""
     if jnp.issubdtype(labels.dtype, jnp.integer):
         indices = _widen_indices(labels)
-        kept = indices != ignore_index
-        invalid = kept & ((indices < 0) | (indices >= num_classes))
+        kept, invalid = native.kept_and_invalid(indices, ignore_index, num_classes)
 
         def dense(take):
             y = native.dense_labels_from_indices(take(indices), num_classes, dtype, ignore_index)[0]

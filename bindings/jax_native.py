@@ -59,10 +59,15 @@ def tolerance(dtype) -> float:
     return 1e-6 if jnp.dtype(dtype) == jnp.float32 else 8 * float(jnp.finfo(dtype).eps)
 
 
+def shifted(a: jax.Array, shift: jax.Array) -> jax.Array:
+    """a - shift per row; where a equals its shift (a +inf logit of a row whose max is +inf) 0,
+    the limit, not NaN."""
+    return jnp.where(a == shift, jnp.zeros_like(a), a - shift)
+
+
 def shift_by_max(a: jax.Array, rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     """a - max(a) per row; a +inf logit maps to 0 and the other classes to -inf (the limit)."""
-    mx = rows.max(jnp.max(a, axis=-1, keepdims=True))
-    return jnp.where(a == mx, jnp.zeros_like(a), a - mx)
+    return shifted(a, rows.max(jnp.max(a, axis=-1, keepdims=True)))
 
 
 def _safe_reciprocal(one_minus_t: jax.Array) -> jax.Array:
@@ -135,7 +140,9 @@ def solve_normalizers(evaluate, support: jax.Array, t: jax.Array, rows: LocalRow
         each pass (fused by XLA) instead of being carried as an N x C loop operand.
     ``support`` [..., 1]: this device's D (:func:`support_size`); ``rows`` reduces it once and
     (f, g) once per pass across devices (classes sharded), so every device takes the same steps.
-    ``t``: the 0-d temperature, t != 1 (callers take the exact one-pass logsumexp at t = 1).
+    ``t``: the 0-d temperature. At t = 1 the iteration is exact in two passes (the first Newton
+    step on log f lands on the logsumexp); callers with the rows in memory take the one-pass
+    logsumexp instead, the vocab-parallel kernels (no branch on a traced t) rely on this.
 
     Returns (y, passes), each [..., 1] (passes int32): each row's y at its last evaluation (the y
     its log p is taken at). Finished rows keep their y, so evaluating them again changes nothing.
@@ -191,11 +198,6 @@ def local_evaluator(a0: jax.Array, t: jax.Array):
         return f, g
 
     return evaluate
-
-
-def _shifted(a: jax.Array, shift: jax.Array) -> jax.Array:
-    """a - shift; a +inf logit of a row whose max is +inf maps to 0 (the limit), not NaN."""
-    return jnp.where(a == shift, jnp.zeros_like(a), a - shift)
 
 
 def log_p_at(a0: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
@@ -275,17 +277,25 @@ def tempered_log_softmax_rows(a: jax.Array, t: jax.Array, num_iters: int | None,
     return _log1p_over(one_minus_t * u, one_minus_t, u)
 
 
-def smooth_labels(y: jax.Array, label_smoothing: jax.Array) -> jax.Array:
-    """SPEC's (reference) smoothing; exact identity at label_smoothing = 0 (no branch needed).
+def smooth_labels(y: jax.Array, label_smoothing: jax.Array, num_classes: int | None = None) -> jax.Array:
+    """SPEC's (reference) smoothing over ``num_classes`` classes (default: y's last axis; a
+    vocab-parallel slice passes the GLOBAL count); exact identity at label_smoothing = 0.
 
     With one class the rule is undefined: such rows become NaN unless label_smoothing = 0
     (concrete values are rejected earlier by the binding).
     """
-    num_classes = y.shape[-1]
+    num_classes = y.shape[-1] if num_classes is None else num_classes
     if num_classes < 2:
         return jnp.where(label_smoothing == 0, y, jnp.nan)
     share = label_smoothing / (num_classes - 1)
     return (1.0 - num_classes * share) * y + share
+
+
+def kept_and_invalid(indices: jax.Array, ignore_index: int, num_classes: int):
+    """(rows whose class index is not ``ignore_index``, those of them outside [0, C)): the
+    bindings turn the latter into NaN rows (a concrete out-of-range index is rejected earlier)."""
+    kept = indices != ignore_index
+    return kept, kept & ((indices < 0) | (indices >= num_classes))
 
 
 def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignore_index: int):
@@ -294,8 +304,7 @@ def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignor
     Built by comparison with ``arange(C)``, so an out-of-range index never reads out of bounds:
     its row is all zero and flagged ``invalid`` (the binding turns it into NaN).
     """
-    kept = indices != ignore_index
-    invalid = kept & ((indices < 0) | (indices >= num_classes))
+    kept, invalid = kept_and_invalid(indices, ignore_index, num_classes)
     classes = jnp.arange(num_classes, dtype=indices.dtype)
     onehot = (indices[..., None] == classes).astype(dtype)
     return onehot, kept, invalid

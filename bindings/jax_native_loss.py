@@ -135,9 +135,6 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     def row_max():
         return jnp.max(a, axis=-1, keepdims=True)
 
-    def shifted(x, shift):
-        return jnp.where(x == shift, 0.0, x - shift)
-
     def by_blocks(block, shift):
         """``block(take)`` -> (loss, R or None, alpha, beta) over row blocks (see _by_row_blocks)."""
         like = (shift[..., 0],) + ((a,) if need_residual else ()) + (shift, shift)
@@ -149,7 +146,7 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     def dense_cross_entropy_block(take, shift):
         """(loss, R, alpha, beta) at t1 = t2 = 1 of the rows ``take`` selects, dense labels (exact)."""
         y = labels(take)
-        a0 = jnp.where(take(a) == take(shift), 0.0, take(a) - take(shift))
+        a0 = native.shifted(take(a), take(shift))
         if need_residual:  # exp written out, then summed (see above)
             e = _exp_marked(a0)
             total = _row_sum(e)
@@ -158,7 +155,7 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         y_norm = jnp.log(total)  # the max of a0 is 0: the sum is >= 1
         # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
         # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
-        y_log_y = jnp.where(y > 0, y * jnp.log(jnp.where(y > 0, y, 1.0)), 0.0)
+        y_log_y = _x_log_x(y)
         y_a0 = jnp.where(y > 0, y * a0, 0.0)
         y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
         cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
@@ -227,9 +224,9 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         """(loss, R, alpha, beta) of the rows ``take`` selects, class indices, max shift (exact)."""
         a_rows = take(a)
         shift = jnp.max(a_rows, axis=-1, keepdims=True)
-        e = _exp_marked(shifted(a_rows, shift))  # written out (a select), then summed
+        e = _exp_marked(native.shifted(a_rows, shift))  # written out (a select), then summed
         total = _row_sum(e)  # the max of a0 is 0: the sum is >= 1
-        return index_result(e, total, shifted(take(a_target), shift), lambda: shifted(a_rows, shift))
+        return index_result(e, total, native.shifted(take(a_target), shift), lambda: native.shifted(a_rows, shift))
 
     def index_exact():
         if need_residual:  # R and its temporaries in blocks of rows (as tempered)
@@ -239,8 +236,8 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         # the max of a0 is 0: the sum is >= 1. A finite max: a - max is the same value as the
         # select, which XLA:CPU would write out first
         total = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), lambda: _row_sum(jnp.exp(a - shift)),
-                         lambda: _row_sum(jnp.exp(shifted(a, shift))))
-        return index_result(None, total, shifted(a_target, shift), lambda: shifted(a, shift))
+                         lambda: _row_sum(jnp.exp(native.shifted(a, shift))))
+        return index_result(None, total, native.shifted(a_target, shift), lambda: native.shifted(a, shift))
 
     def index_fast():
         """The target logit as the shift: no max. sum exp(a - a_target) >= 1 (the target's own
@@ -269,7 +266,7 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     def tempered_block(take, shift):
         """(loss, R = the unit gradient, 1, 0) of the rows ``take`` selects (all, or one block)."""
         a_rows, shift_rows, y = take(a), take(shift), labels(take)
-        a0 = native._shifted(a_rows, shift_rows)
+        a0 = native.shifted(a_rows, shift_rows)
         if num_iters is None:
             def softmax():  # t2 = 1: Y is the logsumexp, exact in one pass
                 return jnp.log(_row_sum(jnp.exp(a0)))

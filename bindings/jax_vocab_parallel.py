@@ -65,17 +65,9 @@ def _local_labels(labels, num_local: int, dtype, ignore_index: int, axis_name):
     """This device's slice of the one-hot rows of global class indices, and the kept/invalid masks."""
     indices = _widen_indices(labels)
     offset, num_classes = _class_offset(num_local, axis_name)
-    kept = indices != ignore_index
-    invalid = kept & ((indices < 0) | (indices >= num_classes))
+    kept, invalid = native.kept_and_invalid(indices, ignore_index, num_classes)
     classes = offset.astype(indices.dtype) + jnp.arange(num_local, dtype=indices.dtype)
     return (indices[..., None] == classes).astype(dtype), kept, invalid
-
-
-def _smooth(y, label_smoothing, num_classes):
-    """SPEC's smoothing with the GLOBAL class count (NaN rows for one class, as jax_native)."""
-    share = label_smoothing / jnp.maximum(num_classes - 1, 1).astype(y.dtype)
-    smoothed = (1.0 - num_classes * share) * y + share
-    return jnp.where((num_classes < 2) & (label_smoothing != 0), jnp.nan, smoothed)
 
 
 def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, need_grad):
@@ -88,7 +80,7 @@ def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
         y, kept, invalid = _local_labels(labels, a.shape[-1], dtype, ignore_index, axis_name)
     else:
         y = labels.astype(dtype)
-    y = _smooth(y, label_smoothing, _class_offset(a.shape[-1], axis_name)[1])
+    y = native.smooth_labels(y, label_smoothing, _class_offset(a.shape[-1], axis_name)[1])  # the GLOBAL C
     loss, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad, rows)
     if indices:
         loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
@@ -131,9 +123,8 @@ def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axi
     y, _ = native.solve_normalizers(evaluate, lax.cond(t < 1, count_support, lambda: classes_here), t, rows)
     y = y.reshape(-1)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        indices = labels.reshape(-1)
-        kept = indices != ignore_index
-        invalid = kept & ((indices < 0) | (indices >= num_classes))
+        indices = _widen_indices(labels.reshape(-1))
+        kept, invalid = native.kept_and_invalid(indices, ignore_index, num_classes)
         # the target's index in this slice; -1 (no class here) for ignored and invalid rows
         local = jnp.where(kept & ~invalid, indices - offset.astype(indices.dtype), -1).astype(jnp.int32)
     else:

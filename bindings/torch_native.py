@@ -52,19 +52,6 @@ def shift_by_max(a: torch.Tensor, rows: LocalRows = LOCAL_ROWS) -> torch.Tensor:
     return torch.where(a == mx, torch.zeros_like(a), a - mx)
 
 
-def _log1p_over(z: torch.Tensor, one_minus_t: float, u: torch.Tensor) -> torch.Tensor:
-    """log1p(z) / (1 - t), with its t = 1 limit ``u`` (z = (1-t) u / c -> 0 there)."""
-    if one_minus_t == 0.0:
-        return u
-    return torch.log1p(z.clamp(min=-1.0)).div_(one_minus_t)
-
-
-def exp_t(u: torch.Tensor, t) -> torch.Tensor:
-    """exp_t(u) = [1 + (1-t) u]_+^(1/(1-t)), accurate near t = 1."""
-    one_minus_t = 1.0 - float(t)
-    return torch.exp(_log1p_over(one_minus_t * u, one_minus_t, u))
-
-
 def log_t(x: torch.Tensor, t) -> torch.Tensor:
     """log_t(x) = (x^(1-t) - 1) / (1-t), accurate near t = 1."""
     return log_t_from_log(torch.log(x), t)
@@ -90,10 +77,10 @@ def _has_zero_p(log_p: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or bool(torch.isneginf(log_p.amin(dim=-1)).any())
 
 
-def _exp_for(log_p: torch.Tensor):
+def _exp_for(has_zero_p: bool):
     """The exp for powers of p: ``exp_flushed`` where some p is exactly 0 (log p = -inf, e.g.
     outside the finite support), plain ``torch.exp`` otherwise (cheaper on ordinary inputs)."""
-    return exp_flushed if _has_zero_p(log_p) else torch.exp
+    return exp_flushed if has_zero_p else torch.exp
 
 
 def log_t_from_log(log_x: torch.Tensor, t) -> torch.Tensor:
@@ -103,22 +90,21 @@ def log_t_from_log(log_x: torch.Tensor, t) -> torch.Tensor:
     return torch.expm1(one_minus_t * log_x).div_(one_minus_t)
 
 
+def _log_p_and_z(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float):
+    """(log p, z) at y, z = (1-t) a0 / c clamped to >= -1 (kernels/README.md), t != 1."""
+    z = (a0 * (one_minus_t * torch.exp(one_minus_t * y))).clamp_(min=-1.0)
+    return torch.log1p(z).div_(one_minus_t).sub_(y), z
+
+
 def _evaluate(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float):
     """One solver pass at y: (log p, f = sum p, g = sum p / (1 + z)), t != 1."""
-    z = (a0 * (one_minus_t * torch.exp(one_minus_t * y))).clamp_(min=-1.0)  # (1-t) a0 / c
-    log_p = torch.log1p(z).div_(one_minus_t).sub_(y)
+    log_p, z = _log_p_and_z(a0, y, one_minus_t)
     # t < 1: classes outside the support have log p = -inf, which torch's exp handles slowly
     p = exp_flushed(log_p) if one_minus_t > 0.0 else torch.exp(log_p)
     f = p.sum(dim=-1, keepdim=True)
     # where 1 + z = 0, p = 0 too: clamping the divisor keeps that term 0 instead of 0/0
     g = p.div_(z.add_(1.0).clamp_(min=torch.finfo(a0.dtype).tiny)).sum(dim=-1, keepdim=True)
     return log_p, f, g
-
-
-def _log_p_at(a0: torch.Tensor, y: torch.Tensor, one_minus_t: float) -> torch.Tensor:
-    """log p at y without the sums (the original algorithm's final evaluation), t != 1."""
-    z = (a0 * (one_minus_t * torch.exp(one_minus_t * y))).clamp_(min=-1.0)
-    return torch.log1p(z).div_(one_minus_t).sub_(y)
 
 
 class ShiftedRows:
@@ -150,18 +136,13 @@ class ShiftedRows:
         if self.active is None:
             self.active = torch.arange(self.a0.shape[0], device=self.a0.device)
             self.stored = torch.empty_like(self.a0)
-        leaving = ~keep
-        if bool(leaving.any()):
-            self.stored.index_copy_(0, self.active[leaving], self.last[leaving])
+        self.stored.index_copy_(0, self.active[~keep], self.last[~keep])
         self.active, self.live, self.last = self.active[keep], self.live[keep], self.last[keep]
 
     def log_p(self) -> torch.Tensor:
         if self.active is None:  # every row ran every pass: no copy
             return self.last
         return self.stored.index_copy_(0, self.active, self.last)
-
-    def log_p_at(self, y: torch.Tensor) -> torch.Tensor:
-        return _log_p_at(self.a0, y, self.one_minus_t)
 
 
 def _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t: float):
@@ -190,8 +171,8 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
     Triton kernels in ``torch_vocab_parallel``):
         ``sums(y, keep=None, support=False)`` -> (f, g[, D]): the partial sums f = sum p and
         g = sum p / (1 + z) at y [M, 1] of the M rows still iterating, and (``support``) the
-        support size D (t < 1; the class count for t >= 1). ``keep``: when compacting, the rows of
-        the previous working set that stay (drop the others first).
+        support size D (t < 1; the class count for t >= 1). ``keep``: when compacting and some
+        rows finished, the rows of the previous working set that stay (drop the others first).
     ``rows`` reduces those sums across ranks (classes sharded): one packed (f, g) reduction per pass;
     D rides along with the first one (the bracket's upper end log D is first needed by the first
     update). All ranks get the same reduced sums, so they take the same decisions.
@@ -204,26 +185,25 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
     """
     t = float(t)
     zeros = torch.zeros(num_rows, 1, dtype=dtype, device=device)
-    passes = torch.ones(num_rows, 1, dtype=torch.int32, device=device)
     if t == 1.0:  # softmax: y = log sum exp(a0) exactly (the max of a0 is 0: the sum is >= 1)
         f, _ = rows.sum(*row_sums.sums(zeros))
-        return torch.log(f), passes
+        return torch.log(f), torch.ones(num_rows, 1, dtype=torch.int32, device=device)
     one_minus_t = 1.0 - t
     tol = tolerance(dtype)
     ulp4 = 4 * torch.finfo(dtype).eps
-    passes.zero_()
+    passes = torch.zeros(num_rows, 1, dtype=torch.int32, device=device)
     y_out = zeros.clone()
     active = torch.arange(num_rows, device=device)
     y, lo, hi = zeros, zeros, zeros
     lo_evaluated = torch.zeros_like(y, dtype=torch.bool)
     finished = torch.zeros_like(lo_evaluated)
-    keep = None
+    keep = None  # compacting: the rows of the last working set that stay, when some leave
     for step in range(MAX_PASSES):
         if step == 0:
             f, g, support = rows.sum(*row_sums.sums(y, support=True))
             hi = torch.log(support.clamp_(min=1.0))
         else:
-            f, g = rows.sum(*row_sums.sums(y, keep if compact else None))
+            f, g = rows.sum(*row_sums.sums(y, keep))
         r = f - 1.0
         done = (r.abs() <= tol) | ~torch.isfinite(r)  # a NaN row stays NaN
         y_new, lo, hi, lo_evaluated = _newton_update(y, f, g, lo, hi, lo_evaluated, one_minus_t)
@@ -231,14 +211,16 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
         if compact:
             passes.index_add_(0, active, torch.ones_like(active, dtype=torch.int32).unsqueeze(-1))
             keep = ~done.squeeze(-1)
-            if step == MAX_PASSES - 1 or not bool(keep.any()):
+            staying = int(keep.sum())  # the one host read of the pass
+            if step == MAX_PASSES - 1 or staying == 0:
                 y_out.index_copy_(0, active, y)
                 break
-            leaving = ~keep
-            if bool(leaving.any()):
-                y_out.index_copy_(0, active[leaving], y[leaving])
-            active = active[keep]
-            y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
+            if staying < active.numel():
+                y_out.index_copy_(0, active[~keep], y[~keep])
+                active = active[keep]
+                y, lo, hi, lo_evaluated = y_new[keep], lo[keep], hi[keep], lo_evaluated[keep]
+            else:
+                y, keep = y_new, None
         else:
             passes += (~finished).int()
             finished |= done
@@ -313,14 +295,15 @@ def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None, rows: L
     if num_iters is None or t == 1.0:  # (at t = 1 the original algorithm is the same logsumexp)
         return solve_converged(a0, t, rows)[0]
     y = original_normalizers(ShiftedRows(a0, t), t, num_iters, a0.shape[0], a0.dtype, a0.device, rows)
-    return _log_p_at(a0, y, 1.0 - t)
+    return _log_p_and_z(a0, y, 1.0 - t)[0]
 
 
-
-def smooth_labels(y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def smooth_labels(y: torch.Tensor, label_smoothing: float, num_classes: int | None = None) -> torch.Tensor:
+    """SPEC's smoothing over ``num_classes`` classes (default: y's last axis; a vocab-parallel slice
+    passes the GLOBAL count, Megatron's partition-local count being a known bug)."""
     if label_smoothing == 0.0:
         return y
-    num_classes = y.shape[-1]
+    num_classes = y.shape[-1] if num_classes is None else num_classes
     return (1.0 - num_classes / (num_classes - 1) * label_smoothing) * y + label_smoothing / (num_classes - 1)
 
 
@@ -333,12 +316,13 @@ def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ig
     return onehot, kept
 
 
-def _zero_where_p_is_zero_(d: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+def _zero_where_p_is_zero_(d: torch.Tensor, log_p: torch.Tensor, has_zero_p: bool) -> torch.Tensor:
     """d = 0 where p is exactly 0 (SPEC "Zero versus underflow"): log p = -inf, i.e. outside the
     finite support (t2 < 1) or a -inf logit (the formula would give 0 * inf there). A p that merely
     underflows keeps p^(t2 - t1) from its finite log p, so a confidently wrong row still gets
-    d_target = -y at t1 = t2 (cross-entropy's gradient). Eager mode skips the fill when no p is 0."""
-    if _has_zero_p(log_p):
+    d_target = -y at t1 = t2 (cross-entropy's gradient). ``has_zero_p``: the caller's
+    ``_has_zero_p(log_p)`` (the fill is skipped when no p is 0)."""
+    if has_zero_p:
         d.masked_fill_(torch.isneginf(log_p), 0.0)
     return d
 
@@ -354,14 +338,15 @@ def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: 
     # y log_t1(y) - y^(2-t1)/(2-t1) - y log_t1(p) + p^(2-t1)/(2-t1), with y log(.) = 0 at y = 0
     y_log_ratio = torch.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
     terms = y_log_ratio.sub_(y.pow(two_minus_t1).div_(two_minus_t1))
-    exp = _exp_for(log_p)
+    has_zero_p = _has_zero_p(log_p)  # one check (a reduction and a host read) for both uses below
+    exp = _exp_for(has_zero_p)
     terms.add_(exp(two_minus_t1 * log_p).div_(two_minus_t1))
     if not need_grad:
         (loss,) = rows.sum(terms.sum(dim=-1, keepdim=True))
         return loss.squeeze(-1), None
     p = exp(log_p)
     forget = exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
-    d = _zero_where_p_is_zero_((p - y).mul_(forget), log_p)
+    d = _zero_where_p_is_zero_((p - y).mul_(forget), log_p, has_zero_p)
     escort = exp(t2 * log_p)
     loss, escort_sum, d_sum = rows.sum(terms.sum(dim=-1, keepdim=True), escort.sum(dim=-1, keepdim=True),
                                        d.sum(dim=-1, keepdim=True))
@@ -395,7 +380,8 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
     loss = labels_part - (on - off) * log_t_from_log(log_p_target, t1)
     if off > 0.0:
         loss = loss - off * log_t_from_log(log_p, t1).sum(dim=-1)
-    exp = _exp_for(log_p)
+    has_zero_p = _has_zero_p(log_p)  # one check (a reduction and a host read) for both uses below
+    exp = _exp_for(has_zero_p)
     p = exp(log_p)
     # p^(2-t1); the powers below equal p (or 1) in the common t1 = 1 / t2 = t1 / t2 = 1 cases
     p_power = p if t1 == 1.0 else exp(two_minus_t1 * log_p)
@@ -409,7 +395,7 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
         forget = exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
         d = (p - off).mul_(forget)
         d.scatter_add_(-1, target, -(on - off) * forget.gather(-1, target))
-    _zero_where_p_is_zero_(d, log_p)
+    _zero_where_p_is_zero_(d, log_p, has_zero_p)
     escort = p.clone() if t2 == 1.0 else exp(t2 * log_p)
     escort.div_(escort.sum(dim=-1, keepdim=True))
     return loss, d.sub_(escort.mul_(d.sum(dim=-1, keepdim=True)))

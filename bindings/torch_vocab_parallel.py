@@ -79,22 +79,21 @@ def _slices(group, num_rows: int, num_local: int, dtype, settings: tuple, device
     return sum(local_sizes[:rank]), sum(local_sizes)
 
 
-def _local_labels(labels, offset: int, num_local: int, num_classes: int, ignore_index: int, dtype):
-    """This rank's slice of the one-hot rows of global class indices; the kept and bad-row masks."""
+def _local_indices(labels, offset: int, num_classes: int, ignore_index: int):
+    """(each row's target index in this slice, or -1 where it is not here / the row is ignored or
+    bad; the kept rows; the bad rows: unchecked (CUDA) indices outside [0, C))."""
     kept = labels != ignore_index
     bad = kept & ((labels < 0) | (labels >= num_classes))
-    local = labels.long() - offset
-    here = kept & ~bad & (local >= 0) & (local < num_local)
+    return torch.where(kept & ~bad, labels.long() - offset, -1), kept, bad
+
+
+def _local_labels(labels, offset: int, num_local: int, num_classes: int, ignore_index: int, dtype):
+    """This rank's slice of the one-hot rows of global class indices; the kept and bad-row masks."""
+    local, kept, bad = _local_indices(labels, offset, num_classes, ignore_index)
+    here = (local >= 0) & (local < num_local)
     y = torch.zeros(labels.shape[0], num_local, dtype=dtype, device=labels.device)
     y.scatter_(-1, torch.where(here, local, 0).unsqueeze(-1), here.to(dtype).unsqueeze(-1))
     return y, kept, bad
-
-
-def _smooth(y, label_smoothing: float, num_classes: int):
-    """SPEC's smoothing with the GLOBAL class count (Megatron's partition-local count is a known bug)."""
-    if label_smoothing == 0.0:
-        return y
-    return (1.0 - num_classes / (num_classes - 1) * label_smoothing) * y + label_smoothing / (num_classes - 1)
 
 
 def loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, num_iters, ignore_index: int,
@@ -107,7 +106,7 @@ def loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, nu
         bad, y = None, labels.to(dtype)
     else:
         y, kept, bad = _local_labels(labels, offset, rows.shape[-1], num_classes, ignore_index, dtype)
-    y = _smooth(y, label_smoothing, num_classes)
+    y = native.smooth_labels(y, label_smoothing, num_classes)  # the GLOBAL C
     loss_rows, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad, reducer)
     if bad is not None:  # unchecked (CUDA) indices outside [0, C): NaN rows, never an out-of-range read
         loss_rows = torch.where(bad, float("nan"), loss_rows)
@@ -163,10 +162,7 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
         bad = torch.zeros_like(kept)
         local = labels
     else:
-        kept = labels != ignore_index
-        bad = kept & ((labels < 0) | (labels >= num_classes))
-        # the target's index in this slice; -1 (no class here) for ignored and bad rows
-        local = torch.where(kept & ~bad, labels.long() - offset, -1).contiguous()
+        local, kept, bad = _local_indices(labels, offset, num_classes, ignore_index)
     loss_sums, sum_e, sum_d = reducer.sum(*_launchers().vocab_parallel_epilogue(
         rows, local, row_max, y, t1, t2, label_smoothing, num_classes).split(1, dim=-1))
     loss_rows = torch.where(kept, torch.where(bad, float("nan"), loss_sums.squeeze(-1)), 0.0)

@@ -23,6 +23,7 @@ import triton.language as tl
 from .loss import label_tile
 from .tempered_math import (
     LOG2E, evaluate, grad_terms, load_shifted, loss_terms, safe_reciprocal, smoothing_coefficients, sums_at,
+    support_count,
 )
 
 
@@ -55,15 +56,9 @@ def partial_sums_kernel(
     out = sums_ptr + rows.to(tl.int64) * 3
     tl.store(out, f, mask=row_mask)
     tl.store(out + 1, g, mask=row_mask)
-    if COUNT_SUPPORT:
-        # the slice's count without the >= 1 floor (the floor applies to the reduced D)
-        count = tl.zeros([BLOCK_ROWS, 1], tl.float32)
-        cols = tl.arange(0, BLOCK_COLS)[None, :]
-        for start in range(0, n_cols, BLOCK_COLS):
-            a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
-            in_support = tl.sum((mask & (a0 > -inv_one_minus_t)).to(tl.float32), axis=1, keep_dims=True)
-            in_slice = tl.sum(mask.to(tl.float32), axis=1, keep_dims=True)
-            count += tl.where(one_minus_t > 0.0, in_support, in_slice)  # t >= 1: D = C
+    if COUNT_SUPPORT:  # the slice's count, streamed (the >= 1 floor applies to the reduced D)
+        count = support_count(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True,
+                              BLOCK_ROWS, BLOCK_COLS)
         tl.store(out + 2, count, mask=row_mask)
 
 

@@ -27,15 +27,20 @@ import torch
 
 from . import torch_native as native
 
-# Logits per block: 2^18 fp32 values are 1 MiB, so the ~4 block-sized temporaries of a solver
-# pass stay in a CPU's L2/L3 cache; a block of at least this size keeps torch's per-op overhead
-# small against the work (a pass costs ~12 ops per block).
-BLOCK_ELEMENTS = 1 << 18
+# Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
+# pass stay in a CPU's L3 cache; a block of at least this size keeps torch's per-op overhead
+# small against the work (a pass costs ~12 ops per block; 2^18 was ~10% slower at C = 100 to
+# 1000 on 2 cores, from Python and per-op overhead, and 2^20 no faster).
+BLOCK_ELEMENTS = 1 << 19
 # The t1 = t2 = 1 path's blocks: a few fused row kernels each, no solver temporaries (class indices:
 # none in fp32; dense labels: two), so larger blocks cost no speed on an idle CPU, and their 16x
 # fewer parallel regions keep it fast when another process holds a core (measured on 2 cores: a
 # busy core made 2^18-element blocks 2-5x slower than F.cross_entropy, 2^22 stayed within 1.5x).
 CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 22
+# Dense labels need block scratch (log p without a gradient, and log(y / p)): allocated once per
+# call and reused by every block, 4 MiB fp32 buffers stay in the allocator's heap, where fresh
+# N x C ones are mapped (and page-faulted: ~2 us a page on the 2-core VM) on every call.
+DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 20
 
 
 def rows_per_block(num_classes: int, elements: int | None = None) -> int:
@@ -57,9 +62,10 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     - Class indices: one ``softmax`` (one exp per logit, cheaper than log_softmax and a second exp)
       written straight into the gradient; the loss needs only log p_target, read off p_target (a
       target below the normal range, a loss above ~87, is marked for redoing).
-    - Dense labels: ``log_softmax`` (exact where p underflows) for the loss, and the gradient from
-      it by torch's fused log-softmax backward: ``y - p sum(y)``, negated by the scale. The one log
-      over the classes is the labels' own ``sum y log y``, which cross-entropy does not have.
+    - Dense labels: ``log_softmax`` (exact where p underflows) into the gradient's block, the loss
+      from it, then torch's fused log-softmax backward over it in place: ``y - p sum(y)``, negated
+      by the scale. The one log over the classes is the labels' own ``sum y log y``, which
+      cross-entropy does not have. Its block scratch is allocated once per call.
     """
     dtype = row_scale.dtype
     num_rows, num_classes = logits.shape
@@ -75,7 +81,14 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     else:
         total, kl_part = stats  # kl_part = sum y (log y - log p)
         neg_scale = -scale
-    step = rows_per_block(num_classes, CROSS_ENTROPY_BLOCK_ELEMENTS)
+        # torch's CPU log-softmax backward reads each element before writing it, so there it runs
+        # over log p in place, and log p goes straight into the block's gradient when the dtypes
+        # agree; otherwise into block scratch, allocated once per call next to that of log(y / p)
+        in_place = logits.device.type == "cpu"
+        log_p_in_grad = in_place and grad is not None and grad.dtype == dtype
+        scratch_rows = min(num_rows, rows_per_block(num_classes, DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS))
+        work = torch.empty(1 if log_p_in_grad else 2, scratch_rows, num_classes, dtype=dtype, device=logits.device)
+    step = rows_per_block(num_classes, CROSS_ENTROPY_BLOCK_ELEMENTS) if indices else scratch_rows
     for start in range(0, num_rows, step):
         block = slice(start, min(start + step, num_rows))
         a = logits[block].to(dtype)
@@ -93,15 +106,16 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
                 p.mul_(scale[block]).scatter_add_(-1, t, target_grad[block])
         else:
             y = native.smooth_labels(labels[block].to(dtype), label_smoothing)
-            log_p = torch.log_softmax(a, dim=-1)
-            if grad is not None:
-                g = torch.empty_like(a) if out is None else out
-                torch._log_softmax_backward_data(y, log_p, -1, dtype, out=g)  # y - p sum(y)
-                p = g.mul_(neg_scale[block])
-            torch.sum(y, dim=-1, keepdim=True, out=total[block])
-            # y log y -> 0 at y = 0 (a label below the normal range adds < 1e-36: it may take log(tiny))
-            log_ratio = y.clamp(min=tiny).log_().sub_(log_p)
+            rows = y.shape[0]
+            log_p = torch.log_softmax(a, dim=-1, out=out if log_p_in_grad else work[0][:rows])
+            # sum y log(y / p); y log y -> 0 at y = 0 (a label below the normal range adds < 1e-36,
+            # so it may take log(tiny))
+            log_ratio = torch.clamp_min(y, tiny, out=work[-1][:rows]).log_().sub_(log_p)
             torch.sum(log_ratio.mul_(y), dim=-1, keepdim=True, out=kl_part[block])
+            torch.sum(y, dim=-1, keepdim=True, out=total[block])
+            if grad is not None:  # y - p sum(y), negated by the scale
+                g = log_p if in_place else (out if out is not None else torch.empty_like(log_p))
+                p = torch._log_softmax_backward_data(y, log_p, -1, dtype, out=g).mul_(neg_scale[block])
         if grad is not None and out is None:
             grad[block] = p  # the one rounding into the logits' dtype
     if indices:
@@ -117,7 +131,7 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
 
 
 def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool):
-    log_p = native.tempered_log_softmax_rows(a, t2, num_iters)
+    log_p = native.tempered_log_softmax_rows(a, t2, num_iters, compact=False)  # a block: no compaction
     if indices:
         return native.loss_and_grad_rows_indices(log_p, labels, label_smoothing, t1, t2, need_grad)
     return native.loss_and_grad_rows(log_p, labels, t1, t2, need_grad)  # dense labels come smoothed

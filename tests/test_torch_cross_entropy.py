@@ -81,7 +81,7 @@ def test_class_indices(dtype, smoothing, block_elements, monkeypatch):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])
 def test_dense_labels(dtype, smoothing, block_elements, monkeypatch):
-    monkeypatch.setattr(native_loss, "CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
     redone = _redone_rows(monkeypatch)
     a64 = _logits()
     y64 = _dense_labels(a64)
@@ -111,6 +111,25 @@ def test_reductions_ignore_index_and_bfloat16():
     np.testing.assert_allclose(loss.item(), want, rtol=2e-5)
     np.testing.assert_allclose(a.grad.double().numpy(), want_grad, rtol=1e-2, atol=1e-3)
     assert (a.grad[~torch.from_numpy(kept)] == 0).all()
+
+
+@pytest.mark.parametrize("block_elements", [3 * C, 1 << 18])
+def test_dense_labels_bfloat16_and_without_gradient(block_elements, monkeypatch):
+    """bfloat16 logits: log p goes to block scratch, not the gradient; without a gradient too."""
+    monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
+    rows = [0, 1, 2, 3, 8, 9, 11]
+    a = torch.tensor(_logits()[rows], dtype=torch.bfloat16, requires_grad=True)
+    y = torch.tensor(_dense_labels(_logits())[rows], dtype=torch.bfloat16)
+    rounded, y_in = a.detach().double().numpy(), y.double().numpy()
+    want = ref.loss(rounded, y_in, 1.0, 1.0)
+    loss = bt.bi_tempered_logistic_loss(a, y, 1.0, 1.0, reduction="none")
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.detach().numpy(), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(a.grad.double().numpy(), ref.loss_grad(rounded, y_in, 1.0, 1.0), rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        no_grad = bt.bi_tempered_logistic_loss(a, y, 1.0, 1.0, reduction="none")
+    assert torch.equal(no_grad, loss.detach())
 
 
 def test_same_values_as_the_general_path_near_one():

@@ -3,23 +3,25 @@
 ``bindings/jax_native.py`` holds the math (solver, loss and gradient terms). The forward returns,
 besides the per-row loss, R [N, C] and alpha, beta [N, 1] with
 
-    dL/da = g (R alpha - y beta),   exactly 0 where R is -0.0 (p exactly 0, SPEC's zero rule)
+    dL/da = g (R alpha - y beta)
 
-At t1 = t2 = 1 R = exp(a - shift) (softmax's numerator, written out by the forward anyway, since
-an elementwise exp written out and then summed is faster on XLA:CPU than exp fused into the row
-sum) with alpha = (1 - ratio) / sum R, beta = 1: the backward is optax's, no second exp.
-Otherwise R is the unit gradient d - e sum(d) (SPEC's closed form), alpha = 1, beta = 0. The
-backward is outside every ``lax.cond`` so that XLA writes the gradient over R in place: the
-training step holds about 1.1x the logits beyond its inputs, gradient included, at N = 4096,
-C = 50000 (``tests/test_jax_memory.py``). The tempered forward (and the exact cross-entropy
-ones) run on blocks of rows of at most BLOCK_ELEMENTS elements, so their temporaries stay a few
-blocks whatever N x C is. Without a gradient (``need_residual=False``) no R is made.
+In the cross-entropy fast paths (t1 = t2 = 1, every row's label mass on classes with p > 0)
+R = exp(a - max) (softmax's numerator, written out by the forward anyway, since an elementwise
+exp written out and then summed is faster on XLA:CPU than exp fused into the row sum) with
+alpha = (1 - ratio) / sum R, beta = 1: the backward is optax's, no second exp. Otherwise R is
+the unit gradient (SPEC's closed form, exactly 0 where p is exactly 0), alpha = 1, beta = 0.
+The backward is select-free and outside every ``lax.cond`` so that XLA writes the gradient over
+R in place: the training step holds about 1.1x the logits beyond its inputs, gradient included,
+at N = 4096, C = 50000 (``tests/test_jax_memory.py``). The tempered forward (and the exact
+cross-entropy ones) run on blocks of rows of at most BLOCK_ELEMENTS elements, so their
+temporaries stay a few blocks whatever N x C is. Without a gradient (``need_residual=False``) no
+R is made.
 
-At t1 = t2 = 1 a ``lax.cond`` takes cross-entropy branches: select-free fast paths (class indices
-without the gradient: the target logit as the shift, one fused pass; dense labels without
-smoothing: y log max(y, tiny)) with the exact branch as a run-time fallback decided from O(N) row
-values (``_fast_path_ok``). Branches are chosen at run time from the traced temperatures: one
-compiled program for every temperature value.
+At t1 = t2 = 1 a ``lax.cond`` takes cross-entropy branches: select-free fast paths (class indices:
+optax's max shift with the gradient, the target logit as the shift without it; dense labels:
+y log max(y, tiny)) with an exact branch as a run-time fallback decided from O(N) row values
+(``_fast_path_ok``). Branches are chosen at run time from the traced temperatures: one compiled
+program for every temperature value.
 """
 
 from __future__ import annotations
@@ -88,14 +90,10 @@ def _is_cross_entropy(t1, t2):
     return (t1 == 1) & (t2 == 1)
 
 
-def _true_zero(a0):
-    """-0.0 where p is exactly 0 (a0 = -inf): the residual's mark for a gradient of exactly 0."""
-    return a0 == -jnp.inf
-
-
-def _exp_marked(a0):
-    """exp(a0), -0.0 where a0 = -inf (exp never returns -0.0: an underflow gives +0.0)."""
-    return jnp.where(_true_zero(a0), -0.0, jnp.exp(a0))
+def _exact_gradient(a0, value):
+    """An exact branch's unit gradient: ``value`` (p sum(y) - y, or its smoothed-index form), but
+    exactly 0 where p is exactly 0 (a0 = -inf: SPEC's zero rule); NaN rows stay NaN."""
+    return jnp.where(a0 == -jnp.inf, 0.0, value)
 
 
 def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_labels=None,
@@ -109,28 +107,30 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     of passing an N x C array into the ``lax.cond``. With class indices, ``target`` [N] and
     ``smoothing`` let the cross-entropy branch read the target logit by a gather from ``a``
     itself instead of reducing over ``y``. With dense labels, ``dense_labels`` (the caller's
-    unsmoothed [N, C] labels, any float dtype) and ``smoothing`` let the cross-entropy branch read
-    them directly when the smoothing is 0.
+    unsmoothed [N, C] labels, any float dtype) lets it read them directly when the smoothing is
+    0 (the smoothing's affine map, on a traced value, costs ~10% there).
 
-    The residual: R [N, C] and alpha, beta [N, 1] with dL/da = R alpha - y beta, and exactly 0
-    where R is -0.0 (p exactly 0). At t1 = t2 = 1, R = exp(a - shift) for a per-row shift (the
-    row max, or the target logit in the class-index fast path), alpha = (1 - ratio) / sum R,
-    beta = 1; otherwise R is the unit gradient itself, alpha = 1, beta = 0. The backward is then
-    one elementwise pass outside any ``lax.cond``, which XLA writes in place over R: the training
-    step holds about 1x the logits beyond its inputs, gradient included. ``need_residual=False``
-    (no gradient wanted) skips R.
+    The residual: R [N, C] and alpha, beta [N, 1] with dL/da = R alpha - y beta. In the
+    cross-entropy fast paths (every row has its label mass on classes with p > 0), R = exp(a -
+    max), alpha = (1 - ratio) / sum R, beta = 1; otherwise (the tempered branch and the exact
+    cross-entropy fallback) R is the unit gradient itself, exactly 0 where p is exactly 0,
+    alpha = 1, beta = 0. The backward is then one select-free elementwise pass outside any
+    ``lax.cond``, which XLA writes in place over R: the training step holds about 1x the logits
+    beyond its inputs, gradient included. ``need_residual=False`` (no gradient wanted) skips R.
 
     XLA:CPU notes (measured, jax 0.10): separate row sums, not a variadic reduce (several times
     slower); N x C values are built inside the branch that uses them (a ``lax.cond`` operand or
     closed-over N x C value is materialized); a compare or select inside a row sum's elementwise
-    chain makes XLA write that chain out as an N x C buffer first (a pass of its own), so the
-    cross-entropy fast paths below are select-free in their row sums and leave the exact-zero
-    rules of SPEC to a run-time fallback branch, taken when a row needs them (decided from O(N)
-    row values); exp written out by an elementwise fusion and then summed is faster than exp
-    fused into the row sum, and keeping it as R saves the backward a second exp.
+    chain makes XLA write that chain out as an N x C buffer first (a pass of its own), and a
+    select per element costs the backward ~10% against optax, so the cross-entropy fast paths
+    below are select-free and leave the exact-zero rules of SPEC to a run-time fallback branch,
+    taken when a row needs them (decided from O(N) row values); exp written out by an elementwise
+    fusion and then summed is faster than exp fused into the row sum, and keeping it as R saves
+    the backward a second exp.
     """
     num_rows, num_classes = a.shape
     ones = lambda like: jnp.ones_like(like)
+    zeros = lambda like: jnp.zeros_like(like)
 
     def row_max():
         return jnp.max(a, axis=-1, keepdims=True)
@@ -147,11 +147,8 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         """(loss, R, alpha, beta) at t1 = t2 = 1 of the rows ``take`` selects, dense labels (exact)."""
         y = labels(take)
         a0 = native.shifted(take(a), take(shift))
-        if need_residual:  # exp written out, then summed (see above)
-            e = _exp_marked(a0)
-            total = _row_sum(e)
-        else:
-            e, total = None, _row_sum(jnp.exp(a0))
+        e = jnp.exp(a0)
+        total = _row_sum(e)
         y_norm = jnp.log(total)  # the max of a0 is 0: the sum is >= 1
         # SPEC at t1 = 1: sum y log y - sum y log p - sum y + sum p, with sum p = 1;
         # 0 log 0 = 0 and 0 log p = 0 also where p = 0; the ratio counts p > 0 only
@@ -159,24 +156,26 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         y_a0 = jnp.where(y > 0, y * a0, 0.0)
         y_positive = jnp.where(a0 > -jnp.inf, y, 0.0)
         cross, y_sum, y_finite = _row_sums(y_log_y - y_a0, y, y_positive)
-        loss = cross + y_norm * y_sum - y_sum + 1.0
+        loss = (cross + y_norm * y_sum - y_sum + 1.0)[..., 0]
+        if not need_residual:
+            return loss, None, ones(total), ones(total)
         # dL/da = p - y - p ratio with ratio = sum d / sum p = 1 - y_finite (sum p = 1)
-        return loss[..., 0], e, y_finite / total, ones(total)
+        return loss, _exact_gradient(a0, e * (y_finite / total) - y), ones(total), zeros(total)
 
     def dense_exact():  # its selects keep N x C temporaries: in blocks of rows, as tempered
         shift = row_max()
         return by_blocks(lambda take: dense_cross_entropy_block(take, shift), shift)
 
-    def dense_fast():
-        """Unsmoothed dense labels, select-free row sums: max, sum y (log y - a0), sum y, then
+    def dense_fast(dense_y):
+        """Labels ``dense_y()`` (every row). Select-free: max, sum y (log y - a0), sum y, then
         exp(a0) written out as R and summed; the exact branch's value wherever every a0 is
-        finite. y log max(y, tiny) is y log y for y > 0 and 0 for y = 0 (log tiny is finite).
-        A row with a -inf logit (0 * -inf or y * inf), a +inf max or a NaN has a non-finite
-        sum y (log y - a0): then every row is computed by the exact branch instead (an O(N)
-        predicate, decided before R is written: a cond branch returning a value computed
-        outside it would copy it)."""
+        finite. y log max(y, tiny) is y log y for
+        y > 0 and 0 for y = 0 (log tiny is finite). A row with a -inf logit (0 * -inf or y * inf),
+        a +inf max or a NaN has a non-finite sum y (log y - a0): then every row is computed by the
+        exact branch instead (an O(N) predicate, decided before R is written: a cond branch
+        returning a value computed outside it would copy it)."""
         shift = row_max()
-        y = dense_labels.astype(a.dtype)
+        y = dense_y()
         tiny = jnp.finfo(a.dtype).tiny
         cross, y_sum = _row_sums(y * (jnp.log(jnp.maximum(y, tiny)) - (a - shift)), y)
 
@@ -200,68 +199,91 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
         labels_entropy = _x_log_x(on) + (num_classes - 1) * _x_log_x(off)
         smoothed = off > 0
 
-    def index_cross_entropy(y_norm, a0_target, shifted_rows):
-        """(loss, ratio) of smoothed one-hot rows from Y and the target's a0."""
+    def off_target_sums(shifted_rows, like):
+        """(sum a0, count of p > 0) per row, shaped ``like`` [rows, 1], for the label mass off the
+        target (smoothing); zeros without smoothing (the usual case: the sums are skipped at run
+        time)."""
+        def sums():
+            a0 = shifted_rows()  # built here: a closed-over N x C value would be materialized
+            return _row_sums(a0, (a0 > -jnp.inf).astype(a.dtype))
+
+        return lax.cond(smoothed, sums, lambda: (zeros(like),) * 2)
+
+    def index_cross_entropy(y_norm, a0_target, sums):
+        """(loss, ratio) of smoothed one-hot rows from Y, the target's a0 and off_target_sums."""
+        shifted_sum, positive = sums
         log_p_target = a0_target - y_norm
-
-        def off_target():  # label mass off the target (smoothing): sum log p, count of p > 0
-            a0 = shifted_rows()  # recomputed here: a closed-over N x C value would be materialized
-            log_p_sum, positive = _row_sums(a0, (a0 > -jnp.inf).astype(a.dtype))
-            return log_p_sum - num_classes * y_norm, positive
-
-        # without smoothing (the usual case) those two sums are skipped at run time
-        log_p_sum, positive = lax.cond(smoothed, off_target, lambda: (jnp.zeros_like(y_norm),) * 2)
+        log_p_sum = shifted_sum - num_classes * y_norm
         # sum y log y - sum y log p of the smoothed one-hot row (sum y = sum p = 1 cancel)
         loss = labels_entropy - (on - off) * log_p_target - off * log_p_sum
         ratio = 1.0 - (on - off) * (a0_target > -jnp.inf) - off * positive
         return loss[..., 0], ratio
 
-    def index_result(e, total, a0_target, shifted_rows):
-        loss, ratio = index_cross_entropy(jnp.log(total), a0_target, shifted_rows)
-        return loss, e, (1.0 - ratio) / total, ones(total)
-
     def index_block(take):
-        """(loss, R, alpha, beta) of the rows ``take`` selects, class indices, max shift (exact)."""
+        """(loss, R, 1, 0) of the rows ``take`` selects, class indices, max shift (exact)."""
         a_rows = take(a)
         shift = jnp.max(a_rows, axis=-1, keepdims=True)
-        e = _exp_marked(native.shifted(a_rows, shift))  # written out (a select), then summed
+        a0 = native.shifted(a_rows, shift)
+        e = jnp.exp(a0)
         total = _row_sum(e)  # the max of a0 is 0: the sum is >= 1
-        return index_result(e, total, native.shifted(take(a_target), shift), lambda: native.shifted(a_rows, shift))
+        loss, ratio = index_cross_entropy(jnp.log(total), native.shifted(take(a_target), shift),
+                                          off_target_sums(lambda: native.shifted(a_rows, shift), total))
+        return loss, _exact_gradient(a0, e * ((1.0 - ratio) / total) - labels(take)), ones(total), zeros(total)
 
     def index_exact():
         if need_residual:  # R and its temporaries in blocks of rows (as tempered)
-            like = jnp.zeros_like(a_target)
+            like = zeros(a_target)
             return _by_row_blocks(index_block, num_rows, num_classes, (like[..., 0], a, like, like))
         shift = row_max()
         # the max of a0 is 0: the sum is >= 1. A finite max: a - max is the same value as the
         # select, which XLA:CPU would write out first
         total = lax.cond(jnp.all(jnp.isfinite(shift) | jnp.isnan(shift)), lambda: _row_sum(jnp.exp(a - shift)),
                          lambda: _row_sum(jnp.exp(native.shifted(a, shift))))
-        return index_result(None, total, native.shifted(a_target, shift), lambda: native.shifted(a, shift))
+        loss, ratio = index_cross_entropy(jnp.log(total), native.shifted(a_target, shift),
+                                          off_target_sums(lambda: native.shifted(a, shift), total))
+        return loss, None, (1.0 - ratio) / total, ones(total)
 
     def index_fast():
-        """The target logit as the shift: no max. sum exp(a - a_target) >= 1 (the target's own
-        term), so it is finite exactly when the row is finite with every logit less than ~88
-        (float32) above its target's; any other row (a NaN, +-inf at the target or the max, a
-        gap that overflows) sends every row to the exact branch (O(N) predicate). A -inf logit
-        elsewhere is exact here: exp(-inf) = 0 (marked -0.0 in R), and the smoothing sums see it."""
-        a0 = a - a_target
-        if need_residual:
-            e = _exp_marked(a0)  # the select only writes R: the row sum below reads R
-            total = _row_sum(e)
-        else:
-            e, total = None, _row_sum(jnp.exp(a0))
-        fast = lambda: index_result(e, total, jnp.zeros_like(a_target), lambda: a - a_target)
+        """Without the gradient: the target logit as the shift, no max. sum exp(a - a_target) >= 1
+        (the target's own term), so it is finite exactly when the row is finite with every logit
+        less than ~88 (float32) above its target's; any other row (a NaN, +-inf at the target or
+        the max, a gap that overflows) sends every row to the exact branch (O(N) predicate). A
+        -inf logit elsewhere is exact here: exp(-inf) = 0, and the smoothing sums see it."""
+        total = _row_sum(jnp.exp(a - a_target))
+
+        def fast():
+            loss, ratio = index_cross_entropy(jnp.log(total), zeros(a_target),
+                                              off_target_sums(lambda: a - a_target, total))
+            return loss, None, (1.0 - ratio) / total, ones(total)
+
         return _cond_residual(_fast_path_ok(total), fast, index_exact)
+
+    def index_fast_with_gradient():
+        """optax's arithmetic: max, exp(a - max) written out as R, its row sum; select-free. It is
+        the exact value when every row has its label mass on classes with p > 0: a finite max
+        and target logit, and with smoothing no -inf logit (sum a0 finite, a pass taken only
+        with smoothing). Otherwise (a NaN, +-inf at the max or the target, a -inf logit under
+        smoothing) every row is computed by the exact branch (O(N) predicate)."""
+        shift = row_max()
+        a0_target = a_target - shift
+        shifted_sum = lax.cond(smoothed, lambda: _row_sum(a - shift), lambda: zeros(shift))
+
+        def fast():
+            e = jnp.exp(a - shift)
+            total = _row_sum(e)  # the max of a0 is 0: the sum is >= 1
+            sums = (shifted_sum, jnp.full_like(total, num_classes))  # every p > 0
+            loss, ratio = index_cross_entropy(jnp.log(total), a0_target, sums)
+            return loss, e, (1.0 - ratio) / total, ones(total)
+
+        return _cond_residual(_fast_path_ok(a0_target + shifted_sum), fast, index_exact)
 
     def cross_entropy(a):
         if target is None:
             if dense_labels is None:
-                return dense_exact()
-            return _cond_residual(smoothing == 0, dense_fast, dense_exact)
-        # with the gradient: exp(a - max) written out (R) then summed, as optax does; without
-        # it, the target-logit shift's single fused pass
-        return index_exact() if need_residual else index_fast()
+                return dense_fast(lambda: labels(_all_rows))
+            return _cond_residual(smoothing == 0, lambda: dense_fast(lambda: dense_labels.astype(a.dtype)),
+                                  lambda: dense_fast(lambda: labels(_all_rows)))
+        return index_fast_with_gradient() if need_residual else index_fast()
 
     def tempered_block(take, shift):
         """(loss, R = the unit gradient, 1, 0) of the rows ``take`` selects (all, or one block)."""
@@ -324,12 +346,10 @@ def _x_log_x(v):
 
 def backward(residual, labels, upstream, mask_rows=lambda values: values):
     """upstream [..., 1] x dL/da [..., C] from the forward's residual (compute dtype): one
-    elementwise pass, g (R alpha - y beta), 0 where R is -0.0 (p exactly 0).
+    select-free elementwise pass, g (R alpha - y beta).
 
     ``labels`` as in :func:`forward`; ``mask_rows`` sets ignored rows to 0 and invalid ones to NaN
     (fused with the gradient). Outside any ``lax.cond`` so that XLA writes it over R.
     """
     r, alpha, beta = residual
-    y = labels(_all_rows)
-    marked = (r == 0) & jnp.signbit(r)
-    return mask_rows(upstream * jnp.where(marked, 0.0, r * alpha - y * beta))
+    return mask_rows(upstream * (r * alpha - labels(_all_rows) * beta))

@@ -1,7 +1,6 @@
 """The XLA loss's t1 = t2 = 1 fast paths (bindings/jax_native_loss.py: ``index_fast``, the loss of
-class indices without the gradient, and ``dense_fast``, unsmoothed dense labels) and their exact
-fallback, against the float64 reference; with the gradient, class indices take the max-shift
-branch (optax's arithmetic), checked here next to the same rows.
+class indices without the gradient; ``index_fast_with_gradient``, optax's max-shift arithmetic;
+``dense_fast``, dense labels) and their exact fallback, against the float64 reference.
 
 The fast paths are select-free and stand for every row only where their per-row values are finite
 (``_fast_path_ok``); otherwise the whole batch is computed by the exact branch. So the tests put
@@ -118,19 +117,21 @@ def test_special_rows_next_to_ordinary_rows(dtype, labels, smoothing):
 
 
 def _fast_rows(a, labels, dtype, grad):
-    """The rows a fast path stands for. Dense labels: every logit finite. Class indices, the loss
-    alone (the target-logit shift): also no logit so far above the target's that exp(a - a_target)
-    overflows (float32: rows 8 and 11), and a -inf logit off the target is fine; with the
-    gradient, class indices take the max-shift branch: no fast path to check."""
+    """The rows a fast path stands for (no smoothing). Dense labels: every logit finite. Class
+    indices, with the gradient (the max shift): a finite max and target, so a -inf logit off the
+    target is fine; the loss alone (the target-logit shift): also no logit so far above the
+    target's that exp(a - a_target) overflows (float32: rows 8 and 11)."""
     finite = np.isfinite(a).all(-1)
     if labels == "dense":
         return finite
+    if grad:
+        return finite | (np.arange(len(a)) == 10)
     with np.errstate(invalid="ignore"):
         gap = a.max(-1) - a[np.arange(len(a)), TARGETS]
     return finite & (gap < np.log(np.finfo(dtype).max)) | (np.arange(len(a)) == 10)
 
 
-CASES = [("indices", False), ("dense", False), ("dense", True)]
+CASES = [("indices", False), ("indices", True), ("dense", False), ("dense", True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

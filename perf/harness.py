@@ -198,22 +198,27 @@ class Session:
         self.roof = model.Roof(self.bandwidth, self.sfu_rate)
         self.acc_elements = args.acc_elements or (1 << 14 if args.smoke else 1 << 20 if not self.cuda else 1 << 24)
         self.min_time = args.min_time_s if args.min_time_s is not None else (0.0 if args.smoke else 1.0)
-        self.reps = (1, 2) if args.smoke else (3, 50)
+        self.reps = (1, 2) if args.smoke else (3, 50) if self.cuda else (3, 100)
         self.out = args.out or default_out(self.slug)
 
-    def time_call(self, runner, direction, n_sets):
-        with runner.timed_region():  # torch.compile providers: recompiling here is an error
-            return self._time_call(runner, direction, n_sets)
+    def time_calls(self, runners: dict, direction, n_sets) -> dict:
+        """{name: ((median, p20, p80, repeats), timer)} of the runners' ``direction`` calls; on
+        CPU interleaved (see measure.py), on a GPU one runner at a time."""
+        if self.cuda:
+            return {name: self._time_on_gpu(runner, direction, n_sets) for name, runner in runners.items()}
+        calls = {name: _in_timed_region(runner, runner.calls[direction]) for name, runner in runners.items()}
+        stats = measure.interleaved_wall_clock(calls, n_sets, warmup=1, min_reps=self.reps[0],
+                                               max_reps=self.reps[1], min_time_s=self.min_time)
+        return {name: (values, "perf_counter, interleaved") for name, values in stats.items()}
 
-    def _time_call(self, runner, direction, n_sets):
+    def _time_on_gpu(self, runner, direction, n_sets):
         call = runner.calls[direction]
-        if self.cuda and not runner.blocking:
-            warmup, rep = (1, 5) if self.args.smoke else (25, 100)
-            return measure.cuda_events(call, n_sets, warmup, rep), "cuda-events (do_bench)"
-        block = call if runner.blocking or not self.cuda else (lambda i: (call(i), measure.sync(self.device)))
-        stats = measure.wall_clock(block, n_sets, warmup=1 if self.args.smoke or not self.cuda else 3,
-                                   min_reps=self.reps[0],
-                                   max_reps=self.reps[1], min_time_s=self.min_time)
+        with runner.timed_region():  # torch.compile providers: recompiling here is an error
+            if not runner.blocking:
+                warmup, rep = (1, 5) if self.args.smoke else (25, 100)
+                return measure.cuda_events(call, n_sets, warmup, rep), "cuda-events (do_bench)"
+            stats = measure.wall_clock(call, n_sets, warmup=1 if self.args.smoke else 3, min_reps=self.reps[0],
+                                       max_reps=self.reps[1], min_time_s=self.min_time)
         return stats, "perf_counter"
 
     def peak_extra(self, runner, direction):
@@ -225,8 +230,20 @@ class Session:
         return None, "n/a (CPU torch)"
 
 
+def _in_timed_region(runner, call):
+    def timed(i):
+        with runner.timed_region():  # torch.compile providers: recompiling here is an error
+            return call(i)
+    return timed
+
+
 def run_cell(session: Session, providers, cell: Cell, directions, inputs: Inputs, printed: set):
-    """Measures every provider on one cell; returns CSV rows (speedups filled in)."""
+    """Measures every provider on one cell; returns CSV rows (speedups filled in).
+
+    On CPU all providers are built first and timed interleaved (``Session.time_calls``): their
+    ratios then hold on a shared machine. On a GPU each provider is built, timed and freed in
+    turn (CUDA events are not disturbed by other processes, and two providers' inputs and
+    executables might not fit at once)."""
     args = session.args
     truth, passes = truth_and_passes(inputs)
     passes_mean, passes_max = float(passes.mean()), int(passes.max())
@@ -236,73 +253,99 @@ def run_cell(session: Session, providers, cell: Cell, directions, inputs: Inputs
                 C=cell.c, t1=cell.t1, t2=cell.t2, bandwidth_GBps=session.bandwidth / 1e9,
                 sfu_rate_Tops=(session.sfu_rate / 1e12 if session.sfu_rate else None),
                 n_input_sets=len(inputs.logits), acc_rows=inputs.acc_rows)
+    wanted = [p for p in providers if not p.ce_only or (cell.t1 == 1.0 and cell.t2 == 1.0)]
     rows = []
-    for provider in providers:
-        if provider.ce_only and not (cell.t1 == 1.0 and cell.t2 == 1.0):
-            continue
-        common = dict(base, provider=provider.name, framework=provider.framework)
-        reason = provider.skip_reason(cell, session.device)
-        if reason:
-            if (provider.name, reason) not in printed:  # each reason once per run
-                print(f"  skip {provider.name}: {reason}")
-                printed.add((provider.name, reason))
-            rows += [dict(common, direction=d, status=f"skipped: {reason}") for d in directions]
-            continue
-        runner = None
-        try:
-            runner = provider.build(inputs, tuple(directions))
-            losses, residual = runner.evaluate(inputs.acc_rows)
-            loss_err = max_relative_error(losses, truth)
-        except Exception as err:  # noqa: BLE001 - one provider failing never stops the run
-            status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {_first_line(err)}"
-            if isinstance(err, NotImplementedError):
-                status = f"skipped: not implemented: {_first_line(err)}"
-            print(f"  {provider.name}: {status}")
-            if status.startswith("error"):
-                traceback.print_exc(limit=3)
-            rows += [dict(common, direction=d, status=status) for d in directions]
-            del runner
-            free(session.device)
-            continue
-        solver_passes = _solver_passes(provider, cell, passes_mean, passes_max)
-        if runner.config and (provider.name, cell.dtype, cell.c) not in printed:
-            printed.add((provider.name, cell.dtype, cell.c))
-            print(f"  {provider.name} config for {cell.dtype} C={cell.c}: {runner.config}")
+    for group in ([[p] for p in wanted] if session.cuda else [wanted]):
+        built = {}  # provider name -> (runner, row fields of every direction)
+        for provider in group:
+            common = dict(base, provider=provider.name, framework=provider.framework)
+            result = _build(session, provider, cell, directions, inputs, printed, common, truth)
+            if isinstance(result, list):  # skipped or failed: its rows
+                rows += result
+                continue
+            runner, loss_err, residual = result
+            built[provider.name] = runner, dict(
+                common, solver=provider.solver, passes=_solver_passes(provider, cell, passes_mean, passes_max),
+                loss_rel_err=loss_err, sum_p_residual=residual, notes=runner.notes, config=runner.config)
         for direction in directions:
-            row = dict(common, direction=direction, solver=provider.solver, passes=solver_passes,
-                       loss_rel_err=loss_err, sum_p_residual=residual, notes=runner.notes,
-                       config=runner.config)
-            if direction not in runner.calls:
-                rows.append(dict(row, status="n/a: gradient is computed in the forward (no separate backward)"))
-                continue
+            timed = {name: runner for name, (runner, _) in built.items() if direction in runner.calls}
             try:
-                (median, p20, p80, reps), timer = session.time_call(runner, direction, len(inputs.logits))
-                extra, memory_method = session.peak_extra(runner, direction)
-            except Exception as err:  # noqa: BLE001
-                status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {_first_line(err)}"
-                print(f"  {provider.name} {direction}: {status}")
-                rows.append(dict(row, status=status))
-                free(session.device)
-                continue
-            nbytes = model.bytes_moved(cell, direction)
-            ops = sfu_ops[direction]
-            seconds = median * 1e-3
-            sfu_total = None if ops is None else ops * cell.n * cell.c
-            row.update(status="ok", time_ms=median, time_ms_p20=p20, time_ms_p80=p80, reps=reps, timer=timer,
-                       bytes_model=nbytes, GBps=nbytes / seconds / 1e9,
-                       pct_bandwidth=100 * nbytes / seconds / session.bandwidth,
-                       sfu_ops_per_elem=ops, roofline_ms=session.roof.time_s(nbytes, sfu_total) * 1e3,
-                       pct_sfu_roof=(100 * sfu_total / session.sfu_rate / seconds
-                                     if session.sfu_rate and sfu_total is not None else None),
-                       peak_extra_MiB=None if extra is None else extra / 2**20, memory_method=memory_method)
-            row["pct_roofline"] = 100 * row["roofline_ms"] / median
-            rows.append(row)
-            print(f"  {provider.name:22s} {direction:6s} {median:10.3f} ms  {row['GBps']:8.2f} GB/s  "
-                  f"{row['pct_roofline']:6.1f}% roof  err {loss_err:.1e}")
-        del runner
+                stats = session.time_calls(timed, direction, len(inputs.logits)) if timed else {}
+            except Exception:  # noqa: BLE001 - then each provider alone, to name the one failing
+                stats = {}
+                for name, runner in timed.items():
+                    try:
+                        stats.update(session.time_calls({name: runner}, direction, len(inputs.logits)))
+                    except Exception as err:  # noqa: BLE001
+                        stats[name] = err
+            for name, (runner, fields) in built.items():
+                row = dict(fields, direction=direction)
+                if direction not in runner.calls:
+                    rows.append(dict(row, status="n/a: gradient is computed in the forward (no separate backward)"))
+                    continue
+                try:
+                    if isinstance(stats[name], Exception):
+                        raise stats[name]
+                    (median, p20, p80, reps), timer = stats[name]
+                    extra, memory_method = session.peak_extra(runner, direction)
+                except Exception as err:  # noqa: BLE001
+                    status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {_first_line(err)}"
+                    print(f"  {name} {direction}: {status}")
+                    rows.append(dict(row, status=status))
+                    free(session.device)
+                    continue
+                rows.append(_timed_row(session, cell, row, direction, median, p20, p80, reps, timer, extra,
+                                       memory_method, sfu_ops[direction]))
+        del built
         free(session.device)
     report.fill_speedups(rows)
     return rows
+
+
+def _build(session, provider, cell, directions, inputs, printed, common, truth):
+    """(runner, loss error, sum-p residual), or the provider's rows when it is skipped or fails."""
+    reason = provider.skip_reason(cell, session.device)
+    if reason:
+        if (provider.name, reason) not in printed:  # each reason once per run
+            print(f"  skip {provider.name}: {reason}")
+            printed.add((provider.name, reason))
+        return [dict(common, direction=d, status=f"skipped: {reason}") for d in directions]
+    runner = None
+    try:
+        runner = provider.build(inputs, tuple(directions))
+        losses, residual = runner.evaluate(inputs.acc_rows)
+        loss_err = max_relative_error(losses, truth)
+    except Exception as err:  # noqa: BLE001 - one provider failing never stops the run
+        status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {_first_line(err)}"
+        if isinstance(err, NotImplementedError):
+            status = f"skipped: not implemented: {_first_line(err)}"
+        print(f"  {provider.name}: {status}")
+        if status.startswith("error"):
+            traceback.print_exc(limit=3)
+        del runner
+        free(session.device)
+        return [dict(common, direction=d, status=status) for d in directions]
+    if runner.config and (provider.name, cell.dtype, cell.c) not in printed:
+        printed.add((provider.name, cell.dtype, cell.c))
+        print(f"  {provider.name} config for {cell.dtype} C={cell.c}: {runner.config}")
+    return runner, loss_err, residual
+
+
+def _timed_row(session, cell, row, direction, median, p20, p80, reps, timer, extra, memory_method, ops):
+    nbytes = model.bytes_moved(cell, direction)
+    seconds = median * 1e-3
+    sfu_total = None if ops is None else ops * cell.n * cell.c
+    row.update(status="ok", time_ms=median, time_ms_p20=p20, time_ms_p80=p80, reps=reps, timer=timer,
+               bytes_model=nbytes, GBps=nbytes / seconds / 1e9,
+               pct_bandwidth=100 * nbytes / seconds / session.bandwidth,
+               sfu_ops_per_elem=ops, roofline_ms=session.roof.time_s(nbytes, sfu_total) * 1e3,
+               pct_sfu_roof=(100 * sfu_total / session.sfu_rate / seconds
+                             if session.sfu_rate and sfu_total is not None else None),
+               peak_extra_MiB=None if extra is None else extra / 2**20, memory_method=memory_method)
+    row["pct_roofline"] = 100 * row["roofline_ms"] / median
+    print(f"  {row['provider']:22s} {direction:6s} {median:10.3f} ms  {row['GBps']:8.2f} GB/s  "
+          f"{row['pct_roofline']:6.1f}% roof  err {row['loss_rel_err']:.1e}")
+    return row
 
 
 def _first_line(err: BaseException) -> str:

@@ -6,7 +6,9 @@ Timers:
 - CUDA, JAX providers: wall clock around the call + ``block_until_ready`` (CUDA events of torch's
   stream do not see XLA's streams); includes Python dispatch (tens of microseconds).
 - CPU: ``time.perf_counter`` around each call (JAX results ``block_until_ready``), after warm-up;
-  median, p20, p80 of the repeats.
+  median, p20, p80 of the repeats. The providers of a cell are timed INTERLEAVED
+  (``interleaved_wall_clock``): in rounds, each provider taking a short slice of calls in turn,
+  so that a slow stretch of a shared machine hits all of them alike and their ratios hold.
 """
 
 from __future__ import annotations
@@ -101,6 +103,40 @@ def wall_clock(call, n_sets: int, warmup: int, min_reps: int, max_reps: int, min
         call(i)
         samples.append((time.perf_counter() - t0) * 1e3)
     return (*_quantiles(samples), len(samples))
+
+
+def interleaved_wall_clock(calls: dict, n_sets: int, warmup: int, min_reps: int, max_reps: int,
+                           min_time_s: float, slice_s: float = 0.05) -> dict:
+    """{name: (median, p20, p80 in ms, repeats)} of the ``calls`` (name -> ``call(i)``, each
+    blocking until done), timed in rounds: in each round every call runs for a slice of about
+    ``slice_s`` (at least once), in an order that rotates from round to round. Rounds go on until
+    every call has ``min_reps`` repeats and has spent ``min_time_s`` (or has ``max_reps``)."""
+    for call in calls.values():
+        for i in range(warmup):
+            call(i % n_sets)
+    samples = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+    names = list(calls)
+
+    def wanted(name):
+        reps = len(samples[name])
+        return reps < max_reps and (reps < min_reps or spent[name] < min_time_s)
+
+    rounds = 0
+    while any(wanted(name) for name in names):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            slice_start = time.perf_counter()
+            while wanted(name):
+                t0 = time.perf_counter()
+                calls[name](len(samples[name]) % n_sets)
+                elapsed = time.perf_counter() - t0
+                samples[name].append(elapsed * 1e3)
+                spent[name] += elapsed
+                if time.perf_counter() - slice_start >= slice_s:
+                    break
+        rounds += 1
+    return {name: (*_quantiles(values), len(values)) for name, values in samples.items()}
 
 
 def cuda_events(call, n_sets: int, warmup_ms: int, rep_ms: int):

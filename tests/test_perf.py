@@ -102,6 +102,22 @@ def test_default_output_is_outside_the_tracked_results():
     assert explicit.out == Path("perf/results/x")
 
 
+def test_cpu_providers_are_timed_interleaved():
+    """Rounds in which every provider takes its slice in turn, in a rotating order, until each has
+    its repeats: a slow stretch of a shared machine then hits every provider alike."""
+    from perf import measure
+
+    log = []
+    calls = {name: (lambda i, name=name: log.append((name, i))) for name in "abc"}
+    stats = measure.interleaved_wall_clock(calls, n_sets=2, warmup=1, min_reps=4, max_reps=9, min_time_s=0.0,
+                                           slice_s=0.0)  # a slice of one call
+    assert {name: s[3] for name, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
+    order = [name for name, _ in log[3:]]  # after one warm-up call each
+    assert order == list("abc" "bca" "cab" "abc")
+    assert [i for name, i in log[3:] if name == "a"] == [0, 1, 0, 1]  # the input sets rotate
+    assert all(s[0] >= 0 for s in stats.values())
+
+
 def _inputs(cell, n_sets=2):
     from perf import harness
 

@@ -240,10 +240,12 @@ def _in_timed_region(runner, call):
 def run_cell(session: Session, providers, cell: Cell, directions, inputs: Inputs, printed: set):
     """Measures every provider on one cell; returns CSV rows (speedups filled in).
 
-    On CPU all providers are built first and timed interleaved (``Session.time_calls``): their
-    ratios then hold on a shared machine. On a GPU each provider is built, timed and freed in
-    turn (CUDA events are not disturbed by other processes, and two providers' inputs and
-    executables might not fit at once)."""
+    On CPU the providers of one framework are built first and timed interleaved
+    (``Session.time_calls``): their ratios then hold on a shared machine. Frameworks are timed one
+    after the other: each keeps its worker threads spinning for a while after a call (OpenMP,
+    XLA's pool), which on a few cores slows the other framework's next call. On a GPU each
+    provider is built, timed and freed in turn (CUDA events are not disturbed by other processes,
+    and two providers' inputs and executables might not fit at once)."""
     args = session.args
     truth, passes = truth_and_passes(inputs)
     passes_mean, passes_max = float(passes.mean()), int(passes.max())
@@ -255,7 +257,10 @@ def run_cell(session: Session, providers, cell: Cell, directions, inputs: Inputs
                 n_input_sets=len(inputs.logits), acc_rows=inputs.acc_rows)
     wanted = [p for p in providers if not p.ce_only or (cell.t1 == 1.0 and cell.t2 == 1.0)]
     rows = []
-    for group in ([[p] for p in wanted] if session.cuda else [wanted]):
+    frameworks = list(dict.fromkeys(p.framework for p in wanted))
+    groups = [[p] for p in wanted] if session.cuda else \
+        [[p for p in wanted if p.framework == framework] for framework in frameworks]
+    for group in groups:
         built = {}  # provider name -> (runner, row fields of every direction)
         for provider in group:
             common = dict(base, provider=provider.name, framework=provider.framework)

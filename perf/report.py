@@ -396,7 +396,9 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
         "recompiling while timing would be an error, so they show the compiled steady state.",
         "- Timer: CUDA torch providers `triton.testing.do_bench` (median of CUDA events, L2 flushed per call); "
         "JAX and CPU: `time.perf_counter` median after warm-up (JAX `block_until_ready`); 2 to 4 input sets "
-        "used in turn, so caches do not hold the next call's inputs.",
+        "used in turn, so caches do not hold the next call's inputs. On CPU the providers of one framework "
+        "take turns in short slices, so a slow moment of the machine slows them alike: compare PyTorch rows "
+        "with PyTorch rows and JAX rows with JAX rows.",
         f"- Logits ~ N(0, {session.args.scale:g}^2); class-index labels uniform; dense labels: random rows summing to 1.",
     ]
     if gpu_columns:

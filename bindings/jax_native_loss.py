@@ -169,11 +169,11 @@ def forward(a, labels, t1, t2, num_iters, target=None, smoothing=None, dense_lab
     def dense_fast(dense_y):
         """Labels ``dense_y()`` (every row). Select-free: max, sum y (log y - a0), sum y, then
         exp(a0) written out as R and summed; the exact branch's value wherever every a0 is
-        finite. y log max(y, tiny) is y log y for
-        y > 0 and 0 for y = 0 (log tiny is finite). A row with a -inf logit (0 * -inf or y * inf),
-        a +inf max or a NaN has a non-finite sum y (log y - a0): then every row is computed by the
-        exact branch instead (an O(N) predicate, decided before R is written: a cond branch
-        returning a value computed outside it would copy it)."""
+        finite. y log max(y, tiny) is y log y for y > 0 and 0 for y = 0 (log tiny is finite). A
+        row with a -inf logit (0 * -inf or y * inf), a +inf max or a NaN has a non-finite
+        sum y (log y - a0): then every row is computed by the exact branch instead (an O(N)
+        predicate, decided before R is written: a cond branch returning a value computed outside
+        it would copy it)."""
         shift = row_max()
         y = dense_y()
         tiny = jnp.finfo(a.dtype).tiny

@@ -315,6 +315,14 @@ def smooth_labels(y: torch.Tensor, label_smoothing: float, num_classes: int | No
     return (1.0 - num_classes / (num_classes - 1) * label_smoothing) * y + label_smoothing / (num_classes - 1)
 
 
+def kept_and_bad(indices: torch.Tensor, ignore_index: int, num_classes: int):
+    """(rows whose class index is not ``ignore_index``, those of them outside [0, C)): the
+    bindings turn the latter into NaN rows (CPU indices were range-checked by the API; CUDA ones
+    are not, and a bad one never reads out of bounds). As ``jax_native.kept_and_invalid``."""
+    kept = indices != ignore_index
+    return kept, kept & ((indices < 0) | (indices >= num_classes))
+
+
 def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ignore_index: int):
     """One-hot rows for class indices (ignored rows all zero) and the mask of kept rows."""
     kept = indices != ignore_index

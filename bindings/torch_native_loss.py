@@ -151,9 +151,7 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     num_rows, num_classes = logits.shape
     indices = not labels.dtype.is_floating_point
     if indices:
-        kept = labels != ignore_index
-        # CPU indices were range-checked by the API; an unchecked (CUDA) bad index gives a NaN row
-        bad = kept & ((labels < 0) | (labels >= num_classes))
+        kept, bad = native.kept_and_bad(labels, ignore_index, num_classes)  # a bad index: a NaN row
         safe_labels = torch.where(kept & ~bad, labels, 0).long()
     else:
         kept = torch.ones(num_rows, dtype=torch.bool, device=logits.device)

@@ -82,8 +82,7 @@ def _slices(group, num_rows: int, num_local: int, dtype, settings: tuple, device
 def _local_indices(labels, offset: int, num_classes: int, ignore_index: int):
     """(each row's target index in this slice, or -1 where it is not here / the row is ignored or
     bad; the kept rows; the bad rows: unchecked (CUDA) indices outside [0, C))."""
-    kept = labels != ignore_index
-    bad = kept & ((labels < 0) | (labels >= num_classes))
+    kept, bad = native.kept_and_bad(labels, ignore_index, num_classes)
     return torch.where(kept & ~bad, labels.long() - offset, -1), kept, bad
 
 

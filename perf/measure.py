@@ -92,17 +92,9 @@ def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
 
 
 def wall_clock(call, n_sets: int, warmup: int, min_reps: int, max_reps: int, min_time_s: float):
-    """(median, p20, p80 in ms, repeats) of ``call(i)`` (which must block until done)."""
-    for i in range(warmup):
-        call(i % n_sets)
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time_s):
-        i = len(samples) % n_sets
-        t0 = time.perf_counter()
-        call(i)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return (*_quantiles(samples), len(samples))
+    """(median, p20, p80 in ms, repeats) of ``call(i)`` (which must block until done): the
+    interleaved timer with one call."""
+    return interleaved_wall_clock({"call": call}, n_sets, warmup, min_reps, max_reps, min_time_s)["call"]
 
 
 def interleaved_wall_clock(calls: dict, n_sets: int, warmup: int, min_reps: int, max_reps: int,

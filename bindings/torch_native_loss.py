@@ -37,10 +37,12 @@ BLOCK_ELEMENTS = 1 << 19
 # fewer parallel regions keep it fast when another process holds a core (measured on 2 cores: a
 # busy core made 2^18-element blocks 2-5x slower than F.cross_entropy, 2^22 stayed within 1.5x).
 CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 22
-# Dense labels need block scratch (log p without a gradient, and log(y / p)): allocated once per
-# call and reused by every block, 4 MiB fp32 buffers stay in the allocator's heap, where fresh
-# N x C ones are mapped (and page-faulted: ~2 us a page on the 2-core VM) on every call.
-DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 20
+# Dense labels need block scratch (log(y / p), and log p where it cannot go into the gradient),
+# allocated once per call and reused by every block. Measured at 4096 x 1000 on 2 cores: 2^21
+# (8 MiB in fp32) is as fast as one 2^22 block while the allocator reuses its heap, and where it
+# maps every large buffer afresh it page-faults half as much scratch (~1 ms per 4 MiB); 2^20 pays
+# more per-op overhead.
+DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS = 1 << 21
 
 
 def rows_per_block(num_classes: int, elements: int | None = None) -> int:
@@ -62,10 +64,10 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     - Class indices: one ``softmax`` (one exp per logit, cheaper than log_softmax and a second exp)
       written straight into the gradient; the loss needs only log p_target, read off p_target (a
       target below the normal range, a loss above ~87, is marked for redoing).
-    - Dense labels: ``log_softmax`` (exact where p underflows) into the gradient's block, the loss
-      from it, then torch's fused log-softmax backward over it in place: ``y - p sum(y)``, negated
-      by the scale. The one log over the classes is the labels' own ``sum y log y``, which
-      cross-entropy does not have. Its block scratch is allocated once per call.
+    - Dense labels: ``log_softmax`` (exact where p underflows) into the gradient's block; the loss
+      from it in one log (the labels' own ``sum y log y``, which cross-entropy does not have) and
+      two fused passes; then torch's fused log-softmax backward over it in place:
+      ``y - p sum(y)``, negated by the scale. Its block scratch is allocated once per call.
     """
     dtype = row_scale.dtype
     num_rows, num_classes = logits.shape
@@ -79,7 +81,8 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
         p_target, shifted_sum = stats
         target_grad = (-(on - off)) * scale  # the target's -y, scaled
     else:
-        total, kl_part = stats  # kl_part = sum y (log y - log p)
+        # sum y (1 - log(y / p)) = sum y - KL, so SPEC's loss is 1 minus it
+        label_minus_kl, suspect = stats
         neg_scale = -scale
         # torch's CPU log-softmax backward reads each element before writing it, so there it runs
         # over log p in place, and log p goes straight into the block's gradient when the dtypes
@@ -108,12 +111,14 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
             y = native.smooth_labels(labels[block].to(dtype), label_smoothing)
             rows = y.shape[0]
             log_p = torch.log_softmax(a, dim=-1, out=out if log_p_in_grad else work[0][:rows])
-            # sum y log(y / p); y log y -> 0 at y = 0 (a label below the normal range adds < 1e-36,
-            # so it may take log(tiny))
-            log_ratio = torch.clamp_min(y, tiny, out=work[-1][:rows]).log_().sub_(log_p)
-            torch.sum(log_ratio.mul_(y), dim=-1, keepdim=True, out=kl_part[block])
-            torch.sum(y, dim=-1, keepdim=True, out=total[block])
-            if grad is not None:  # y - p sum(y), negated by the scale
+            # y (1 - log(y / p)) in two fused passes after the one log; a y = 0 class gives NaN
+            # (0 x -inf), which the NaN-skipping sum drops: SPEC's 0 log 0 = 0, even where p = 0
+            log_ratio = torch.log(y, out=work[-1][:rows]).sub_(log_p)
+            torch.nansum(torch.addcmul(y, y, log_ratio, value=-1.0, out=log_ratio), dim=-1, keepdim=True,
+                         out=label_minus_kl[block])
+            if grad is None:  # finite unless the row is to be redone (see below); log p = -inf is exact
+                torch.sum(y, dim=-1, keepdim=True, out=suspect[block]).add_(log_p[:, :1].clamp_min(-1.0))
+            else:  # y - p sum(y), negated by the scale
                 g = log_p if in_place else (out if out is not None else torch.empty_like(log_p))
                 p = torch._log_softmax_backward_data(y, log_p, -1, dtype, out=g).mul_(neg_scale[block])
         if grad is not None and out is None:
@@ -125,8 +130,11 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
         if off > 0.0:
             loss -= off * (shifted_sum + num_classes * log_p_target)
     else:
-        # SPEC's loss at t = 1: sum y log(y / p) - sum y + sum p, with sum p = 1
-        loss = kl_part - total + 1.0
+        # SPEC's loss at t = 1: sum y log(y / p) - sum y + sum p, with sum p = 1. The NaN-skipping
+        # sum also dropped the NaNs of rows to redo, found from one element per row: with NaN/+inf
+        # logits every log p is NaN, with non-finite labels every gradient (or sum y). alpha = 0
+        # adds 0 x that element: 0 where it is finite, NaN where not.
+        loss = (1.0 - label_minus_kl).add_(suspect if grad is None else grad[:, :1], alpha=0.0)
     return loss.squeeze(-1)
 
 

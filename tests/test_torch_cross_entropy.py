@@ -92,8 +92,10 @@ def test_dense_labels(dtype, smoothing, block_elements, monkeypatch):
     y_in = torch.tensor(y64, dtype=dtype).double().numpy()  # the labels as the loss saw them
     _check(loss, a.grad, ref.loss(a64, y_in, 1.0, 1.0, smoothing), ref.loss_grad(a64, y_in, 1.0, 1.0, smoothing),
            dtype)
-    # rows with a non-finite logit; label mass on underflowing classes (rows 8, 9) is exact by itself
-    assert sum(redone) == 5  # rows 4, 5, 6, 7, 10 (0 * -inf at the -inf logit of row 10)
+    # rows with NaN/+inf logits or label mass on a -inf logit (rows 4-7, and row 10 once smoothing
+    # puts mass there); label mass on underflowing classes (rows 8, 9) and a label of 0 at a -inf
+    # logit (row 10 unsmoothed) are exact by themselves
+    assert sum(redone) == (5 if smoothing > 0.0 else 4)
 
 
 def test_reductions_ignore_index_and_bfloat16():
@@ -130,6 +132,30 @@ def test_dense_labels_bfloat16_and_without_gradient(block_elements, monkeypatch)
     with torch.no_grad():
         no_grad = bt.bi_tempered_logistic_loss(a, y, 1.0, 1.0, reduction="none")
     assert torch.equal(no_grad, loss.detach())
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_dense_rows_found_by_one_element(need_grad, monkeypatch):
+    """The dense shortcut's NaN-skipping sum would hide a NaN row: the driver finds those rows from
+    column 0 (of the gradient, or of log p and sum y) and redoes them; a -inf logit in column 0 with
+    a label of 0 there is exact by itself. Labels the API would reject (NaN, inf) are what CUDA
+    and compiled calls pass unchecked: their rows come back non-finite, not as a finite number."""
+    redone = _redone_rows(monkeypatch)
+    a64 = _logits()[[0, 1, 4, 3]]   # row 2: a NaN logit
+    a64[3, 0] = -np.inf
+    y64 = _dense_labels(_logits())[[0, 1, 2, 3]]  # column 0 is 0 in every row
+    y64[1, 5] = np.nan
+    y64[2, 5] = np.inf if need_grad else y64[2, 5]
+    y64[0, 4] = np.inf if not need_grad else y64[0, 4]
+    loss, _, grad = native_loss.loss_and_grad(torch.tensor(a64), torch.tensor(y64), 1.0, 1.0, 0.0, 0, -100,
+                                              need_grad, torch.tensor(1.0))
+    bad = [1, 2] if need_grad else [0, 1, 2]
+    assert not torch.isfinite(loss[bad]).any()
+    np.testing.assert_allclose(loss[3].item(), ref.loss(a64[3:], y64[3:], 1.0, 1.0)[0], rtol=1e-10)
+    assert sum(redone) == len(bad)
+    if need_grad:
+        np.testing.assert_allclose(grad[3].numpy(), ref.loss_grad(a64[3:], y64[3:], 1.0, 1.0)[0], rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_same_values_as_the_general_path_near_one():

@@ -4,7 +4,8 @@ Classes are the LAST axis; any number of leading axes. Temperatures and ``label_
 Python floats or 0-d tensors (a tensor never triggers a recompile under ``torch.compile``).
 
 Validation: bad input raises ValueError/TypeError naming the argument. Values held in CUDA tensors
-(reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked:
+(reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked (CPU
+dense labels at t1 = t2 = 1 excepted: the native backend checks them as it runs, compiled too):
 there an out-of-range temperature or smoothing gives meaningless or NaN values, a dense/binary
 label outside [0, 1] gives a NaN or meaningless loss for its row (a negative label: NaN loss, finite
 gradient), and a bad class index gives a NaN row. Under ``torch.func.vmap`` the values are checked.
@@ -19,12 +20,13 @@ The losses have no second derivative (``create_graph=True`` raises); ``tempered_
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from . import torch_func
+from . import torch_native as native
+from . import torch_native_loss as native_loss
 from . import torch_vocab_parallel as vocab_parallel
 from . import validation as check
 from .torch_ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
@@ -105,9 +107,15 @@ def _check_dense_labels(labels: torch.Tensor) -> None:
     """SPEC's dense labels lie in [0, 1]; CUDA and traced values stay unchecked (see the docstring)."""
     values = _checkable(labels)
     if values is not None and values.numel() > 0:
-        low, high = (float(v) for v in torch.aminmax(values))  # one pass; NaN propagates to both
-        has_nan = math.isnan(low) or math.isnan(high)
-        check.check_dense_label_range(low, high, has_nan, "labels")
+        native.check_dense_label_values(values)
+
+
+def _concrete(value):
+    """A temperature's value where it is known without a sync or a graph break, else None."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    values = _checkable(value)
+    return float(values.reshape(-1)[0]) if values is not None and values.numel() == 1 else None
 
 
 def _check_logits(logits) -> None:
@@ -236,8 +244,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     label_rows = labels.reshape(-1) if indices else _rows(labels)
     if indices:
         _check_indices(label_rows, logits.shape[-1], ignore_index)
-    else:
-        _check_dense_labels(label_rows)
+    elif not (backend == "torch" and native_loss.checks_dense_labels(rows.device, _concrete(t1), _concrete(t2))):
+        _check_dense_labels(label_rows)  # (else the native t1 = t2 = 1 path checks them itself)
     need_grad = torch.is_grad_enabled() and torch_func.requires_grad(logits)
     eager = not torch.compiler.is_compiling() and not torch_func.transforms_active()
     if need_grad and inplace_backward and eager:

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from . import validation as check
+
 MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
 
 
@@ -313,6 +315,13 @@ def smooth_labels(y: torch.Tensor, label_smoothing: float, num_classes: int | No
         return y
     num_classes = y.shape[-1] if num_classes is None else num_classes
     return (1.0 - num_classes / (num_classes - 1) * label_smoothing) * y + label_smoothing / (num_classes - 1)
+
+
+def check_dense_label_values(labels: torch.Tensor) -> None:
+    """ValueError naming ``labels`` unless every value lies in [0, 1] (concrete values: one pass,
+    NaN propagating to both extremes)."""
+    low, high = (float(v) for v in torch.aminmax(labels))
+    check.check_dense_label_range(low, high, math.isnan(low) or math.isnan(high), "labels")
 
 
 def kept_and_bad(indices: torch.Tensor, ignore_index: int, num_classes: int):

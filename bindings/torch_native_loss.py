@@ -49,11 +49,18 @@ def rows_per_block(num_classes: int, elements: int | None = None) -> int:
     return max(1, (elements or BLOCK_ELEMENTS) // max(num_classes, 1))
 
 
+def checks_dense_labels(device: torch.device, t1, t2) -> bool:
+    """Whether ``loss_and_grad`` range-checks dense labels itself (ValueError naming ``labels``):
+    on CPU at t1 = t2 = 1, where its shortcut takes their log anyway and one max over it per block
+    finds any value outside [0, 1] (log y > 0 or NaN), so the API need not read them once more."""
+    return device.type == "cpu" and t1 == 1.0 and t2 == 1.0
+
+
 def _xlogx(value: float) -> float:
     return value * math.log(value) if value > 0.0 else 0.0
 
 
-def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_scale, grad):
+def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_scale, grad, check_labels: bool):
     """Per-row loss [N] at t1 = t2 = 1, KL(y || softmax(a)), and (into ``grad``, if given) its
     gradient times the row scale: ``scale (p - y)``; dense labels ``scale (p sum(y) - y)``. A row it
     cannot give exactly comes back with a non-finite loss (the caller redoes it).
@@ -91,6 +98,8 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
         log_p_in_grad = in_place and grad is not None and grad.dtype == dtype
         scratch_rows = min(num_rows, rows_per_block(num_classes, DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS))
         work = torch.empty(1 if log_p_in_grad else 2, scratch_rows, num_classes, dtype=dtype, device=logits.device)
+        if check_labels:
+            label_log_max = torch.empty(-(-num_rows // scratch_rows), dtype=torch.float64)
     step = rows_per_block(num_classes, CROSS_ENTROPY_BLOCK_ELEMENTS) if indices else scratch_rows
     for start in range(0, num_rows, step):
         block = slice(start, min(start + step, num_rows))
@@ -108,12 +117,16 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
                     p.sub_(off)
                 p.mul_(scale[block]).scatter_add_(-1, t, target_grad[block])
         else:
-            y = native.smooth_labels(labels[block].to(dtype), label_smoothing)
+            given = labels[block]
+            y = native.smooth_labels(given.to(dtype), label_smoothing)
             rows = y.shape[0]
             log_p = torch.log_softmax(a, dim=-1, out=out if log_p_in_grad else work[0][:rows])
             # y (1 - log(y / p)) in two fused passes after the one log; a y = 0 class gives NaN
             # (0 x -inf), which the NaN-skipping sum drops: SPEC's 0 log 0 = 0, even where p = 0
-            log_ratio = torch.log(y, out=work[-1][:rows]).sub_(log_p)
+            log_ratio = torch.log(y, out=work[-1][:rows])
+            if check_labels:  # log of the labels as given: > 0 or NaN where one lies outside [0, 1]
+                label_log_max[start // step] = torch.amax(log_ratio if y is given else torch.log(given))
+            log_ratio.sub_(log_p)
             torch.nansum(torch.addcmul(y, y, log_ratio, value=-1.0, out=log_ratio), dim=-1, keepdim=True,
                          out=label_minus_kl[block])
             if grad is None:  # finite unless the row is to be redone (see below); log p = -inf is exact
@@ -123,6 +136,8 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
                 p = torch._log_softmax_backward_data(y, log_p, -1, dtype, out=g).mul_(neg_scale[block])
         if grad is not None and out is None:
             grad[block] = p  # the one rounding into the logits' dtype
+    if check_labels and not bool((label_log_max <= 0.0).all()):  # (NaN compares False)
+        native.check_dense_label_values(labels)  # raises, with their extremes
     if indices:
         log_p_target = torch.where(p_target >= tiny, torch.log(p_target), -math.inf)
         # sum y log y of the smoothed one-hot row; sum p = sum y = 1 cancel in SPEC's loss
@@ -153,6 +168,7 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     ``logits`` [N, C] with unit class stride; ``labels`` dense [N, C] or class indices [N];
     temperatures as host floats; ``grad_scale`` a 0-d tensor (e.g. 1/count for "mean").
     Each gradient element is computed in the compute dtype and rounded once into the logits' dtype.
+    Dense labels outside [0, 1] raise ValueError where ``checks_dense_labels`` says so.
     """
     t1, t2 = float(t1), float(t2)
     dtype = native.compute_dtype(logits.dtype)
@@ -171,7 +187,8 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     cross_entropy = t1 == 1.0 and t2 == 1.0
     grad = torch.empty_like(logits) if need_grad else None
     if cross_entropy:
-        loss = _cross_entropy(logits, safe_labels, indices, label_smoothing, row_scale, grad)
+        check_labels = not indices and checks_dense_labels(logits.device, t1, t2)
+        loss = _cross_entropy(logits, safe_labels, indices, label_smoothing, row_scale, grad, check_labels)
     else:
         loss = torch.empty(num_rows, dtype=dtype, device=logits.device)
         step = rows_per_block(num_classes)

@@ -138,8 +138,9 @@ def test_dense_labels_bfloat16_and_without_gradient(block_elements, monkeypatch)
 def test_dense_rows_found_by_one_element(need_grad, monkeypatch):
     """The dense shortcut's NaN-skipping sum would hide a NaN row: the driver finds those rows from
     column 0 (of the gradient, or of log p and sum y) and redoes them; a -inf logit in column 0 with
-    a label of 0 there is exact by itself. Labels the API would reject (NaN, inf) are what CUDA
-    and compiled calls pass unchecked: their rows come back non-finite, not as a finite number."""
+    a label of 0 there is exact by itself. Labels outside [0, 1] (NaN, inf) are what CUDA tensors
+    pass unchecked: their rows come back non-finite, not as a finite number."""
+    monkeypatch.setattr(native_loss, "checks_dense_labels", lambda *args: False)  # as on CUDA
     redone = _redone_rows(monkeypatch)
     a64 = _logits()[[0, 1, 4, 3]]   # row 2: a NaN logit
     a64[3, 0] = -np.inf
@@ -156,6 +157,32 @@ def test_dense_rows_found_by_one_element(need_grad, monkeypatch):
     if need_grad:
         np.testing.assert_allclose(grad[3].numpy(), ref.loss_grad(a64[3:], y64[3:], 1.0, 1.0)[0], rtol=1e-10,
                                    atol=1e-12)
+
+
+BAD_LABELS = [(2, 3, -0.25), (5, 1, 1.5), (4, 2, float("nan")), (5, 0, 1.0 + 1e-12), (3, 4, -1e-300)]
+
+
+@pytest.mark.parametrize("row,col,value", BAD_LABELS)
+@pytest.mark.parametrize("label_dtype,smoothing,need_grad", [(torch.float64, 0.0, True), (torch.float32, 0.0, False),
+                                                             (torch.float64, 0.1, True)])
+def test_dense_labels_checked_by_the_shortcut(row, col, value, label_dtype, smoothing, need_grad, monkeypatch):
+    """On CPU at t1 = t2 = 1 the shortcut checks dense labels itself (the API skips its own pass):
+    a value outside [0, 1] in any block, in the labels' own dtype (a float64 1 + 1e-12 rounds to 1
+    in float32), raises the API's error, with and without smoothing and gradient."""
+    monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", 2 * C)  # rows 4-5: the last block
+    y = torch.full((6, C), 1.0 / C, dtype=label_dtype)
+    y[0, 0] = -0.0  # in [0, 1]
+    if label_dtype == torch.float32 and value in (1.0 + 1e-12, -1e-300):
+        value = 1.0 + 1e-6 if value > 0 else -1e-40
+    y[row, col] = value
+    a = torch.randn(6, C, requires_grad=need_grad)
+    with pytest.raises(ValueError, match="labels") as at_one:
+        bt.bi_tempered_logistic_loss(a, y, 1.0, 1.0, label_smoothing=smoothing)
+    with pytest.raises(ValueError, match="labels") as beside:  # the API's own check
+        bt.bi_tempered_logistic_loss(a, y, 1.0, 0.9, label_smoothing=smoothing)
+    assert str(at_one.value) == str(beside.value)
+    y[row, col] = 1.0 / C
+    assert torch.isfinite(bt.bi_tempered_logistic_loss(a, y, 1.0, 1.0, label_smoothing=smoothing))
 
 
 def test_same_values_as_the_general_path_near_one():

@@ -174,16 +174,16 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     dtype = native.compute_dtype(logits.dtype)
     num_rows, num_classes = logits.shape
     indices = not labels.dtype.is_floating_point
+    # The reduction's scale per row, applied in the same op that stores each block's gradient:
+    # 0 for ignored rows and NaN for invalid class indices; every dense row is kept.
     if indices:
         kept, bad = native.kept_and_bad(labels, ignore_index, num_classes)  # a bad index: a NaN row
         safe_labels = torch.where(kept & ~bad, labels, 0).long()
+        row_scale = torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(grad_scale.to(dtype))
     else:
         kept = torch.ones(num_rows, dtype=torch.bool, device=logits.device)
-        bad = torch.zeros_like(kept)
         safe_labels = labels
-    # The reduction's scale, 0 for ignored rows and NaN for invalid ones, applied in the same op
-    # that stores each block's gradient.
-    row_scale = torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(grad_scale.to(dtype))
+        row_scale = grad_scale.to(dtype).expand(num_rows)
     cross_entropy = t1 == 1.0 and t2 == 1.0
     grad = torch.empty_like(logits) if need_grad else None
     if cross_entropy:

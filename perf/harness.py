@@ -201,15 +201,25 @@ class Session:
         self.reps = (1, 2) if args.smoke else (3, 50) if self.cuda else (3, 100)
         self.out = args.out or default_out(self.slug)
 
-    def time_calls(self, runners: dict, direction, n_sets) -> dict:
-        """{name: ((median, p20, p80, repeats), timer)} of the runners' ``direction`` calls; on
-        CPU interleaved (see measure.py), on a GPU one runner at a time."""
+    def allocators(self, cell) -> list[str]:
+        """The CPU allocator regimes a cell is timed in (measure.ALLOCATORS): a reused heap for every
+        cell, and fresh pages too at t1 = t2 = 1, where the frameworks' cross-entropies (several
+        N x C buffers a call) and ours (one) meet; on a GPU none ("")."""
         if self.cuda:
-            return {name: self._time_on_gpu(runner, direction, n_sets) for name, runner in runners.items()}
+            return [""]
+        return ["heap", "fresh"] if (cell.t1, cell.t2) == (1.0, 1.0) and not self.args.smoke else ["heap"]
+
+    def time_calls(self, runners: dict, direction, n_sets, allocator: str = "") -> dict:
+        """{name: ((median, p20, p80, repeats), timer, allocator)} of the runners' ``direction``
+        calls; on CPU interleaved with ``allocator`` pinned (see measure.py), on a GPU one runner
+        at a time."""
+        if self.cuda:
+            return {name: self._time_on_gpu(runner, direction, n_sets) + ("",) for name, runner in runners.items()}
+        pinned = measure.pin_allocator(allocator)
         calls = {name: _in_timed_region(runner, runner.calls[direction]) for name, runner in runners.items()}
         stats = measure.interleaved_wall_clock(calls, n_sets, warmup=1, min_reps=self.reps[0],
                                                max_reps=self.reps[1], min_time_s=self.min_time)
-        return {name: (values, "perf_counter, interleaved") for name, values in stats.items()}
+        return {name: (values, "perf_counter, interleaved", pinned) for name, values in stats.items()}
 
     def _time_on_gpu(self, runner, direction, n_sets):
         call = runner.calls[direction]
@@ -272,26 +282,26 @@ def run_cell(session: Session, providers, cell: Cell, directions, inputs: Inputs
             built[provider.name] = runner, dict(
                 common, solver=provider.solver, passes=_solver_passes(provider, cell, passes_mean, passes_max),
                 loss_rel_err=loss_err, sum_p_residual=residual, notes=runner.notes, config=runner.config)
-        for direction in directions:
+        for direction, allocator in itertools.product(directions, session.allocators(cell)):
             timed = {name: runner for name, (runner, _) in built.items() if direction in runner.calls}
             try:
-                stats = session.time_calls(timed, direction, len(inputs.logits)) if timed else {}
+                stats = session.time_calls(timed, direction, len(inputs.logits), allocator) if timed else {}
             except Exception:  # noqa: BLE001 - then each provider alone, to name the one failing
                 stats = {}
                 for name, runner in timed.items():
                     try:
-                        stats.update(session.time_calls({name: runner}, direction, len(inputs.logits)))
+                        stats.update(session.time_calls({name: runner}, direction, len(inputs.logits), allocator))
                     except Exception as err:  # noqa: BLE001
                         stats[name] = err
             for name, (runner, fields) in built.items():
-                row = dict(fields, direction=direction)
+                row = dict(fields, direction=direction, allocator=allocator)
                 if direction not in runner.calls:
                     rows.append(dict(row, status="n/a: gradient is computed in the forward (no separate backward)"))
                     continue
                 try:
                     if isinstance(stats[name], Exception):
                         raise stats[name]
-                    (median, p20, p80, reps), timer = stats[name]
+                    (median, p20, p80, reps), timer, row["allocator"] = stats[name]
                     extra, memory_method = session.peak_extra(runner, direction)
                 except Exception as err:  # noqa: BLE001
                     status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {_first_line(err)}"

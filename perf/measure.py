@@ -9,10 +9,16 @@ Timers:
   median, p20, p80 of the repeats. The providers of a cell are timed INTERLEAVED
   (``interleaved_wall_clock``): in rounds, each provider taking a short slice of calls in turn,
   so that a slow stretch of a shared machine hits all of them alike and their ratios hold.
+- CPU allocator: glibc serves a large buffer either from a heap it keeps or by mapping fresh pages
+  (page-faulted on first touch), and which one depends on the process's allocation history (its
+  threshold adapts), so one provider can time 2x apart in two runs. ``pin_allocator`` fixes one of
+  two regimes (``ALLOCATORS``) with ``mallopt`` before a CPU measurement.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -129,6 +135,27 @@ def interleaved_wall_clock(calls: dict, n_sets: int, warmup: int, min_reps: int,
                     break
         rounds += 1
     return {name: (*_quantiles(values), len(values)) for name, values in samples.items()}
+
+
+ALLOCATORS = {
+    "heap": "large buffers come from a heap that is kept and reused: no page faults once warm",
+    "fresh": "every large buffer is mapped afresh and page-faulted on first touch",
+}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def pin_allocator(regime: str) -> str:
+    """Pins glibc malloc to ``regime`` (a key of ``ALLOCATORS``) for the allocations that follow;
+    returns it, or "default" where that is not possible (no glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return "default"
+    # heap: nothing is mapped below 1 GiB and the heap is never trimmed; fresh: every buffer from
+    # 128 KiB up is mapped (a fixed threshold also stops glibc adapting it) and returned when freed
+    mmap_threshold, trim_threshold = (1 << 30, 2**31 - 1) if regime == "heap" else (128 << 10, 128 << 10)
+    pinned = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    return regime if pinned else "default"
 
 
 def cuda_events(call, n_sets: int, warmup_ms: int, rep_ms: int):

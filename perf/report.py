@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+from . import measure
 from .providers import all_providers
 
 PROVIDERS = [p.name for p in all_providers()]
@@ -21,7 +22,7 @@ NAIVE, ORIGINAL, COMPILED, LIGER = "naive-port", "original-jax", "torch-compile-
 COLUMNS = [
     "timestamp", "run_id", "git_sha", "device", "device_slug", "mode", "provider", "framework",
     "direction", "dtype", "labels", "N", "C", "t1", "t2", "status", "time_ms", "time_ms_p20",
-    "time_ms_p80", "reps", "timer", "n_input_sets", "bytes_model", "GBps", "bandwidth_GBps",
+    "time_ms_p80", "reps", "timer", "allocator", "n_input_sets", "bytes_model", "GBps", "bandwidth_GBps",
     "pct_bandwidth", "sfu_ops_per_elem", "sfu_rate_Tops", "pct_sfu_roof", "roofline_ms",
     "pct_roofline", "peak_extra_MiB", "memory_method", "solver", "passes", "acc_rows",
     "loss_rel_err", "sum_p_residual", "config", "notes",
@@ -30,7 +31,7 @@ NUMERIC = {"N", "C", "t1", "t2", "time_ms", "time_ms_p20", "time_ms_p80", "reps"
            "bytes_model", "GBps", "bandwidth_GBps", "pct_bandwidth", "sfu_ops_per_elem",
            "sfu_rate_Tops", "pct_sfu_roof", "roofline_ms", "pct_roofline", "peak_extra_MiB",
            "acc_rows", "loss_rel_err", "sum_p_residual"} | {f"speedup_vs_{n}" for n in PROVIDERS}
-KEY = ("provider", "direction", "dtype", "labels", "N", "C", "t1", "t2")
+KEY = ("provider", "direction", "dtype", "labels", "N", "C", "t1", "t2", "allocator")
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,7 +39,14 @@ KEY = ("provider", "direction", "dtype", "labels", "N", "C", "t1", "t2")
 # --------------------------------------------------------------------------------------------
 
 def _cell_key(row):
-    return (row["dtype"], row["labels"], row["N"], row["C"], row["t1"], row["t2"], row["direction"])
+    return (row["dtype"], row["labels"], row["N"], row["C"], row["t1"], row["t2"], row["direction"],
+            row.get("allocator", ""))
+
+
+def primary(rows: list[dict]) -> list[dict]:
+    """One row per provider x cell x direction: the reused-heap regime where a cell was also timed
+    with fresh pages (perf/measure.py: ALLOCATORS); only the cross-entropy section shows both."""
+    return [r for r in rows if r.get("allocator") != "fresh"]
 
 
 def fill_speedups(rows: list[dict]) -> None:
@@ -151,7 +159,7 @@ def cross_entropy_pairs(rows: list[dict]) -> list[dict]:
             out.append(dict(ours=r, ce=other, ratio=r["time_ms"] / other["time_ms"]))
     out.sort(key=lambda p: (p["ours"]["framework"] != "torch",
                             group_order((p["ours"]["dtype"], p["ours"]["direction"], p["ours"]["labels"])),
-                            p["ours"]["C"], PROVIDERS.index(p["ours"]["provider"])))
+                            p["ours"]["C"], p["ours"]["allocator"] == "fresh", PROVIDERS.index(p["ours"]["provider"])))
     return out
 
 
@@ -164,12 +172,21 @@ def cross_entropy_section(rows: list[dict]) -> list[str]:
              "cross-entropy's time on the same inputs (1.00 = as fast; below 1 = faster). The cross-entropies: "
              "PyTorch `F.cross_entropy` (class indices, or dense probability targets); JAX optax "
              "`softmax_cross_entropy_with_integer_labels` (class indices) or `softmax_cross_entropy` (dense), "
-             "under `jax.jit(jax.value_and_grad(...))` like ours.", "",
-             "| dtype | direction | N x C | labels | bitempered | temperatures passed as | ms | cross-entropy | ms | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "under `jax.jit(jax.value_and_grad(...))` like ours."]
+    allocators = sorted({p["ours"]["allocator"] for p in pairs} - {""})
+    if allocators:
+        lines += ["", "`allocator` (CPU): how the C library's malloc served the large buffers of both losses while "
+                  "they were timed, pinned because it decides how much a fresh buffer costs and a process's history "
+                  "decides it otherwise: " + "; ".join(f"`{a}`: {measure.ALLOCATORS.get(a, 'as the C library chose')}"
+                                                      for a in allocators) + ". The cross-entropies allocate "
+                  "several N x C buffers a call, bitempered one (its gradient), so fresh pages cost them more."]
+    column = " allocator |" if allocators else ""
+    lines += ["", "| dtype | direction | N x C | labels |" + column + " bitempered | temperatures passed as | ms | "
+              "cross-entropy | ms | ratio |", "|---|---|---|---|" + ("---|" if allocators else "") + "---|---|---|---|---|---|"]
     for p in pairs:
         r, c = p["ours"], p["ce"]
-        lines.append(f"| {r['dtype']} | {r['direction']} | {r['N']} x {r['C']} | {r['labels']} | {r['provider']} | "
+        regime = f" {r['allocator']} |" if allocators else ""
+        lines.append(f"| {r['dtype']} | {r['direction']} | {r['N']} x {r['C']} | {r['labels']} |{regime} {r['provider']} | "
                      f"{TEMPERATURE_FORM[r['provider']]} | {r['time_ms']:.3f} | {c['provider']} | {c['time_ms']:.3f} | "
                      f"**{p['ratio']:.2f}** |")
     return lines + [""]
@@ -216,9 +233,10 @@ def summary(csv_path: Path, slug: str) -> str:
     lines = ["", "=" * 78, f"SUMMARY ({slug})"]
     for p in cross_entropy_pairs(rows):
         r = p["ours"]
-        lines.append(f"  t=1,1 {r['dtype']} {r['direction']} {r['N']}x{r['C']} {r['labels']:5s} {r['provider']:26s} "
-                     f"({TEMPERATURE_FORM[r['provider']]}) / {p['ce']['provider']}: {p['ratio']:.2f}x")
-    for item in jax_vs_original(rows):
+        regime = f" {r['allocator']}" if r["allocator"] else ""
+        lines.append(f"  t=1,1 {r['dtype']} {r['direction']} {r['N']}x{r['C']} {r['labels']:5s}{regime:6s} "
+                     f"{r['provider']:26s} ({TEMPERATURE_FORM[r['provider']]}) / {p['ce']['provider']}: {p['ratio']:.2f}x")
+    for item in jax_vs_original(primary(rows)):
         lines.append(f"  bitempered-jax-xla / original-jax, fp32 fwdbwd {item['N']}x{item['C']} t={item['temps']}: "
                      f"{item['ratio']:.2f}x (loss error {_num(item['ours_err'], '.1e')} vs "
                      f"{_num(item['original_err'], '.1e')})")
@@ -375,7 +393,8 @@ def memory_section(out: Path) -> list[str]:
 
 def write_report(session, csv_path: Path, plots: bool = True) -> Path:
     all_rows = read_rows(csv_path)
-    rows = latest(all_rows)
+    both = latest(all_rows)  # the cross-entropy section shows each allocator regime
+    rows = primary(both)
     out = csv_path.parent
     ok = [r for r in rows if _ok(r)]
     gpu_columns = any(r["sfu_ops_per_elem"] is not None and r["pct_sfu_roof"] is not None for r in ok)
@@ -398,7 +417,9 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
         "JAX and CPU: `time.perf_counter` median after warm-up (JAX `block_until_ready`); 2 to 4 input sets "
         "used in turn, so caches do not hold the next call's inputs. On CPU the providers of one framework "
         "take turns in short slices, so a slow moment of the machine slows them alike: compare PyTorch rows "
-        "with PyTorch rows and JAX rows with JAX rows.",
+        "with PyTorch rows and JAX rows with JAX rows. On CPU the C library's allocator is pinned to reuse its heap "
+        "(at t1 = t2 = 1 also to fresh pages: see that section), so a run's allocation history does not decide "
+        "the times.",
         f"- Logits ~ N(0, {session.args.scale:g}^2); class-index labels uniform; dense labels: random rows summing to 1.",
     ]
     if gpu_columns:
@@ -406,7 +427,7 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
                      f"{session.args.sfu_ops_per_pass:g} ops per solver pass x mean converged passes + the loss "
                      "and gradient epilogue.")
     lines.append("")
-    lines += cross_entropy_section(rows) + original_section(rows) + memory_section(out) + gpu_section(rows, gpu_columns)
+    lines += cross_entropy_section(both) + original_section(rows) + memory_section(out) + gpu_section(rows, gpu_columns)
     lines += ["## All results", "", "Columns:", ""] + [f"- {m}" for m in COLUMN_MEANINGS if gpu_columns
                                                         or not m.startswith("`SFU")] + [""]
     lines += results_tables(ok, gpu_columns)

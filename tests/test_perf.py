@@ -118,6 +118,48 @@ def test_cpu_providers_are_timed_interleaved():
     assert all(s[0] >= 0 for s in stats.values())
 
 
+ALLOCATOR_PROBE = """
+import resource, sys, torch
+from perf import measure
+print(measure.pin_allocator(sys.argv[1]))
+def faults_of_a_second_buffer():
+    torch.empty(1 << 22).fill_(1.0)  # 16 MiB, freed again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(1 << 22).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(min(faults_of_a_second_buffer() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_allocator_regimes_decide_page_faults():
+    """`heap` reuses a freed 16 MiB buffer without faults; `fresh` maps it again (4096 pages of 4 KiB,
+    fewer with huge pages). Each regime in its own process: mallopt is process-wide."""
+    faults = {}
+    for regime in ("heap", "fresh"):
+        proc = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, regime], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pinned, count = proc.stdout.split()
+        assert pinned == regime
+        faults[regime] = int(count)
+    assert faults["heap"] < 64 and faults["fresh"] > 8 * faults["heap"] + 4, faults
+
+
+def test_cross_entropy_section_shows_both_allocators():
+    from perf import report
+
+    def row(provider, framework, allocator, ms):
+        return dict(provider=provider, framework=framework, allocator=allocator, time_ms=ms, status="ok",
+                    dtype="fp32", direction="fwdbwd", labels="dense", N=8, C=10, t1=1.0, t2=1.0)
+    rows = [row("bitempered-torch", "torch", "heap", 2.0), row("torch-ce", "torch", "heap", 1.0),
+            row("bitempered-torch", "torch", "fresh", 3.0), row("torch-ce", "torch", "fresh", 6.0)]
+    text = "\n".join(report.cross_entropy_section(rows))
+    assert "| 8 x 10 | dense | heap | bitempered-torch |" in text and "**2.00**" in text
+    assert "| 8 x 10 | dense | fresh | bitempered-torch |" in text and "**0.50**" in text
+    assert [r["allocator"] for r in report.primary(rows)] == ["heap", "heap"]
+
+
 def _inputs(cell, n_sets=2):
     from perf import harness
 

@@ -7,8 +7,9 @@ Validation: bad input raises ValueError/TypeError naming the argument. Values he
 (reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked (CPU
 dense labels at t1 = t2 = 1 excepted: the native backend checks them as it runs, compiled too):
 there an out-of-range temperature or smoothing gives meaningless or NaN values, a dense/binary
-label outside [0, 1] gives a NaN or meaningless loss for its row (a negative label: NaN loss, finite
-gradient), and a bad class index gives a NaN row. Under ``torch.func.vmap`` the values are checked.
+label outside [0, 1] gives a NaN or meaningless loss for its row (a negative label away from
+t1 = t2 = 1: NaN loss, finite gradient), and a bad class index gives a NaN row. Under
+``torch.func.vmap`` the values are checked.
 
 Autograd: the forward pass stores the gradient; in eager mode the backward scales that buffer in
 place (no second N x C buffer). Compiled graphs (torch.compile, torch.export) and torch.func

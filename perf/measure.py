@@ -141,7 +141,7 @@ ALLOCATORS = {
     "heap": "large buffers come from a heap that is kept and reused: no page faults once warm",
     "fresh": "every large buffer is mapped afresh and page-faulted on first touch",
 }
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 
 
 def pin_allocator(regime: str) -> str:
@@ -151,10 +151,13 @@ def pin_allocator(regime: str) -> str:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return "default"
-    # heap: nothing is mapped below 1 GiB and the heap is never trimmed; fresh: every buffer from
-    # 128 KiB up is mapped (a fixed threshold also stops glibc adapting it) and returned when freed
-    mmap_threshold, trim_threshold = (1 << 30, 2**31 - 1) if regime == "heap" else (128 << 10, 128 << 10)
-    pinned = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    # heap: nothing below 1 GiB is mapped, the heap is never trimmed and grows 64 MiB at a time
+    # (after a few calls the freed buffers are reused, their pages already touched); fresh: every
+    # buffer from 128 KiB up is mapped (a fixed threshold also stops glibc adapting it) and
+    # returned when freed
+    settings = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 64 << 20} if regime == "heap" \
+        else {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 128 << 10, _M_TOP_PAD: 128 << 10}
+    pinned = all(mallopt(param, value) == 1 for param, value in settings.items())
     return regime if pinned else "default"
 
 

@@ -122,19 +122,21 @@ ALLOCATOR_PROBE = """
 import resource, sys, torch
 from perf import measure
 print(measure.pin_allocator(sys.argv[1]))
-def faults_of_a_second_buffer():
-    torch.empty(1 << 22).fill_(1.0)  # 16 MiB, freed again
+def faults_of_a_step():  # two 16 MiB buffers, as a loss step allocates and frees them
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(1 << 22).fill_(1.0)
+    a = torch.empty(1 << 22).fill_(1.0)
+    b = torch.empty(1 << 22).fill_(2.0)
+    del a, b
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(min(faults_of_a_second_buffer() for _ in range(3)))
+print(min([faults_of_a_step() for _ in range(12)][-4:]))  # the steady state, after warm-up steps
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_regimes_decide_page_faults():
-    """`heap` reuses a freed 16 MiB buffer without faults; `fresh` maps it again (4096 pages of 4 KiB,
-    fewer with huge pages). Each regime in its own process: mallopt is process-wide."""
+    """Once warm, `heap` reuses freed 16 MiB buffers without page faults; `fresh` maps them anew
+    every step (8192 pages of 4 KiB, fewer with huge pages). Each regime in its own process:
+    mallopt is process-wide."""
     faults = {}
     for regime in ("heap", "fresh"):
         proc = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, regime], cwd=REPO, env=ENV,

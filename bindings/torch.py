@@ -95,8 +95,13 @@ def _scalar_tensor(value, name: str, device: torch.device, check_value):
 
 def _temperature(value, name: str, device: torch.device) -> torch.Tensor:
     """A 0-d float64 tensor of a temperature, checked where that costs no sync."""
+    return _temperature_and_value(value, name, device)[0]
+
+
+def _temperature_and_value(value, name: str, device: torch.device):
+    """(``_temperature``, its concrete value or None where reading it would cost a sync or a graph break)."""
     check_value = check.check_t1 if name == "t1" else (lambda v: check.check_t(v, name))
-    return _scalar_tensor(value, name, device, check_value)[0]
+    return _scalar_tensor(value, name, device, check_value)
 
 
 def _label_smoothing(value, device: torch.device):
@@ -109,14 +114,6 @@ def _check_dense_labels(labels: torch.Tensor) -> None:
     values = _checkable(labels)
     if values is not None and values.numel() > 0:
         native.check_dense_label_values(values)
-
-
-def _concrete(value):
-    """A temperature's value where it is known without a sync or a graph break, else None."""
-    if not isinstance(value, torch.Tensor):
-        return float(value)
-    values = _checkable(value)
-    return float(values.reshape(-1)[0]) if values is not None and values.numel() == 1 else None
 
 
 def _check_logits(logits) -> None:
@@ -233,8 +230,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = _resolve_backend(backend, logits.device, logits.dtype)
-    t1_ = _temperature(t1, "t1", logits.device)
-    t2_ = _temperature(t2, "t2", logits.device)
+    t1_, t1_value = _temperature_and_value(t1, "t1", logits.device)
+    t2_, t2_value = _temperature_and_value(t2, "t2", logits.device)
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
     if not isinstance(inplace_backward, bool):
@@ -245,7 +242,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     label_rows = labels.reshape(-1) if indices else _rows(labels)
     if indices:
         _check_indices(label_rows, logits.shape[-1], ignore_index)
-    elif not (backend == "torch" and native_loss.checks_dense_labels(rows.device, _concrete(t1), _concrete(t2))):
+    elif not (backend == "torch" and native_loss.checks_dense_labels(rows.device, t1_value, t2_value)):
         _check_dense_labels(label_rows)  # (else the native t1 = t2 = 1 path checks them itself)
     need_grad = torch.is_grad_enabled() and torch_func.requires_grad(logits)
     eager = not torch.compiler.is_compiling() and not torch_func.transforms_active()

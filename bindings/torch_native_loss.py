@@ -13,8 +13,11 @@ each block's gradient, scaled and masked, straight into the one [N, C] output. W
 
 At t1 = t2 = 1 the loss is cross-entropy (SPEC), and the blocks take a lean path
 (``_cross_entropy``): the gradient ``p - y`` (dense labels: ``p sum(y) - y``) is written by
-torch's fused row kernels (``softmax``; dense labels ``log_softmax`` and its backward). Rows
-where that shortcut is not SPEC's value (NaN or +inf logits, label mass on a p = 0 class, a
+torch's fused row kernels (``softmax``; dense labels ``log_softmax`` and its backward). float32
+dense labels on the CPU go to one fused C kernel instead where it is built
+(``cpu_kernels.py``, ``kernels/cross_entropy_cpu.c``): eager ops spend a log, two exps and about
+ten passes per element there, the kernel one exp and one log while the row is in cache. Rows
+where a shortcut is not SPEC's value (NaN or +inf logits, label mass on a p = 0 class, a
 target probability below the normal range) come back non-finite and are recomputed by the general
 path, so the result never depends on the path.
 """
@@ -25,6 +28,7 @@ import math
 
 import torch
 
+from . import cpu_kernels
 from . import torch_native as native
 
 # Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
@@ -51,8 +55,9 @@ def rows_per_block(num_classes: int, elements: int | None = None) -> int:
 
 def checks_dense_labels(device: torch.device, t1, t2) -> bool:
     """Whether ``loss_and_grad`` range-checks dense labels itself (ValueError naming ``labels``):
-    on CPU at t1 = t2 = 1, where its shortcut takes their log anyway and one max over it per block
-    finds any value outside [0, 1] (log y > 0 or NaN), so the API need not read them once more."""
+    on CPU at t1 = t2 = 1, where the C kernel counts values outside [0, 1] as it reads them, and the
+    eager blocks take their log anyway and one max over it per block finds any (log y > 0 or NaN),
+    so the API need not read them once more."""
     return device.type == "cpu" and t1 == 1.0 and t2 == 1.0
 
 
@@ -71,13 +76,18 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
     - Class indices: one ``softmax`` (one exp per logit, cheaper than log_softmax and a second exp)
       written straight into the gradient; the loss needs only log p_target, read off p_target (a
       target below the normal range, a loss above ~87, is marked for redoing).
-    - Dense labels: ``log_softmax`` (exact where p underflows) into the gradient's block; the loss
+    - Dense labels: the C kernel when it applies (``_fused_dense_cross_entropy``); otherwise
+      ``log_softmax`` (exact where p underflows) into the gradient's block; the loss
       from it in one log (the labels' own ``sum y log y``, which cross-entropy does not have) and
       two fused passes; then torch's fused log-softmax backward over it in place:
       ``y - p sum(y)``, negated by the scale. Its block scratch is allocated once per call.
     """
     dtype = row_scale.dtype
     num_rows, num_classes = logits.shape
+    if not indices:
+        fused = _fused_dense_cross_entropy(logits, labels, label_smoothing, row_scale, grad, check_labels)
+        if fused is not None:
+            return fused
     tiny = torch.finfo(dtype).tiny
     on = 1.0 - label_smoothing if label_smoothing > 0.0 else 1.0
     off = label_smoothing / (num_classes - 1) if label_smoothing > 0.0 else 0.0
@@ -151,6 +161,33 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
         # adds 0 x that element: 0 where it is finite, NaN where not.
         loss = (1.0 - label_minus_kl).add_(suspect if grad is None else grad[:, :1], alpha=0.0)
     return loss.squeeze(-1)
+
+
+def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale, grad, check_labels: bool):
+    """``_cross_entropy`` of dense float32 labels on the CPU by the fused C kernel
+    (``cpu_kernels``), or None where it does not apply (another device or dtype, no kernel): then the
+    eager blocks run. Rows to redo come back non-finite, as from the blocks."""
+    function = cpu_kernels.dense_cross_entropy() if logits.device.type == "cpu" else None
+    num_rows, num_classes = logits.shape
+    if function is None or num_rows == 0 or logits.dtype != torch.float32 or labels.dtype != torch.float32 \
+            or logits.stride(-1) != 1 or (grad is not None and (grad.dtype != torch.float32 or grad.stride(-1) != 1)):
+        return None
+    labels = labels if labels.stride(-1) == 1 else labels.contiguous()
+    if label_smoothing > 0.0:  # SPEC's smoothing as on * y + off
+        on = 1.0 - num_classes / (num_classes - 1) * label_smoothing
+        off = label_smoothing / (num_classes - 1)
+    else:
+        on, off = 1.0, 0.0
+    loss = torch.empty(num_rows, dtype=torch.float32)
+    grad_pointer, grad_stride = (None, 0) if grad is None else (grad.data_ptr(), grad.stride(0))
+    bad = function(logits.data_ptr(), logits.stride(0), labels.data_ptr(), labels.stride(0), grad_pointer,
+                   grad_stride, loss.data_ptr(), num_rows, num_classes, on, off, float(row_scale[0]),
+                   torch.get_num_threads())
+    if bad < 0:
+        raise MemoryError(f"bitempered: no memory for a scratch row of {num_classes} floats")
+    if check_labels and bad:
+        native.check_dense_label_values(labels)  # raises, with their extremes
+    return loss
 
 
 def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool):

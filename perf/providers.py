@@ -144,14 +144,22 @@ class BitemperedTorch(Provider):
     temperatures as Python floats, or as 0-d tensors (``tensor_temperatures``: how a schedule
     held in a tensor passes them)."""
 
-    def __init__(self, backend: str, tensor_temperatures: bool = False):
+    def __init__(self, backend: str, tensor_temperatures: bool = False, cpu_kernel: bool = True):
         self.backend = backend
         self.tensor_temperatures = tensor_temperatures
+        self.cpu_kernel = cpu_kernel  # False: the eager torch ops the C kernel replaces
         self.name = f"bitempered-{backend}" if backend == "triton" else "bitempered-torch"
         if tensor_temperatures:
             self.name += "-tensor-t"
+        if not cpu_kernel:
+            self.name += "-eager"
+            self.smoke_default = False
 
     def skip_reason(self, cell, device):
+        where_it_differs = device.type == "cpu" and (cell.t1, cell.t2, cell.labels, cell.dtype) == (1, 1, "dense", "fp32")
+        if not self.cpu_kernel and not where_it_differs:
+            return ("the C kernel's eager fallback: it differs from bitempered-torch only on CPU at t1 = t2 = 1 "
+                    "with fp32 dense labels")
         if self.backend == "triton":
             if device.type != "cuda":
                 return "needs a CUDA GPU (on CPU Triton would run its slow interpreter)"
@@ -173,12 +181,24 @@ class BitemperedTorch(Provider):
         runner = torch_autograd_runner(
             lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
             lambda x: probs(x.float()), inputs, directions)
+        if not self.cpu_kernel:
+            from bitempered.bindings import cpu_kernels
+
+            runner.calls = {d: _inside(cpu_kernels.switched_off, call) for d, call in runner.calls.items()}
+            runner.evaluate = _inside(cpu_kernels.switched_off, runner.evaluate)
         # The gradient is computed in the forward and the backward scales it in place, so a graph
         # cannot be backpropagated twice (retain_graph): "bwd" alone is reported as n/a.
         runner.calls.pop("bwd", None)
         if self.backend == "triton":
             runner.config = triton_config(cell)
         return runner
+
+
+def _inside(context, call):
+    def wrapped(*args):
+        with context():
+            return call(*args)
+    return wrapped
 
 
 def triton_config(cell: Cell) -> str:
@@ -581,5 +601,6 @@ class OptaxCE(Provider):
 
 def all_providers() -> list[Provider]:
     return [BitemperedTorch("triton"), BitemperedTorch("torch"), BitemperedTorch("torch", tensor_temperatures=True),
+            BitemperedTorch("torch", cpu_kernel=False),
             CompiledNative(), BitemperedJax("xla"), BitemperedJax("xla", closed_over=True), BitemperedJax("triton"),
             NaivePort(), OriginalJax(), TorchCE(False), TorchCE(True), LigerCE(), OptaxCE()]

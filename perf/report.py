@@ -142,7 +142,8 @@ def _ok(row) -> bool:
 CROSS_ENTROPY = {"torch": "torch-ce", "jax": "optax-ce"}
 TEMPERATURE_FORM = {  # how each of our providers passes the temperatures
     "bitempered-triton": "Python floats", "bitempered-torch": "Python floats",
-    "bitempered-torch-tensor-t": "0-d tensors", "bitempered-jax-xla": "traced (jit arguments)",
+    "bitempered-torch-tensor-t": "0-d tensors", "bitempered-torch-eager": "Python floats",
+    "bitempered-jax-xla": "traced (jit arguments)",
     "bitempered-jax-triton": "traced (jit arguments)", "bitempered-jax-xla-const": "Python constants (closed over)",
 }
 
@@ -410,7 +411,8 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
         f"- Built from `{csv_path.name}` ({len(all_rows)} rows; the latest row of each provider x cell x direction).",
         "- What is timed: what a training step runs. JAX: `jax.jit(jax.value_and_grad(loss))` with the "
         "temperatures as traced arguments (`bitempered-jax-xla-const` closes over them as constants instead); "
-        "PyTorch: `loss.sum()` and its gradient with temperatures as Python floats (`-tensor-t`: 0-d tensors). "
+        "PyTorch: `loss.sum()` and its gradient with temperatures as Python floats (`-tensor-t`: 0-d tensors; "
+        "`-eager`: the CPU C kernel switched off, i.e. the eager torch ops it replaces at t1 = t2 = 1 with dense labels). "
         "torch.compile rows are compiled for the cell's static shape and warmed up on every input set first; "
         "recompiling while timing would be an error, so they show the compiled steady state.",
         "- Timer: CUDA torch providers `triton.testing.do_bench` (median of CUDA events, L2 flushed per call); "

@@ -14,3 +14,24 @@ def test_only_bitempered_is_installed_at_top_level():
     assert {name.split(".")[0] for name in config["packages"]} == {"bitempered"}
     assert config["package-dir"] == {"bitempered": "bitempered", "bitempered.kernels": "kernels",
                                      "bitempered.bindings": "bindings"}
+
+
+def test_the_c_kernel_source_is_shipped(tmp_path):
+    """bindings/cpu_kernels.py compiles kernels/*.c on the user's machine: the wheel must hold it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    for name in ("bitempered", "kernels", "bindings"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("bitempered-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bitempered/kernels/cross_entropy_cpu.c" in names
+    assert "bitempered/bindings/cpu_kernels.py" in names

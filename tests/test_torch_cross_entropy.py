@@ -12,6 +12,7 @@ import reference as ref
 from cross_entropy_rows import C, TARGETS
 from cross_entropy_rows import logits as _logits
 from bitempered import torch as bt
+from bitempered.bindings import cpu_kernels
 from bitempered.bindings import torch_native_loss as native_loss
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -77,11 +78,26 @@ def test_class_indices(dtype, smoothing, block_elements, monkeypatch):
     assert np.isfinite(loss[[8, 9, 11]].detach().numpy()).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def _use_path(path, monkeypatch):
+    """float32 dense labels on CPU take the C kernel (tests/test_cpu_kernels.py) where it is built;
+    "eager" switches it off, to test the torch-op blocks it falls back to."""
+    if path == "c-kernel" and cpu_kernels.dense_cross_entropy() is None:
+        pytest.skip(cpu_kernels.status())
+    if path == "eager":
+        monkeypatch.setenv("BITEMPERED_CPU_KERNELS", "0")
+
+
+# float32: the C kernel, and the eager blocks (several, or one); float64: always the eager blocks
+DENSE_PATHS = [(torch.float32, "c-kernel", None), (torch.float32, "eager", 4 * C), (torch.float32, "eager", 1 << 18),
+               (torch.float64, "eager", 4 * C), (torch.float64, "eager", 1 << 18)]
+
+
+@pytest.mark.parametrize("dtype,path,block_elements", DENSE_PATHS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("block_elements", [4 * C, 1 << 18])
-def test_dense_labels(dtype, smoothing, block_elements, monkeypatch):
-    monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
+def test_dense_labels(dtype, path, smoothing, block_elements, monkeypatch):
+    _use_path(path, monkeypatch)
+    if block_elements is not None:
+        monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", block_elements)
     redone = _redone_rows(monkeypatch)
     a64 = _logits()
     y64 = _dense_labels(a64)
@@ -163,12 +179,14 @@ BAD_LABELS = [(2, 3, -0.25), (5, 1, 1.5), (4, 2, float("nan")), (5, 0, 1.0 + 1e-
 
 
 @pytest.mark.parametrize("row,col,value", BAD_LABELS)
-@pytest.mark.parametrize("label_dtype,smoothing,need_grad", [(torch.float64, 0.0, True), (torch.float32, 0.0, False),
-                                                             (torch.float64, 0.1, True)])
-def test_dense_labels_checked_by_the_shortcut(row, col, value, label_dtype, smoothing, need_grad, monkeypatch):
+@pytest.mark.parametrize("label_dtype,smoothing,need_grad,path", [
+    (torch.float64, 0.0, True, "eager"), (torch.float32, 0.0, False, "eager"), (torch.float64, 0.1, True, "eager"),
+    (torch.float32, 0.0, False, "c-kernel"), (torch.float32, 0.1, True, "c-kernel")])
+def test_dense_labels_checked_by_the_shortcut(row, col, value, label_dtype, smoothing, need_grad, path, monkeypatch):
     """On CPU at t1 = t2 = 1 the shortcut checks dense labels itself (the API skips its own pass):
     a value outside [0, 1] in any block, in the labels' own dtype (a float64 1 + 1e-12 rounds to 1
     in float32), raises the API's error, with and without smoothing and gradient."""
+    _use_path(path, monkeypatch)
     monkeypatch.setattr(native_loss, "DENSE_CROSS_ENTROPY_BLOCK_ELEMENTS", 2 * C)  # rows 4-5: the last block
     y = torch.full((6, C), 1.0 / C, dtype=label_dtype)
     y[0, 0] = -0.0  # in [0, 1]

@@ -163,30 +163,34 @@ def _bind(library):
 
 
 def _self_check(function) -> str:
-    """'' if the kernel matches a float64 evaluation of SPEC's t = 1 loss and gradient on a fixed
-    problem (a y = 0 class, a -inf logit, smoothing, a row long enough for the SIMD loops and their
-    tails), else what differed."""
-    c = 37
-    logits = [[math.sin(3.0 * i + r) * 4.0 for i in range(c)] for r in range(3)]
-    logits[1][5] = -math.inf
-    labels = [[(i * 7 + r) % 5 / 40.0 for i in range(c)] for r in range(3)]
-    labels[1][5] = 0.0
-    on, off, scale = 0.9, 0.003, 0.25
-    flat = (ctypes.c_float * (3 * c))
-    a, y = flat(*sum(logits, [])), flat(*sum(labels, []))
-    grad, loss = flat(), (ctypes.c_float * 3)()
-    bad = function(a, c, y, c, grad, c, loss, 3, c, on, off, scale, 1)
-    if bad != 0:
-        return f"{bad} labels reported outside [0, 1]"
-    for r in range(3):
-        top = max(logits[r])
-        lse = top + math.log(sum(math.exp(v - top) for v in logits[r]))
-        smooth = [on * v + off for v in labels[r]]
-        want = sum(v * (math.log(v) - (x - lse)) for v, x in zip(smooth, logits[r]) if v > 0) - sum(smooth) + 1
-        if not math.isclose(loss[r], want, rel_tol=1e-5, abs_tol=1e-5):
-            return f"row {r} loss {loss[r]} != {want}"
-        for i, (v, x) in enumerate(zip(smooth, logits[r])):
-            expected = scale * (math.exp(x - lse) * sum(smooth) - v)
-            if not math.isclose(grad[r * c + i], expected, rel_tol=1e-5, abs_tol=1e-7):
-                return f"row {r} class {i} gradient {grad[r * c + i]} != {expected}"
+    """'' if the kernel gives what the eager blocks it replaces give (the native backend's ground
+    truth, ``torch_native_loss._cross_entropy``) on fixed rows long enough for the SIMD loops and
+    their tails: y = 0 classes, with smoothing, and without it a 0 label at a -inf logit; else what
+    differed."""
+    import torch
+
+    from . import torch_native_loss as native_loss
+
+    generator = torch.Generator().manual_seed(0)
+    n, c = 3, 37
+    for smoothing in (0.05, 0.0):
+        logits = torch.randn(n, c, generator=generator) * 4.0
+        labels = torch.softmax(torch.randn(n, c, generator=generator), -1)
+        labels[:, ::5] = 0.0
+        if smoothing == 0.0:
+            logits[1, 5] = -math.inf
+        grad, want_grad = torch.empty_like(logits), torch.empty_like(logits)
+        with switched_off():
+            want = native_loss._cross_entropy(logits, labels, False, smoothing, torch.tensor(0.25).expand(n),
+                                              want_grad, False)
+        keep, floor = native_loss.native.smoothing_coefficients(smoothing, c)
+        loss = torch.empty(n)
+        bad = function(logits.data_ptr(), c, labels.data_ptr(), c, grad.data_ptr(), c, loss.data_ptr(), n, c,
+                       keep, floor, 0.25, 1)
+        if bad != 0:
+            return f"{bad} labels reported outside [0, 1]"
+        if not torch.allclose(loss, want, rtol=1e-5, atol=1e-5):
+            return f"smoothing {smoothing}: losses {loss.tolist()} != {want.tolist()}"
+        if not torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-7):
+            return f"smoothing {smoothing}: gradients differ by up to {float((grad - want_grad).abs().max()):.3g}"
     return ""

@@ -308,13 +308,20 @@ def tempered_log_softmax_rows(a: torch.Tensor, t, num_iters: int | None, rows: L
     return _log_p_and_z(a0, y, 1.0 - t)[0]
 
 
+def smoothing_coefficients(label_smoothing: float, num_classes: int) -> tuple[float, float]:
+    """SPEC's smoothing as ``keep * y + floor``: (1, 0) without smoothing."""
+    if label_smoothing == 0.0:
+        return 1.0, 0.0
+    return 1.0 - num_classes / (num_classes - 1) * label_smoothing, label_smoothing / (num_classes - 1)
+
+
 def smooth_labels(y: torch.Tensor, label_smoothing: float, num_classes: int | None = None) -> torch.Tensor:
     """SPEC's smoothing over ``num_classes`` classes (default: y's last axis; a vocab-parallel slice
     passes the GLOBAL count, Megatron's partition-local count being a known bug)."""
     if label_smoothing == 0.0:
         return y
-    num_classes = y.shape[-1] if num_classes is None else num_classes
-    return (1.0 - num_classes / (num_classes - 1) * label_smoothing) * y + label_smoothing / (num_classes - 1)
+    keep, floor = smoothing_coefficients(label_smoothing, y.shape[-1] if num_classes is None else num_classes)
+    return keep * y + floor
 
 
 def check_dense_label_values(labels: torch.Tensor) -> None:

@@ -173,15 +173,11 @@ def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale
             or logits.stride(-1) != 1 or (grad is not None and (grad.dtype != torch.float32 or grad.stride(-1) != 1)):
         return None
     labels = labels if labels.stride(-1) == 1 else labels.contiguous()
-    if label_smoothing > 0.0:  # SPEC's smoothing as on * y + off
-        on = 1.0 - num_classes / (num_classes - 1) * label_smoothing
-        off = label_smoothing / (num_classes - 1)
-    else:
-        on, off = 1.0, 0.0
+    keep, floor = native.smoothing_coefficients(label_smoothing, num_classes)  # the kernel smooths as it reads
     loss = torch.empty(num_rows, dtype=torch.float32)
     grad_pointer, grad_stride = (None, 0) if grad is None else (grad.data_ptr(), grad.stride(0))
     bad = function(logits.data_ptr(), logits.stride(0), labels.data_ptr(), labels.stride(0), grad_pointer,
-                   grad_stride, loss.data_ptr(), num_rows, num_classes, on, off, float(row_scale[0]),
+                   grad_stride, loss.data_ptr(), num_rows, num_classes, keep, floor, float(row_scale[0]),
                    torch.get_num_threads())
     if bad < 0:
         raise MemoryError(f"bitempered: no memory for a scratch row of {num_classes} floats")

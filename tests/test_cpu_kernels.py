@@ -15,6 +15,7 @@ import reference as ref
 from cross_entropy_rows import logits as _logits
 from bitempered import torch as bt
 from bitempered.bindings import cpu_kernels
+from bitempered.bindings import torch_native as native
 from bitempered.bindings import torch_native_loss as native_loss
 
 BUILDABLE = (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
@@ -39,7 +40,7 @@ def kernel():
 def _run(function, a, y, smoothing=0.0, scale=1.0, threads=1, need_grad=True):
     """The C entry point on torch views (row strides as they are): (loss [N], grad or None, #bad)."""
     n, c = a.shape
-    on, off = (1.0 - c / (c - 1) * smoothing, smoothing / (c - 1)) if smoothing else (1.0, 0.0)
+    on, off = native.smoothing_coefficients(smoothing, c)
     loss = torch.empty(n)
     grad = torch.full((n, c), 7.0) if need_grad else None
     bad = function(a.data_ptr(), a.stride(0), y.data_ptr(), y.stride(0), None if grad is None else grad.data_ptr(),

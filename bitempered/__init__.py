@@ -11,7 +11,7 @@ __all__ = ["__version__", "autotune"]
 def autotune(enabled: bool | None = True) -> bool:
     """Switches autotuning of the Triton kernels' launch configurations on or off (None: follow
     ``$BITEMPERED_AUTOTUNE``); returns the previous state. Off by default. See
-    ``bitempered/bindings/autotune.py`` and ``python -m bitempered.tune``."""
-    from .bindings import autotune as _autotune  # lazy: keeps ``import bitempered`` light
+    ``bindings/common/autotune.py`` and ``python -m bitempered.tune``."""
+    from .bindings.common import autotune as _autotune  # lazy: keeps ``import bitempered`` light
 
     return _autotune.set_enabled(enabled)

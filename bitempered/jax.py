@@ -1,14 +1,14 @@
-"""Public JAX API of bitempered (see ``bindings/jax.py`` for the implementation)."""
+"""Public JAX API of bitempered (see ``bindings/jax/api.py`` for the implementation)."""
 
-from bitempered.bindings.jax import (
+from bitempered.bindings.jax.api import (
     bi_tempered_binary_logistic_loss,
     bi_tempered_logistic_loss,
     tempered_sigmoid,
     tempered_softmax,
 )
-from bitempered.bindings.jax_linear import linear_bi_tempered_logistic_loss
+from bitempered.bindings.jax.linear import linear_bi_tempered_logistic_loss
 
-from bitempered.bindings.jax_vocab_parallel import (
+from bitempered.bindings.jax.vocab_parallel import (
     vocab_parallel_bi_tempered_logistic_loss,
     vocab_parallel_tempered_softmax,
 )

@@ -1,15 +1,15 @@
-"""Public PyTorch API of bitempered (see ``bindings/torch.py`` for the implementation)."""
+"""Public PyTorch API of bitempered (see ``bindings/torch/api.py`` for the implementation)."""
 
-from bitempered.bindings.torch import (
+from bitempered.bindings.torch.api import (
     BiTemperedLogisticLoss,
     bi_tempered_binary_logistic_loss,
     bi_tempered_logistic_loss,
     tempered_sigmoid,
     tempered_softmax,
 )
-from bitempered.bindings.torch_linear import LinearBiTemperedLogisticLoss, linear_bi_tempered_logistic_loss
+from bitempered.bindings.torch.linear import LinearBiTemperedLogisticLoss, linear_bi_tempered_logistic_loss
 
-from bitempered.bindings.torch_vocab_parallel import (
+from bitempered.bindings.torch.vocab_parallel import (
     vocab_parallel_bi_tempered_logistic_loss,
     vocab_parallel_tempered_softmax,
 )

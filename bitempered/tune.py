@@ -2,7 +2,7 @@
 
 For every shape x dtype x label kind (and kernel family asked for) it launches the torch Triton
 launchers once with autotuning on, which times the candidates on those inputs and stores the
-fastest (``bitempered/bindings/autotune.py``); keys already cached are kept unless ``--retune`` (which empties this device's cache first).
+fastest (``bindings/common/autotune.py``); keys already cached are kept unless ``--retune`` (which empties this device's cache first).
 Prints one line per key: heuristic config and time, tuned config and time. The JAX launchers
 read the same cache (same device name). On a machine without CUDA it runs on Triton's
 interpreter (tiny shapes only: it checks the mechanism; the times mean nothing).
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-    from bitempered.bindings import autotune
-    from bitempered.bindings import torch_triton as tt
+    from bitempered.bindings.common import autotune
+    from bitempered.bindings.torch import launchers as tt
 
     autotune.set_enabled(True)
     name = tt.device_name(torch.empty(0, device=device))

@@ -2,7 +2,7 @@
 
 Framework-free (sizes and element sizes in bytes, no torch). By default every call gets exactly
 one configuration, on a GPU and under the Triton interpreter alike. Opt-in autotuning
-(``bindings/autotune.py``) times the candidate sets below (``row_candidates``,
+(``bindings/common/autotune.py``) times the candidate sets below (``row_candidates``,
 ``binary_candidates``) and caches the fastest; the heuristic is always the first candidate.
 
 Where the numbers come from. NONE of them has been timed on a GPU yet. They come from the
@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-MAX_PASSES = 30  # the solver's safety cap, the same as bindings/torch_native.MAX_PASSES
+MAX_PASSES = 30  # the solver's safety cap, the same as bindings/torch/native/math.MAX_PASSES
 ELEMS_PER_THREAD = 4
 MAX_WARPS = 16
 MAX_REGISTERS = 128

@@ -1,6 +1,6 @@
 """The float64 converged truth of a cell, the solver's pass count, and error metrics.
 
-Truth: bitempered's native math in float64 (``bindings/torch_native``: the safeguarded Newton solver
+Truth: bitempered's native math in float64 (``bindings/torch/native/math``: the safeguarded Newton solver
 run to its float64 stop rule, residual ~1e-14) on the SAME logits (bf16 values upcast exactly)
 and labels. Per-row losses are independent, so the truth and every provider's accuracy are taken
 on the first ``acc_rows`` rows of input set 0 (a cap on N x C keeps float64 affordable).
@@ -18,7 +18,7 @@ from .providers import Inputs
 
 
 def truth_and_passes(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    from bitempered.bindings import torch_native as native
+    from bitempered.bindings.torch.native import math as native
 
     cell, rows = inputs.cell, inputs.acc_rows
     x = inputs.logits[0][:rows]

@@ -182,7 +182,7 @@ class BitemperedTorch(Provider):
             lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
             lambda x: probs(x.float()), inputs, directions)
         if not self.cpu_kernel:
-            from bitempered.bindings import cpu_kernels
+            from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
 
             runner.calls = {d: _inside(cpu_kernels.switched_off, call) for d, call in runner.calls.items()}
             runner.evaluate = _inside(cpu_kernels.switched_off, runner.evaluate)
@@ -219,9 +219,9 @@ def triton_config(cell: Cell) -> str:
 
 
 def native_math(a, labels, t1, t2, need_grad: bool):
-    """bitempered's native math, straight from bindings/torch_native (the public API is an opaque
+    """bitempered's native math, straight from bindings/torch/native/math (the public API is an opaque
     custom op, so this is what torch.compile can see): (summed loss, gradient in a's dtype)."""
-    from bitempered.bindings import torch_native as native
+    from bitempered.bindings.torch.native import math as native
 
     a32 = a.float()
     log_p = native.tempered_log_softmax_rows(a32, t2, None)
@@ -283,7 +283,7 @@ class CompiledNative(Provider):
 
     def build(self, inputs, directions):
         _raise_dynamo_limits()
-        from bitempered.bindings import torch_native as native
+        from bitempered.bindings.torch.native import math as native
 
         cell, device = inputs.cell, inputs.device
         t1 = torch.tensor(cell.t1, dtype=torch.float32, device=device)

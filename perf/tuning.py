@@ -1,7 +1,7 @@
 """``python -m perf.tuning`` (also ``python -m perf --tune``): heuristic versus tuned launch configs.
 
 Per cell (kernel family x dtype x labels x N x C) it lets the autotuner pick a config (cached, or
-timed now on these inputs: ``bitempered/bindings/autotune.py``), then times the heuristic config
+timed now on these inputs: ``bindings/common/autotune.py``), then times the heuristic config
 and the tuned one side by side with the harness's timer (CUDA: ``do_bench`` median with L2
 flushes; CPU: wall clock under Triton's interpreter, meaningless except as a test), each pinned
 with ``autotune.pinned``. Rows are appended to ``<out>/tuning.csv`` and ``<out>/tuning.md`` is
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-    from bitempered.bindings import autotune
+    from bitempered.bindings.common import autotune
 
     shapes = [_shape(s) for s in args.shapes] if args.shapes else (
         GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
 
 
 def _run(args, device, shapes, t1, t2, write) -> None:
-    from bitempered.bindings import autotune
-    from bitempered.bindings import torch_triton as tt
+    from bitempered.bindings.common import autotune
+    from bitempered.bindings.torch import launchers as tt
 
     name = tt.device_name(torch.empty(0, device=device))
     base = dict(timestamp=measure.timestamp(), git_sha=measure.git_sha(), device=name, t1=t1, t2=t2)
@@ -159,7 +159,7 @@ def _call(tt, family, logits, labels, t1, t2):
 
 def _time(call, config, device, args) -> tuple[float, str]:
     """Median ms of ``call`` with ``config`` pinned (the perf harness's timers)."""
-    from bitempered.bindings import autotune
+    from bitempered.bindings.common import autotune
 
     def pinned_call(_i):
         with autotune.pinned(config):

@@ -34,7 +34,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     import torch
     import torch.distributed as dist
 
-    from bitempered.bindings import torch_native as native
+    from bitempered.bindings.torch.native import math as native
     from bitempered.torch import bi_tempered_logistic_loss, vocab_parallel_bi_tempered_logistic_loss
 
     threads = max(1, (os.cpu_count() or 1) // world_size)

@@ -1,4 +1,4 @@
-"""Autotuning (bindings/autotune.py) and its cache, on CPU under Triton's interpreter.
+"""Autotuning (bindings/common/autotune.py) and its cache, on CPU under Triton's interpreter.
 
 The interpreter times candidates with a wall clock, so every piece of the mechanism runs here:
 the default never tunes, selection of the fastest candidate, the cache file (write, reload in a
@@ -23,9 +23,9 @@ import torch
 pytest.importorskip("triton")
 
 import reference as ref  # noqa: E402
-from bitempered.bindings import autotune  # noqa: E402
-from bitempered.bindings import torch_native as native  # noqa: E402
-from bitempered.bindings import torch_triton as tt  # noqa: E402
+from bitempered.bindings.common import autotune  # noqa: E402
+from bitempered.bindings.torch.native import math as native  # noqa: E402
+from bitempered.bindings.torch import launchers as tt  # noqa: E402
 from bitempered.kernels import launch_config  # noqa: E402
 from test_triton_kernels import TOLERANCES, check_loss, random_logits, scaled_error  # noqa: E402
 
@@ -406,7 +406,7 @@ def test_pinned_rejects_a_tile_narrower_than_the_row():
 
 def test_jax_launchers_read_the_cache_and_never_time(tuning, monkeypatch):
     jnp = pytest.importorskip("jax.numpy")
-    from bitempered.bindings import jax_kernels as jk
+    from bitempered.bindings.jax import launchers as jk
 
     if jk.device_name() != DEVICE:
         pytest.skip("jax and torch see different devices here")

@@ -1,4 +1,4 @@
-"""The CPU C kernel (kernels/cross_entropy_cpu.c, built by bindings/cpu_kernels.py) against the
+"""The CPU C kernel (kernels/cross_entropy_cpu.c, built by bindings/torch/native/cpu_kernel.py) against the
 float64 reference, through its ctypes entry point and through the public API, and every way it
 falls back to the eager torch path."""
 
@@ -14,9 +14,9 @@ import torch
 import reference as ref
 from cross_entropy_rows import logits as _logits
 from bitempered import torch as bt
-from bitempered.bindings import cpu_kernels
-from bitempered.bindings import torch_native as native
-from bitempered.bindings import torch_native_loss as native_loss
+from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import loss as native_loss
 
 BUILDABLE = (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
              and shutil.which((os.environ.get("CC") or "cc").split()[0]) is not None)

@@ -17,8 +17,8 @@ import pytest
 
 import reference as ref
 from bitempered import jax as bj
-from bitempered.bindings import jax_native
-from bitempered.bindings import jax_native_loss
+from bitempered.bindings.jax.native import math as jax_native
+from bitempered.bindings.jax.native import loss as jax_native_loss
 
 T1S = [0.0, 0.5, 0.8, 1.0, 1.5]
 T2S = [0.3, 0.8, 1.0, 1.2, 2.0, 4.0]
@@ -94,7 +94,7 @@ def test_rows_sum_to_one_including_one_class(num_classes):
 
 def test_converged_solver_mirrors_torch_native():
     torch = pytest.importorskip("torch")
-    from bitempered.bindings import torch_native
+    from bitempered.bindings.torch.native import math as torch_native
     a = rng(3).standard_normal((64, 300)) * 3.0
     solve = jax.jit(lambda a, t: jax_native.solve_converged(jax_native.shift_by_max(a), t))
     for t in [0.1, 0.5, 0.99, 1.0, 1.2, 2.0]:

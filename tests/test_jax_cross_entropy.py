@@ -1,4 +1,4 @@
-"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax_native_loss.py: ``index_fast``, the loss of
+"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax/native/loss.py: ``index_fast``, the loss of
 class indices without the gradient; ``index_fast_with_gradient``, optax's max-shift arithmetic;
 ``dense_fast``, dense labels) and their exact fallback, against the float64 reference.
 
@@ -19,7 +19,7 @@ import reference as ref
 from cross_entropy_rows import C, TARGETS
 from cross_entropy_rows import logits as _logits
 from bitempered import jax as bj
-from bitempered.bindings import jax_native_loss
+from bitempered.bindings.jax.native import loss as jax_native_loss
 
 TOL = {jnp.float64: 1e-10, jnp.float32: 2e-5}
 ORDINARY = [0, 1, 2, 3, 9, 11]  # the fast paths stand for these rows (every logit finite)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bitempered import jax as bj
-from bitempered.bindings import jax_native_loss
+from bitempered.bindings.jax.native import loss as jax_native_loss
 
 N, C = 4096, 50000
 TEMPERATURES = [(1.0, 1.0), (0.8, 1.2), (0.5, 0.8)]

@@ -223,7 +223,7 @@ def test_bad_input(call, error, match):
 def test_triton_path(triton_backend, monkeypatch):
     """The per-chunk Triton kernel (jax_kernels.loss_rows): real jax-triton on a GPU, else the
     interpreter stand-in of tests/test_jax_triton.py (the ``triton_backend`` fixture)."""
-    from bitempered.bindings import jax_kernels
+    from bitempered.bindings.jax import launchers as jax_kernels
 
     calls = []
     real = jax_kernels.loss_rows

@@ -8,8 +8,8 @@ import torch
 
 import reference as ref
 from bitempered import torch as bt
-from bitempered.bindings import linear_chunks
-from bitempered.bindings import torch_linear
+from bitempered.bindings.common import linear_chunks
+from bitempered.bindings.torch import linear as torch_linear
 from interpreter_warnings import EXPECTED as pytestmark  # noqa: E402  (the interpreter's expected warnings)
 
 N, H, C, CHUNK = 13, 7, 11, 4  # 4 chunks, the last one of 1 row
@@ -269,7 +269,7 @@ def test_triton_path_interpreted(monkeypatch):
     pytest.importorskip("triton")
     import os
 
-    from bitempered.bindings import torch_triton
+    from bitempered.bindings.torch import launchers as torch_triton
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")

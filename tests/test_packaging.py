@@ -17,7 +17,7 @@ def test_only_bitempered_is_installed_at_top_level():
 
 
 def test_the_c_kernel_source_is_shipped(tmp_path):
-    """bindings/cpu_kernels.py compiles kernels/*.c on the user's machine: the wheel must hold it."""
+    """bindings/torch/native/cpu_kernel.py compiles kernels/*.c on the user's machine: the wheel must hold it."""
     import shutil
     import subprocess
     import sys
@@ -34,4 +34,5 @@ def test_the_c_kernel_source_is_shipped(tmp_path):
     (wheel,) = tmp_path.glob("bitempered-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "bitempered/kernels/cross_entropy_cpu.c" in names
-    assert "bitempered/bindings/cpu_kernels.py" in names
+    assert "bitempered/bindings/torch/native/cpu_kernel.py" in names
+    assert "bitempered/bindings/jax/native/loss.py" in names

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bitempered.bindings import torch_native as native
+from bitempered.bindings.torch.native import math as native
 
 SCALES = [0.1, 1.0, 10.0, 100.0]
 NUM_CLASSES = [2, 1000, 32000]

@@ -138,7 +138,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_auto_uses_native_ops_on_cpu(monkeypatch):
-    from bitempered.bindings import torch_ops
+    from bitempered.bindings.torch import ops as torch_ops
 
     def fail(*args, **kwargs):
         raise AssertionError("the Triton path ran for a CPU tensor with backend='auto'")

@@ -1,4 +1,4 @@
-"""The native backend's t1 = t2 = 1 shortcut (bindings/torch_native_loss.py: ``_cross_entropy``)
+"""The native backend's t1 = t2 = 1 shortcut (bindings/torch/native/loss.py: ``_cross_entropy``)
 against the float64 reference, for class indices and dense labels, with the rows the shortcut must
 hand to the general path (NaN, +inf logits, label mass on a -inf logit, a target below the normal
 range) next to rows it must get exactly by itself (underflowing non-target classes and labels).
@@ -12,8 +12,8 @@ import reference as ref
 from cross_entropy_rows import C, TARGETS
 from cross_entropy_rows import logits as _logits
 from bitempered import torch as bt
-from bitempered.bindings import cpu_kernels
-from bitempered.bindings import torch_native_loss as native_loss
+from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
+from bitempered.bindings.torch.native import loss as native_loss
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 

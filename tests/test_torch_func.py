@@ -7,7 +7,8 @@ import torch
 from torch.func import grad, jacrev, vmap
 
 from bitempered import torch as bt
-from bitempered.bindings import torch_func, torch_ops
+from bitempered.bindings.torch import func as torch_func
+from bitempered.bindings.torch import ops as torch_ops
 from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS
 
 pytestmark = EXPECTED_INTERPRETER_WARNINGS  # Triton's interpreter on masked tails (see that module)

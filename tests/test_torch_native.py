@@ -8,7 +8,7 @@ import torch
 
 import reference as ref
 from bitempered import torch as bt
-from bitempered.bindings import torch_native as native
+from bitempered.bindings.torch.native import math as native
 
 T2_VALUES = [0.3, 0.8, 1.0, 1.2, 2.0, 4.0]
 LEADING_SHAPES = [(), (3,), (2, 5)]

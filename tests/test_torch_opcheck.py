@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 from bitempered import torch as bt
-from bitempered.bindings import torch_ops as ops
+from bitempered.bindings.torch import ops
 from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS
 
 pytestmark = EXPECTED_INTERPRETER_WARNINGS  # Triton's interpreter on masked tails (see that module)

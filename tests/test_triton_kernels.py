@@ -1,4 +1,4 @@
-"""Triton kernels (bindings/torch_triton.py) against the native torch backend and the float64 oracle.
+"""Triton kernels (bindings/torch/launchers.py) against the native torch backend and the float64 oracle.
 
 Three-level oracle: the float64 reference (tests/reference.py, or the native backend in float64
 where reference.py has no such function) is the truth; the kernel's error must be no worse than
@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("triton")
 
 import reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
-from bitempered.bindings import torch_native as native  # noqa: E402
-from bitempered.bindings import torch_triton as tt  # noqa: E402
+from bitempered.bindings.torch.native import math as native  # noqa: E402
+from bitempered.bindings.torch import launchers as tt  # noqa: E402
 from bitempered.kernels import launch_config  # noqa: E402
 
 from interpreter_warnings import EXPECTED as EXPECTED_INTERPRETER_WARNINGS  # noqa: E402
@@ -83,7 +83,7 @@ def assert_three_level(kernel, native_same_dtype, truth, dtype, quantity):
 
 
 def native_loss(logits, labels, t1, t2, smoothing=0.0, num_iters=None, ignore_index=-100):
-    """The native backend as bindings/torch.py runs it: compute dtype, gradient rounded to the
+    """The native backend as bindings/torch/api.py runs it: compute dtype, gradient rounded to the
     logits' dtype, ignored rows zeroed."""
     cd = native.compute_dtype(logits.dtype)
     a = logits.to(cd)

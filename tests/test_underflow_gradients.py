@@ -130,7 +130,7 @@ def test_triton_kernel(t1, t2, path, dense):
     a = _rows(110.0, t2).astype(np.float32).astype(np.float64)
     limit = 4 if path == "chunked" else launch_config.on_chip_limit(4)
     with launch_config.override_on_chip_limit(limit):
-        from bitempered.bindings import torch_triton
+        from bitempered.bindings.torch import launchers as torch_triton
 
         assert torch_triton.loss_path(NUM_CLASSES, torch.float32) == path
         loss, grad = _torch_loss_and_grad(a, torch.float32, t1, t2, "triton", 0.1, dense)

@@ -81,7 +81,7 @@ def _compare_with_unsharded(mesh, logits_spec, rows_spec, class_axis, num_rows, 
     from jax.sharding import PartitionSpec as P
 
     import bitempered.jax as bj
-    from bitempered.bindings.jax_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.jax.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     num_classes = C_LOCAL * mesh.shape[class_axis]
     weights = np.linspace(0.5, 2.0, num_rows)
@@ -166,7 +166,7 @@ def shard_map_triton_kernels_interpreted():
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from bitempered.bindings import jax_kernels
+    from bitempered.bindings.jax import launchers as jax_kernels
     from test_jax_triton import interpreted_triton_call
 
     fake = types.ModuleType("jax_triton")
@@ -198,7 +198,7 @@ def shard_map_tempered_softmax_and_its_gradient():
     from jax.sharding import PartitionSpec as P
 
     import bitempered.jax as bj
-    from bitempered.bindings.jax_vocab_parallel import vocab_parallel_tempered_softmax
+    from bitempered.bindings.jax.vocab_parallel import vocab_parallel_tempered_softmax
 
     mesh = _mesh((4,), ("model",))
     logits = jnp.asarray(_logits(6, 12), jnp.float32)
@@ -241,7 +241,7 @@ def no_n_by_c_communication():
     from jax.sharding import PartitionSpec as P
 
     import bitempered.jax as bj
-    from bitempered.bindings.jax_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.jax.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     num_rows, num_classes = 64, 4 * 250
     mesh = _mesh((4,), ("model",))
@@ -283,7 +283,7 @@ def bad_input():
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from bitempered.bindings.jax_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.jax.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     mesh = _mesh((4,), ("model",))
     logits = jnp.zeros((3, 12), jnp.float32)

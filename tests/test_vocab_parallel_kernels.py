@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from bitempered.bindings import torch_native as native
+from bitempered.bindings.torch.native import math as native
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

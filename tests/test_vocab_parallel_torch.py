@@ -72,7 +72,7 @@ def _loss_and_grad(fn, logits, labels, upstream, **kwargs):
 
 def _matches_unsharded(rank, world_size):
     import bitempered.torch as bt
-    from bitempered.bindings.torch_vocab_parallel import (vocab_parallel_bi_tempered_logistic_loss,
+    from bitempered.bindings.torch.vocab_parallel import (vocab_parallel_bi_tempered_logistic_loss,
                                                           vocab_parallel_tempered_softmax)
 
     cols = _slice(rank, world_size)
@@ -133,8 +133,8 @@ def _count_collectives(monkeypatch_target, fn):
 def _collective_count(rank, world_size):
     import torch.distributed as dist
 
-    from bitempered.bindings import torch_native as native
-    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.torch.native import math as native
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     cols = _slice(rank, world_size)
     logits = _logits(torch.float64)[:, :2].reshape(4, C)  # finite rows
@@ -158,9 +158,9 @@ def _kernel_collective_count(rank, world_size):
     """The kernel path (interpreted): the same count, one partial-sums launch per solver pass."""
     import torch.distributed as dist
 
-    from bitempered.bindings import torch_native as native
-    from bitempered.bindings import torch_triton
-    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.torch.native import math as native
+    from bitempered.bindings.torch import launchers as torch_triton
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     cols = _slice(rank, world_size)
     logits = _logits(torch.float32)[:, :2].reshape(4, C)  # finite rows
@@ -185,7 +185,7 @@ def _single_rank_kernels(rank, world_size):
     """A group of one rank on the kernel path equals the plain loss: on a GPU this runs the
     COMPILED vocab-parallel kernels (CUDA tensors), here the interpreter."""
     import bitempered.torch as bt
-    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRETED:
@@ -210,7 +210,7 @@ def _bad_input_group_of_one_and_dtensor(rank, world_size):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import bitempered.torch as bt
-    from bitempered.bindings.torch_vocab_parallel import vocab_parallel_bi_tempered_logistic_loss as loss
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss as loss
 
     cols = _slice(rank, world_size)
     logits = _logits(torch.float32)[0]  # [3, C], finite

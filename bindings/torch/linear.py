@@ -10,7 +10,7 @@ native backend on CPU), then ``grad_hidden[chunk] = dlogits @ weight`` and
 per-chunk temporaries), the accumulators and O(N); never N x C.
 
 Default chunk size (``chunk_size=None``): ``clamp(64 MiB // (4 C), 1, N)`` rows, one fp32 chunk
-x C buffer within 64 MiB (``bindings/linear_chunks.py`` says why).
+x C buffer within 64 MiB (``bindings/common/linear_chunks.py`` says why).
 
 "mean"/"sum": every gradient is computed in the forward pass (3 matmuls per chunk, no
 recomputation); the backward only multiplies them by the upstream scalar. "none": the forward
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from . import linear_chunks
-from . import torch_native as native
-from . import validation as check
-from .torch_ops import _grad_scale, _native_loss, _reduce, _triton
+from bitempered.bindings.common import linear_chunks
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.common import validation as check
+from bitempered.bindings.torch.ops import _grad_scale, _native_loss, _reduce, _triton
 
 Tensor = torch.Tensor
 
@@ -244,7 +244,7 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     Gradients flow to whichever of hidden / weight / bias requires them; grad_weight and grad_bias
     are accumulated over the chunks in fp32 (fp64 for fp64) and rounded once.
     """
-    from . import torch as api  # the plain loss's argument handling, messages included
+    from bitempered.bindings.torch import api  # the plain loss's argument handling, messages included
 
     _check_operands(hidden, weight, bias)
     num_classes = weight.shape[0]
@@ -283,7 +283,7 @@ class LinearBiTemperedLogisticLoss(torch.nn.Module):
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
                  chunk_size=None, backend="auto"):
         super().__init__()
-        from . import torch as api
+        from bitempered.bindings.torch import api
 
         api.BiTemperedLogisticLoss(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)  # checks
         linear_chunks.chunk_size(chunk_size, 1, 1)

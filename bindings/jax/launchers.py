@@ -1,13 +1,13 @@
 """jax-triton launchers of the kernels in ``kernels/`` (the same kernels PyTorch launches).
 
-Imported lazily by ``bindings/jax.py`` only when the Triton backend is taken: ``jax_triton`` fails
+Imported lazily by ``bindings/jax/api.py`` only when the Triton backend is taken: ``jax_triton`` fails
 to import where jaxlib has no GPU support. Functions take rows ``[N, C]`` (or 1-D arrays for the
 binary kernels); JAX arrays are row-major, so every row stride is C.
 
 jax-triton passes Python scalars to the kernel as compile-time values, so temperatures, label
 smoothing and the gradient scale travel as 1-element fp32 arrays that the kernels ``tl.load``:
 a traced temperature schedule compiles once. Sizes and ``num_iters`` are static anyway.
-``triton_call`` has no batching or differentiation rule: ``bindings/jax.py`` keeps these calls
+``triton_call`` has no batching or differentiation rule: ``bindings/jax/api.py`` keeps these calls
 inside its ``custom_vjp`` and folds ``vmap`` batches into the row dimension.
 
 Launch configurations: the heuristic, or with autotuning on the best one cached by the torch
@@ -21,14 +21,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import autotune
-from ..kernels import launch_config
-from ..kernels.binary import (
+from bitempered.bindings.common import autotune
+from bitempered.kernels import launch_config
+from bitempered.kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
 )
-from ..kernels.loss import tempered_loss_kernel
-from ..kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
-from ..kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
+from bitempered.kernels.loss import tempered_loss_kernel
+from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
 
 def _triton_call(*args, **kwargs):
@@ -174,7 +174,7 @@ def sigmoid_backward(probs, grad, t):
 
 
 # --------------------------------------------------------------------------------------------
-# Vocab-parallel kernels (``bindings/jax_vocab_parallel.py``): rows [N, C_local] of a slice, the
+# Vocab-parallel kernels (``bindings/jax/vocab_parallel.py``): rows [N, C_local] of a slice, the
 # GLOBAL row max and y (fp32 [N]); the loss kernel's heuristic gives the chunk width, as in torch.
 # --------------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .. import kernels
+from bitempered import kernels
 
 ENV_SWITCH = "BITEMPERED_CPU_KERNELS"
 SOURCE = Path(kernels.__file__).resolve().parent / "cross_entropy_cpu.c"
@@ -131,7 +131,7 @@ def _build(compiler: list[str]) -> Path:
 
 
 def _cache_dirs() -> list[Path]:
-    from . import autotune  # the cache directory the autotuner uses, then a per-user temporary one
+    from bitempered.bindings.common import autotune  # the cache directory the autotuner uses, then a per-user temporary one
 
     return [autotune.cache_dir(), Path(tempfile.gettempdir()) / f"bitempered-{os.getuid()}"]
 
@@ -169,7 +169,7 @@ def _self_check(function) -> str:
     differed."""
     import torch
 
-    from . import torch_native_loss as native_loss
+    from bitempered.bindings.torch.native import loss as native_loss
 
     generator = torch.Generator().manual_seed(0)
     n, c = 3, 37

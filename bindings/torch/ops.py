@@ -24,15 +24,15 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import torch_native as native
-from . import torch_native_loss as native_loss
-from . import torch_softmax_second_order as second_order
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import loss as native_loss
+from bitempered.bindings.torch import second_order
 
 Tensor = torch.Tensor
 
 
 def _triton():
-    from . import torch_triton  # imported lazily: Triton may be missing on CPU-only machines
+    from bitempered.bindings.torch import launchers as torch_triton  # imported lazily: Triton may be missing on CPU-only machines
 
     return torch_triton
 
@@ -55,7 +55,7 @@ def _reduce(loss_rows: Tensor, kept: Tensor, reduction: str) -> Tensor:
 
 
 def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
-    """The native backend over row blocks (bindings/torch_native_loss.py): the gradient, already
+    """The native backend over row blocks (bindings/torch/native/loss.py): the gradient, already
     scaled by the reduction and masked, is the only N x C buffer it allocates."""
     if labels.dtype.is_floating_point:
         kept = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)

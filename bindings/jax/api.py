@@ -20,7 +20,7 @@ Backends: ``"xla"`` runs the jnp implementation (XLA on CPU, GPU and TPU); ``"tr
 fused kernels of ``kernels/`` through jax-triton (CUDA GPUs only; the same kernels PyTorch uses);
 ``"auto"`` picks Triton when the default JAX device is a GPU and jax-triton imports, XLA
 otherwise, at trace time. Importing this module imports neither triton, jax_triton nor torch
-(``bindings/jax_kernels.py`` is imported only when the Triton path is taken).
+(``bindings/jax/launchers.py`` is imported only when the Triton path is taken).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import jax_native as native
-from . import jax_native_loss as native_loss
-from . import validation as check
+from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.jax.native import loss as native_loss
+from bitempered.bindings.common import validation as check
 
 BACKENDS = ("auto", "xla", "triton")
 
@@ -187,7 +187,7 @@ def _fold_batch(fn, num_arrays: int):
 @functools.lru_cache(maxsize=None)
 def _triton_loss_fn(num_iters, ignore_index, need_grad):
     def fn(logits, labels, t1, t2, label_smoothing):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         num_classes = logits.shape[-1]
         indices = jnp.issubdtype(labels.dtype, jnp.integer)
@@ -207,7 +207,7 @@ def _triton_loss_fn(num_iters, ignore_index, need_grad):
 @functools.lru_cache(maxsize=None)
 def _triton_softmax_fn(num_iters):
     def fn(logits, t):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         rows = logits.reshape(-1, logits.shape[-1])
         return jax_kernels.softmax_forward(rows, t, num_iters).reshape(logits.shape)
@@ -218,7 +218,7 @@ def _triton_softmax_fn(num_iters):
 @functools.lru_cache(maxsize=None)
 def _triton_softmax_vjp_fn():
     def fn(p, grad_p, t):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         rows = p.reshape(-1, p.shape[-1])
         return jax_kernels.softmax_backward(rows, grad_p.reshape(rows.shape), t).reshape(p.shape)
@@ -325,7 +325,7 @@ def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         # The unit gradient stays in the compute dtype; the zero-size array only carries the
         # logits' dtype to the backward rule, which rounds once to it.
         return loss, (grad, jnp.zeros((0,), logits.dtype))
-    # XLA: the residual (R, alpha, beta) of bindings/jax_native_loss.py; one elementwise backward
+    # XLA: the residual (R, alpha, beta) of bindings/jax/native/loss.py; one elementwise backward
     loss, *residual = _xla_forward_fn(num_iters, ignore_index, True)(logits, labels, t1, t2, label_smoothing)
     return loss, (labels, label_smoothing, tuple(residual), jnp.zeros((0,), logits.dtype))
 
@@ -397,7 +397,7 @@ def _two_classes(x, first):
 @functools.lru_cache(maxsize=None)
 def _triton_binary_fn(num_iters, need_grad):
     def fn(x, y, t1, t2, label_smoothing):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         loss, grad = jax_kernels.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), t1, t2,
                                              label_smoothing, num_iters, need_grad)
@@ -409,7 +409,7 @@ def _triton_binary_fn(num_iters, need_grad):
 @functools.lru_cache(maxsize=None)
 def _triton_sigmoid_fn(num_iters):
     def fn(x, t):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         return jax_kernels.sigmoid_forward(x.reshape(-1), t, num_iters).reshape(x.shape)
 
@@ -419,7 +419,7 @@ def _triton_sigmoid_fn(num_iters):
 @functools.lru_cache(maxsize=None)
 def _triton_sigmoid_vjp_fn():
     def fn(p, grad_p, t):
-        from . import jax_kernels
+        from bitempered.bindings.jax import launchers as jax_kernels
 
         return jax_kernels.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), t).reshape(p.shape)
 

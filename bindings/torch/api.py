@@ -25,12 +25,12 @@ import os
 
 import torch
 
-from . import torch_func
-from . import torch_native as native
-from . import torch_native_loss as native_loss
-from . import torch_vocab_parallel as vocab_parallel
-from . import validation as check
-from .torch_ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
+from bitempered.bindings.torch import func as torch_func
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import loss as native_loss
+from bitempered.bindings.torch import vocab_parallel
+from bitempered.bindings.common import validation as check
+from bitempered.bindings.torch.ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
 
 BACKENDS = ("auto", "torch", "triton")
 

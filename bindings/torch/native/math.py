@@ -2,7 +2,7 @@
 
 It is the CPU fallback, the backend for float64, and the ground truth the Triton kernels are
 tested against. Functions here take flattened rows ``[N, C]`` in the compute dtype and return
-plain tensors; autograd lives in ``bindings/torch_ops.py``. The solver is the one described in
+plain tensors; autograd lives in ``bindings/torch/ops.py``. The solver is the one described in
 ``kernels/README.md``.
 
 Temperatures are read to the host once per call (Python floats or 0-d tensors are accepted):
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from . import validation as check
+from bitempered.bindings.common import validation as check
 
 MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
 
@@ -26,7 +26,7 @@ class LocalRows:
     """Row reductions across ranks: the identity for rows that hold every class.
 
     The solver reduces each row statistic (the max, the packed per-pass sums) through such an
-    object; ``bindings/torch_vocab_parallel.py`` passes one whose methods all-reduce over the
+    object; ``bindings/torch/vocab_parallel.py`` passes one whose methods all-reduce over the
     process group that shards the classes, so the solver stays one.
     """
 

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import jax_native as native
-from . import validation as check
-from .jax import (_as_labels, _as_logits, _fold_batch, _num_iters, _resolve_backend, _scalar, _temperatures,
+from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.common import validation as check
+from bitempered.bindings.jax.api import (_as_labels, _as_logits, _fold_batch, _num_iters, _resolve_backend, _scalar, _temperatures,
                   _widen_indices)
 
 __all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax", "AxisRows"]
@@ -103,7 +103,7 @@ def _vary_like(x, like):
 def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, need_grad):
     """``_loss_rows`` on the vocab-parallel Triton kernels: rows [..., C_local] of the slice; the
     loss in the temperatures' dtype, the gradient fp32 (one rounding in the backward)."""
-    from . import jax_kernels
+    from bitempered.bindings.jax import launchers as jax_kernels
 
     rows = AxisRows(axis_name)
     num_local = logits.shape[-1]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_ops as ops
+from bitempered.bindings.torch import ops
 
 Tensor = torch.Tensor
 

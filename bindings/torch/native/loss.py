@@ -1,6 +1,6 @@
 """The native PyTorch loss driver: SPEC's loss and gradient over blocks of rows.
 
-``bindings/torch_native.py`` holds the math (the solver, the loss and gradient terms) for whole
+``bindings/torch/native/math.py`` holds the math (the solver, the loss and gradient terms) for whole
 row sets; this driver runs it on blocks of about ``BLOCK_ELEMENTS`` logits at a time and writes
 each block's gradient, scaled and masked, straight into the one [N, C] output. Why blocks:
 
@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from . import cpu_kernels
-from . import torch_native as native
+from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
+from bitempered.bindings.torch.native import math as native
 
 # Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
 # pass stay in a CPU's L3 cache; a block of at least this size keeps torch's per-op overhead

@@ -4,7 +4,7 @@ N x C logits (or their gradient) in memory.
 It equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, ...)`` up to rounding (per
 row by default, like the plain JAX loss; ``reduction="sum"``/``"mean"`` reduce it). The rows are
 padded to whole chunks and processed by a ``lax.scan``: per chunk one matmul for the logits (fp32
-accumulation, rounded to the input dtype), the plain loss's per-row machinery (``bindings/jax.py``
+accumulation, rounded to the input dtype), the plain loss's per-row machinery (``bindings/jax/api.py``
 ``_loss_rows``: XLA, or the Triton kernel through jax-triton), then ``grad_hidden[chunk] =
 dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[chunk]`` accumulated in fp32 (fp64 for
 fp64) in the scan's carry. Peak extra memory: one chunk x C working set, the accumulators and O(N).
@@ -13,7 +13,7 @@ fp64) in the scan's carry. Peak extra memory: one chunk x C working set, the acc
 multiplies by the upstream scalar. "none": the forward computes the losses only and the backward
 recomputes each chunk with each row's upstream value (exact for any upstream vector).
 
-Default chunk size: ``bindings/linear_chunks.py`` (one fp32 chunk x C buffer within 64 MiB).
+Default chunk size: ``bindings/common/linear_chunks.py`` (one fp32 chunk x C buffer within 64 MiB).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import jax as api
-from . import jax_native as native
-from . import linear_chunks
-from . import validation as check
+from bitempered.bindings.jax import api
+from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.common import linear_chunks
+from bitempered.bindings.common import validation as check
 
 
 def _chunks(array, num_chunks: int, chunk: int, fill):

@@ -17,14 +17,14 @@ import contextlib
 
 import torch
 
-from . import autotune
-from ..kernels import launch_config
-from ..kernels.binary import (
+from bitempered.bindings.common import autotune
+from bitempered.kernels import launch_config
+from bitempered.kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
 )
-from ..kernels.loss import tempered_loss_kernel
-from ..kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
-from ..kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
+from bitempered.kernels.loss import tempered_loss_kernel
+from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
+from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
 MAX_PASSES = launch_config.MAX_PASSES
 

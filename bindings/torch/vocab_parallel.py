@@ -36,9 +36,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import torch_native as native
-from . import validation as check
-from .torch_ops import _grad_scale, _reduce
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.common import validation as check
+from bitempered.bindings.torch.ops import _grad_scale, _reduce
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
@@ -121,7 +121,7 @@ def loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, nu
 
 def _launchers():
     """The kernel launchers (imported on first use: triton is an optional dependency)."""
-    from . import torch_triton
+    from bitempered.bindings.torch import launchers as torch_triton
 
     return torch_triton
 
@@ -219,7 +219,7 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     Returns the loss (the same on every rank); the gradient flows to this rank's slice. Every rank
     must call it (collectives). See the module docstring for the collective count.
     """
-    from .torch import (_check_dense_labels, _check_indices, _check_logits, _empty_loss, _label_kind,
+    from bitempered.bindings.torch.api import (_check_dense_labels, _check_indices, _check_logits, _empty_loss, _label_kind,
                         _label_smoothing, _num_iters, _resolve_backend, _rows, _temperature)
 
     _check_logits(local_logits)
@@ -286,7 +286,7 @@ def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None,
     Collectives: the argument check, the row max, one per solver pass (the support size with the
     first); the backward one.
     """
-    from .torch import _check_logits, _num_iters, _rows, _temperature
+    from bitempered.bindings.torch.api import _check_logits, _num_iters, _rows, _temperature
 
     _check_logits(local_logits)
     check.check_backend(backend, ("auto", "torch"))

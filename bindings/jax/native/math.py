@@ -1,9 +1,9 @@
 """JAX native backend: SPEC computed with plain jnp/lax ops (XLA; no Triton).
 
 It is the CPU/TPU backend, the float64 backend, and the oracle a JAX Triton path will be tested
-against. It mirrors ``bindings/torch_native.py`` function by function. Functions here take rows
+against. It mirrors ``bindings/torch/native/math.py`` function by function. Functions here take rows
 ``[..., C]`` (classes on the last axis, any leading shape) in the compute dtype and 0-d temperature
-arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax.py``.
+arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax/api.py``.
 The solver is the one described in ``kernels/README.md``.
 
 Temperatures are always traced values here: nothing branches on them in Python. The ``t = 1``
@@ -36,7 +36,7 @@ class LocalRows:
     """Row reductions across devices: the identity for rows that hold every class.
 
     The solver reduces each row statistic (the max, the support size, the packed per-pass sums)
-    through such an object; ``bindings/jax_vocab_parallel.py`` passes one that runs
+    through such an object; ``bindings/jax/vocab_parallel.py`` passes one that runs
     ``pmax``/``psum`` over the mesh axis that shards the classes, so the solver stays one.
     """
 

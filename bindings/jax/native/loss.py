@@ -1,6 +1,6 @@
 """The JAX (XLA) loss as a forward that keeps one N x C residual and a one-pass backward.
 
-``bindings/jax_native.py`` holds the math (solver, loss and gradient terms). The forward returns,
+``bindings/jax/native/math.py`` holds the math (solver, loss and gradient terms). The forward returns,
 besides the per-row loss, R [N, C] and alpha, beta [N, 1] with
 
     dL/da = g (R alpha - y beta)
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import jax_native as native
+from bitempered.bindings.jax.native import math as native
 
 
 def _row_sum(x):

@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..kernels import launch_config
-from ..kernels.launch_config import BinaryConfig, RowConfig
+from bitempered.kernels import launch_config
+from bitempered.kernels.launch_config import BinaryConfig, RowConfig
 
 ENV_SWITCH = "BITEMPERED_AUTOTUNE"
 ENV_CACHE_DIR = "BITEMPERED_CACHE_DIR"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_native as native
+from bitempered.bindings.torch.native import math as native
 
 
 def softmax_vjp_vjp_rows(probs: torch.Tensor, grad: torch.Tensor, upstream: torch.Tensor, t):

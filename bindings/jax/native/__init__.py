@@ -1,0 +1,1 @@
+"""SPEC in jnp (XLA): the CPU/TPU backend and the kernels' ground truth."""

@@ -1,0 +1,1 @@
+"""SPEC with plain torch ops: the CPU/float64 backend and the kernels' ground truth."""

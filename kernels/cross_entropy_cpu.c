@@ -4,9 +4,9 @@
    with p = softmax(a) and y the (smoothed) labels. Eager torch ops spend a log, two exps and about
    ten passes per element on it; this kernel reads each row's logits twice and its labels twice
    while the row is in the core's cache, writes the gradient once, and takes one exp and one log
-   per element. bindings/torch/native/cpu_kernel.py compiles it on first use (with OpenMP and glibc's vector
-   math library) and bindings/torch/native/loss.py calls it; the eager path stays the reference
-   and the fallback.
+   per element. bindings/torch/native/cpu_kernel.py compiles it on first use (with OpenMP and
+   glibc's vector math library), caches the library and verifies it before each load;
+   bindings/torch/native/loss.py calls it. The eager path stays the reference and the fallback.
 
    Per row, with d = a - max(a) and log p = d - lse, lse = log sum exp(d):
        loss = sum_{y > 0} y (log y - d) + sum(y) (lse - 1) + 1

@@ -29,7 +29,7 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
   row of a program runs as many solver passes as the slowest one. Not timed.
 - ``BINARY_BLOCK = 1024``: elements per program of the binary kernels ([1024, 2] tile). Not timed.
 
-Candidate sets (what the tuner may pick; ``python -m bitempered.tune`` / ``python -m perf.tuning``
+Candidate sets (what the tuner may pick; ``python -m bitempered.tune --report DIR``
 record the times, so a tuned table can be folded back into the constants above):
 - rows per program: the packed tile of small rows at ``TUNE_ROW_TILES`` elements;
 - ``num_warps``: the heuristic's and twice it (half of it spills: 8 fp32 values per thread and more);
@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-MAX_PASSES = 30  # the solver's safety cap, the same as bindings/torch/native/math.MAX_PASSES
+MAX_PASSES = 30  # the solver's safety cap, of every backend (the native solvers import it)
 ELEMS_PER_THREAD = 4
 MAX_WARPS = 16
 MAX_REGISTERS = 128

@@ -28,7 +28,7 @@ DEFAULT_TOTAL_S=510
 MIN_STAGE_S=${GPU_SESSION_MIN_STAGE_S:-15}
 REPORT_RESERVE_S=25
 KILL_GRACE_S=${GPU_SESSION_KILL_GRACE_S:-10}   # SIGINT this long before a stage's limit, SIGKILL at it
-# The grid of the autotune sweep and of perf/tuning.py (perf's own default grid for the perf stages).
+# The grid of the autotune sweep and of its side-by-side report (perf's own grid for the perf stages).
 TUNE_SHAPES="65536x1000 16384x32000 8192x128256 4096x262144"
 
 # name | nominal seconds | what it runs (see stage_command)
@@ -190,8 +190,8 @@ stage_command() {
       echo "$PY -m bitempered.tune --shapes $TUNE_SHAPES --dtypes bf16 fp32 --labels int" \
            "--families loss --time-budget-s $inner" ;;
     tuning)
-      echo "$PY -m perf.tuning --shapes $TUNE_SHAPES --dtypes bf16 fp32 --labels int --families loss" \
-           "--out $OUT_DIR --time-budget-s $inner" ;;
+      echo "$PY -m bitempered.tune --shapes $TUNE_SHAPES --dtypes bf16 fp32 --labels int --families loss" \
+           "--report $OUT_DIR --time-budget-s $inner" ;;
     perf-bf16)
       echo "$PY -m perf --dtypes bf16 --directions fwdbwd --labels int --out $OUT_DIR --no-plots" \
            "--time-budget-s $inner" ;;

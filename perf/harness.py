@@ -414,7 +414,7 @@ def memory_mode(args, device) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--tune" in argv:  # heuristic vs tuned launch configs: perf/tuning.py (its own flags)
+    if "--tune" in argv:  # heuristic vs tuned launch configs: python -m bitempered.tune --report (its flags)
         from .tuning import main as tuning_main
         return tuning_main([a for a in argv if a != "--tune"])
     args = parse_args(argv)

@@ -4,7 +4,9 @@ The interpreter times candidates with a wall clock, so every piece of the mechan
 the default never tunes, selection of the fastest candidate, the cache file (write, reload in a
 second process without timing, invalidation by Triton version and kernel-source hash, C bucketing),
 the in-place gradient intact after tuning, every candidate computing the same numbers, the JAX
-launchers reading the same cache, ``python -m bitempered.tune`` and ``python -m perf.tuning``.
+launchers reading the same cache, ``python -m bitempered.tune`` (and its ``--report``, which
+``python -m perf --tune`` runs); a damaged, foreign or unwritable cache never failing nor changing
+the loss (issues 27, 28).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import json
 import os
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,9 +55,9 @@ def tuning(tmp_path, monkeypatch):
     timed = []
     real = autotune.measure_ms
 
-    def counting(run):
+    def counting(run, *windows):
         timed.append(run)
-        return real(run)
+        return real(run, *windows)
 
     monkeypatch.setattr(autotune, "measure_ms", counting)
     # a GPU run compiles the small sets too (the full ones are for real tuning)
@@ -71,7 +74,7 @@ def fake_timer(monkeypatch, times_ms):
     would show) and reports the given times in candidate order."""
     calls = []
 
-    def fake(run):
+    def fake(run, *_windows):
         run()
         calls.append(run)
         return times_ms[(len(calls) - 1) % len(times_ms)]
@@ -126,6 +129,7 @@ def test_candidates_start_with_the_heuristic_and_fit_their_whole_bucket(interpre
                 assert 1 <= cfg.num_warps <= launch_config.MAX_WARPS
                 assert cfg.block_cols & (cfg.block_cols - 1) == 0
                 assert cfg.chunked or cfg.block_cols >= launch_config.next_power_of_2(c) >= lowest
+                assert autotune.config_problem(cfg, c) == "" == autotune.config_problem(cfg, lowest)
             paths = {cfg.path for cfg in cands}
             if not interpreted and 1024 < c <= 4096:
                 assert paths == {"on_chip", "chunked"}, c  # the threshold itself is tuned
@@ -133,6 +137,8 @@ def test_candidates_start_with_the_heuristic_and_fit_their_whole_bucket(interpre
                 assert len(cands) <= 17  # each is compiled once per key on a GPU
     assert launch_config.binary_candidates()[0] == launch_config.binary_config()
     assert launch_config.binary_candidates(True)[0] == launch_config.binary_config()
+    for cfg in launch_config.binary_candidates(interpreted) + launch_config.shipped_row_configs():
+        assert autotune.config_problem(cfg) == "", cfg
 
 
 def test_cache_key_buckets_c_and_names_every_axis():
@@ -275,7 +281,8 @@ def test_cache_is_invalidated_by_triton_version_and_kernel_sources(tuning, monke
     # a corrupt file is ignored (tuned again, then rewritten)
     autotune.cache_path(DEVICE).write_text("{not json")
     autotune.clear_memory()
-    tt.sigmoid_backward(p, g, 1.2)
+    with pytest.warns(autotune.CacheWarning, match="not JSON"):
+        tt.sigmoid_backward(p, g, 1.2)
     assert len(calls) == 4 * first
     assert json.loads(autotune.cache_path(DEVICE).read_text())["kernels"] == "edited-kernel"
 
@@ -400,6 +407,29 @@ def test_pinned_rejects_a_tile_narrower_than_the_row():
             pass
 
 
+@pytest.mark.parametrize("config, message", [
+    (launch_config.RowConfig(False, 0, 32, 1), "block_rows must be an int in"),
+    (launch_config.RowConfig(False, 3, 32, 1), "block_rows must be a power of two, got 3"),
+    (launch_config.RowConfig(False, 1, 32.0, 1), "block_cols must be an int in"),
+    (launch_config.RowConfig(1, 1, 32, 1), "chunked must be a bool, got 1"),
+    (launch_config.RowConfig(False, 1024, 2048, 16), "block_rows \\* block_cols = 2097152 > 1048576"),
+    (launch_config.RowConfig(False, 1, 32, 3), "num_warps must be a power of two, got 3"),
+    (launch_config.RowConfig(False, 1, 32, 32), "num_warps must be an int in \\[1, 16\\]"),
+    (launch_config.RowConfig(False, 1, 32, 16, maxnreg=255), "registers per block"),
+    (launch_config.RowConfig(True, 1, 32, 1, maxnreg=0), "maxnreg must be an int"),
+    (launch_config.RowConfig(True, 1, 32, 1, num_stages=0), "num_stages must be an int"),
+    (launch_config.BinaryConfig(True, 1), "block must be an int"),
+    (launch_config.BinaryConfig(1 << 20, 1), "block must be an int in \\[1, 524288\\]"),
+])
+def test_pinned_rejects_a_config_that_cannot_launch(config, message):
+    """The checks a cached config gets too: a bad one would raise in the kernel's launch (or,
+    for a row tile too narrow, compute a wrong loss)."""
+    with pytest.raises(ValueError, match=message) as error:
+        with autotune.pinned(config):
+            pass
+    assert str(error.value).startswith("pinned: ")
+
+
 # ----------------------------------------------------------------------------------------------
 # JAX reads the same cache and never tunes
 # ----------------------------------------------------------------------------------------------
@@ -430,21 +460,245 @@ def test_jax_launchers_read_the_cache_and_never_time(tuning, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# python -m perf --tune
+# python -m bitempered.tune --report (python -m perf --tune)
 # ----------------------------------------------------------------------------------------------
 
 @needs_interpreter
-def test_perf_tuning_records_heuristic_and_tuned_side_by_side(tuning, tmp_path):
-    from perf import tuning as perf_tuning
+def test_report_times_heuristic_and_tuned_side_by_side(tuning, tmp_path, capsys):
+    from bitempered import tune
+    from perf import harness
 
     out = tmp_path / "out"
-    assert perf_tuning.main(["--shapes", "3x20", "--device", "cpu", "--out", str(out),
-                             "--families", "softmax", "--min-time-s", "0"]) == 0
-    rows = perf_tuning.read_rows(out / "tuning.csv")
-    assert {r["family"] for r in rows} == {"softmax_fwd", "softmax_bwd"}
+    # python -m perf --tune
+    assert harness.main(["--tune", "--shapes", "3x20", "--dtypes", "fp32", "--device", "cpu", "--report",
+                         str(out), "--families", "softmax", "binary", "--grad", "no"]) == 0
+    rows = tune.read_rows(out / "tuning.csv")
+    assert [r["family"] for r in rows] == ["softmax_fwd", "softmax_bwd", "binary_loss", "sigmoid_fwd",
+                                           "sigmoid_bwd"]
     for row in rows:
-        assert row["heuristic_config"] and row["tuned_config"]
+        assert row["heuristic_config"] and row["tuned_config"] and row["source"] == "tuned now"
         assert float(row["heuristic_ms"]) > 0 and float(row["tuned_ms"]) > 0
         assert float(row["speedup"]) == pytest.approx(float(row["heuristic_ms"]) / float(row["tuned_ms"]))
+        assert row["kernels"] == autotune.kernel_source_hash() and row["key"].startswith(row["family"] + "|")
     md = (out / "tuning.md").read_text()
     assert "| softmax_fwd |" in md and "heuristic" in md and "speedup" in md
+    assert "side by side" in capsys.readouterr().out
+    # a second run reads the cache and appends (one markdown row per cell: the latest)
+    assert tune.main(["--shapes", "3x20", "--dtypes", "fp32", "--report", str(out), "--families", "softmax",
+                      "--device", "cpu"]) == 0
+    rows = tune.read_rows(out / "tuning.csv")
+    assert len(rows) == 7 and {r["source"] for r in rows[5:]} == {"cache"}
+    assert (out / "tuning.md").read_text().count("| softmax_fwd |") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A damaged, foreign or unwritable cache never fails nor changes the loss (issues 27, 28)
+# ----------------------------------------------------------------------------------------------
+
+N_ROWS, N_CLASSES = 4, 5  # C = 5: an on-chip tile of 2 or 4 columns would drop classes
+
+
+def api_losses():
+    """The public loss (triton, autotuned) and its gradient, checked against backend="torch"."""
+    from bitempered.torch import bi_tempered_logistic_loss
+
+    logits = random_logits(N_ROWS, N_CLASSES, torch.float32, seed=31)
+    labels = on(torch.tensor([0, 4, 2, 1]))
+    results = []
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_(True)
+        loss = bi_tempered_logistic_loss(x, labels, 0.8, 1.2, reduction="none", backend=backend)
+        loss.sum().backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (loss_torch, grad_torch) = results
+    torch.testing.assert_close(loss, loss_torch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_torch, rtol=1e-5, atol=1e-6)
+    return loss
+
+
+def filled_cache() -> tuple[Path, dict]:
+    """A cache file as the tuner writes it for ``api_losses`` (and its content)."""
+    api_losses()
+    path = autotune.cache_path(DEVICE)
+    content = json.loads(path.read_text())
+    assert any(key.startswith("loss|C<=8|") for key in content["entries"])
+    autotune.clear_memory()
+    return path, content
+
+
+def cache_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, autotune.CacheWarning)]
+
+
+def loss_warns_once(match: str) -> None:
+    """The loss is right twice, and the damage is reported once, by a CacheWarning."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        api_losses()
+        api_losses()
+    messages = cache_warnings(record)
+    assert len(messages) == 1 and match in messages[0], messages
+
+
+def bad_files(text: str):
+    return {
+        "truncated to 1 byte": text[:1],
+        "truncated to half": text[: len(text) // 2],
+        "truncated by 1 byte": text[:-2],
+        "empty": "",
+        "not UTF-8": b"\xff\xfe{}",
+        "not an object": "[]",
+        "nested too deep": "[" * 200_000,
+    }
+
+
+@pytest.mark.parametrize("damage", list(bad_files("{}")))
+def test_a_damaged_cache_file_is_ignored_with_a_warning(tuning, damage):
+    path, _ = filled_cache()
+    content = bad_files(path.read_text())[damage]
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    loss_warns_once("ignored")
+    assert json.loads(path.read_text())["entries"]  # tuned again and rewritten
+
+
+@pytest.mark.parametrize("entries", [None, [], "x", 3])
+def test_cache_entries_of_another_type_are_ignored_with_a_warning(tuning, entries):
+    path, content = filled_cache()
+    path.write_text(json.dumps(dict(content, entries=entries)))
+    loss_warns_once(f"'entries' is {type(entries).__name__}")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"chunked": False, "block_rows": 1, "block_cols": 2, "num_warps": 1}, "on-chip block_cols=2 < C=5"),
+    ({"chunked": False, "block_rows": 1, "block_cols": 4, "num_warps": 1}, "on-chip block_cols=4 < C=5"),
+    ({"chunked": False, "block_rows": 0, "block_cols": 8, "num_warps": 1}, "block_rows must be an int"),
+    ({"chunked": False, "block_rows": 1, "block_cols": 8, "num_warps": 3}, "num_warps must be a power"),
+    ({"chunked": False, "block_rows": 1, "block_cols": "8", "num_warps": 1}, "block_cols must be an int"),
+    ({"chunked": False, "block_rows": 1, "block_cols": 8.0, "num_warps": 1}, "block_cols must be an int"),
+    ({"chunked": 0, "block_rows": 1, "block_cols": 8, "num_warps": 1}, "chunked must be a bool"),
+    ({"chunked": True, "block_rows": 1, "block_cols": 8, "num_warps": 1, "num_stages": -1}, "num_stages"),
+    ({"chunked": False, "block_rows": 1, "block_cols": 8}, "not a RowConfig entry"),
+    ({"chunked": False, "block_rows": 1, "block_cols": 8, "num_warps": 1, "speed": 9},
+     "not a RowConfig entry"),
+    (None, "not a RowConfig entry"),
+])
+def test_a_cached_config_that_pinned_would_reject_is_ignored(tuning, config, message):
+    """Each loss entry replaced: the launch warns, tunes again (the heuristic where nothing may
+    be timed) and the loss stays right."""
+    path, content = filled_cache()
+    loss_keys = [key for key in content["entries"] if key.startswith("loss|")]
+    for key in loss_keys:
+        content["entries"][key] = {"config": config} if config is not None else "not an entry"
+    path.write_text(json.dumps(content))
+    loss_warns_once(message)
+    autotune.clear_memory()
+    path.write_text(json.dumps(content))
+    with warnings.catch_warnings(record=True) as record:  # nothing to time (JAX): the heuristic
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert autotune.row_config("loss", N_CLASSES, "float32", 4, device=DEVICE, labels="indices",
+                                       need_grad=True) == launch_config.row_config(N_CLASSES, 4)
+    assert len(cache_warnings(record)) == 1
+
+
+def test_a_read_only_cache_folder_keeps_the_tuned_config_in_the_process(tuning, tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(folder))
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):  # root writes anyway: fail the write as the folder would
+            def denied(**_kwargs):
+                raise PermissionError(13, "Permission denied", str(folder))
+
+            monkeypatch.setattr(autotune, "tempfile", types.SimpleNamespace(mkstemp=denied))
+        loss_warns_once("not written")
+        timed = len(tuning)
+        assert timed > 0 and not autotune.cache_path(DEVICE).exists()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            api_losses()
+            assert len(tuning) == timed  # this process kept what it tuned
+            tt.sigmoid_forward(on(torch.rand(7)), 1.2, None)  # another key: tuned, not stored
+        assert len(tuning) > timed and cache_warnings(record) == []  # the folder was reported once
+    finally:
+        folder.chmod(0o700)
+
+
+def make_foreign(path: Path, how: str) -> str:
+    """Makes the cache file (or its folder) one this user may not trust; the expected warning."""
+    if how == "group-writable file":
+        path.chmod(0o664)
+        return "writable by other users"
+    if how == "world-writable folder":
+        path.parent.chmod(0o777)
+        return "writable by other users"
+    if how in ("another user's file", "another user's folder"):
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a file to another uid")
+        os.chown(path if how.endswith("file") else path.parent, 4321, -1)
+        return "owned by uid 4321"
+    if how == "link":
+        target = path.with_name("elsewhere.json")
+        path.rename(target)
+        path.symlink_to(target)
+        return "ignored"
+    path.unlink()
+    os.mkfifo(path)  # a FIFO: must neither block nor be read
+    return "not a regular file"
+
+
+@pytest.mark.parametrize("how", ["group-writable file", "world-writable folder", "another user's file",
+                                 "another user's folder", "link", "fifo"])
+def test_a_cache_file_others_could_have_written_is_ignored(tuning, how):
+    """Issue 28: only a regular file of this user's, in a folder only this user (or root) may
+    write, is read. Its entries here would give a wrong loss if they were taken."""
+    path, content = filled_cache()
+    for key in content["entries"]:
+        if key.startswith("loss|"):
+            content["entries"][key] = {"config": dataclasses.asdict(launch_config.RowConfig(False, 1, 16, 1))}
+    path.write_text(json.dumps(content))
+    expected = make_foreign(path, how)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert autotune.row_config("loss", N_CLASSES, "float32", 4, device=DEVICE, labels="indices",
+                                       need_grad=True) == launch_config.row_config(N_CLASSES, 4)
+            api_losses()
+        messages = cache_warnings(record)
+        assert messages and expected in messages[0], messages
+    finally:
+        path.parent.chmod(0o700)
+
+
+def test_the_cache_folder_is_created_private(tuning, tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "cache"
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(folder))
+    old_umask = os.umask(0o002)  # a common desktop umask: would make the folder group-writable
+    try:
+        api_losses()
+    finally:
+        os.umask(old_umask)
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    assert (autotune.cache_path(DEVICE).stat().st_mode & 0o077) == 0
+
+
+@needs_interpreter
+def test_a_truncated_cache_gives_the_right_loss_in_a_fresh_process(tuning, tmp_path):
+    """Issue 27: a cache file cut short (a full disk) read by the next training process."""
+    path, _ = filled_cache()
+    path.write_text(path.read_text()[:40])
+    code = ("import torch, bitempered.torch as bt\n"
+            "x = 4 * torch.randn(6, 5, generator=torch.Generator().manual_seed(0))\n"
+            "y = torch.tensor([0, 1, 2, 3, 4, 0])\n"
+            "a, b = (bt.bi_tempered_logistic_loss(x, y, 0.8, 1.2, reduction='none', backend=be)\n"
+            "        for be in ('triton', 'torch'))\n"
+            "print(float((a - b).abs().max()))\n")
+    env = dict(os.environ, **{autotune.ENV_CACHE_DIR: str(tmp_path), autotune.ENV_SWITCH: "1",
+                              "TRITON_INTERPRET": "1"})
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+    assert "CacheWarning" in done.stderr and "not JSON" in done.stderr
+    assert json.loads(path.read_text())["entries"]  # tuned and rewritten

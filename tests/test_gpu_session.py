@@ -139,11 +139,11 @@ def test_help_and_list():
 def test_every_stage_command_is_accepted_by_its_entry_point(tmp_path):
     """The dry run's command lines parse with the real argument parsers (no stale flags)."""
     from bitempered import tune
-    from perf import harness, linear, tuning, vocab_parallel
+    from perf import harness, linear, vocab_parallel
 
     out = tmp_path / "cmds"
     assert run(SESSION, "--dry-run", "--out", str(out)).returncode == 0
-    parsers = {"bitempered.tune": tune.parse_args, "perf.tuning": tuning.parse_args,
+    parsers = {"bitempered.tune": tune.parse_args,
                "perf": harness.parse_args, "perf.linear": linear.parse_args,
                "perf.vocab_parallel": vocab_parallel.parse_args}
     checked = set()
@@ -159,9 +159,11 @@ def test_every_stage_command_is_accepted_by_its_entry_point(tmp_path):
         assert words[1] == "-m" and words[2] in parsers, command
         args = parsers[words[2]](words[3:])
         checked.add(words[2])
-        if getattr(args, "out", None) is not None:
-            assert Path(args.out) == out.resolve()
+        for folder in (getattr(args, "out", None), getattr(args, "report", None)):
+            assert folder is None or Path(folder) == out.resolve()
     assert checked == set(parsers)
+    tuning = (out / "logs" / "tuning.log").read_text().splitlines()[0]
+    assert "-m bitempered.tune " in tuning and f"--report {out.resolve()}" in tuning  # side by side
 
 
 def test_fetch_gpu_wheels_dry_run_and_arguments():

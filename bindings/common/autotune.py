@@ -21,6 +21,12 @@ the Triton version and a hash of the kernel sources (every ``kernels/*.py``); a 
 another Triton or for edited kernels is ignored (and replaced by the next write). The JAX launchers
 read the same file but never tune (jax-triton cannot time inside a trace): cached best or heuristic.
 
+A cache never fails nor changes the loss: a file that is not this user's own, in a folder that
+others may write (group/world-writable), not a regular file, not JSON or of another layout is
+ignored, and so is every entry whose config ``config_problem`` rejects (the checks ``pinned``
+applies to a user's config); an unwritable folder keeps the tuned configs in this process. Each
+case warns once (``CacheWarning``) and the launch takes the heuristic (or tunes again).
+
 Framework-free: the launchers pass device names, dtype names and element sizes.
 """
 
@@ -37,9 +43,11 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
+from bitempered.bindings.common import private_files
 from bitempered.kernels import launch_config
 from bitempered.kernels.launch_config import BinaryConfig, RowConfig
 
@@ -53,12 +61,24 @@ WARMUP_MS = 5
 REP_MS = 10
 ROW_FAMILIES = ("loss", "softmax_fwd", "softmax_bwd")
 BINARY_FAMILIES = ("binary_loss", "sigmoid_fwd", "sigmoid_bwd")
+# Bounds of a launchable config (what a pinned or cached one may ask for; the candidate sets stay
+# far inside them). Beyond them Triton or ptxas refuses the kernel: an error in the loss.
+MAX_TILE = 1 << 20           # elements of one block: Triton's TRITON_MAX_TENSOR_NUMEL
+MAX_THREAD_REGISTERS = 255   # PTX's per-thread cap (maxnreg)
+BLOCK_REGISTERS = 1 << 16    # registers of one block (sm_80, sm_90): num_warps * 32 * maxnreg
+MAX_STAGES = 4               # software-pipelined chunk buffers: more can exceed shared memory
+
+
+class CacheWarning(UserWarning):
+    """A cache file or entry was ignored, or a tuned config could not be stored."""
+
 
 _enabled: bool | None = None  # None: follow the environment variable
 _pinned: list = []            # configs forced by ``pinned`` (benchmarks, tests), innermost last
 _recorders: list[list] = []   # open ``recording`` blocks
 _lock = threading.Lock()
 _memory: dict[Path, dict] = {}  # cache file -> its loaded content (this process)
+_warned: set[str] = set()       # problems already reported by a CacheWarning (once each)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,10 +105,14 @@ def is_enabled() -> bool:
 @contextlib.contextmanager
 def pinned(config: RowConfig | BinaryConfig):
     """Every launch of a kernel of this config's kind uses ``config`` (tuning on or off): how
-    ``perf/tuning.py`` times the heuristic and the tuned config side by side. The config must be
-    valid for the launches inside (an on-chip one needs block_cols >= C)."""
+    ``python -m bitempered.tune --report`` times the heuristic and the tuned config side by side.
+    The config must be valid (``config_problem``), checked here and, for the C of each launch
+    inside (an on-chip one needs block_cols >= C), at the launch."""
     if not isinstance(config, (RowConfig, BinaryConfig)):
         raise TypeError(f"pinned: config must be a RowConfig or BinaryConfig, got {config!r}")
+    problem = config_problem(config)
+    if problem:
+        raise ValueError(f"pinned: {problem}")
     _pinned.append(config)
     try:
         yield config
@@ -113,6 +137,56 @@ def _pinned_of(kind):
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------
+# Validity of a config (pinned by a user or read from a cache)
+# --------------------------------------------------------------------------------------------
+
+def config_problem(config: RowConfig | BinaryConfig, n_cols: int | None = None) -> str:
+    """'' when ``config`` launches its kernels correctly (for rows of ``n_cols`` classes, when
+    given); else what is wrong, naming the field. Blocks are powers of two (``tl.arange``); an
+    on-chip row config must hold the whole row (block_cols >= C), else it computes a wrong loss."""
+    if isinstance(config, RowConfig):
+        if not isinstance(config.chunked, bool):
+            return f"chunked must be a bool, got {config.chunked!r}"
+        problem = (_power_of_two(config.block_rows, "block_rows", MAX_TILE)
+                   or _power_of_two(config.block_cols, "block_cols", MAX_TILE))
+        if not problem and config.block_rows * config.block_cols > MAX_TILE:
+            problem = (f"block_rows * block_cols = {config.block_rows * config.block_cols} "
+                       f"> {MAX_TILE} elements")
+        if not problem and n_cols is not None and not config.chunked and config.block_cols < n_cols:
+            problem = f"on-chip block_cols={config.block_cols} < C={n_cols}"
+    elif isinstance(config, BinaryConfig):
+        problem = _power_of_two(config.block, "block", MAX_TILE // 2)  # a [block, 2] tile
+    else:
+        return f"config must be a RowConfig or BinaryConfig, got {config!r}"
+    return problem or _launch_problem(config)
+
+
+def _launch_problem(config) -> str:
+    problem = _power_of_two(config.num_warps, "num_warps", launch_config.MAX_WARPS)
+    if not problem and config.maxnreg is not None:
+        problem = _integer_in(config.maxnreg, "maxnreg", MAX_THREAD_REGISTERS)
+        if not problem and config.num_warps * 32 * config.maxnreg > BLOCK_REGISTERS:
+            problem = (f"num_warps={config.num_warps} x 32 threads x maxnreg={config.maxnreg} "
+                       f"> {BLOCK_REGISTERS} registers per block")
+    if not problem and config.num_stages is not None:
+        problem = _integer_in(config.num_stages, "num_stages", MAX_STAGES)
+    return problem
+
+
+def _integer_in(value, name: str, limit: int) -> str:
+    if type(value) is not int or not 1 <= value <= limit:  # not a bool, not a float
+        return f"{name} must be an int in [1, {limit}], got {value!r}"
+    return ""
+
+
+def _power_of_two(value, name: str, limit: int) -> str:
+    problem = _integer_in(value, name, limit)
+    if not problem and value & (value - 1):
+        problem = f"{name} must be a power of two, got {value}"
+    return problem
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,20 +238,41 @@ def cache_key(family: str, n_cols: int | None, dtype: str, labels: str = "-",
 # --------------------------------------------------------------------------------------------
 
 def _load(device: str) -> dict:
-    """The entries of this device's cache file, {} when absent, unreadable or stale."""
+    """The entries of this device's cache file; {} when absent, stale, untrusted or damaged."""
     path = cache_path(device)
     current = fingerprint(device)
     cached = _memory.get(path)
     if cached is not None and cached["fingerprint"] == current:
         return cached["entries"]
-    entries = {}
-    try:
-        content = json.loads(path.read_text())
-        if {k: content.get(k) for k in current} == current:
-            entries = dict(content.get("entries", {}))
-    except (OSError, ValueError, AttributeError):
-        pass
+    entries = _read_entries(path, current)
     _memory[path] = {"fingerprint": current, "entries": entries}
+    return entries
+
+
+def _read_entries(path: Path, current: dict) -> dict:
+    """A file of another Triton or of edited kernels is stale: silently replaced by the next
+    write. One that cannot be trusted or parsed is ignored with a warning."""
+    try:
+        text = private_files.read_private(path).decode("utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8
+        _warn(f"autotune cache {path} ignored: {error} (or set ${ENV_CACHE_DIR} to a private folder)")
+        return {}
+    try:
+        content = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        _warn(f"autotune cache {path} ignored: not JSON ({error})")
+        return {}
+    if not isinstance(content, dict):
+        _warn(f"autotune cache {path} ignored: not a JSON object")
+        return {}
+    if {k: content.get(k) for k in current} != current:
+        return {}
+    entries = content.get("entries")
+    if not isinstance(entries, dict):
+        _warn(f"autotune cache {path} ignored: 'entries' is {type(entries).__name__}, not an object")
+        return {}
     return entries
 
 
@@ -191,19 +286,55 @@ def _store(device: str, key: str, entry: dict) -> None:
 
 
 def _write(path: Path, device: str, entries: dict) -> None:
-    content = dict(fingerprint(device), entries=dict(sorted(entries.items())))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Kept in this process in any case; a folder that cannot be written (read-only, full, not
+    private) only costs the other processes a tuning run, with a warning."""
     _memory[path] = {"fingerprint": fingerprint(device), "entries": dict(entries)}
+    content = dict(fingerprint(device), entries=dict(sorted(entries.items())))
+    try:
+        private_files.make_private_folder(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(content, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as error:
+        _warn(f"autotune cache {path} not written ({error}): the tuned configs stay in this "
+              f"process only", once=f"not written: {path}")  # the error names a random file
+
+
+def _warn(message: str, once: str | None = None) -> None:
+    """Each problem (``once``, default the message) is reported once per process."""
+    once = once or message
+    if once not in _warned:
+        _warned.add(once)
+        warnings.warn(message, CacheWarning, stacklevel=2)
 
 
 def cached_entry(device: str, key: str) -> dict | None:
+    """The entry as stored (any content: ``cached_config`` validates it)."""
     with _lock:
         return _load(device).get(key)
+
+
+def cached_config(kind, device: str, key: str, n_cols: int | None = None):
+    """The cached config of ``key`` if it is a valid ``kind`` (RowConfig or BinaryConfig) for
+    rows of ``n_cols`` classes; else None, with a warning when an entry was there."""
+    entry = cached_entry(device, key)
+    if entry is None:
+        return None
+    try:
+        config = kind(**entry["config"])
+        problem = config_problem(config, n_cols)
+    except (KeyError, TypeError) as error:  # not a dict, no config, other fields
+        problem = f"not a {kind.__name__} entry ({type(error).__name__}: {error})"
+    if problem:
+        _warn(f"autotune cache {cache_path(device)}: entry {key!r} ignored: {problem}")
+        return None
+    return config
 
 
 def forget(device: str, keys=None) -> None:
@@ -218,23 +349,25 @@ def forget(device: str, keys=None) -> None:
 
 
 def clear_memory() -> None:
-    """Forgets what this process loaded (tests; after editing the file by hand)."""
+    """Forgets what this process loaded and warned about (tests; after editing the file by hand)."""
     _memory.clear()
+    _warned.clear()
 
 
 # --------------------------------------------------------------------------------------------
 # Timing and selection
 # --------------------------------------------------------------------------------------------
 
-def measure_ms(run: Callable[[], None]) -> float:
-    """Time of one run: do_bench median on a GPU, one wall-clock run under the interpreter."""
+def measure_ms(run: Callable[[], None], warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS) -> float:
+    """Time of one run: do_bench median (L2 flushed before each run, over windows of ``warmup_ms``
+    and ``rep_ms``) on a GPU, one wall-clock run under the interpreter."""
     if interpreted():
         start = time.perf_counter()
         run()
         return (time.perf_counter() - start) * 1e3
     import triton.testing
 
-    return float(triton.testing.do_bench(run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+    return float(triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 def _time_candidates(candidates, bench) -> list[float]:
@@ -249,15 +382,11 @@ def _time_candidates(candidates, bench) -> list[float]:
     return times
 
 
-def _select(kind, device: str, key: str, heuristic, candidates, make_bench):
-    entry = cached_entry(device, key)
-    if entry is not None:
-        try:
-            config = kind(**entry["config"])
-            _record(device, key, False)
-            return config
-        except (KeyError, TypeError):
-            pass  # an entry of another layout: tune again
+def _select(kind, device: str, key: str, n_cols, heuristic, candidates, make_bench):
+    config = cached_config(kind, device, key, n_cols)
+    if config is not None:
+        _record(device, key, False)
+        return config
     bench = make_bench() if make_bench is not None else None
     if bench is None:  # nothing to time here (JAX, a CUDA graph being captured)
         return heuristic
@@ -297,14 +426,15 @@ def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *,
     heuristic = launch_config.row_config(n_cols, elem_bytes)
     forced = _pinned_of(RowConfig)
     if forced is not None:
-        if not forced.chunked and forced.block_cols < n_cols:
-            raise ValueError(f"pinned: on-chip block_cols={forced.block_cols} < C={n_cols}")
+        problem = config_problem(forced, n_cols)
+        if problem:
+            raise ValueError(f"pinned: {problem}")
         return forced
     if not is_enabled():
         return heuristic
     key = cache_key(family, n_cols, dtype, labels, need_grad, original)
     candidates = launch_config.row_candidates(n_cols, elem_bytes, interpreted())
-    return _select(RowConfig, _name(device), key, heuristic, candidates, make_bench)
+    return _select(RowConfig, _name(device), key, n_cols, heuristic, candidates, make_bench)
 
 
 def binary_config(family: str, dtype: str, *, device: str | Callable[[], str],
@@ -320,7 +450,7 @@ def binary_config(family: str, dtype: str, *, device: str | Callable[[], str],
         return heuristic
     key = cache_key(family, None, dtype, "-", need_grad, original)
     candidates = launch_config.binary_candidates(interpreted())
-    return _select(BinaryConfig, _name(device), key, heuristic, candidates, make_bench)
+    return _select(BinaryConfig, _name(device), key, None, heuristic, candidates, make_bench)
 
 
 def _name(device) -> str:

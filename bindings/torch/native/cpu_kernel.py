@@ -4,13 +4,26 @@ Eager torch ops cannot fuse a row's passes on the CPU, and at t1 = t2 = 1 with d
 costs SPEC's loss 1.3-1.6x ``F.cross_entropy`` (the labels' own log, which cross-entropy does not
 take, plus ten passes). The fused C kernel reads each row while it is in the core's cache.
 
-It is built the first time it is needed, with the system's GCC (``$CC``, else ``cc``),
+It is built (~0.3 s) the first time it is needed, with the system's GCC (``$CC``, else ``cc``),
 OpenMP (the same libgomp torch's CPU build loads, so it shares torch's threads) and glibc's vector
 math library (SIMD ``expf``/``logf``, one clone per x86-64 level), into the cache directory the
 autotuner uses (``$BITEMPERED_CACHE_DIR``, else ``$XDG_CACHE_HOME/bitempered``, else
-``~/.cache/bitempered``; a per-user temporary folder if that is read-only), under a name hashed
-from the source, the compiler and the flags (~0.3 s, once). After loading it must reproduce a
-float64 evaluation of a small fixed problem.
+``~/.cache/bitempered``), else a per-user temporary folder (``$TMPDIR/bitempered-<uid>``), else
+(neither usable) a fresh private folder, for this process only. After loading it must
+reproduce SPEC's general path (``native/math.py``, which also redoes the rows the kernel hands back)
+on a small fixed problem.
+
+A cached library is mapped only after it is verified, because mapping runs its code (a library
+planted by another user would run its constructors) and a damaged one can kill the process
+(a truncated file raises SIGBUS inside ``dlopen``):
+
+- its folder and the file are owned by this user and writable by no one else (not group- or
+  world-writable), and the file is a regular file, not a link;
+- its bytes hash to the sha256 in its name, ``cross_entropy_cpu-<build key>-<sha256>.so``, recorded
+  when it was built (the build key hashes the source, the compiler and the flags).
+
+A folder that fails is not used; a file that fails is bypassed and rebuilt (GCC's output is
+reproducible, so the rebuild replaces it under the same name). ``status()`` names each.
 
 Where any of that is missing (another OS or architecture, no GCC, a failed build, load or
 self-check) or ``BITEMPERED_CPU_KERNELS=0`` is set (or inside ``switched_off()``),
@@ -36,7 +49,11 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
 from bitempered import kernels
+from bitempered.bindings.common import autotune, private_files
+from bitempered.bindings.torch.native import math as native
 
 ENV_SWITCH = "BITEMPERED_CPU_KERNELS"
 SOURCE = Path(kernels.__file__).resolve().parent / "cross_entropy_cpu.c"
@@ -77,7 +94,7 @@ def dense_cross_entropy():
 
 
 def status() -> str:
-    """Whether the C kernel is in use, and if not, why."""
+    """Whether the C kernel is in use, and if not, why; then each cache folder or file not used, and why."""
     if not enabled():
         return f"off: {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}" if not _switched_off.get() else "off: switched_off()"
     dense_cross_entropy()
@@ -95,18 +112,53 @@ def _load():
     compiler = _compiler()
     if compiler is None:
         return None, "unavailable: no C compiler ($CC or cc)"
+    refused: list[str] = []  # cache folders and files not used, and why
     try:
-        path = _build(compiler)
-        function = _bind(ctypes.CDLL(str(path)))
+        path, private = _verified_or_built(compiler, refused)
+        try:  # by path, after the checks: only this user can replace it, by renaming a verified build
+            function = _bind(ctypes.CDLL(str(path)))
+        finally:
+            if private:  # the mapping outlives the file
+                shutil.rmtree(path.parent, ignore_errors=True)
         error = _self_check(function)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path runs and status() says why
-        return None, f"unavailable: {type(exc).__name__}: {exc}"
+        return None, _noting(f"unavailable: {type(exc).__name__}: {exc}", refused)
     if error:
-        return None, f"unavailable: the built kernel failed its self-check ({error})"
-    return function, f"in use: {path}"
+        return None, _noting(f"unavailable: the built kernel failed its self-check ({error})", refused)
+    return function, _noting(f"in use: {path}" + (" (built for this process only)" if private else ""), refused)
 
 
-def _build(compiler: list[str]) -> Path:
+def _noting(reason: str, refused: list[str]) -> str:
+    return f"{reason} (not used: {'; '.join(refused)})" if refused else reason
+
+
+def _verified_or_built(compiler: list[str], refused: list[str]) -> tuple[Path, bool]:
+    """A verified cached library, else a new build in the first usable cache folder, else in a fresh
+    private folder: (its path, whether it is that private folder's). Appends to ``refused``."""
+    key = _build_key(compiler)
+    usable = []
+    for directory in _cache_dirs():
+        problem = private_files.folder_problem(directory)
+        if problem:
+            refused.append(f"folder {directory}: {problem}")
+            continue
+        usable.append(directory)
+        for entry in sorted(directory.glob(_entry_name(key, "*"))):
+            problem = _entry_problem(entry, key)
+            if not problem:
+                return entry, False
+            refused.append(f"{entry}: {problem}")
+    for directory in usable:
+        try:
+            private_files.make_private_folder(directory)
+            return _compile(compiler, directory, key), False
+        except OSError as exc:  # not private, read-only or full: the next one
+            refused.append(str(exc) if exc.strerror is None else f"folder {directory}: {exc.strerror}")
+    return _compile(compiler, Path(tempfile.mkdtemp(prefix="bitempered-")), key), True
+
+
+def _build_key(compiler: list[str]) -> str:
+    """A hash of the source, the compiler and the flags: a change to any of them is a new build."""
     version = subprocess.run(compiler + ["--version"], capture_output=True, text=True,
                              timeout=COMPILE_TIMEOUT_S).stdout
     if "clang" in version.lower() or not ("gcc" in version.lower() or "free software foundation" in version.lower()):
@@ -117,36 +169,44 @@ def _build(compiler: list[str]) -> Path:
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(compiler).encode(), version.encode(), " ".join(FLAGS + LIBS).encode()):
         digest.update(part)
-    name = f"cross_entropy_cpu-{digest.hexdigest()[:16]}.so"
-    for directory in _cache_dirs():
-        if (directory / name).exists():
-            return directory / name
-    for directory in _cache_dirs():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            return _compile(compiler, directory / name)
-        except PermissionError:  # a read-only cache directory: the next one
-            continue
-    raise RuntimeError(f"no writable cache directory among {[str(d) for d in _cache_dirs()]}")
+    return digest.hexdigest()[:16]
+
+
+def _entry_name(key: str, sha256: str) -> str:
+    """The cached library's file name: its build key and the sha256 of its bytes ("*": any)."""
+    return f"cross_entropy_cpu-{key}-{sha256}.so"
 
 
 def _cache_dirs() -> list[Path]:
-    from bitempered.bindings.common import autotune  # the cache directory the autotuner uses, then a per-user temporary one
-
+    """The autotuner's cache directory, then a per-user temporary one."""
     return [autotune.cache_dir(), Path(tempfile.gettempdir()) / f"bitempered-{os.getuid()}"]
 
 
-def _compile(compiler: list[str], path: Path) -> Path:
-    directory = path.parent
+def _entry_problem(path: Path, key: str) -> str:
+    """'' if the cached library may be mapped, else why not: see the module docstring. Its bytes
+    are read once, by ``private_files.read_private`` (owner and mode checked on the open file),
+    and hashed."""
+    try:
+        content = private_files.read_private(path)
+    except OSError as exc:
+        return str(exc) if exc.strerror is None else f"cannot open it ({exc.strerror})"
+    if path.name != _entry_name(key, hashlib.sha256(content).hexdigest()):
+        return f"damaged: its {len(content)} bytes do not hash to the sha256 in its name"
+    return ""
+
+
+def _compile(compiler: list[str], directory: Path, key: str) -> Path:
     # build under a temporary name and rename: processes that build at once (DDP ranks) never
     # load a half-written library
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    handle, partial = tempfile.mkstemp(suffix=".partial", dir=directory)
     os.close(handle)
     try:
         done = subprocess.run(compiler + list(FLAGS) + [str(SOURCE), "-o", partial] + list(LIBS),
                               capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
+        os.chmod(partial, 0o700)  # whatever the umask: the loader refuses group/world-writable files
+        path = directory / _entry_name(key, hashlib.sha256(Path(partial).read_bytes()).hexdigest())
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -163,34 +223,28 @@ def _bind(library):
 
 
 def _self_check(function) -> str:
-    """'' if the kernel gives what the eager blocks it replaces give (the native backend's ground
-    truth, ``torch_native_loss._cross_entropy``) on fixed rows long enough for the SIMD loops and
-    their tails: y = 0 classes, with smoothing, and without it a 0 label at a -inf logit; else what
-    differed."""
-    import torch
-
-    from bitempered.bindings.torch.native import loss as native_loss
-
+    """'' if the kernel gives what SPEC's general path gives (``native/math.py``: the native ground
+    truth, which also redoes the rows the kernel hands back) on fixed rows long enough for the SIMD
+    loops and their tails: y = 0 classes, with smoothing, and without it a 0 label at a -inf logit;
+    else what differed."""
     generator = torch.Generator().manual_seed(0)
-    n, c = 3, 37
+    n, c, scale = 3, 37, 0.25
     for smoothing in (0.05, 0.0):
         logits = torch.randn(n, c, generator=generator) * 4.0
         labels = torch.softmax(torch.randn(n, c, generator=generator), -1)
         labels[:, ::5] = 0.0
         if smoothing == 0.0:
             logits[1, 5] = -math.inf
-        grad, want_grad = torch.empty_like(logits), torch.empty_like(logits)
-        with switched_off():
-            want = native_loss._cross_entropy(logits, labels, False, smoothing, torch.tensor(0.25).expand(n),
-                                              want_grad, False)
-        keep, floor = native_loss.native.smoothing_coefficients(smoothing, c)
-        loss = torch.empty(n)
+        log_p = native.tempered_log_softmax_rows(logits, 1.0, None, compact=False)
+        want, want_grad = native.loss_and_grad_rows(log_p, native.smooth_labels(labels, smoothing), 1.0, 1.0, True)
+        keep, floor = native.smoothing_coefficients(smoothing, c)
+        loss, grad = torch.empty(n), torch.empty(n, c)
         bad = function(logits.data_ptr(), c, labels.data_ptr(), c, grad.data_ptr(), c, loss.data_ptr(), n, c,
-                       keep, floor, 0.25, 1)
+                       keep, floor, scale, 1)
         if bad != 0:
             return f"{bad} labels reported outside [0, 1]"
         if not torch.allclose(loss, want, rtol=1e-5, atol=1e-5):
             return f"smoothing {smoothing}: losses {loss.tolist()} != {want.tolist()}"
-        if not torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-7):
-            return f"smoothing {smoothing}: gradients differ by up to {float((grad - want_grad).abs().max()):.3g}"
+        if not torch.allclose(grad, scale * want_grad, rtol=1e-5, atol=1e-7):
+            return f"smoothing {smoothing}: gradients differ by up to {float((grad - scale * want_grad).abs().max()):.3g}"
     return ""

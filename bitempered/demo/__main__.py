@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 from bitempered.demo.data import Noise
+from bitempered.extras import require
 from bitempered.demo.mlp import DEFAULT_LOSSES, LossSpec, Recipe
 
 DEFAULT_NOISES = ("0", "0.2", "0.4", "0.6", "flip:0.4")
@@ -67,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for module in ("tqdm", "sklearn", "matplotlib", args.framework):  # before any work: say what is missing
+        require(module, "demo" if module != args.framework else args.framework, "python -m bitempered.demo")
     from tqdm import tqdm
 
     from bitempered.demo import boundaries, experiment, plots, report

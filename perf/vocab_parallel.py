@@ -5,8 +5,8 @@ fwd+bwd step of ``vocab_parallel_bi_tempered_logistic_loss`` (class-index labels
 ``--repeats`` times after a warm-up step. P = 1 runs the same code with no collective.
 Ranks are spawned processes on 127.0.0.1: gloo on CPU (``--device cpu``), NCCL with one GPU per
 rank (``--device cuda``, the same code path). Reported (rank 0): min and median wall-clock of a
-step (CUDA: synchronized), the solver passes (P > 1: all-reduces - 3, the count that
-``tests/test_vocab_parallel_torch.py`` checks), and per call the number of all-reduces and the bytes
+step (CUDA: synchronized), the solver passes (P > 1: per block of rows, from the all-reduce
+count that ``tests/test_vocab_parallel_torch.py`` checks: 1 + per block passes + 2), and per call the number of all-reduces and the bytes
 one rank sends into them (the sum of their tensors' sizes: O(N), never N x C). At P = 1 it also
 times the plain ``bi_tempered_logistic_loss`` on the same logits ("plain" column: on CUDA the fused
 kernel, so the ratio is the cost of the vocab-parallel kernels' split launches). ``--backend``
@@ -34,6 +34,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     import torch
     import torch.distributed as dist
 
+    from bitempered.bindings.torch.native import loss as native_loss
     from bitempered.bindings.torch.native import math as native
     from bitempered.torch import bi_tempered_logistic_loss, vocab_parallel_bi_tempered_logistic_loss
 
@@ -84,8 +85,12 @@ def _rank_main(rank, world_size, port, args, results_path):
         dist.all_reduce = original
         plain = timed(lambda: step(bi_tempered_logistic_loss)) if world_size == 1 else None
         if rank == 0:
-            # solver passes: all-reduces minus the check, the max and the epilogue (P = 1 sends none)
-            passes = count - 3 if world_size > 1 else int(
+            # solver passes per block of rows: the kernels run one block (all-reduces = 1 check +
+            # max + passes + epilogue); the native driver 1 check + per block (max + passes +
+            # epilogue) over blocks of rows_per_block(ceil(C / P)) rows. P = 1 sends none.
+            kernels = device.type == "cuda" and args.backend != "torch"
+            blocks = 1 if kernels else -(-n // native_loss.rows_per_block(-(-c // world_size)))
+            passes = round((count - 1) / blocks - 2, 2) if world_size > 1 else int(
                 native.solve_converged(native.shift_by_max(logits.float()), args.t2)[1].max())
             row = dict(ranks=world_size, backend=backend, rows=n, classes=c, dtype=args.dtype, t1=args.t1,
                        t2=args.t2, min_s=min(times), median_s=statistics.median(times), collectives=count,

@@ -5,8 +5,10 @@ each slice's gradient must equal the unsharded loss on the whole logits (float64
 float32/bfloat16: the unsharded result of the same dtype to float32 rounding), for every
 reduction, class-index and dense labels, ignore_index, smoothing (global C), t2 < 1 and t2 > 1,
 num_iters=k, and rows with -inf, NaN and a far-off maximum. Then the collective count per call
-(passes + 3), bad input (a clear ValueError on every rank, no hang), a group of one rank, and a
-DTensor sharded on the class dimension through the plain ``bi_tempered_logistic_loss``.
+(passes + 3 for rows within one block; 1 + per block (passes + 2) over several), bad input (a
+clear ValueError on every rank, no hang; the plain loss's messages), a group of one rank (the
+plain loss's driver), and a DTensor sharded on the class dimension through the plain
+``bi_tempered_logistic_loss``.
 """
 
 import itertools
@@ -242,15 +244,93 @@ def _bad_input_group_of_one_and_dtensor(rank, world_size):
     torch.testing.assert_close(probs.full_tensor(), bt.tempered_softmax(full, 0.7), rtol=1e-12, atol=1e-12)
 
 
+def _blocks_of_rows(rank, world_size):
+    """Rows over several blocks of the native driver (a tiny block budget here): every rank blocks
+    the same rows (rows per block from ceil(C / P)), each block reduces its own rows, and the result
+    still equals the unsharded loss, with 1 + per block (passes + 2) collectives; at t1 = t2 = 1
+    the general path runs one pass per block."""
+    import torch.distributed as dist
+
+    import bitempered.torch as bt
+    from bitempered.bindings.torch.native import loss as native_loss
+    from bitempered.bindings.torch.native import math as native
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss
+
+    cols = _slice(rank, world_size)
+    logits = _logits(torch.float64)[:, :2].reshape(4, C)  # finite rows
+    budget = native_loss.BLOCK_ELEMENTS
+    native_loss.BLOCK_ELEMENTS = 2 * -(-C // world_size)  # 2 rows per block: 2 blocks
+    try:
+        for (t1, t2), kind in itertools.product(((0.8, 1.2), (1.0, 1.0), (0.5, 0.7)), ("indices", "dense")):
+            labels = torch.tensor([1, 4, 8, -100]) if kind == "indices" else _labels(kind).reshape(6, C)[:4]
+            kwargs = dict(t1=t1, t2=t2, label_smoothing=0.1, reduction="mean")
+            want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, None, **kwargs)
+            local_labels = labels if kind == "indices" else labels[:, cols]
+            results = []
+            count, _ = _count_collectives(dist, lambda: results.append(_loss_and_grad(
+                vocab_parallel_bi_tempered_logistic_loss, logits[:, cols], local_labels, None, **kwargs)))
+            (got, got_grad), = results
+            where = f"rank {rank}/{world_size}: t = {(t1, t2)} {kind}"
+            torch.testing.assert_close(got, want, **TOLERANCES[torch.float64], msg=lambda m: f"{where}\n{m}")
+            torch.testing.assert_close(got_grad, want_grad[:, cols], **TOLERANCES[torch.float64],
+                                       msg=lambda m: f"{where}\n{m}")
+            passes = [int(native.solve_converged(native.shift_by_max(logits[i:i + 2]), t2)[1].max()) for i in (0, 2)]
+            assert count == 1 + sum(p + 2 for p in passes), (where, count, passes)
+    finally:
+        native_loss.BLOCK_ELEMENTS = budget
+
+
+def _one_driver_and_the_plain_loss_errors(rank, world_size):
+    """A group of one rank runs the plain loss's native driver (the same bits); a bad argument
+    gives the plain loss's error (one check, written once); the stored gradient is scaled in place,
+    so a second backward fails loudly, as for the plain loss."""
+    import torch.distributed as dist
+
+    import bitempered.torch as bt
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss as loss
+
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    logits = _logits(torch.float32)
+    for (t1, t2), kind in itertools.product(((0.8, 1.2), (1.0, 1.0)), ("indices", "dense")):
+        labels = _labels(kind).float() if kind == "dense" else _labels(kind)
+        upstream = torch.linspace(0.5, 2.0, 6).reshape(2, 3)
+        kwargs = dict(t1=t1, t2=t2, label_smoothing=0.1, reduction="none")
+        want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, upstream, **kwargs)
+        got, got_grad = _loss_and_grad(loss, logits, labels, upstream, group=alone, **kwargs)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (t1, t2, kind)
+        assert torch.equal(got_grad.nan_to_num(), want_grad.nan_to_num()), (t1, t2, kind)
+    cols = _slice(rank, world_size)
+    labels = torch.tensor([0, 5, 10])
+    hidden, weight = torch.randn(3, 4), torch.randn(C, 4)
+    for bad in (dict(ignore_index=True), dict(reduction="avg"), dict(num_iters=0), dict(t1=2.5), dict(t2=-1.0),
+                dict(label_smoothing=1.0), dict(backend="gpu")):
+        settings = dict(dict(t1=0.8, t2=1.2), **bad)
+        errors = []
+        for call in (lambda: bt.bi_tempered_logistic_loss(logits[0], labels, **settings),
+                     lambda: bt.linear_bi_tempered_logistic_loss(hidden, weight, labels, **settings),
+                     lambda: loss(logits[0][:, cols], labels, **settings)):
+            with pytest.raises((ValueError, TypeError)) as error:
+                call()
+            errors.append((error.type, str(error.value)))
+        assert errors[0] == errors[1] == errors[2], (bad, errors)
+    local = logits[0][:, cols].clone().requires_grad_()
+    result = loss(local, labels, 0.8, 1.2)
+    result.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        result.backward()
+
+
 # One spawn per world size (starting ranks costs far more than the cases): each runs several checks.
 def _two_ranks(rank, world_size):
     _matches_unsharded(rank, world_size)
     _bad_input_group_of_one_and_dtensor(rank, world_size)
+    _one_driver_and_the_plain_loss_errors(rank, world_size)
 
 
 def _three_ranks(rank, world_size):
     _matches_unsharded(rank, world_size)
     _collective_count(rank, world_size)
+    _blocks_of_rows(rank, world_size)
     if INTERPRETED:
         _kernel_collective_count(rank, world_size)
 

@@ -6,7 +6,7 @@ the kernels take as one scalar per call, falls back to one call per sample.
 
 grad/vjp/jacrev: the autograd that ``torch.library`` generates for a custom op does not work under
 torch.func transforms (pytorch/pytorch#168393), so while a transform is active the public API calls
-the op through :func:`transformable`, an autograd.Function with the same setup_context and backward
+the op through :func:`call`: an autograd.Function with the same setup_context and backward
 functions as the op's own registration, and a vmap rule generated from the op's vmap rule.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from bitempered.bindings.torch import ops
+from bitempered.bindings.torch.rows import grad_scale, kept_rows, reduce
 
 Tensor = torch.Tensor
 
@@ -63,16 +64,10 @@ def _scalars_batched(in_dims, positions) -> bool:
 
 def _reduce_per_sample(loss_rows: Tensor, grad: Tensor, kept: Tensor, reduction: str, need_grad: bool):
     """Per-row losses [B, N] and unscaled gradients [B, N, ...] -> each sample's reduction."""
-    if reduction == "none":
-        return loss_rows, grad
-    if reduction == "sum":
-        return loss_rows.sum(dim=1), grad
-    count = kept.sum(dim=1).to(loss_rows.dtype)
-    loss = loss_rows.sum(dim=1) / count
-    if need_grad:
-        scale = torch.where(count > 0, 1.0 / count, 0.0).to(grad.dtype)
+    if need_grad and reduction == "mean":
+        scale = grad_scale(kept, reduction, loss_rows.dtype).to(grad.dtype)
         grad = grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))))
-    return loss, grad
+    return reduce(loss_rows, kept, reduction), grad
 
 
 def _loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
@@ -86,10 +81,7 @@ def _loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters
     rows = folded_logits.shape[0] // batch
     loss_rows, grad = ops.loss_op(folded_logits, folded_labels, t1, t2, label_smoothing, num_iters, ignore_index,
                                   "none", backend, need_grad)
-    if folded_labels.dtype.is_floating_point:
-        kept = torch.ones(batch, rows, dtype=torch.bool, device=logits.device)
-    else:
-        kept = (folded_labels != ignore_index).reshape(batch, rows)
+    kept = kept_rows(folded_labels, ignore_index).reshape(batch, rows)
     grad = grad.reshape(batch, rows, -1) if need_grad else grad
     loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, reduction, need_grad)
     return (loss, grad), (0, 0 if need_grad else None)
@@ -156,22 +148,13 @@ def _transform_function(op, setup_context, backward):
     })
 
 
-_TRANSFORMABLE = {
-    ops.loss_op: _transform_function(ops.loss_op, ops._save_grad, ops._scale_saved_grad),
-    ops.binary_loss_op: _transform_function(ops.binary_loss_op, ops._save_grad, ops._scale_saved_grad),
-    ops.softmax_op: _transform_function(ops.softmax_op, ops._save_probs,
-                                        lambda ctx, grad: ops._softmax_vjp(ctx, grad, invoke=call)),
-    ops.sigmoid_op: _transform_function(ops.sigmoid_op, ops._save_probs,
-                                        lambda ctx, grad: ops._sigmoid_vjp(ctx, grad, invoke=call)),
-    ops.softmax_backward_op: _transform_function(ops.softmax_backward_op, ops._save_vjp_inputs,
-                                                 ops._softmax_vjp_vjp),
-    ops.sigmoid_backward_op: _transform_function(ops.sigmoid_backward_op, ops._save_vjp_inputs,
-                                                 ops._sigmoid_vjp_vjp),
-}
-
-
 def call(op, *args):
     """``op(*args)``, through its transform-ready autograd.Function while a torch.func transform runs."""
     if transforms_active():
         return _TRANSFORMABLE[op].apply(*args)
     return op(*args)
+
+
+# each op's registered autograd, its backward calling ops through ``call``
+_TRANSFORMABLE = {op: _transform_function(op, setup_context, backward)
+                  for op, (setup_context, backward) in ops.autograd_rules(invoke=call).items()}

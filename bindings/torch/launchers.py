@@ -26,8 +26,6 @@ from bitempered.kernels.loss import tempered_loss_kernel
 from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
 from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
 
-MAX_PASSES = launch_config.MAX_PASSES
-
 
 def loss_path(num_classes: int, dtype: torch.dtype) -> str:
     """"on_chip" or "chunked": the path the heuristic takes for this C and logits dtype."""
@@ -133,7 +131,7 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
                 loss_out, grad_buffer if need_grad else loss_out,
                 LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), ORIGINAL=original,
                 CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
-                BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, **config.launch_options(),
+                BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES, **config.launch_options(),
             )
 
     def make_bench():  # scratch outputs: grad may be the logits buffer itself (in place)
@@ -164,7 +162,7 @@ def softmax_forward(logits2d, t, num_iters):
                 logits2d, t_device, k, n_rows, n_cols,
                 logits2d.stride(0), out.stride(0), out,
                 ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
-                BLOCK_COLS=config.block_cols, MAX_PASSES=MAX_PASSES, **config.launch_options(),
+                BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES, **config.launch_options(),
             )
 
     def make_bench():
@@ -274,7 +272,7 @@ def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad,
                 k, n, x1d.stride(0), y1d.stride(0), loss_out,
                 grad_buffer if need_grad else loss_out,
                 NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
-                MAX_PASSES=MAX_PASSES, **config.launch_options(),
+                MAX_PASSES=launch_config.MAX_PASSES, **config.launch_options(),
             )
 
     def make_bench():
@@ -301,7 +299,7 @@ def sigmoid_forward(x1d, t, num_iters):
         with _device_scope(x1d):
             tempered_sigmoid_fwd_kernel[(triton_cdiv(n, config.block),)](
                 x1d, t_device, k, n, x1d.stride(0), out,
-                ORIGINAL=original, BLOCK=config.block, MAX_PASSES=MAX_PASSES,
+                ORIGINAL=original, BLOCK=config.block, MAX_PASSES=launch_config.MAX_PASSES,
                 **config.launch_options(),
             )
 

@@ -23,17 +23,13 @@ from __future__ import annotations
 import torch
 
 from bitempered.bindings.common import linear_chunks
-from bitempered.bindings.torch.native import math as native
 from bitempered.bindings.common import validation as check
-from bitempered.bindings.torch.ops import _grad_scale, _native_loss, _reduce, _triton
+from bitempered.bindings.torch import args, ops
+from bitempered.bindings.torch.native import loss as native_loss
+from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.rows import grad_scale, kept_rows, reduce
 
 Tensor = torch.Tensor
-
-
-def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    if labels.dtype.is_floating_point:
-        return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-    return labels != ignore_index
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -59,16 +55,17 @@ def _chunk_gradient(logits, labels, t1, t2, label_smoothing, num_iters, ignore_i
     """
     if backend == "triton":
         scalar = row_scale is not None and row_scale.dim() == 0
-        loss_rows, grad = _triton().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
-                                                 ignore_index, need_grad, grad_out=logits if need_grad else None,
-                                                 grad_scale=row_scale if scalar else None)
+        loss_rows, grad = ops.triton_launchers().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
+                                                             ignore_index, need_grad,
+                                                             grad_out=logits if need_grad else None,
+                                                             grad_scale=row_scale if scalar else None)
         if need_grad and not scalar:
             grad.mul_(row_scale)
         return loss_rows, grad
     rows = logits.to(native.compute_dtype(logits.dtype))  # the native loss computes in this dtype anyway
     del logits
-    loss_rows, grad = _native_loss(rows, labels, t1, t2, label_smoothing, num_iters, ignore_index, "none",
-                                   need_grad)
+    loss_rows, grad = native_loss.reduced_loss_and_grad(rows, labels, t1, t2, label_smoothing, num_iters,
+                                                        ignore_index, "none", need_grad)
     return loss_rows, (grad.mul_(row_scale) if need_grad else None)
 
 
@@ -120,15 +117,15 @@ def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: 
     grad_weight, grad_bias), the gradients for unit upstream gradient (empty where not asked for,
     and always empty for "none", whose backward recomputes). ``num_iters`` 0 means converged."""
     iters = num_iters or None
-    kept = _kept_rows(labels, ignore_index)
-    scale = _grad_scale(kept, reduction, native.compute_dtype(hidden.dtype)) if reduction != "none" else None
+    kept = kept_rows(labels, ignore_index)
+    scale = grad_scale(kept, reduction, native.compute_dtype(hidden.dtype)) if reduction != "none" else None
     if backend == "triton" and scale is not None:
         scale = scale.to(torch.float32)
     loss_rows, grad_hidden, grad_weight, grad_bias = chunked_pass(
         hidden, weight, bias, labels, t1, t2, label_smoothing, iters, ignore_index, backend, chunk_size, scale,
         need_hidden, need_weight, need_bias)
     loss_rows = torch.where(kept, loss_rows, 0.0)
-    return _reduce(loss_rows, kept, reduction), grad_hidden, grad_weight, grad_bias
+    return reduce(loss_rows, kept, reduction), grad_hidden, grad_weight, grad_bias
 
 
 @linear_loss_op.register_fake
@@ -151,7 +148,7 @@ def linear_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, b
                             need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_loss_i * loss_i (reduction="none"), recomputed chunk by chunk; in the
     inputs' dtypes (empty where not asked for)."""
-    kept = _kept_rows(labels, ignore_index)
+    kept = kept_rows(labels, ignore_index)
     upstream = torch.where(kept, grad_loss.to(native.compute_dtype(hidden.dtype)), 0.0)
     _, grad_hidden, grad_weight, grad_bias = chunked_pass(
         hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters or None, ignore_index, backend,
@@ -244,35 +241,22 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     Gradients flow to whichever of hidden / weight / bias requires them; grad_weight and grad_bias
     are accumulated over the chunks in fp32 (fp64 for fp64) and rounded once.
     """
-    from bitempered.bindings.torch import api  # the plain loss's argument handling, messages included
-
     _check_operands(hidden, weight, bias)
     num_classes = weight.shape[0]
     logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
-    indices = api._label_kind(logits_shape, labels)
-    api.check.check_reduction(reduction)
-    iters = api._num_iters(num_iters)
-    smoothing, smoothing_value = api._label_smoothing(label_smoothing, hidden.device)
-    api.check.check_smoothing_classes(smoothing_value, num_classes)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    backend = api._resolve_backend(backend, hidden.device, hidden.dtype)
-    t1_ = api._temperature(t1, "t1", hidden.device)
-    t2_ = api._temperature(t2, "t2", hidden.device)
-    if labels.device != hidden.device:
-        raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
+    checked = args.loss_args(logits_shape, hidden.device, hidden.dtype, labels, t1, t2, label_smoothing, num_iters,
+                             reduction, ignore_index, backend, holder="hidden")
+    check.check_smoothing_classes(checked.smoothing_value, num_classes)
     x = hidden.reshape(-1, hidden.shape[-1])
     x = x if x.is_contiguous() else x.contiguous()
-    label_rows = labels.reshape(-1) if indices else labels.reshape(-1, num_classes)
-    if indices:
-        api._check_indices(label_rows, num_classes, ignore_index)
-    else:
-        api._check_dense_labels(label_rows)
+    label_rows = labels.reshape(-1) if checked.indices else labels.reshape(-1, num_classes)
+    args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and v is not None and v.requires_grad for v in (hidden, weight, bias)]
     loss, *_ = linear_loss_op(x, weight.contiguous(), None if bias is None else bias.contiguous(), label_rows,
-                              t1_, t2_, smoothing, iters, ignore_index, reduction, backend, chunk, *need)
+                              checked.t1, checked.t2, checked.smoothing, checked.num_iters, ignore_index, reduction,
+                              checked.backend, chunk, *need)
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
 
 
@@ -283,9 +267,7 @@ class LinearBiTemperedLogisticLoss(torch.nn.Module):
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
                  chunk_size=None, backend="auto"):
         super().__init__()
-        from bitempered.bindings.torch import api
-
-        api.BiTemperedLogisticLoss(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)  # checks
+        args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, backend)
         linear_chunks.chunk_size(chunk_size, 1, 1)
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters

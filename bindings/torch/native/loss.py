@@ -1,8 +1,10 @@
-"""The native PyTorch loss driver: SPEC's loss and gradient over blocks of rows.
+"""The native PyTorch loss driver: SPEC's loss and gradient over blocks of rows, for every native
+loss (the plain loss through ``ops``, the fused linear head per chunk, the vocab-parallel loss per
+class slice).
 
-``bindings/torch/native/math.py`` holds the math (the solver, the loss and gradient terms) for whole
-row sets; this driver runs it on blocks of about ``BLOCK_ELEMENTS`` logits at a time and writes
-each block's gradient, scaled and masked, straight into the one [N, C] output. Why blocks:
+``native/math.py`` holds the math (the solver, the loss and gradient terms) for whole row sets;
+this driver runs it on blocks of about ``BLOCK_ELEMENTS`` logits at a time and writes each block's
+gradient, scaled and masked, straight into the one [N, C] output. Why blocks:
 
 - memory: every temporary of the solver and of the loss/gradient terms is block-sized, so the
   loss costs the gradient buffer plus O(block) (measured by ``python -m perf --memory``), instead
@@ -15,11 +17,17 @@ At t1 = t2 = 1 the loss is cross-entropy (SPEC), and the blocks take a lean path
 (``_cross_entropy``): the gradient ``p - y`` (dense labels: ``p sum(y) - y``) is written by
 torch's fused row kernels (``softmax``; dense labels ``log_softmax`` and its backward). float32
 dense labels on the CPU go to one fused C kernel instead where it is built
-(``cpu_kernels.py``, ``kernels/cross_entropy_cpu.c``): eager ops spend a log, two exps and about
-ten passes per element there, the kernel one exp and one log while the row is in cache. Rows
+(``native/cpu_kernel.py``, ``kernels/cross_entropy_cpu.c``): eager ops spend a log, two exps and
+about ten passes per element there, the kernel one exp and one log while the row is in cache. Rows
 where a shortcut is not SPEC's value (NaN or +inf logits, label mass on a p = 0 class, a
 target probability below the normal range) come back non-finite and are recomputed by the general
 path, so the result never depends on the path.
+
+A slice of the classes (vocab-parallel): the logits hold classes [offset, offset + C_local) of C,
+and a row reducer (``vocab_parallel.GroupRows``) reduces each row statistic over the slices. The
+general path runs then (the cross-entropy shortcut needs whole rows: at t1 = t2 = 1 the general
+path is one solver pass), and the blocks hold the same rows on every rank (their row count comes
+from ceil(C / slices), which every rank knows), so each block's collectives run in lockstep.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 
 from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
 from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, kept_rows, masked_scale, reduce
 
 # Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
 # pass stay in a CPU's L3 cache; a block of at least this size keeps torch's per-op overhead
@@ -165,8 +174,8 @@ def _cross_entropy(logits, labels, indices: bool, label_smoothing: float, row_sc
 
 def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale, grad, check_labels: bool):
     """``_cross_entropy`` of dense float32 labels on the CPU by the fused C kernel
-    (``cpu_kernels``), or None where it does not apply (another device or dtype, no kernel): then the
-    eager blocks run. Rows to redo come back non-finite, as from the blocks."""
+    (``native/cpu_kernel.py``), or None where it does not apply (another device or dtype, no
+    kernel): then the eager blocks run. Rows to redo come back non-finite, as from the blocks."""
     function = cpu_kernels.dense_cross_entropy() if logits.device.type == "cpu" else None
     num_rows, num_classes = logits.shape
     if function is None or num_rows == 0 or logits.dtype != torch.float32 or labels.dtype != torch.float32 \
@@ -186,15 +195,34 @@ def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale
     return loss
 
 
-def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool):
-    log_p = native.tempered_log_softmax_rows(a, t2, num_iters, compact=False)  # a block: no compaction
+def _general_labels(targets, indices: bool, whole_rows: bool, label_smoothing: float, num_local: int,
+                    num_classes: int, dtype):
+    """The labels ``_general_block`` takes for some rows: class indices as they are (whole rows),
+    else dense rows smoothed over the GLOBAL class count: the given ones, or for class indices on a
+    slice the slice's part of the one-hot rows (``targets``: the index within the slice, outside
+    [0, C_local) where the target is elsewhere or the row ignored)."""
+    if indices and whole_rows:
+        return targets
+    if indices:
+        here = (targets >= 0) & (targets < num_local)
+        y = torch.zeros(targets.shape[0], num_local, dtype=dtype, device=targets.device)
+        y.scatter_(-1, torch.where(here, targets, 0).unsqueeze(-1), here.to(dtype).unsqueeze(-1))
+    else:
+        y = targets.to(dtype)
+    return native.smooth_labels(y, label_smoothing, num_classes)
+
+
+def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool,
+                   reducer=native.LOCAL_ROWS):
+    log_p = native.tempered_log_softmax_rows(a, t2, num_iters, reducer, compact=False)  # a block: no compaction
     if indices:
         return native.loss_and_grad_rows_indices(log_p, labels, label_smoothing, t1, t2, need_grad)
-    return native.loss_and_grad_rows(log_p, labels, t1, t2, need_grad)  # dense labels come smoothed
+    return native.loss_and_grad_rows(log_p, labels, t1, t2, need_grad, reducer)  # dense labels come smoothed
 
 
 def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ignore_index: int,
-                  need_grad: bool, grad_scale: torch.Tensor):
+                  need_grad: bool, grad_scale: torch.Tensor, reducer: native.LocalRows = native.LOCAL_ROWS,
+                  class_offset: int = 0, num_classes: int | None = None):
     """Per-row losses [N] (compute dtype; 0 for ignored rows, NaN for invalid class indices), the
     mask of kept rows [N], and ``grad_scale`` x dL/dlogits [N, C] in the logits' dtype (or None).
 
@@ -202,35 +230,41 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     temperatures as host floats; ``grad_scale`` a 0-d tensor (e.g. 1/count for "mean").
     Each gradient element is computed in the compute dtype and rounded once into the logits' dtype.
     Dense labels outside [0, 1] raise ValueError where ``checks_dense_labels`` says so.
+
+    A class slice: ``logits`` [N, C_local] hold classes ``class_offset`` + [0, C_local) of
+    ``num_classes`` (default: C_local, every class), dense labels are sliced like them, class
+    indices are global, and ``reducer`` reduces the row statistics over the slices (on every rank
+    with the same N, C and settings: each block's reductions are collectives).
     """
     t1, t2 = float(t1), float(t2)
     dtype = native.compute_dtype(logits.dtype)
-    num_rows, num_classes = logits.shape
+    num_rows, num_local = logits.shape
+    num_classes = num_local if num_classes is None else num_classes
+    whole_rows = reducer.slices == 1
     indices = not labels.dtype.is_floating_point
     # The reduction's scale per row, applied in the same op that stores each block's gradient:
     # 0 for ignored rows and NaN for invalid class indices; every dense row is kept.
-    if indices:
-        kept, bad = native.kept_and_bad(labels, ignore_index, num_classes)  # a bad index: a NaN row
-        safe_labels = torch.where(kept & ~bad, labels, 0).long()
-        row_scale = torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(grad_scale.to(dtype))
-    else:
-        kept = torch.ones(num_rows, dtype=torch.bool, device=logits.device)
-        safe_labels = labels
-        row_scale = grad_scale.to(dtype).expand(num_rows)
-    cross_entropy = t1 == 1.0 and t2 == 1.0
+    kept, bad = kept_and_bad(labels, ignore_index, num_classes)  # a bad index: a NaN row
+    row_scale = masked_scale(kept, bad, grad_scale, dtype)
+    if not indices:
+        targets = labels
+    elif whole_rows:
+        targets = torch.where(kept & ~bad, labels, 0).long()
+    else:  # the target's index within this slice (-1: an ignored or bad row)
+        targets = torch.where(kept & ~bad, labels.long() - class_offset, -1)
+    cross_entropy = t1 == 1.0 and t2 == 1.0 and whole_rows
     grad = torch.empty_like(logits) if need_grad else None
     if cross_entropy:
         check_labels = not indices and checks_dense_labels(logits.device, t1, t2)
-        loss = _cross_entropy(logits, safe_labels, indices, label_smoothing, row_scale, grad, check_labels)
+        loss = _cross_entropy(logits, targets, indices, label_smoothing, row_scale, grad, check_labels)
     else:
         loss = torch.empty(num_rows, dtype=dtype, device=logits.device)
-        step = rows_per_block(num_classes)
+        step = rows_per_block(-(-num_classes // reducer.slices))  # the same on every rank
         for start in range(0, num_rows, step):
             block = slice(start, min(start + step, num_rows))
-            a = logits[block].to(dtype)
-            y = safe_labels[block] if indices else native.smooth_labels(safe_labels[block].to(dtype),
-                                                                         label_smoothing)
-            loss[block], block_grad = _general_block(a, y, indices, t1, t2, label_smoothing, num_iters, need_grad)
+            y = _general_labels(targets[block], indices, whole_rows, label_smoothing, num_local, num_classes, dtype)
+            loss[block], block_grad = _general_block(logits[block].to(dtype), y, indices and whole_rows, t1, t2,
+                                                     label_smoothing, num_iters, need_grad, reducer)
             if need_grad:
                 scale = row_scale[block].unsqueeze(-1)
                 if grad.dtype == dtype:
@@ -242,7 +276,7 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
         # below the normal range): SPEC's general path, all of them at once (one host sync per call).
         redo = (~torch.isfinite(loss) & kept).nonzero().squeeze(-1)
         if redo.numel() > 0:
-            y = safe_labels[redo] if indices else native.smooth_labels(safe_labels[redo].to(dtype), label_smoothing)
+            y = _general_labels(targets[redo], indices, whole_rows, label_smoothing, num_local, num_classes, dtype)
             loss[redo], redo_grad = _general_block(logits[redo].to(dtype), y, indices, t1, t2, label_smoothing,
                                                    num_iters, need_grad)
             if need_grad:
@@ -252,3 +286,15 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
         if need_grad and not bool(kept.all()):
             grad[~kept] = 0.0  # exactly 0 even where an ignored row's logits are not finite
     return loss, kept, grad
+
+
+def reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index: int, reduction: str,
+                          need_grad: bool, reducer: native.LocalRows = native.LOCAL_ROWS, class_offset: int = 0,
+                          num_classes: int | None = None):
+    """(the loss reduced by ``reduction``, dL/dlogits scaled by the reduction or None): ``loss_and_grad``
+    with the reduction's factor and the reduction (``rows``). Temperatures and smoothing: floats or
+    0-d tensors (read to the host: free for CPU tensors, one sync on CUDA)."""
+    scale = grad_scale(kept_rows(labels, ignore_index), reduction, native.compute_dtype(logits.dtype))
+    per_row, kept, grad = loss_and_grad(logits, labels, float(t1), float(t2), float(label_smoothing), num_iters,
+                                        ignore_index, need_grad, scale, reducer, class_offset, num_classes)
+    return reduce(per_row, kept, reduction), grad

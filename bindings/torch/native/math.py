@@ -2,8 +2,8 @@
 
 It is the CPU fallback, the backend for float64, and the ground truth the Triton kernels are
 tested against. Functions here take flattened rows ``[N, C]`` in the compute dtype and return
-plain tensors; autograd lives in ``bindings/torch/ops.py``. The solver is the one described in
-``kernels/README.md``.
+plain tensors; the loss driver over row blocks is ``native/loss.py``, autograd lives in ``ops.py``.
+The solver is the one described in ``kernels/README.md``.
 
 Temperatures are read to the host once per call (Python floats or 0-d tensors are accepted):
 that costs nothing for CPU tensors and lets each call take only the branch its t needs (t = 1 is
@@ -18,17 +18,19 @@ import math
 import torch
 
 from bitempered.bindings.common import validation as check
-
-MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
+from bitempered.bindings.torch.rows import kept_rows
+from bitempered.kernels.launch_config import MAX_PASSES  # every backend's cap (SPEC's grid needs at most 8)
 
 
 class LocalRows:
     """Row reductions across ranks: the identity for rows that hold every class.
 
     The solver reduces each row statistic (the max, the packed per-pass sums) through such an
-    object; ``bindings/torch/vocab_parallel.py`` passes one whose methods all-reduce over the
-    process group that shards the classes, so the solver stays one.
+    object; ``vocab_parallel.GroupRows`` all-reduces over the process group that shards the
+    classes, so the solver stays one.
     """
+
+    slices = 1  # the slices each row's classes are split into (the same on every rank)
 
     def max(self, x: torch.Tensor) -> torch.Tensor:  # row maxima [N, 1]
         return x
@@ -172,7 +174,7 @@ def solve_normalizers(row_sums, t, num_rows: int, dtype, device, rows: LocalRows
     row's y = -log p_max at its last evaluation (the y its log p is taken at).
 
     ``row_sums`` evaluates this rank's classes (``ShiftedRows`` on a0 in memory; the vocab-parallel
-    Triton kernels in ``torch_vocab_parallel``):
+    Triton kernels, ``vocab_parallel.KernelRows``):
         ``sums(y, keep=None, support=False)`` -> (f, g[, D]): the partial sums f = sum p and
         g = sum p / (1 + z) at y [M, 1] of the M rows still iterating, and (``support``) the
         support size D (t < 1; the class count for t >= 1). ``keep``: when compacting and some
@@ -331,17 +333,9 @@ def check_dense_label_values(labels: torch.Tensor) -> None:
     check.check_dense_label_range(low, high, math.isnan(low) or math.isnan(high), "labels")
 
 
-def kept_and_bad(indices: torch.Tensor, ignore_index: int, num_classes: int):
-    """(rows whose class index is not ``ignore_index``, those of them outside [0, C)): the
-    bindings turn the latter into NaN rows (CPU indices were range-checked by the API; CUDA ones
-    are not, and a bad one never reads out of bounds). As ``jax_native.kept_and_invalid``."""
-    kept = indices != ignore_index
-    return kept, kept & ((indices < 0) | (indices >= num_classes))
-
-
 def dense_labels_from_indices(indices: torch.Tensor, num_classes: int, dtype, ignore_index: int):
     """One-hot rows for class indices (ignored rows all zero) and the mask of kept rows."""
-    kept = indices != ignore_index
+    kept = kept_rows(indices, ignore_index)
     safe = torch.where(kept, indices, 0).long()
     onehot = torch.zeros(indices.shape + (num_classes,), dtype=dtype, device=indices.device)
     onehot.scatter_(-1, safe.unsqueeze(-1), 1.0)

@@ -1,0 +1,223 @@
+"""Argument checks and conversions of the PyTorch binding, shared by the plain (``api``), fused
+linear (``linear``) and vocab-parallel (``vocab_parallel``) losses, so that each check and its
+message is written once. Bad input raises ValueError/TypeError naming the argument
+(``bindings/common/validation.py`` holds the framework-free rules).
+
+Values held in CUDA tensors (reading them would cost a host sync) and values traced by
+``torch.compile`` are not read here (``checkable``); under ``torch.func.vmap`` every sample's values
+are.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from bitempered.bindings.common import validation as check
+from bitempered.bindings.torch.native import math as native
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"torch" or "triton": ``backend`` checked against the tensors' device and dtype ("auto":
+    the Triton kernels for CUDA tensors below float64, native ops otherwise)."""
+    check.check_backend(backend, BACKENDS)
+    if backend == "auto":
+        use_kernels = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if use_kernels else "torch"
+    if backend == "triton":
+        if dtype == torch.float64:
+            raise ValueError("backend='triton' computes in float32; float64 logits need backend='torch' or 'auto'")
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' on CPU tensors runs Triton's interpreter, which must be switched on "
+                "with TRITON_INTERPRET=1 before triton is imported; use backend='torch' on CPU instead")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA (and interpreted CPU) tensors, got {device}")
+    return backend
+
+
+def checkable(tensor: torch.Tensor):
+    """The concrete values behind ``tensor`` (unwrapped from torch.func transforms), or None where
+    reading them would cost a host sync (CUDA) or a graph break (torch.compile)."""
+    if tensor.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)  # vmap: every sample's values
+    return tensor.detach()
+
+
+def scalar_tensor(value, name: str, device: torch.device, check_value):
+    """(0-d float64 tensor, its concrete value or None) of a temperature-like argument, checked with
+    ``check_value`` where that costs no sync."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float or a 0-d floating tensor, got {value.dtype} of shape "
+                            f"{tuple(value.shape)}")
+        values = checkable(value)
+        concrete = None
+        if values is not None:
+            for v in values.reshape(-1).tolist():  # one value, or one per vmapped sample
+                check_value(v)
+            concrete = float(values.reshape(-1)[0]) if values.numel() == 1 else None
+        tensor = value.reshape(())
+    else:
+        concrete = check.concrete_float(value, name)
+        check_value(concrete)
+        tensor = torch.tensor(concrete, dtype=torch.float64)
+    return (tensor if tensor.device == device or tensor.device.type == "cpu" else tensor.to(device)), concrete
+
+
+def temperature_and_value(value, name: str, device: torch.device):
+    """(0-d float64 tensor of a temperature, its concrete value or None where reading it would cost
+    a sync or a graph break); ``name`` "t1" is checked in [0, 2), any other name > 0."""
+    check_value = check.check_t1 if name == "t1" else (lambda v: check.check_t(v, name))
+    return scalar_tensor(value, name, device, check_value)
+
+
+def temperature(value, name: str, device: torch.device) -> torch.Tensor:
+    """The 0-d float64 tensor of ``temperature_and_value``."""
+    return temperature_and_value(value, name, device)[0]
+
+
+def smoothing_and_value(value, device: torch.device):
+    """(0-d tensor, concrete value or None) of ``label_smoothing``: a tensor keeps a smoothing
+    schedule from recompiling."""
+    return scalar_tensor(value, "label_smoothing", device, check.check_label_smoothing)
+
+
+def iterations(num_iters) -> int:
+    """``num_iters`` as the ops take it: 0 for None (converged), else the original algorithm's steps."""
+    check.check_num_iters(num_iters)
+    return 0 if num_iters is None else int(num_iters)
+
+
+def check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    check.check_logits_shape(logits.shape)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [N, C] with unit stride on the classes (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def label_rows(labels: torch.Tensor, indices: bool) -> torch.Tensor:
+    """Class indices [...] -> [N]; dense labels [..., C] -> [N, C] with unit class stride."""
+    return labels.reshape(-1) if indices else as_rows(labels)
+
+
+def is_class_indices(logits_shape, labels) -> bool:
+    """True for class indices, False for dense labels; TypeError/ValueError for anything else."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
+    return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
+
+
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_same_device(labels: torch.Tensor, device: torch.device, holder: str) -> None:
+    """``labels`` on ``device``, the device of the tensor named ``holder`` (logits, hidden)."""
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {holder} on {device}")
+
+
+def check_dense_labels(labels: torch.Tensor) -> None:
+    """SPEC's dense labels lie in [0, 1]; CUDA and traced values stay unchecked."""
+    values = checkable(labels)
+    if values is not None and values.numel() > 0:
+        native.check_dense_label_values(values)
+
+
+def check_indices(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Class indices outside [0, C) (other than ignore_index) raise where that needs no sync."""
+    values = checkable(labels)
+    if values is None:
+        return  # CUDA/traced: the backends turn such a row into NaN instead (never read out of bounds)
+    bad = (values != ignore_index) & ((values < 0) | (values >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
+                         f"({ignore_index}): {values[bad][:5].tolist()}")
+
+
+def check_label_values(rows: torch.Tensor, indices: bool, num_classes: int, ignore_index: int) -> None:
+    """``check_indices`` of class indices (against the GLOBAL class count) or ``check_dense_labels``."""
+    if indices:
+        check_indices(rows, num_classes, ignore_index)
+    else:
+        check_dense_labels(rows)
+
+
+def empty_loss(logits: torch.Tensor, shape, reduction: str) -> torch.Tensor:
+    """The loss of an empty batch (NaN for "mean", as F.cross_entropy), still connected to autograd."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    zero = logits.sum() * 0  # keeps the autograd connection for an empty batch
+    if reduction == "none":
+        return torch.zeros(shape, dtype=dtype, device=logits.device) + zero.to(dtype)
+    if reduction == "sum":
+        return zero.to(dtype)
+    return zero.to(dtype) / 0.0
+
+
+class LossArgs(NamedTuple):
+    """The checked arguments of a multi-class loss, converted as the ops take them."""
+
+    indices: bool                 # class indices (else dense labels)
+    num_iters: int                # 0: converged
+    smoothing: torch.Tensor       # 0-d
+    smoothing_value: float | None  # None where reading it would cost a sync or a graph break
+    backend: str                  # "torch" or "triton"
+    t1: torch.Tensor              # 0-d float64
+    t1_value: float | None
+    t2: torch.Tensor
+    t2_value: float | None
+
+
+def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1, t2, label_smoothing,
+              num_iters, reduction, ignore_index, backend, holder: str = "logits") -> LossArgs:
+    """The checks every multi-class loss makes, in one order (so one bad argument gives the same
+    error from each). ``holder``: the name of the tensor the labels go with (logits, hidden).
+    Not here: smoothing's class count (``check.check_smoothing_classes``; the vocab-parallel loss
+    knows its global C only after its group check)."""
+    indices = is_class_indices(logits_shape, labels)
+    check.check_reduction(reduction)
+    iters = iterations(num_iters)
+    smoothing, smoothing_value = smoothing_and_value(label_smoothing, device)
+    check_ignore_index(ignore_index)
+    backend = resolve_backend(backend, device, dtype)
+    t1_, t1_value = temperature_and_value(t1, "t1", device)
+    t2_, t2_value = temperature_and_value(t2, "t2", device)
+    check_same_device(labels, device, holder)
+    return LossArgs(indices, iters, smoothing, smoothing_value, backend, t1_, t1_value, t2_, t2_value)
+
+
+def check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, backend) -> None:
+    """The settings an ``nn.Module`` loss stores, checked when it is built (tensors at call time)."""
+    check.check_t1(check.concrete_float(t1, "t1") if not isinstance(t1, torch.Tensor) else None)
+    check.check_t(check.concrete_float(t2, "t2") if not isinstance(t2, torch.Tensor) else None, "t2")
+    check.check_label_smoothing(check.concrete_float(label_smoothing, "label_smoothing"))
+    check.check_num_iters(num_iters)
+    check.check_reduction(reduction)
+    check.check_backend(backend, BACKENDS)

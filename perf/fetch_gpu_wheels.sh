@@ -4,10 +4,11 @@
 #
 #   bash perf/fetch_gpu_wheels.sh [--dest DIR] [--python-version 3.12] [--dry-run]
 #
-# The lent GPU machines (perf/README.md) have Python 3.12, torch 2.11, triton 3.6 and jax 0.11.2 with
-# CUDA plugins, but not jax-triton, jax-bitempered-loss (the original implementation perf compares
-# against) or liger-kernel (the Liger cross-entropy provider). --no-deps: their dependencies are
-# already there, and a second copy of torch/triton/jax would shadow the machine's CUDA builds.
+# GPU machines without network (perf/README.md, "A one-command session") may have Python 3.12,
+# torch 2.11, triton 3.6 and jax 0.11.2 with CUDA plugins, but not jax-triton, jax-bitempered-loss
+# (the original implementation perf compares against) or liger-kernel (the Liger cross-entropy
+# provider). --no-deps: their dependencies are already there, and a second copy of
+# torch/triton/jax would shadow the machine's CUDA builds.
 # --dry-run prints the pip commands without running them.
 set -euo pipefail
 

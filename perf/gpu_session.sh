@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# One command that turns a short GPU lease into committed evidence (perf/README.md, "GPU session").
+# One command that turns a short GPU slot into recorded results (perf/README.md, "A one-command session").
 #
 #   bash perf/gpu_session.sh [--out DIR] [--budget-s S] [--archive FILE] [--skip STAGE]...
 #                            [--only STAGE]... [--dry-run [--fake-stage-s S]] [--list]
 #
-# On a bare GPU machine without network: installs the wheels carried in .whl/ (see
+# On a GPU machine, even one without network: installs the wheels carried in .whl/ (see
 # perf/fetch_gpu_wheels.sh) and this package, then runs the stages below in order, most important
 # first, each under its own time limit. Every stage writes its results into DIR before the next
 # starts and DIR/session.md gets one row per stage, so a session cut short still leaves evidence.
 # DIR defaults to perf/results/<device-slug>/ (commit it). --archive FILE packs DIR into one
-# .tar.gz after every stage (a device tool that returns few files brings back that one).
+# .tar.gz after every stage (handy where only one file can be copied back from the machine).
 #
-# Budgets: the nominal seconds below sum to DEFAULT_TOTAL_S (8.5 minutes: a 9-minute target on an
-# H100/H200 with room for the machine's start); --budget-s S scales every stage by S/DEFAULT_TOTAL_S.
+# Budgets: the nominal seconds below sum to DEFAULT_TOTAL_S (8.5 minutes, so that the session fits a
+# 10-minute slot on an H100/H200 with room to start); --budget-s S scales every stage by S/DEFAULT_TOTAL_S.
 # A stage gets min(its budget, time left before the report's reserve) and is skipped when that is
 # under MIN_STAGE_S. tune-more takes whatever is left; the report stage always runs.
 # --dry-run runs everything that needs no GPU (arguments, budgets, the output layout, session.md),
 # writes each stage's command into its log instead of running it, and exits 0 on a CPU machine;
-# --fake-stage-s S makes each dry-run stage count as S seconds, to exercise the budget logic.
+# each stage counts as its whole budget, so it shows when every stage would start at the latest;
+# --fake-stage-s S makes each count S seconds instead, to see how the budgets give way.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,12 +81,12 @@ EOF
 }
 if [[ "${1:-}" == "--env-stage" ]]; then env_stage "$2"; exit $?; fi
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_session.sh: $*" >&2; exit 2; }
 is_number() { [[ "$1" =~ ^[0-9]+([.][0-9]+)?$ ]]; }
 
 ORIGINAL_ARGS=("$@")
-OUT_DIR=""; TOTAL_S="$DEFAULT_TOTAL_S"; ARCHIVE=""; DRY_RUN=0; FAKE_STAGE_S=0; LIST=0
+OUT_DIR=""; TOTAL_S="$DEFAULT_TOTAL_S"; ARCHIVE=""; DRY_RUN=0; FAKE_STAGE_S=""; LIST=0
 SKIP=(); ONLY=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -107,25 +108,35 @@ done
 is_number "$TOTAL_S" || die "--budget-s must be a number of seconds, got '$TOTAL_S'"
 TOTAL_S="${TOTAL_S%.*}"
 (( TOTAL_S >= REPORT_RESERVE_S + MIN_STAGE_S )) || die "--budget-s must be >= $((REPORT_RESERVE_S + MIN_STAGE_S)), got $TOTAL_S"
-is_number "$FAKE_STAGE_S" || die "--fake-stage-s must be a number of seconds, got '$FAKE_STAGE_S'"
-FAKE_STAGE_S="${FAKE_STAGE_S%.*}"
-(( FAKE_STAGE_S == 0 || DRY_RUN )) || die "--fake-stage-s only goes with --dry-run"
+if [[ -n "$FAKE_STAGE_S" ]]; then  # unset: a dry-run stage counts as its whole budget
+  (( DRY_RUN )) || die "--fake-stage-s only goes with --dry-run"
+  is_number "$FAKE_STAGE_S" || die "--fake-stage-s must be a number of seconds, got '$FAKE_STAGE_S'"
+  FAKE_STAGE_S="${FAKE_STAGE_S%.*}"
+fi
 STAGE_NAMES=()
 for entry in "${STAGES[@]}"; do STAGE_NAMES+=("${entry%%:*}"); done
 for name in "${SKIP[@]}" "${ONLY[@]}"; do
   [[ " ${STAGE_NAMES[*]} " == *" $name "* ]] || die "unknown stage '$name' (stages: ${STAGE_NAMES[*]})"
 done
-if (( LIST )); then
-  for entry in "${STAGES[@]}"; do echo "${entry%%:*} ${entry##*:}s (of $DEFAULT_TOTAL_S)"; done
+if (( LIST )); then  # the default plan: every stage using its whole budget
+  printf '%-15s %8s %11s\n' stage "budget s" "starts at s"
+  at=0
+  for entry in "${STAGES[@]}"; do
+    case "${entry%%:*}" in tune-more) note="  (takes what is left)" ;; report) note="  (and what is left)" ;; *) note="" ;; esac
+    printf '%-15s %8s %11s%s\n' "${entry%%:*}" "${entry##*:}" "$at" "$note"
+    at=$(( at + ${entry##*:} ))
+  done
+  echo "total $at s; --budget-s S scales every budget by S/$DEFAULT_TOTAL_S"
   exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------
-# The clock (dry runs add --fake-stage-s per stage instead of spending it) and the budgets
+# The clock (a dry run's is only the seconds its stages count as: their budgets or --fake-stage-s)
+# and the budgets
 # ---------------------------------------------------------------------------------------------
 START_S=$SECONDS
 FAKE_ELAPSED_S=0
-elapsed() { echo $(( SECONDS - START_S + FAKE_ELAPSED_S )); }
+elapsed() { (( DRY_RUN )) && echo "$FAKE_ELAPSED_S" || echo $(( SECONDS - START_S )); }
 
 # stage_budget NOMINAL IS_LAST_PERF IS_REPORT -> seconds this stage may run (0: skip it)
 stage_budget() {
@@ -170,8 +181,8 @@ unset TRITON_INTERPRET   # tests and perf run compiled (tests/conftest.py sets i
   echo "Folder layout: env.txt, logs/<stage>.log, tests.xml (JUnit), autotune/ (the sweep's cache),"
   echo "tuning.csv/md (heuristic vs tuned), results.csv/md and plot_*.png (python -m perf)."
   echo
-  echo "| stage | budget s | used s | status | log |"
-  echo "|---|---|---|---|---|"
+  echo "| stage | starts at s | budget s | used s | status | log |"
+  echo "|---|---|---|---|---|---|"
 } > "$SESSION_MD"
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +244,10 @@ archive() {
   tar -czf "$ARCHIVE.tmp" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" && mv "$ARCHIVE.tmp" "$ARCHIVE"
 }
 
-record() {  # record NAME BUDGET USED STATUS
-  echo "| $1 | $2 | $3 | $4 | logs/$1.log |" >> "$SESSION_MD"
-  printf '[%4ss] %-13s budget %4ss  used %4ss  %s\n' "$(elapsed)" "$1" "$2" "$3" "$4"
+RECORD_FORMAT='%-15s %11s %8s %6s  %s\n'
+record() {  # record NAME STARTED BUDGET USED STATUS (seconds since the session started, its own budget)
+  echo "| $1 | $2 | $3 | $4 | $5 | logs/$1.log |" >> "$SESSION_MD"
+  printf "$RECORD_FORMAT" "$1" "$2" "$3" "$4" "$5"
   archive
 }
 
@@ -247,18 +259,20 @@ selected() {
   return 1
 }
 
+printf "$RECORD_FORMAT" stage "starts at s" "budget s" "used s" status
 for entry in "${STAGES[@]}"; do
   name="${entry%%:*}"; nominal="${entry##*:}"; log="$OUT_DIR/logs/$name.log"
-  if ! selected "$name"; then record "$name" 0 0 "skipped (asked)"; continue; fi
+  began=$(elapsed)
+  if ! selected "$name"; then record "$name" "$began" 0 0 "skipped (asked)"; continue; fi
   budget=$(stage_budget "$nominal" "$([[ $name == tune-more ]] && echo 1 || echo 0)" \
                         "$([[ $name == report ]] && echo 1 || echo 0)")
-  if (( budget == 0 )); then record "$name" 0 0 "skipped (under ${MIN_STAGE_S} s left)"; continue; fi
+  if (( budget == 0 )); then record "$name" "$began" 0 0 "skipped (under ${MIN_STAGE_S} s left)"; continue; fi
   command=$(stage_command "$name" "$budget")
   echo "command: $command" > "$log"
-  began=$(elapsed)
   if (( DRY_RUN )); then
     echo "dry run: not run (time limit ${budget} s)" >> "$log"
-    FAKE_ELAPSED_S=$(( FAKE_ELAPSED_S + (FAKE_STAGE_S < budget ? FAKE_STAGE_S : budget) ))
+    spent=${FAKE_STAGE_S:-$budget}
+    FAKE_ELAPSED_S=$(( FAKE_ELAPSED_S + (spent < budget ? spent : budget) ))
     status="dry-run"
   else
     # SIGINT first: pytest and python -m perf then still print their summaries
@@ -273,7 +287,7 @@ for entry in "${STAGES[@]}"; do
     if [[ $name == env && $rc == 0 ]]; then export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"; fi
     if [[ $name == tests ]]; then tail -n 40 "$log" > "$OUT_DIR/tests-summary.txt"; fi
   fi
-  record "$name" "$budget" $(( $(elapsed) - began )) "$status"
+  record "$name" "$began" "$budget" $(( $(elapsed) - began )) "$status"
 done
 echo "" >> "$SESSION_MD"
 echo "Finished after $(elapsed) s of $TOTAL_S." >> "$SESSION_MD"

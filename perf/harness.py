@@ -358,8 +358,7 @@ def _timed_row(session, cell, row, direction, median, p20, p80, reps, timer, ext
                              if session.sfu_rate and sfu_total is not None else None),
                peak_extra_MiB=None if extra is None else extra / 2**20, memory_method=memory_method)
     row["pct_roofline"] = 100 * row["roofline_ms"] / median
-    print(f"  {row['provider']:22s} {direction:6s} {median:10.3f} ms  {row['GBps']:8.2f} GB/s  "
-          f"{row['pct_roofline']:6.1f}% roof  err {row['loss_rel_err']:.1e}")
+    print(report.terminal_row(row))
     return row
 
 
@@ -436,6 +435,9 @@ def main(argv=None) -> int:
     print(f"device: {session.name}   git {session.sha}   mode {session.mode}")
     print(f"measured copy bandwidth: {session.bandwidth / 1e9:.1f} GB/s   SFU roof: {session.sfu_note}")
     print(f"providers: {', '.join(p.name for p in providers)}")
+    regimes = {a for dtype, (n, c), labels, temps in groups for t in temps
+               for a in session.allocators(Cell(n, c, dtype, labels, *t))}
+    print("\n".join(report.terminal_legend(sorted(regimes - {""}))))
     csv_path = session.out / "results.csv"
     report.prepare_csv(csv_path, fresh=args.fresh)
     printed: set = set()

@@ -45,7 +45,8 @@ def _cell_key(row):
 
 def primary(rows: list[dict]) -> list[dict]:
     """One row per provider x cell x direction: the reused-heap regime where a cell was also timed
-    with fresh pages (perf/measure.py: ALLOCATORS); only the cross-entropy section shows both."""
+    with fresh pages (perf/measure.py: ALLOCATORS), for the plots and the comparisons across
+    frameworks; the tables show both regimes, each row labelled."""
     return [r for r in rows if r.get("allocator") != "fresh"]
 
 
@@ -137,6 +138,52 @@ def _ok(row) -> bool:
     return row["status"] == "ok"
 
 
+# ---- how steady a row's repeats were --------------------------------------------------------
+
+NOISY_SPREAD = 1.5  # p80 / p20 above this: the repeats disagree, most often because the machine was busy
+NOISY_MARK = "!"
+
+
+def spread_legend(mark: str = NOISY_MARK) -> str:
+    """The one-line legend of the spread and of its marker (``mark`` as it is written there)."""
+    return (f"spread = p80 / p20 of a row's repeated timings (1.00 = every repeat alike); {mark} = above "
+            f"{NOISY_SPREAD:g}x: the repeats disagree (most often the machine was busy), rerun that cell before "
+            "trusting it")
+
+
+def spread(row) -> float | None:
+    """p80 / p20 of the row's repeated timings, or None when the row has no percentiles."""
+    p20, p80 = row.get("time_ms_p20"), row.get("time_ms_p80")
+    return p80 / p20 if p20 and p80 is not None else None
+
+
+def is_noisy(row) -> bool:
+    value = spread(row)
+    return value is not None and value > NOISY_SPREAD
+
+
+def _ms(row) -> str:
+    """The median time, marked when its repeats spread too much to trust it."""
+    return f"{row['time_ms']:.3f}" + (f" {NOISY_MARK}" if is_noisy(row) else "")
+
+
+def terminal_legend(allocators: list[str]) -> list[str]:
+    """What the printed rows' columns are (``terminal_row``), with the allocator regimes timed."""
+    lines = [f"  {spread_legend()}"]
+    lines += [f"  alloc {a}: {measure.ALLOCATORS[a]}" for a in allocators if a in measure.ALLOCATORS]
+    return lines + [f"  {'provider':26s} {'dir':6s} {'alloc':5s} {'median ms':>10s}  {'p20 - p80 ms (spread)':>26s}  "
+                    f"{'GB/s':>8s}  {'% roof':>6s}  loss err"]
+
+
+def terminal_row(row) -> str:
+    """One timed row as ``python -m perf`` prints it (columns: ``terminal_legend``)."""
+    value = spread(row)
+    band = f"{row['time_ms_p20']:.3f} - {row['time_ms_p80']:.3f} ({value:.2f}x)" if value is not None else "-"
+    mark = NOISY_MARK if is_noisy(row) else " "
+    return (f"  {row['provider']:26s} {row['direction']:6s} {row['allocator'] or '-':5s} {row['time_ms']:10.3f}  "
+            f"{band:>26s}{mark} {row['GBps']:8.2f}  {row['pct_roofline']:5.1f}%  {row['loss_rel_err']:.1e}")
+
+
 # ---- t1 = t2 = 1: bitempered next to the framework's own cross-entropy ----------------------
 
 CROSS_ENTROPY = {"torch": "torch-ce", "jax": "optax-ce"}
@@ -188,7 +235,7 @@ def cross_entropy_section(rows: list[dict]) -> list[str]:
         r, c = p["ours"], p["ce"]
         regime = f" {r['allocator']} |" if allocators else ""
         lines.append(f"| {r['dtype']} | {r['direction']} | {r['N']} x {r['C']} | {r['labels']} |{regime} {r['provider']} | "
-                     f"{TEMPERATURE_FORM[r['provider']]} | {r['time_ms']:.3f} | {c['provider']} | {c['time_ms']:.3f} | "
+                     f"{TEMPERATURE_FORM[r['provider']]} | {_ms(r)} | {c['provider']} | {_ms(c)} | "
                      f"**{p['ratio']:.2f}** |")
     return lines + [""]
 
@@ -205,8 +252,8 @@ def jax_vs_original(rows: list[dict]) -> list[dict]:
                              and _cell_key(r) == _cell_key(row)), None)
             if original is None:
                 continue
-            out.append(dict(N=row["N"], C=row["C"], temps=_temps(row), ours=row["time_ms"],
-                            original=original["time_ms"], ratio=row["time_ms"] / original["time_ms"],
+            out.append(dict(N=row["N"], C=row["C"], temps=_temps(row), ours=row, original=original,
+                            ratio=row["time_ms"] / original["time_ms"],
                             ours_err=row["loss_rel_err"], original_err=original["loss_rel_err"]))
     return out
 
@@ -223,28 +270,43 @@ def original_section(rows: list[dict]) -> list[str]:
              "| N x C | t1,t2 | bitempered ms | original ms | ratio | bitempered loss error | original loss error |",
              "|---|---|---|---|---|---|---|"]
     for item in found:
-        lines.append(f"| {item['N']} x {item['C']} | {item['temps']} | {item['ours']:.3f} | {item['original']:.3f} | "
+        lines.append(f"| {item['N']} x {item['C']} | {item['temps']} | {_ms(item['ours'])} | {_ms(item['original'])} | "
                      f"**{item['ratio']:.2f}** | {_num(item['ours_err'], '.1e')} | {_num(item['original_err'], '.1e')} |")
     return lines + [""]
 
 
 def summary(csv_path: Path, slug: str) -> str:
-    """The two comparisons above, for the terminal."""
+    """The two comparisons above and the rows too noisy to trust, for the terminal."""
     rows = latest(read_rows(csv_path))
     lines = ["", "=" * 78, f"SUMMARY ({slug})"]
     for p in cross_entropy_pairs(rows):
         r = p["ours"]
         regime = f" {r['allocator']}" if r["allocator"] else ""
         lines.append(f"  t=1,1 {r['dtype']} {r['direction']} {r['N']}x{r['C']} {r['labels']:5s}{regime:6s} "
-                     f"{r['provider']:26s} ({TEMPERATURE_FORM[r['provider']]}) / {p['ce']['provider']}: {p['ratio']:.2f}x")
+                     f"{r['provider']:26s} ({TEMPERATURE_FORM[r['provider']]}) / {p['ce']['provider']}: "
+                     f"{p['ratio']:.2f}x{_pair_mark(r, p['ce'])}")
     for item in jax_vs_original(primary(rows)):
         lines.append(f"  bitempered-jax-xla / original-jax, fp32 fwdbwd {item['N']}x{item['C']} t={item['temps']}: "
-                     f"{item['ratio']:.2f}x (loss error {_num(item['ours_err'], '.1e')} vs "
-                     f"{_num(item['original_err'], '.1e')})")
+                     f"{item['ratio']:.2f}x{_pair_mark(item['ours'], item['original'])} (loss error "
+                     f"{_num(item['ours_err'], '.1e')} vs {_num(item['original_err'], '.1e')})")
     if len(lines) == 3:
         lines.append("  (no comparisons in these results)")
+    noisy = [r for r in rows if _ok(r) and is_noisy(r)]
+    if noisy:
+        shown = 10
+        lines.append(f"  {len(noisy)} of {sum(_ok(r) for r in rows)} timed rows marked {NOISY_MARK}: their repeats "
+                     f"spread more than {NOISY_SPREAD:g}x (p80 / p20); rerun those cells:")
+        lines += [f"    {r['provider']} {r['dtype']} {r['direction']} {r['N']}x{r['C']} {r['labels']} t={_temps(r)}"
+                  f"{' ' + r['allocator'] if r['allocator'] else ''}: {spread(r):.2f}x" for r in noisy[:shown]]
+        if len(noisy) > shown:
+            lines.append(f"    and {len(noisy) - shown} more (the `spread` column of results.md)")
     lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def _pair_mark(a, b) -> str:
+    """A ratio of two times is as noisy as the noisier of them."""
+    return f" {NOISY_MARK}" if is_noisy(a) or is_noisy(b) else ""
 
 
 # ---- GPU: the Triton kernels against the alternatives --------------------------------------
@@ -334,51 +396,66 @@ def _speedup(name):
     return lambda r: _num(r.get(f"speedup_vs_{name}"), ".2f")
 
 
-# (header, cell text, GPU-only): GPU-only columns are left out of tables without SFU data.
+# (header, cell text, shown when): None = always; "sfu" = only with SFU data (a GPU); "allocator" = only
+# where the rows were timed under pinned allocator regimes (CPU).
 TABLE_COLUMNS = [
-    ("N x C", lambda r: f"{r['N']} x {r['C']}", False),
-    ("t1,t2", _temps, False),
-    ("provider", lambda r: r["provider"], False),
-    ("ms", lambda r: _num(r["time_ms"], ".3f"), False),
-    ("x naive", _speedup(NAIVE), False),
-    ("x orig-jax", _speedup(ORIGINAL), False),
-    ("x compile", _speedup(COMPILED), False),
-    ("GB/s", lambda r: _num(r["GBps"], ".1f"), False),
-    ("% BW", lambda r: _num(r["pct_bandwidth"], ".1f"), False),
-    ("SFU ops/el", lambda r: _num(r["sfu_ops_per_elem"], ".1f"), True),
-    ("% SFU", lambda r: _num(r["pct_sfu_roof"], ".1f"), True),
-    ("% roof", lambda r: _num(r["pct_roofline"], ".1f"), True),
-    ("passes", lambda r: r["passes"] or "-", False),
-    ("loss rel err", lambda r: _num(r["loss_rel_err"], ".1e"), False),
-    ("max abs(sum p - 1)", lambda r: _num(r["sum_p_residual"], ".1e"), False),
-    ("extra MiB", _extra, False),
+    ("N x C", lambda r: f"{r['N']} x {r['C']}", None),
+    ("t1,t2", _temps, None),
+    ("provider", lambda r: r["provider"], None),
+    ("allocator", lambda r: r["allocator"] or "-", "allocator"),
+    ("ms", _ms, None),
+    ("spread", lambda r: _num(spread(r), ".2f"), None),
+    ("x naive", _speedup(NAIVE), None),
+    ("x orig-jax", _speedup(ORIGINAL), None),
+    ("x compile", _speedup(COMPILED), None),
+    ("GB/s", lambda r: _num(r["GBps"], ".1f"), None),
+    ("% BW", lambda r: _num(r["pct_bandwidth"], ".1f"), None),
+    ("SFU ops/el", lambda r: _num(r["sfu_ops_per_elem"], ".1f"), "sfu"),
+    ("% SFU", lambda r: _num(r["pct_sfu_roof"], ".1f"), "sfu"),
+    ("% roof", lambda r: _num(r["pct_roofline"], ".1f"), "sfu"),
+    ("passes", lambda r: r["passes"] or "-", None),
+    ("loss rel err", lambda r: _num(r["loss_rel_err"], ".1e"), None),
+    ("max abs(sum p - 1)", lambda r: _num(r["sum_p_residual"], ".1e"), None),
+    ("extra MiB", _extra, None),
 ]
 
-COLUMN_MEANINGS = [
-    "`ms`: median time of one call (fwdbwd = loss and gradient; fwd = loss only; bwd = the backward alone).",
-    "`x naive`, `x orig-jax`, `x compile`: how many times faster the row is than the naive PyTorch port, the "
-    "original JAX implementation and torch.compile of the native math on the same cell (above 1 = faster; the "
-    "CSV has one such column per provider).",
-    "`GB/s`: the bytes the operation must move (read logits and labels, write the per-row loss and, with the "
-    "gradient, the gradient) divided by the time; `% BW`: that as a share of the measured copy bandwidth.",
-    "`SFU ops/el`, `% SFU`, `% roof` (GPU only): special-function operations per logit of the Triton kernel, "
-    "their share of the SFU rate, and the share of the roofline max(bytes/bandwidth, SFU ops/SFU rate).",
-    "`passes`: passes over a row of the normalization solver (mean/worst for the converged solver).",
-    "`loss rel err`: the largest relative error of the per-row loss against a float64 converged reference "
-    "on the same inputs; `max abs(sum p - 1)`: how far the probabilities the loss uses are from summing to 1.",
-    "`extra MiB`: memory a call needs beyond its inputs and outputs: on a GPU the CUDA allocator's peak; for "
-    "JAX (xla) the temporary buffers of the compiled program; PyTorch on CPU: see the memory section.",
+COLUMN_MEANINGS = [  # (text, shown when: as in TABLE_COLUMNS)
+    ("`allocator` (CPU): how the C library's malloc served the large buffers while the row was timed: "
+     + "; ".join(f"`{a}`: {text}" for a, text in measure.ALLOCATORS.items()) + " (at t1 = t2 = 1 only, next to "
+     "the cross-entropies). Compare rows of the same regime; the plots show `heap`.", "allocator"),
+    ("`ms`: median time of one call (fwdbwd = loss and gradient; fwd = loss only; bwd = the backward alone); "
+     f"`spread`: p80 / p20 of its repeats, with `{NOISY_MARK}` after `ms` when that is above {NOISY_SPREAD:g}x "
+     "(see Spread above).", None),
+    ("`x naive`, `x orig-jax`, `x compile`: how many times faster the row is than the naive PyTorch port, the "
+     "original JAX implementation and torch.compile of the native math on the same cell (above 1 = faster; the "
+     "CSV has one such column per provider).", None),
+    ("`GB/s`: the bytes the operation must move (read logits and labels, write the per-row loss and, with the "
+     "gradient, the gradient) divided by the time; `% BW`: that as a share of the measured copy bandwidth.", None),
+    ("`SFU ops/el`, `% SFU`, `% roof` (GPU only): special-function operations per logit of the Triton kernel, "
+     "their share of the SFU rate, and the share of the roofline max(bytes/bandwidth, SFU ops/SFU rate).", "sfu"),
+    ("`passes`: passes over a row of the normalization solver (mean/worst for the converged solver).", None),
+    ("`loss rel err`: the largest relative error of the per-row loss against a float64 converged reference "
+     "on the same inputs; `max abs(sum p - 1)`: how far the probabilities the loss uses are from summing to 1.", None),
+    ("`extra MiB`: memory a call needs beyond its inputs and outputs: on a GPU the CUDA allocator's peak; for "
+     "JAX (xla) the temporary buffers of the compiled program; PyTorch on CPU: see the memory section.", None),
 ]
 
 
-def results_tables(ok: list[dict], gpu_columns: bool) -> list[str]:
-    columns = [c for c in TABLE_COLUMNS if gpu_columns or not c[2]]
+def shown_columns(ok: list[dict], gpu_columns: bool) -> set:
+    """Which optional columns (TABLE_COLUMNS' last field) these rows fill."""
+    return {None} | ({"sfu"} if gpu_columns else set()) | ({"allocator"} if any(r["allocator"] for r in ok) else set())
+
+
+def results_tables(ok: list[dict], shown: set) -> list[str]:
+    """One table per (dtype, direction, labels); every allocator regime of a cell, the reused heap first."""
+    columns = [c for c in TABLE_COLUMNS if c[2] in shown]
     lines = []
     for dtype, direction, labels in sorted({(r["dtype"], r["direction"], r["labels"]) for r in ok}, key=group_order):
         lines += [f"### {dtype}, {direction}, {labels} labels", "",
                   "| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
         group = [r for r in ok if (r["dtype"], r["direction"], r["labels"]) == (dtype, direction, labels)]
-        group.sort(key=lambda r: (r["C"], r["N"], r["t1"], r["t2"], PROVIDERS.index(r["provider"])))
+        group.sort(key=lambda r: (r["C"], r["N"], r["t1"], r["t2"], r["allocator"] == "fresh",
+                                  PROVIDERS.index(r["provider"])))
         lines += ["| " + " | ".join(c[1](r) for c in columns) + " |" for r in group] + [""]
     return lines
 
@@ -394,10 +471,12 @@ def memory_section(out: Path) -> list[str]:
 
 def write_report(session, csv_path: Path, plots: bool = True) -> Path:
     all_rows = read_rows(csv_path)
-    both = latest(all_rows)  # the cross-entropy section shows each allocator regime
-    rows = primary(both)
+    both = latest(all_rows)  # the tables show each allocator regime, labelled
+    rows = primary(both)  # the comparisons and plots: one regime per cell
     out = csv_path.parent
     ok = [r for r in rows if _ok(r)]
+    timed = [r for r in both if _ok(r)]
+    noisy = sum(is_noisy(r) for r in timed)
     gpu_columns = any(r["sfu_ops_per_elem"] is not None and r["pct_sfu_roof"] is not None for r in ok)
     runs = sorted({(r["run_id"], r["git_sha"], r["mode"]) for r in rows})
     bandwidths = sorted({r["bandwidth_GBps"] for r in rows if r["bandwidth_GBps"]})
@@ -420,8 +499,10 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
         "used in turn, so caches do not hold the next call's inputs. On CPU the providers of one framework "
         "take turns in short slices, so a slow moment of the machine slows them alike: compare PyTorch rows "
         "with PyTorch rows and JAX rows with JAX rows. On CPU the C library's allocator is pinned to reuse its heap "
-        "(at t1 = t2 = 1 also to fresh pages: see that section), so a run's allocation history does not decide "
-        "the times.",
+        "(at t1 = t2 = 1 also to fresh pages; the `allocator` column says which), so a run's allocation history "
+        "does not decide the times.",
+        f"- {spread_legend(f'`{NOISY_MARK}`')}. "
+        + (f"**{noisy} of {len(timed)} rows are marked `{NOISY_MARK}`.**" if noisy else "No row is marked."),
         f"- Logits ~ N(0, {session.args.scale:g}^2); class-index labels uniform; dense labels: random rows summing to 1.",
     ]
     if gpu_columns:
@@ -430,9 +511,9 @@ def write_report(session, csv_path: Path, plots: bool = True) -> Path:
                      "and gradient epilogue.")
     lines.append("")
     lines += cross_entropy_section(both) + original_section(rows) + memory_section(out) + gpu_section(rows, gpu_columns)
-    lines += ["## All results", "", "Columns:", ""] + [f"- {m}" for m in COLUMN_MEANINGS if gpu_columns
-                                                        or not m.startswith("`SFU")] + [""]
-    lines += results_tables(ok, gpu_columns)
+    shown = shown_columns(timed, gpu_columns)
+    lines += ["## All results", "", "Columns:", ""] + [f"- {text}" for text, when in COLUMN_MEANINGS if when in shown]
+    lines += [""] + results_tables(timed, shown)
     other = [r for r in rows if not _ok(r)]
     if other:
         lines += ["## Skipped, failed, not applicable", "", "| provider | status | cells |", "|---|---|---|"]

@@ -30,12 +30,24 @@ def run(script, *args, timeout=60, env=None):
 
 def stage_rows(out: Path) -> dict[str, tuple[int, int, str]]:
     """stage -> (budget s, used s, status) from session.md's table."""
+    return {stage: row[1:] for stage, row in timed_stage_rows(out).items()}
+
+
+def timed_stage_rows(out: Path) -> dict[str, tuple[int, int, int, str]]:
+    """stage -> (starts at s, budget s, used s, status) from session.md's table."""
     rows = {}
     for line in (out / "session.md").read_text().splitlines():
-        match = re.match(r"\| ([\w-]+) \| (\d+) \| (\d+) \| ([^|]+) \| logs/", line)
+        match = re.match(r"\| ([\w-]+) \| (\d+) \| (\d+) \| (\d+) \| ([^|]+) \| logs/", line)
         if match:
-            rows[match[1]] = (int(match[2]), int(match[3]), match[4].strip())
+            rows[match[1]] = (int(match[2]), int(match[3]), int(match[4]), match[5].strip())
     return rows
+
+
+def listed_budgets() -> dict[str, int]:
+    """stage -> nominal budget s from --list (its header and total lines left out)."""
+    lines = run(SESSION, "--list").stdout.splitlines()
+    assert lines[0].split() == ["stage", "budget", "s", "starts", "at", "s"] and lines[-1].startswith("total 510 s")
+    return {line.split()[0]: int(line.split()[1]) for line in lines[1:-1]}
 
 
 def test_dry_run_writes_the_layout_and_exits_0(tmp_path):
@@ -48,13 +60,32 @@ def test_dry_run_writes_the_layout_and_exits_0(tmp_path):
     nominal = {"env": 40, "tests": 150, "tune": 55, "tuning": 30, "perf-bf16": 80, "perf-fp32": 35,
                "perf-fwd-bwd": 30, "linear": 30, "vocab-parallel": 20}
     assert {k: rows[k][0] for k in nominal} == nominal
-    listed = dict(line.split()[:2] for line in run(SESSION, "--list").stdout.splitlines())
-    assert sum(int(v.rstrip("s")) for v in listed.values()) == 510  # the 8.5-minute default total
+    assert sum(listed_budgets().values()) == 510  # the 8.5-minute default total
     assert (out / "autotune").is_dir() and "DRY RUN" in (out / "session.md").read_text()
     for stage in STAGES:
         log = (out / "logs" / f"{stage}.log").read_text()
         assert log.startswith("command: ") and "dry run: not run" in log
     assert f"BITEMPERED_CACHE_DIR" not in (out / "logs" / "tune.log").read_text()  # exported, not inlined
+
+
+def test_dry_run_shows_every_stage_budget_and_start(tmp_path):
+    """Without --fake-stage-s a dry run counts every stage as its whole budget: the plan, in which
+    each stage starts when the ones before it have used theirs, and --list shows the same."""
+    out = tmp_path / "plan"
+    done = run(SESSION, "--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = timed_stage_rows(out)
+    budgets = listed_budgets()
+    start = 0
+    for stage in STAGES:
+        assert rows[stage] == (start, budgets[stage], budgets[stage], "dry-run"), stage
+        start += budgets[stage]
+    assert start == 510 and "Finished after 510 s of 510." in (out / "session.md").read_text()
+    printed = done.stdout.splitlines()
+    assert printed[0].split() == ["stage", "starts", "at", "s", "budget", "s", "used", "s", "status"]
+    assert printed[STAGES.index("tune-more") + 1].split() == ["tune-more", "470", "15", "15", "dry-run"]
+    listed = run(SESSION, "--list").stdout.splitlines()
+    assert listed[STAGES.index("report") + 1].split()[:3] == ["report", "25", "485"]
 
 
 def test_budgets_scale_with_the_total_and_late_stages_give_way(tmp_path):
@@ -133,7 +164,7 @@ def test_help_and_list():
     done = run(SESSION, "--help")
     assert done.returncode == 0 and "--dry-run" in done.stdout and "--budget-s" in done.stdout
     done = run(SESSION, "--list")
-    assert done.returncode == 0 and [line.split()[0] for line in done.stdout.splitlines()] == STAGES
+    assert done.returncode == 0 and list(listed_budgets()) == STAGES
 
 
 def test_every_stage_command_is_accepted_by_its_entry_point(tmp_path):

@@ -5,6 +5,7 @@ tracked results by default. Timings themselves are not checked (CPU, shared mach
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,15 @@ def test_markdown_is_well_formed(smoke):
     assert "SUMMARY" in stdout and "optax-ce" in stdout
 
 
+def test_printed_rows_and_results_md_say_regime_and_spread(smoke):
+    out, stdout = smoke
+    assert "spread = p80 / p20" in stdout and "alloc heap:" in stdout
+    timed = [line for line in stdout.splitlines() if re.search(r"\d - \d+\.\d+ \(\d+\.\d\dx\)", line)]
+    assert timed and all(" heap " in line for line in timed)
+    text = (out / "results.md").read_text()
+    assert "- spread = p80 / p20" in text and "| allocator | ms | spread |" in text
+
+
 def test_default_output_is_outside_the_tracked_results():
     from perf import harness, measure
 
@@ -160,6 +170,47 @@ def test_cross_entropy_section_shows_both_allocators():
     assert "| 8 x 10 | dense | heap | bitempered-torch |" in text and "**2.00**" in text
     assert "| 8 x 10 | dense | fresh | bitempered-torch |" in text and "**0.50**" in text
     assert [r["allocator"] for r in report.primary(rows)] == ["heap", "heap"]
+
+
+def _timed(provider, allocator, ms, p20, p80, t=1.0):
+    return dict(provider=provider, framework="torch", allocator=allocator, status="ok", dtype="fp32",
+                direction="fwdbwd", labels="int", N=8, C=10, t1=t, t2=t, time_ms=ms, time_ms_p20=p20,
+                time_ms_p80=p80, GBps=1.0, pct_bandwidth=10.0, pct_roofline=10.0, passes="1", loss_rel_err=1e-7,
+                sum_p_residual=1e-7, peak_extra_MiB=None, memory_method="", sfu_ops_per_elem=None,
+                pct_sfu_roof=None)
+
+
+def test_rows_say_their_allocator_and_flag_a_wide_spread():
+    """Printed rows and the full tables name the allocator regime of each row and the spread of its
+    repeats (p80 / p20); a row above NOISY_SPREAD is marked, with its legend."""
+    from perf import report
+
+    steady, noisy = _timed("torch-ce", "heap", 2.0, 1.9, 2.1), _timed("torch-ce", "fresh", 2.0, 1.0, 37.0)
+    assert report.spread(steady) == pytest.approx(2.1 / 1.9) and not report.is_noisy(steady)
+    assert report.is_noisy(noisy) and report.spread(dict(steady, time_ms_p20=None)) is None
+    line = report.terminal_row(steady)
+    assert " heap " in line and "1.900 - 2.100 (1.11x) " in line
+    assert " fresh " in report.terminal_row(noisy) and "(37.00x)!" in report.terminal_row(noisy)
+    legend = "\n".join(report.terminal_legend(["heap", "fresh"]))
+    assert "alloc heap:" in legend and "alloc fresh:" in legend and f"above {report.NOISY_SPREAD:g}x" in legend
+    table = report.results_tables([steady, noisy], report.shown_columns([steady, noisy], gpu_columns=False))
+    assert "| provider | allocator | ms | spread |" in table[2]
+    assert "| torch-ce | heap | 2.000 | 1.11 |" in table[4] and "| torch-ce | fresh | 2.000 ! | 37.00 |" in table[5]
+    # a GPU run has no allocator regimes: no such column
+    gpu_row = dict(steady, allocator="")
+    assert "allocator" not in report.results_tables([gpu_row], report.shown_columns([gpu_row], True))[2]
+
+
+def test_summary_lists_the_noisy_rows(tmp_path):
+    from perf import report
+
+    path = tmp_path / "results.csv"
+    report.prepare_csv(path, fresh=True)
+    rows = [_timed("bitempered-torch", "heap", 1.0, 0.9, 1.1), _timed("torch-ce", "heap", 2.0, 1.0, 37.0)]
+    report.append_rows(path, rows)
+    text = report.summary(path, "slug")
+    assert "/ torch-ce: 0.50x !" in text  # a ratio is as noisy as the noisier time
+    assert "1 of 2 timed rows marked !" in text and "torch-ce fp32 fwdbwd 8x10 int t=1,1 heap: 37.00x" in text
 
 
 def _inputs(cell, n_sets=2):

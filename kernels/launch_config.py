@@ -21,8 +21,11 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
   ptxas chose 64 registers and spilled 8 bytes (original-algorithm variant, 16 warps, sm_80).
 - ``ON_CHIP_LIMIT``: the largest C kept in registers = the 4096 tile, for every dtype: the tile is
   converted to fp32 on load, so 16-bit logits need the same registers (a per-dtype dict so a GPU
-  measurement can change it). Above it the chunked path streams the row once per pass (reads
-  beyond the first are expected to hit L2: ~130 rows of 16K fp32 in flight is ~8 MB).
+  measurement can change it). Above it the chunked path streams the row once per sweep
+  (kernels/README.md, "Memory traffic": 2 reads per logit at t1 = t2 = 1 with gradient, the
+  solver passes + 2 tempered; reads beyond the first may hit L2: ~130 rows of 16K fp32 in
+  flight is ~8 MB). Its loss kernel (issue 20: fused sums, online max + sum-exp), ptxas: 84
+  registers bf16 / class indices / sm_90 (75 on sm_80), 75-77 dense, zero spills.
 - ``CHUNK_COLS = 2048``: chunk width of the chunked path (16 warps x 4 per thread). Not timed.
 - ``SMALL_ROW_TILE = 1024``: rows with C below it are packed several per program
   (BLOCK_ROWS = 1024 // BLOCK_COLS) so that a program still has >= 1024 elements of work; every

@@ -4,7 +4,10 @@ One program handles BLOCK_ROWS rows (several rows for tiny C). On-chip path: the
 loaded once (native dtype -> fp32), every solver pass runs on registers, the loss and the
 gradient (for unit upstream gradient, rounded once into the gradient's dtype) are written at
 the end. Chunked path (C above the on-chip limit): each pass streams the row in BLOCK_COLS
-chunks: max, [support count if t2 < 1], solver passes, loss + sum(d), gradient write.
+chunks (kernels/README.md, "Memory traffic"): the max (and at t2 = 1 the whole solve, online),
+the solver passes (which also gather the support count and the sums that give sum(d)), then with
+class indices the gradient write, which sums the loss too; a loss sweep only without gradient,
+with dense labels or the original algorithm.
 Launch configuration: ``launch_config.row_config``.
 """
 
@@ -12,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .tempered_math import (
-    INF, evaluate, grad_terms, label_powers, load_shifted, loss_terms, nan_max,
+    INF, escort_powers, evaluate, grad_terms, label_powers, load_shifted, loss_terms, nan_max,
     row_max_chunked, safe_reciprocal, shift, smoothing_coefficients, solve,
 )
 
@@ -96,35 +99,56 @@ def tempered_loss_kernel(
     inactive = ~row_mask | ignored | bad
 
     if CHUNKED:
-        mx = row_max_chunked(row_ptr, row_mask, n_cols, BLOCK_ROWS, BLOCK_COLS)
+        mx, f0, n_pos = row_max_chunked(row_ptr, row_mask, n_cols, one_minus_t2, BLOCK_ROWS,
+                                        BLOCK_COLS)
         placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
-        y2, _log2_p, _p, _q = solve(placeholder, row_ptr, row_mask, mx, inactive, n_cols,
-                                    one_minus_t2, inv_one_minus_t2, num_iters, ORIGINAL, True,
-                                    MAX_PASSES, BLOCK_ROWS, BLOCK_COLS)
+        # With class indices and a gradient the solver's passes also gather the sums of p^k,
+        # k = t2 - t1, that give sum d (no loss sweep); otherwise the loss sweep sums d (k = 0:
+        # no extra work in the passes)
+        power = t2_minus_t1 if NEED_GRAD and LABELS_ARE_INDICES and not ORIGINAL else 0.0
+        y2, _log2_p, _p, _q, _f, sum_q, s1, s0 = solve(
+            placeholder, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t2,
+            inv_one_minus_t2, power, num_iters, ORIGINAL, True, MAX_PASSES, BLOCK_ROWS,
+            BLOCK_COLS)
         loss = tl.zeros([BLOCK_ROWS, 1], tl.float32)
         sum_d = tl.zeros([BLOCK_ROWS, 1], tl.float32)
-        sum_q = tl.zeros([BLOCK_ROWS, 1], tl.float32)
-        for start in range(0, n_cols, BLOCK_COLS):
-            a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
-            log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
-            y, log_t_y, pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols, scale,
-                                           add, one_minus_t1, inv_one_minus_t1, two_minus_t1,
-                                           LABELS_ARE_INDICES)
-            loss += tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1,
-                                      two_minus_t1, inv_two_minus_t1), axis=1, keep_dims=True)
-            if NEED_GRAD:
-                sum_d += tl.sum(grad_terms(y, log2_p, p, t2_minus_t1), axis=1, keep_dims=True)
-                sum_q += tl.sum(q, axis=1, keep_dims=True)
+        if NEED_GRAD and LABELS_ARE_INDICES and not ORIGINAL:
+            # sum d = sum (p - y) p^k, k = t2 - t1, from the last pass's label-free sums: every
+            # class holds the off-target label `add`, the target y_on = scale + add (one logit)
+            target = row_mask & ~inactive
+            a0_target = shift(tl.load(row_ptr + idx, mask=target, other=-INF).to(tl.float32),
+                              mx, target)
+            log2_p_target, p_target, _q_target = evaluate(a0_target, y2, one_minus_t2,
+                                                          inv_one_minus_t2)
+            _p_k1_target, p_k_target = escort_powers(log2_p_target, p_target, t2_minus_t1)
+            sum_d = s1 - add * s0 - scale * p_k_target
+        else:  # the loss sweep (and sum d from the labels' tiles)
+            for start in range(0, n_cols, BLOCK_COLS):
+                a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+                log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
+                y, log_t_y, pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols,
+                                               scale, add, one_minus_t1, inv_one_minus_t1,
+                                               two_minus_t1, LABELS_ARE_INDICES)
+                loss += tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1,
+                                          inv_one_minus_t1, two_minus_t1, inv_two_minus_t1),
+                               axis=1, keep_dims=True)
+                if NEED_GRAD:
+                    sum_d += tl.sum(grad_terms(y, log2_p, p, t2_minus_t1), axis=1, keep_dims=True)
         if NEED_GRAD:
-            # the last pass: the gradient is written after every read of this row (in-place safe)
+            # the last sweep: the gradient is written after every read of this row (in-place
+            # safe); the loss is summed here unless the loss sweep ran
             ratio = sum_d / sum_q
             grad_scale = tl.load(grad_scale_ptr)
             for start in range(0, n_cols, BLOCK_COLS):
                 a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
                 log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
-                y, _log_t_y, _pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols,
-                                                 scale, add, one_minus_t1, inv_one_minus_t1,
-                                                 two_minus_t1, LABELS_ARE_INDICES)
+                y, log_t_y, pow_y = label_tile(label_row_ptr + start, idx - start, mask, cols,
+                                               scale, add, one_minus_t1, inv_one_minus_t1,
+                                               two_minus_t1, LABELS_ARE_INDICES)
+                if LABELS_ARE_INDICES and not ORIGINAL:
+                    loss += tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1,
+                                              inv_one_minus_t1, two_minus_t1, inv_two_minus_t1),
+                                   axis=1, keep_dims=True)
                 grad = grad_terms(y, log2_p, p, t2_minus_t1) - q * ratio
                 grad = finish_rows(grad * grad_scale, ignored, bad)
                 tl.store(grad_row_ptr + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -132,9 +156,9 @@ def tempered_loss_kernel(
         mask = row_mask & (cols < n_cols)
         a = tl.load(row_ptr + cols, mask=mask, other=-INF).to(tl.float32)
         a0 = shift(a, nan_max(a, 1), mask)
-        _, log2_p, p, q = solve(a0, row_ptr, row_mask, a0, inactive, n_cols, one_minus_t2,
-                                inv_one_minus_t2, num_iters, ORIGINAL, False, MAX_PASSES,
-                                BLOCK_ROWS, BLOCK_COLS)
+        _, log2_p, p, q, _f, _g, _s1, _s0 = solve(
+            a0, row_ptr, row_mask, a0, a0, a0, inactive, n_cols, one_minus_t2, inv_one_minus_t2,
+            0.0, num_iters, ORIGINAL, False, MAX_PASSES, BLOCK_ROWS, BLOCK_COLS)
         y, log_t_y, pow_y = label_tile(label_row_ptr, idx, mask, cols, scale, add, one_minus_t1,
                                        inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
         loss = tl.sum(loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1,

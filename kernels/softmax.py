@@ -41,11 +41,12 @@ def tempered_softmax_fwd_kernel(
     inv_one_minus_t = safe_reciprocal(one_minus_t)
 
     if CHUNKED:
-        mx = row_max_chunked(row_ptr, row_mask, n_cols, BLOCK_ROWS, BLOCK_COLS)
+        mx, f0, n_pos = row_max_chunked(row_ptr, row_mask, n_cols, one_minus_t, BLOCK_ROWS,
+                                        BLOCK_COLS)
         placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
-        y2, _, _, _ = solve(placeholder, row_ptr, row_mask, mx, ~row_mask, n_cols, one_minus_t,
-                            inv_one_minus_t, num_iters, ORIGINAL, True, MAX_PASSES, BLOCK_ROWS,
-                            BLOCK_COLS)
+        y2, _, _, _, _, _, _, _ = solve(placeholder, row_ptr, row_mask, mx, f0, n_pos, ~row_mask,
+                                        n_cols, one_minus_t, inv_one_minus_t, 0.0, num_iters,
+                                        ORIGINAL, True, MAX_PASSES, BLOCK_ROWS, BLOCK_COLS)
         for start in range(0, n_cols, BLOCK_COLS):
             a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
             log2_p_chunk, p, q_chunk = evaluate(a0, y2, one_minus_t, inv_one_minus_t)
@@ -54,9 +55,9 @@ def tempered_softmax_fwd_kernel(
         mask = row_mask & (cols < n_cols)
         a = tl.load(row_ptr + cols, mask=mask, other=-INF).to(tl.float32)
         a0 = shift(a, nan_max(a, 1), mask)
-        _, _, p, _ = solve(a0, row_ptr, row_mask, a0, ~row_mask, n_cols, one_minus_t,
-                           inv_one_minus_t, num_iters, ORIGINAL, False, MAX_PASSES, BLOCK_ROWS,
-                           BLOCK_COLS)
+        _, _, p, _, _, _, _, _ = solve(a0, row_ptr, row_mask, a0, a0, a0, ~row_mask, n_cols,
+                                       one_minus_t, inv_one_minus_t, 0.0, num_iters, ORIGINAL,
+                                       False, MAX_PASSES, BLOCK_ROWS, BLOCK_COLS)
         tl.store(out_row_ptr + cols, p.to(probs_ptr.dtype.element_ty), mask=mask)
 
 

@@ -130,18 +130,35 @@ def load_shifted(row_ptr, row_mask, cols, n_cols, mx):
 
 
 @triton.jit
-def row_max_chunked(row_ptr, row_mask, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """NaN-propagating row maximum of a long row, streamed in chunks (one read pass)."""
+def row_max_chunked(row_ptr, row_mask, n_cols, one_minus_t, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_COLS: tl.constexpr):
+    """The first sweep over a long row: (max, f0, n_pos), NaN-propagating max.
+
+    At t == 1 it is also the solver's first pass, online: f0 = sum p at Y = 0, i.e.
+    sum 2^((a - max) log2 e), rescaled whenever the running max grows (exact: Y = log2 f0 is the
+    root), and n_pos = #{p > 0} (the +inf logits if any, else the finite ones). f0 = 0 at t != 1
+    (the sum at Y = 0 depends on the final max there, so it needs its own sweep).
+    """
     cols = tl.arange(0, BLOCK_COLS)[None, :]
     mx = tl.full([BLOCK_ROWS, 1], -INF, tl.float32)
+    f0 = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    n_finite = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    n_pos_inf = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     for start in range(0, n_cols, BLOCK_COLS):
         mask = row_mask & (start + cols < n_cols)
         a = tl.load(row_ptr + start + cols, mask=mask, other=-INF).to(tl.float32)
         chunk_max = nan_max(a, 1)
         # maximum() may drop a NaN operand: keep NaN sticky explicitly
         has_nan = (mx != mx) | (chunk_max != chunk_max)
-        mx = tl.where(has_nan, float("nan"), tl.maximum(mx, chunk_max))
-    return mx
+        new_max = tl.where(has_nan, float("nan"), tl.maximum(mx, chunk_max))
+        if one_minus_t == 0.0:
+            rescale = tl.where(new_max == mx, 1.0, tl.exp2((mx - new_max) * LOG2E))
+            chunk_sum = tl.sum(tl.exp2(shift(a, new_max, mask) * LOG2E), axis=1, keep_dims=True)
+            f0 = f0 * rescale + chunk_sum
+        mx = new_max
+        n_finite += tl.sum(((a > -INF) & (a < INF)).to(tl.float32), axis=1, keep_dims=True)
+        n_pos_inf += tl.sum((a == INF).to(tl.float32), axis=1, keep_dims=True)
+    return mx, f0, tl.where(n_pos_inf > 0.0, n_pos_inf, n_finite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,19 +182,54 @@ def evaluate(a0, y2, one_minus_t, inv_one_minus_t):
 
 
 @triton.jit
+def escort_powers(log2_p, p, power):
+    """(p^(1 + k), [p > 0] p^k) per element, k = ``power`` (t2 - t1 in the loss: sum d of SPEC's
+    gradient is built from their sums). p^k comes from log2 p (an underflowed p keeps its true
+    power, SPEC "Zero versus underflow"); no special-function op at k = 0."""
+    positive = log2_p > -INF
+    if power == 0.0:
+        p_k = positive.to(tl.float32)
+    else:
+        p_k = tl.where(positive, tl.exp2(power * tl.where(positive, log2_p, 0.0)), 0.0)
+    return p * p_k, p_k
+
+
+@triton.jit
+def streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, power,
+                  BLOCK_COLS: tl.constexpr):
+    """One pass over a long row at Y, streamed in chunks: (f, g, s1 = sum p^(1+k),
+    s0 = sum_{p > 0} p^k, D = the support count of kernels/README.md).
+
+    The sums the loss needs at the converged Y (s1, s0; g = sum p^t2 / c, the escort's
+    normaliser) and the bracket's D ride along every pass, so the pass that converges already has
+    them and the row is not read again for them (the solver uses the first pass's D only)."""
+    cols = tl.arange(0, BLOCK_COLS)[None, :]
+    f = tl.zeros_like(y2)
+    g = tl.zeros_like(y2)
+    s1 = tl.zeros_like(y2)
+    s0 = tl.zeros_like(y2)
+    count = tl.zeros_like(y2)
+    for start in range(0, n_cols, BLOCK_COLS):
+        a0, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+        log2_p, p, q = evaluate(a0, y2, one_minus_t, inv_one_minus_t)
+        p_k1, p_k = escort_powers(log2_p, p, power)
+        f += tl.sum(p, axis=1, keep_dims=True)
+        g += tl.sum(q, axis=1, keep_dims=True)
+        s1 += tl.sum(p_k1, axis=1, keep_dims=True)
+        s0 += tl.sum(p_k, axis=1, keep_dims=True)
+        count += tl.sum((a0 > -inv_one_minus_t).to(tl.float32), axis=1, keep_dims=True)
+    support = tl.where(one_minus_t > 0.0, count, tl.zeros_like(y2) + n_cols)
+    return f, g, s1, s0, support
+
+
+@triton.jit
 def sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
             CHUNKED: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """(f, g, log2 p, p, q) at Y: from the register tile a0, or streamed over the row (CHUNKED,
     where the per-element outputs are returned as a0 unchanged and mean nothing)."""
     if CHUNKED:
-        cols = tl.arange(0, BLOCK_COLS)[None, :]
-        f = tl.zeros_like(y2)
-        g = tl.zeros_like(y2)
-        for start in range(0, n_cols, BLOCK_COLS):
-            a0_chunk, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
-            _, p_chunk, q_chunk = evaluate(a0_chunk, y2, one_minus_t, inv_one_minus_t)
-            f += tl.sum(p_chunk, axis=1, keep_dims=True)
-            g += tl.sum(q_chunk, axis=1, keep_dims=True)
+        f, g, _s1, _s0, _d = streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                           inv_one_minus_t, 0.0, BLOCK_COLS)
         log2_p = a0
         p = a0
         q = a0
@@ -244,20 +296,26 @@ def newton_step(y2, f, g, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus
 
 
 @triton.jit
-def solve(a0, row_ptr, row_mask, mx, inactive, n_cols, one_minus_t, inv_one_minus_t, num_iters,
-          ORIGINAL: tl.constexpr, CHUNKED: tl.constexpr, MAX_PASSES: tl.constexpr,
-          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """THE normalization solver. Returns (Y, log2 p, p, q) of the last evaluation.
+def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, inv_one_minus_t,
+          power, num_iters, ORIGINAL: tl.constexpr, CHUNKED: tl.constexpr,
+          MAX_PASSES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """THE normalization solver. Returns (Y, log2 p, p, q, f, g, s1, s0) of the last evaluation.
 
     On-chip (CHUNKED=False): ``a0`` is the max-shifted tile [rows, cols] in registers and the
-    per-element results are those of the last pass (no extra pass). Chunked: ``a0`` is a
-    placeholder, each pass streams the row from ``row_ptr`` and only Y is meaningful.
+    per-element results are those of the last pass (no extra pass); ``f0``, ``n_pos``, ``power``
+    and the per-row sums returned after q are unused. Chunked: ``a0`` is a placeholder, ``mx``,
+    ``f0``, ``n_pos`` come from ``row_max_chunked``, each pass streams the row from ``row_ptr``
+    (``streamed_sums``: D rides along the first pass) and returns per-row sums: f, g and
+    s1 = sum p^(1+k), s0 = sum_{p>0} p^k with k = ``power`` at the returned Y. At t == 1 the
+    first sweep already solved the row (Y = log2 f0); with k = 0 its sums are known in closed
+    form (f = g = s1 = f0 2^-Y, s0 = n_pos) and no pass runs, else one pass evaluates them.
     ``inactive`` rows (padding, ignored labels) start as converged and cost no extra passes.
 
     ORIGINAL=False: converged safeguarded Newton (the default). ORIGINAL=True: SPEC's original
     algorithm with ``num_iters`` steps, selected at run time from t: the fixed point
     z <- a0 Z^(1-t) is exactly Y <- Y + log2 f(Y) from Y = 0, run num_iters + 1 times (t > 1;
     once at t == 1, which is logsumexp); t < 1 bisects lam with Y = -log2(1 - (1-t) lam)/(1-t).
+    ORIGINAL streams its passes without the loss sums (s1 = f, s0 = 0: not for the loss).
     """
     zero = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     if ORIGINAL:
@@ -287,27 +345,50 @@ def solve(a0, row_ptr, row_mask, mx, inactive, n_cols, one_minus_t, inv_one_minu
             y2 = -log2_c * inv_one_minus_t
         f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
                                      inv_one_minus_t, CHUNKED, BLOCK_COLS)
+        s1 = f
+        s0 = zero
     else:
-        support = support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
-                               CHUNKED, BLOCK_ROWS, BLOCK_COLS)
         lo = zero
-        hi = tl.log2(support)
-        y2 = zero  # f(0) >= 1: the start is left of the root
-        lo_evaluated = zero != zero
         done = inactive
         log2_p = a0
         p = a0
         q = a0
+        if CHUNKED:
+            solved = one_minus_t == 0.0
+            y2 = tl.where(solved, tl.log2(f0), zero)  # else 0: f(0) >= 1, left of the root
+            f = tl.where(solved, f0 * tl.exp2(-y2), zero)
+            g = f
+            s1 = f
+            s0 = n_pos
+            hi = zero + INF  # log2 D, from the first pass
+            done = tl.where(solved & (power == 0.0), zero == zero, done)
+        else:
+            y2 = zero  # f(0) >= 1: the start is left of the root
+            f = zero
+            g = zero
+            s1 = zero
+            s0 = zero
+            hi = tl.log2(support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                      inv_one_minus_t, CHUNKED, BLOCK_ROWS, BLOCK_COLS))
+        lo_evaluated = zero != zero
+        y_evaluated = y2
         n_pass = 0
         n_active = tl.sum((~done).to(tl.int32))
         while (n_pass < MAX_PASSES) & (n_active > 0):
-            f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
-                                         inv_one_minus_t, CHUNKED, BLOCK_COLS)
+            y_evaluated = y2
+            if CHUNKED:
+                f, g, s1, s0, support = streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                                      inv_one_minus_t, power, BLOCK_COLS)
+                hi = tl.where(n_pass == 0, tl.log2(tl.maximum(support, 1.0)), hi)
+            else:
+                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                                             inv_one_minus_t, CHUNKED, BLOCK_COLS)
             y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, lo, hi, lo_evaluated, done,
                                                          one_minus_t, inv_one_minus_t)
             n_pass += 1
             n_active = tl.sum((~done).to(tl.int32))
-    return y2, log2_p, p, q
+        y2 = y_evaluated  # (differs from y2 only for a row stopped by the cap)
+    return y2, log2_p, p, q, f, g, s1, s0
 
 
 # --------------------------------------------------------------------------------------------

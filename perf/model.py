@@ -17,8 +17,8 @@ the Triton kernels), per element of the logits:
     one solver pass = SFU_OPS_PER_PASS = 2 (rcp of 1 + z, ex2; their log2 is FMA-only libdevice).
     epilogue (on-chip path, C <= the launch config's on-chip limit): 3 ex2 (log_t1 p, p^(2-t1),
     p^(t2-t1)); the gradient itself adds none (the escort reuses the last pass's p / (1 + z)).
-    chunked path: the loss sweep re-evaluates the row (+1 pass) and the gradient sweep does it again
-    (+1 pass, + p^(t2-t1) again).
+    chunked path: its sweeps over the row (``chunked_sweeps``, kernels/README.md "Memory
+    traffic"), each with its own ops.
     dense labels: log_t1(y) and y^(2-t1) per element = 2 more ex2.
     passes: the MEAN converged pass count of the rows (the kernel runs one row per program, so the
     mean, not the worst row, sets its throughput).
@@ -37,6 +37,9 @@ SFU_OPS_PER_PASS = 2          # kernels/README.md (sm_90 SASS): rcp of 1 + z, ex
 EPILOGUE_LOSS = 3             # ex2 for log_t1(p), p^(2-t1) and p^(t2-t1) (computed in the loss sweep)
 EPILOGUE_GRAD = 0             # the gradient reuses the last pass's p / (1 + z): no MUFU
 DENSE_LABEL_OPS = 2           # ex2 for log_t1(y) and y^(2-t1) (log2 y is FMA-only)
+LOSS_TERM_OPS = 2             # ex2 for log_t1(p) and p^(2-t1), per element of a sweep summing the loss
+GRAD_TERM_OPS = 1             # ex2 for p^(t2-t1) of d, per element of a sweep using d
+SUMEXP_OPS = 1                # ex2 of the online sum-exp in the max sweep (t2 = 1 only)
 INDEX_BYTES = 8               # int64 class indices (torch's default integer dtype)
 LOSS_BYTES = 4                # one fp32 loss per row
 
@@ -78,6 +81,38 @@ def chunked(cell: Cell) -> bool:
     return launch_config.row_config(cell.c, cell.elem_bytes).chunked
 
 
+def chunked_sweeps(cell: Cell, direction: str, passes_mean: float,
+                   ops_per_pass: float = SFU_OPS_PER_PASS) -> tuple[float, float]:
+    """(logit reads, special-function ops) per logit of the chunked loss kernel, converged solver
+    (kernels/README.md, "Memory traffic"; the read count is what tests/test_kernel_memory_traffic.py
+    counts under the interpreter, less the one target logit per row):
+
+        max sweep (at t2 = 1 also the online sum-exp: the solve)
+      + solver passes (t2 != 1: ``passes_mean``; t2 = 1: none, or one pass for sums the closed
+        form does not give: t1 != 1 with the fused gradient)
+      + loss sweep, unless fused: with class indices and a gradient the passes gather sum d
+        (+1 ex2 per pass when t1 != t2) and the gradient sweep sums the loss
+      + gradient sweep (with gradient).
+    """
+    need_grad = direction == "fwdbwd"
+    fused = need_grad and cell.labels == "int"
+    extra_pass_ops = GRAD_TERM_OPS if fused and cell.t1 != cell.t2 else 0
+    if cell.t2 == 1.0:
+        passes = 1.0 if fused and cell.t1 != 1.0 else 0.0
+    else:
+        passes = passes_mean
+    reads = 1 + passes
+    ops = (SUMEXP_OPS if cell.t2 == 1.0 else 0) + passes * (ops_per_pass + extra_pass_ops)
+    if not fused:
+        reads += 1
+        ops += ops_per_pass + LOSS_TERM_OPS + (GRAD_TERM_OPS if need_grad else 0)
+        ops += DENSE_LABEL_OPS if cell.labels == "dense" else 0
+    if need_grad:
+        reads += 1
+        ops += ops_per_pass + GRAD_TERM_OPS + (LOSS_TERM_OPS if fused else 0)
+    return reads, ops
+
+
 def sfu_ops_per_element(cell: Cell, direction: str, passes_mean: float | None,
                         ops_per_pass: float = SFU_OPS_PER_PASS) -> float | None:
     """Special-function ops per logit of the converged bitempered kernel (None if unknown)."""
@@ -89,8 +124,7 @@ def sfu_ops_per_element(cell: Cell, direction: str, passes_mean: float | None,
     dense = DENSE_LABEL_OPS if cell.labels == "dense" else 0
     if not chunked(cell):
         return ops_per_pass * passes_mean + EPILOGUE_LOSS + (EPILOGUE_GRAD if need_grad else 0) + dense
-    sweeps = passes_mean + 1 + (1 if need_grad else 0)  # solver passes + loss sweep (+ gradient sweep)
-    return ops_per_pass * sweeps + EPILOGUE_LOSS + (2 * EPILOGUE_GRAD if need_grad else 0) + dense
+    return chunked_sweeps(cell, direction, passes_mean, ops_per_pass)[1]
 
 
 @dataclasses.dataclass(frozen=True)

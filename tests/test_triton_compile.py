@@ -58,7 +58,8 @@ def _jobs():
         name = f"{cfg.path}[{cfg.block_rows}x{cfg.block_cols}]"
         loss_variants = [("fp32", "*fp32", False, False)]  # (logits, labels, INDICES, ORIGINAL)
         if cfg in edges:
-            loss_variants += [("bf16", "*bf16", False, False), ("fp16", "*i64", True, True)]
+            loss_variants += [("bf16", "*bf16", False, False), ("bf16", "*i64", True, False),
+                              ("fp16", "*i64", True, True)]
         for dtype, labels, indices, original in loss_variants:
             jobs.append((f"loss {name} {dtype} {'indices' if indices else 'dense'}"
                          f"{' original' if original else ''}", tempered_loss_kernel,

@@ -1,4 +1,4 @@
-"""Public JAX API of bitempered (see ``bindings/jax/api.py`` for the implementation)."""
+"""Public JAX API of bitempered (the implementation: the ``bindings/jax/`` package, see its ``__init__``)."""
 
 from bitempered.bindings.jax.api import (
     bi_tempered_binary_logistic_loss,

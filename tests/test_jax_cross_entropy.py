@@ -1,6 +1,6 @@
-"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax/native/loss.py: ``index_fast``, the loss of
-class indices without the gradient; ``index_fast_with_gradient``, optax's max-shift arithmetic;
-``dense_fast``, dense labels) and their exact fallback, against the float64 reference.
+"""The XLA loss's t1 = t2 = 1 fast paths (bindings/jax/native/loss.py: ``_index_fast``, the loss of
+class indices without the gradient; ``_index_fast_with_gradient``, optax's max-shift arithmetic;
+``_dense_fast``, dense labels) and their exact fallback, against the float64 reference.
 
 The fast paths are select-free and stand for every row only where their per-row values are finite
 (``_fast_path_ok``); otherwise the whole batch is computed by the exact branch. So the tests put

@@ -179,7 +179,7 @@ def test_softmax_sigmoid_and_binary_loss(triton_backend):
 def test_auto_picks_xla_on_cpu():
     if jax.default_backend() == "gpu":
         pytest.skip("on a GPU 'auto' picks the Triton path")
-    from bitempered.bindings.jax import api as binding
+    from bitempered.bindings.jax import args
 
-    assert binding._resolve_backend("auto", jnp.float32) == "xla"
+    assert args.resolve_backend("auto", jnp.float32) == "xla"
     # (that "auto" never imports jax_triton on CPU is checked in a clean subprocess in test_jax.py)

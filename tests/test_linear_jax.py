@@ -121,6 +121,35 @@ def test_num_iters_matches_materialized():
         np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_xla_chunks_run_the_plain_xla_loss(monkeypatch, dense):
+    """The chunks run the plain loss's XLA forward and backward (bindings/jax/native/loss.py), its
+    cross-entropy fallback included: class indices with one logit 800 above the others (the
+    loss-only forward of reduction "none" overflows its target-logit shift), dense labels with a
+    -inf logit where the label is 0 (0 * -inf in the fast path). Equal to the materialized loss."""
+    from bitempered.bindings.jax.native import loss as native_loss
+
+    forward, calls = native_loss.forward, []
+    monkeypatch.setattr(native_loss, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    x, w, b, y = _inputs(dense=dense)
+    if dense:
+        b = b.at[2].set(-jnp.inf)
+        y = y.at[:, 2].set(0.0)
+    else:
+        b = b.at[2].set(800.0)
+    g = _upstream("none")
+    for t1, t2 in [(1.0, 1.0), (0.7, 1.3)]:
+        fused = lambda x, w, b: bj.linear_bi_tempered_logistic_loss(x, w, y, t1, t2, bias=b,  # noqa: E731
+                                                                    chunk_size=CHUNK, backend="xla")
+        plain = lambda x, w, b: bj.bi_tempered_logistic_loss(x @ w.T + b, y, t1, t2, backend="xla")  # noqa: E731
+        (v1, g1), (v2, g2) = _vjp(fused, (x, w, b), g), _vjp(plain, (x, w, b), g)
+        assert np.isfinite(v1).all()
+        np.testing.assert_allclose(v1, v2, rtol=1e-12, atol=1e-12)
+        for got, want in zip(g1, g2):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert calls, "the fused head did not run native/loss.forward"
+
+
 def test_jit_grad_traced_temperatures_and_leading_axes():
     x, w, b, y = _inputs(n=12, dtype=jnp.float32)
     x3, y3 = x.reshape(3, 4, H), y.reshape(3, 4)

@@ -4,7 +4,8 @@
   each slice's gradient equal the unsharded ``bi_tempered_logistic_loss`` on the whole logits
   (float64 to rounding, float32/bfloat16 to float32 rounding), for class-index and dense labels,
   ignore_index, smoothing (global C), t2 < 1 and t2 > 1, num_iters=k, rows with -inf, NaN and a
-  far-off maximum; a model axis of size 1 is the plain loss; tempered_softmax likewise.
+  far-off maximum; a model axis of size 1 is the plain loss; tempered_softmax likewise; the XLA
+  loss's row blocks run in lockstep on every device.
 - the compiled programs communicate O(rows) values per collective, never the N x C logits: for
   ``shard_map`` and for plain ``jax.jit`` with the logits sharded on the class axis by a
   ``NamedSharding`` (checked in the optimized HLO, which must hold no all-gather or all-to-all).
@@ -150,6 +151,32 @@ def shard_map_2d_mesh_data_and_model():
     mesh = _mesh((4, 1), ("data", "model"))
     _compare_with_unsharded(mesh, P("data", "model"), P("data"), "model", 8, ("float64",), kinds=("indices",),
                             iters=(None,))
+
+
+@register
+def shard_map_row_blocks_in_lockstep():
+    """The XLA loss (bindings/jax/native/loss.py, the plain loss's) in row blocks of 2 rows per
+    slice (the last block moved back), so its fori_loop runs the row collectives in lockstep on
+    every device, also under vmap: still the unsharded loss."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from bitempered.bindings.jax.native import loss as native_loss
+
+    jax.config.update("jax_enable_x64", True)
+    block = native_loss.BLOCK_ELEMENTS
+    native_loss.BLOCK_ELEMENTS = 2 * C_LOCAL
+    jax.clear_caches()
+    try:
+        _compare_with_unsharded(_mesh((4,), ("model",)), P(None, "model"), P(), "model", 7, ("float64",),
+                                iters=(None,), temperatures=TEMPERATURES[:3])
+        # and under vmap (folded into the rows) on a 2-D mesh
+        _compare_with_unsharded(_mesh((2, 2), ("data", "model")), P("data", "model"), P("data"), "model", 8,
+                                ("float32",), kinds=("indices",), iters=(None,), temperatures=TEMPERATURES[:3],
+                                batch=2)
+    finally:
+        native_loss.BLOCK_ELEMENTS = block
+        jax.clear_caches()
 
 
 @register

@@ -1,13 +1,14 @@
 """jax-triton launchers of the kernels in ``kernels/`` (the same kernels PyTorch launches).
 
-Imported lazily by ``bindings/jax/api.py`` only when the Triton backend is taken: ``jax_triton`` fails
-to import where jaxlib has no GPU support. Functions take rows ``[N, C]`` (or 1-D arrays for the
-binary kernels); JAX arrays are row-major, so every row stride is C.
+Imported lazily by ``bindings/jax/ops.py`` (and ``vocab_parallel.py``) only when the Triton backend
+is traced: ``jax_triton`` fails to import where jaxlib has no GPU support. Functions take rows
+``[N, C]`` (or 1-D arrays for the binary kernels); JAX arrays are row-major, so every row stride
+is C.
 
 jax-triton passes Python scalars to the kernel as compile-time values, so temperatures, label
 smoothing and the gradient scale travel as 1-element fp32 arrays that the kernels ``tl.load``:
 a traced temperature schedule compiles once. Sizes and ``num_iters`` are static anyway.
-``triton_call`` has no batching or differentiation rule: ``bindings/jax/api.py`` keeps these calls
+``triton_call`` has no batching or differentiation rule: ``bindings/jax/ops.py`` keeps these calls
 inside its ``custom_vjp`` and folds ``vmap`` batches into the row dimension.
 
 Launch configurations: the heuristic, or with autotuning on the best one cached by the torch

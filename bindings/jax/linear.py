@@ -4,10 +4,11 @@ N x C logits (or their gradient) in memory.
 It equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, ...)`` up to rounding (per
 row by default, like the plain JAX loss; ``reduction="sum"``/``"mean"`` reduce it). The rows are
 padded to whole chunks and processed by a ``lax.scan``: per chunk one matmul for the logits (fp32
-accumulation, rounded to the input dtype), the plain loss's per-row machinery (``bindings/jax/api.py``
-``_loss_rows``: XLA, or the Triton kernel through jax-triton), then ``grad_hidden[chunk] =
-dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[chunk]`` accumulated in fp32 (fp64 for
-fp64) in the scan's carry. Peak extra memory: one chunk x C working set, the accumulators and O(N).
+accumulation, rounded to the input dtype), the plain loss on it (``ops.loss_rows``: the XLA loss
+of ``native/loss.py``, its forward and then its backward with each row's weight as the upstream
+value, or the Triton kernel through jax-triton), then ``grad_hidden[chunk] = dlogits @ weight``
+and ``grad_weight += dlogits.T @ hidden[chunk]`` accumulated in fp32 (fp64 for fp64) in the
+scan's carry. Peak extra memory: one chunk x C working set, the accumulators and O(N).
 
 "sum"/"mean": the custom VJP's forward computes every gradient (no recomputation) and the backward
 multiplies by the upstream scalar. "none": the forward computes the losses only and the backward
@@ -24,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bitempered.bindings.jax import api
-from bitempered.bindings.jax.native import math as native
 from bitempered.bindings.common import linear_chunks
 from bitempered.bindings.common import validation as check
+from bitempered.bindings.jax import args, ops
+from bitempered.bindings.jax.native import math as native
 
 
 def _chunks(array, num_chunks: int, chunk: int, fill):
@@ -41,8 +42,8 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
           backend, need_grad):
     """(per-row losses [N], grad_hidden [N, H], grad_weight, grad_bias) in one pass over the chunks.
 
-    ``row_weights`` [N] multiplies each row's gradient (the reduction's factor or the upstream
-    values); grad_weight/grad_bias come back in the accumulation dtype; None where not computed.
+    ``row_weights`` [N] is each row's upstream value (the reduction's factor or the upstream
+    vector); grad_weight/grad_bias come back in the accumulation dtype; None where not computed.
     """
     num_rows, width = hidden.shape
     acc_dtype = native.compute_dtype(weight.dtype)
@@ -57,13 +58,13 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
         if bias is not None:
             logits = logits + bias.astype(acc_dtype)
         logits = logits.astype(hidden.dtype)
-        loss, grad = api._loss_rows(logits, lab, t1, t2, label_smoothing, num_iters, ignore_index, need_grad,
-                                    backend)
+        loss, d = ops.loss_rows(logits, lab, t1, t2, label_smoothing, w if need_grad else None, num_iters,
+                                ignore_index, backend)  # d: w x dL/dlogits, rounded once to the logits' dtype
         loss = jnp.where(ok, loss, 0.0)
         if not need_grad:
             return carry, (loss, None)
         grad_weight, grad_bias = carry
-        d = jnp.where(ok[:, None], grad * w[:, None].astype(grad.dtype), 0.0).astype(hidden.dtype)  # one rounding
+        d = jnp.where(ok[:, None], d, 0.0)  # padded rows
         grad_x = jnp.matmul(d, weight, preferred_element_type=acc_dtype).astype(hidden.dtype)
         grad_weight = grad_weight + jnp.matmul(d.T, x, preferred_element_type=acc_dtype)
         grad_bias = grad_bias + jnp.sum(d, axis=0, dtype=acc_dtype)
@@ -143,14 +144,6 @@ _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
 _linear_loss_jit = jax.jit(_linear_loss, static_argnums=(7, 8, 9, 10, 11))
 
 
-def _as_operand(value, name: str):
-    if not hasattr(value, "dtype"):
-        value = jnp.asarray(value)
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
-    return value
-
-
 def _check_shapes(hidden, weight, bias) -> None:
     check.check_linear_shapes(hidden.shape, weight.shape)
     if jnp.dtype(hidden.dtype) != jnp.dtype(weight.dtype):
@@ -180,23 +173,21 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
 
     Gradients flow to hidden, weight and bias; grad_weight/grad_bias are accumulated in fp32.
     """
-    hidden = _as_operand(hidden, "hidden")
-    weight = _as_operand(weight, "weight")
-    bias = None if bias is None else _as_operand(bias, "bias")
+    hidden = args.as_floating(hidden, "hidden")
+    weight = args.as_floating(weight, "weight")
+    bias = None if bias is None else args.as_floating(bias, "bias")
     _check_shapes(hidden, weight, bias)
     num_classes = weight.shape[0]
-    labels = api._as_labels(labels)
-    logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
-    indices = check.labels_are_indices(logits_shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+    labels = args.as_labels(labels)
+    indices = args.labels_are_indices(labels, tuple(hidden.shape[:-1]) + (num_classes,))
     check.check_reduction(reduction)
-    iters = api._num_iters(num_iters)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    backend = api._resolve_backend(backend, hidden.dtype)
-    t1_, t2_, s_, s_value = api._temperatures(t1, t2, label_smoothing, native.compute_dtype(hidden.dtype))
+    iters = args.as_num_iters(num_iters)
+    ignore_index = args.as_ignore_index(ignore_index)
+    backend = args.resolve_backend(backend, hidden.dtype)
+    t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, native.compute_dtype(hidden.dtype))
     check.check_smoothing_classes(s_value, num_classes)
     if indices:
-        api._check_indices(labels, num_classes, ignore_index)
+        args.check_indices(labels, num_classes, ignore_index)
     x = hidden.reshape(-1, hidden.shape[-1])
     label_rows = jnp.asarray(labels).reshape((-1,) if indices else (-1, num_classes))
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)

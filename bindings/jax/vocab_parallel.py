@@ -5,17 +5,20 @@ index along ``axis_name`` (``shard_map`` slices evenly, so C = C_local * axis si
 equals :func:`bitempered.jax.bi_tempered_logistic_loss` on the concatenated logits, on every
 device; the gradient of each slice is local.
 
-It is the native solver of ``jax_native`` with its row statistics reduced over ``axis_name``
-(``AxisRows``): ``pmax`` of the row max, ``psum`` of the support size, one packed ``psum`` of
-(f, g) per solver pass and one packed ``psum`` of (loss, sum e, sum d) for the loss and the
-gradient's row sums. That is passes + 3 collectives of O(rows) floats each, never N x C; the
-backward needs none. Under plain ``jax.jit`` with the logits sharded on the class axis by a
+It is THE XLA loss of ``native/loss.py`` (the plain loss's forward, residual and backward, through
+``ops.xla_loss``) with its row statistics reduced over ``axis_name`` (``native.math.AxisRows``):
+``pmax`` of the row max, ``psum`` of the target logit (class indices), of the support size and
+one packed ``psum`` of (f, g) per solver pass, and packed ``psum``s of the loss's row sums. Every
+branch of that loss (the cross-entropy fast paths, their exact fallback, the row blocks) is
+decided from reduced row values, so the devices of the axis take the same branches and blocks in
+lockstep. That is a few collectives of O(rows) floats each (plus one per solver pass), never
+N x C; the backward needs none. Under plain ``jax.jit`` with the logits sharded on the class axis by a
 ``NamedSharding``, the ordinary ``bi_tempered_logistic_loss`` already partitions this way (XLA
 turns its row reductions into all-reduces; ``tests/test_vocab_parallel_jax.py`` checks the HLO).
 
-Backends: ``"xla"`` (the jnp native math), ``"triton"`` (the vocab-parallel kernels of
+Backends: ``"xla"`` (that XLA loss), ``"triton"`` (the vocab-parallel kernels of
 ``kernels/vocab_parallel.py`` through jax-triton, CUDA GPUs: one partial-sums call per solver pass,
-then the epilogue sums and the gradient, driven by the same ``jax_native.solve_normalizers`` with
+then the epilogue sums and the gradient, driven by the same ``native.math.solve_normalizers`` with
 the same collectives; the support size costs one more pass over the slice when t < 1) and
 ``"auto"`` (Triton on a GPU with jax-triton, as ``bi_tempered_logistic_loss``). The kernels run
 the converged solver; ``num_iters=k`` and a global C of 1 take the XLA path on every backend.
@@ -28,65 +31,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from bitempered.bindings.jax.native import math as native
 from bitempered.bindings.common import validation as check
-from bitempered.bindings.jax.api import (_as_labels, _as_logits, _fold_batch, _num_iters, _resolve_backend, _scalar, _temperatures,
-                  _widen_indices)
+from bitempered.bindings.jax import args, ops
+from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.jax.native.math import AxisRows
 
 __all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax", "AxisRows"]
-
-
-class AxisRows(native.LocalRows):
-    """Row reductions over the mesh axis (or axes) ``axis_name`` that shard the classes."""
-
-    def __init__(self, axis_name):
-        self.axis_name = axis_name
-
-    def max(self, x):
-        # a NaN flag rides along: XLA's max reduction need not propagate a NaN, SPEC's NaN row must
-        packed = lax.pmax(jnp.concatenate([x, jnp.isnan(x).astype(x.dtype)], axis=-1), self.axis_name)
-        return jnp.where(packed[..., 1:] > 0, jnp.nan, packed[..., :1])
-
-    def sum(self, *parts):
-        # one collective for all the partial sums of a step: pack them on the last axis
-        packed = lax.psum(jnp.concatenate(parts, axis=-1), self.axis_name)
-        return tuple(packed[..., i:i + 1] for i in range(len(parts)))
-
-
-def _class_offset(num_local: int, axis_name):
-    """(first global class of this device, global class count)."""
-    return lax.axis_index(axis_name) * num_local, num_local * lax.axis_size(axis_name)
-
-
-def _local_labels(labels, num_local: int, dtype, ignore_index: int, axis_name):
-    """This device's slice of the one-hot rows of global class indices, and the kept/invalid masks."""
-    indices = _widen_indices(labels)
-    offset, num_classes = _class_offset(num_local, axis_name)
-    kept, invalid = native.kept_and_invalid(indices, ignore_index, num_classes)
-    classes = offset.astype(indices.dtype) + jnp.arange(num_local, dtype=indices.dtype)
-    return (indices[..., None] == classes).astype(dtype), kept, invalid
-
-
-def _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, need_grad):
-    rows = AxisRows(axis_name)
-    dtype = t1.dtype
-    a = logits.astype(dtype)
-    log_p = native.tempered_log_softmax_rows(a, t2, num_iters, rows)
-    indices = jnp.issubdtype(labels.dtype, jnp.integer)
-    if indices:
-        y, kept, invalid = _local_labels(labels, a.shape[-1], dtype, ignore_index, axis_name)
-    else:
-        y = labels.astype(dtype)
-    y = native.smooth_labels(y, label_smoothing, _class_offset(a.shape[-1], axis_name)[1])  # the GLOBAL C
-    loss, grad = native.loss_and_grad_rows(log_p, y, t1, t2, need_grad, rows)
-    if indices:
-        loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
-        if need_grad:
-            grad = jnp.where(kept[..., None], jnp.where(invalid[..., None], jnp.nan, grad), 0.0)
-    return loss, grad
 
 
 def _vary_like(x, like):
@@ -101,36 +53,36 @@ def _vary_like(x, like):
 
 
 def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, need_grad):
-    """``_loss_rows`` on the vocab-parallel Triton kernels: rows [..., C_local] of the slice; the
-    loss in the temperatures' dtype, the gradient fp32 (one rounding in the backward)."""
-    from bitempered.bindings.jax import launchers as jax_kernels
+    """The loss on the vocab-parallel Triton kernels: rows [..., C_local] of the slice; the loss in
+    the temperatures' dtype, the unit gradient fp32 (one rounding in the backward)."""
+    from bitempered.bindings.jax import launchers
 
     rows = AxisRows(axis_name)
     num_local = logits.shape[-1]
-    offset, num_classes = _class_offset(num_local, axis_name)
+    offset, num_classes = rows.class_slice(num_local)
     a = logits.reshape(-1, num_local)
     row_max = rows.max(jnp.max(a, axis=-1, keepdims=True).astype(jnp.float32)).reshape(-1)
     t = t2.astype(jnp.float32)
 
     def evaluate(y):  # one solver pass: one kernel call, then the packed psum in the solver
-        sums = _vary_like(jax_kernels.vocab_parallel_sums(a, row_max, y.reshape(-1), t, False), a)
+        sums = _vary_like(launchers.vocab_parallel_sums(a, row_max, y.reshape(-1), t, False), a)
         return sums[:, :1], sums[:, 1:2]
 
     def count_support():  # t < 1 only: the kernel counts the classes that can have p > 0
-        return _vary_like(jax_kernels.vocab_parallel_sums(a, row_max, jnp.zeros_like(row_max), t, True), a)[:, 2:]
+        return _vary_like(launchers.vocab_parallel_sums(a, row_max, jnp.zeros_like(row_max), t, True), a)[:, 2:]
 
     classes_here = _vary_like(jnp.full_like(row_max[:, None], num_local), a)
     y, _ = native.solve_normalizers(evaluate, lax.cond(t < 1, count_support, lambda: classes_here), t, rows)
     y = y.reshape(-1)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        indices = _widen_indices(labels.reshape(-1))
+        indices = args.widen_indices(labels.reshape(-1))
         kept, invalid = native.kept_and_invalid(indices, ignore_index, num_classes)
         # the target's index in this slice; -1 (no class here) for ignored and invalid rows
         local = jnp.where(kept & ~invalid, indices - offset.astype(indices.dtype), -1).astype(jnp.int32)
     else:
         local = labels.reshape(-1, num_local)
         kept = invalid = None
-    loss, sum_e, sum_d = rows.sum(*jnp.split(_vary_like(jax_kernels.vocab_parallel_epilogue(
+    loss, sum_e, sum_d = rows.sum(*jnp.split(_vary_like(launchers.vocab_parallel_epilogue(
         a, local, row_max, y, t1, t2, label_smoothing, num_classes), a), 3, axis=-1))
     loss = loss[:, 0]
     if kept is not None:
@@ -139,7 +91,7 @@ def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axi
     if not need_grad:
         return loss, None
     row_scale = jnp.ones_like(row_max) if kept is None else jnp.where(kept, jnp.where(invalid, jnp.nan, 1.0), 0.0)
-    grad = jax_kernels.vocab_parallel_gradient(a, local, row_max, y, jnp.concatenate([loss.reshape(-1, 1).astype(
+    grad = launchers.vocab_parallel_gradient(a, local, row_max, y, jnp.concatenate([loss.reshape(-1, 1).astype(
         jnp.float32), sum_e, sum_d], axis=-1), row_scale.astype(jnp.float32), t1, t2, label_smoothing, num_classes)
     return loss, _vary_like(grad, a).reshape(logits.shape)
 
@@ -151,54 +103,13 @@ def _kernel_loss_fn(ignore_index, axis_name, need_grad):
         loss, grad = _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, need_grad)
         return (loss, grad) if need_grad else loss
 
-    return _fold_batch(fn, 2)
+    folded = ops.fold_batch(fn, 2)
 
+    def call(logits, labels, t1, t2, label_smoothing):
+        out = folded(logits, labels, t1, t2, label_smoothing)
+        return (out[0], _vary_like(out[1], logits)) if need_grad else out
 
-def _rows_of(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, need_grad, backend):
-    if backend == "triton":
-        out = _kernel_loss_fn(ignore_index, axis_name, need_grad)(logits, labels, t1, t2, label_smoothing)
-        loss, grad = out if need_grad else (out, None)
-        return loss, None if grad is None else _vary_like(grad, logits)
-    return _loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, need_grad)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, backend):
-    return _rows_of(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, False, backend)[0]
-
-
-def _loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, backend):
-    loss, grad = _rows_of(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name, True,
-                          backend)
-    return loss, (grad, jnp.zeros((0,), logits.dtype))
-
-
-def _loss_bwd(num_iters, ignore_index, axis_name, backend, residuals, grad_loss):
-    grad, like_logits = residuals
-    # local: the row sums are already reduced, so each slice's gradient needs no collective
-    return (grad_loss[..., None].astype(grad.dtype) * grad).astype(like_logits.dtype), None, None, None, None
-
-
-_loss.defvjp(_loss_fwd, _loss_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _softmax(logits, t, num_iters, axis_name):
-    return _softmax_fwd(logits, t, num_iters, axis_name)[0]
-
-
-def _softmax_fwd(logits, t, num_iters, axis_name):
-    p = jnp.exp(native.tempered_log_softmax_rows(logits.astype(t.dtype), t, num_iters, AxisRows(axis_name)))
-    return p.astype(logits.dtype), (p, t)
-
-
-def _softmax_bwd(num_iters, axis_name, residuals, grad_p):
-    p, t = residuals
-    grad = native.tempered_softmax_vjp_rows(p, grad_p.astype(p.dtype), t, AxisRows(axis_name))
-    return grad.astype(grad_p.dtype), None
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+    return call
 
 
 def _check_axis_name(axis_name) -> None:
@@ -214,13 +125,13 @@ def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
     dtype. Collectives: pmax, then psum of the support size and one psum per solver pass.
     """
     _check_axis_name(axis_name)
-    logits = _as_logits(local_logits)
-    iters = _num_iters(num_iters)
-    t_, t_value = _scalar(t, "t", native.compute_dtype(logits.dtype))
+    logits = args.as_logits(local_logits)
+    iters = args.as_num_iters(num_iters)
+    t_, t_value = args.scalar(t, "t", native.compute_dtype(logits.dtype))
     check.check_t(t_value, "t")
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
-    return _softmax(logits, t_, iters, axis_name)
+    return ops.tempered_softmax(logits, t_, iters, "xla", axis_name)
 
 
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_name, label_smoothing=0.0,
@@ -243,17 +154,20 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
     to this device's slice.
     """
     _check_axis_name(axis_name)
-    logits = _as_logits(local_logits)
-    labels = _as_labels(labels)
-    check.labels_are_indices(logits.shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
-    iters = _num_iters(num_iters)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    logits = args.as_logits(local_logits)
+    labels = args.as_labels(labels)
+    args.labels_are_indices(labels, logits.shape)
+    iters = args.as_num_iters(num_iters)
+    ignore_index = args.as_ignore_index(ignore_index)
     dtype = native.compute_dtype(logits.dtype)
-    t1_, t2_, s_, _ = _temperatures(t1, t2, label_smoothing, dtype)
-    backend = _resolve_backend(backend, logits.dtype)
-    if iters is not None or _class_offset(logits.shape[-1], axis_name)[1] < 2:
+    t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
+    backend = args.resolve_backend(backend, logits.dtype)
+    if iters is not None or AxisRows(axis_name).class_slice(logits.shape[-1])[1] < 2:
         backend = "xla"  # the kernels run the converged solver; C = 1 takes XLA's NaN-smoothing rule
     if logits.size == 0:
         return jnp.zeros(logits.shape[:-1], dtype)
-    return _loss(logits, jnp.asarray(labels), t1_, t2_, s_, iters, int(ignore_index), axis_name, backend)
+    labels = jnp.asarray(labels)
+    if backend == "triton":
+        kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name)
+        return ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_)
+    return ops.xla_loss(logits, labels, t1_, t2_, s_, iters, ignore_index, axis_name)

@@ -1,10 +1,11 @@
 """JAX native backend: SPEC computed with plain jnp/lax ops (XLA; no Triton).
 
 It is the CPU/TPU backend, the float64 backend, and the oracle a JAX Triton path will be tested
-against. It mirrors ``bindings/torch/native/math.py`` function by function. Functions here take rows
+against. It mirrors ``bindings/torch/native/math.py``'s solver and terms. Functions here take rows
 ``[..., C]`` (classes on the last axis, any leading shape) in the compute dtype and 0-d temperature
-arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax/api.py``.
-The solver is the one described in ``kernels/README.md``.
+arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax/ops.py``
+and the loss with its residual in ``native/loss.py``. The solver is the one described in
+``kernels/README.md``.
 
 Temperatures are always traced values here: nothing branches on them in Python. The ``t = 1``
 limits are taken with ``jnp.where`` (elementwise) and the ``num_iters=k`` algorithm picks its
@@ -19,7 +20,7 @@ the elementwise chain of a row sum, or any N x C value (a broadcast too) shared 
 is written out as an N x C buffer first. A loop-invariant N x C expression inside a
 ``while_loop`` body (``a - max``) is hoisted out of the loop and materialized, and an
 ``optimization_barrier`` does not keep two equal chains apart (it is removed before the last
-CSE). So the N x C temporaries of a solve are bounded by the caller: ``jax_native_loss`` runs it
+CSE). So the N x C temporaries of a solve are bounded by the caller: ``native/loss.py`` runs it
 on blocks of rows. Work inside a ``lax.cond`` branch is as parallel as outside it (measured).
 """
 
@@ -29,15 +30,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MAX_PASSES = 30  # safety cap; the measured worst case on SPEC's grid is 8
+# the solvers' safety cap, one for every backend (the measured worst case on SPEC's grid is 8)
+from bitempered.kernels.launch_config import MAX_PASSES
 
 
 class LocalRows:
     """Row reductions across devices: the identity for rows that hold every class.
 
-    The solver reduces each row statistic (the max, the support size, the packed per-pass sums)
-    through such an object; ``bindings/jax/vocab_parallel.py`` passes one that runs
-    ``pmax``/``psum`` over the mesh axis that shards the classes, so the solver stays one.
+    The solver and the loss (``native/loss.py``) reduce each row statistic (the max, the support
+    size, the packed per-pass sums, the loss's row sums) through such an object; the
+    vocab-parallel loss passes :class:`AxisRows`, which runs ``pmax``/``psum`` over the mesh axis
+    that shards the classes, so the solver and the loss stay one.
     """
 
     def max(self, x):  # row maxima [..., 1]
@@ -46,8 +49,38 @@ class LocalRows:
     def sum(self, *parts):  # per-row partial sums [..., 1] each, reduced together
         return parts
 
+    def class_slice(self, num_local: int):
+        """(first global class of these rows' classes or None for 0, global class count)."""
+        return None, num_local
+
 
 LOCAL_ROWS = LocalRows()
+
+
+class AxisRows(LocalRows):
+    """Row reductions over the mesh axis (or axes) ``axis_name`` that shard the classes (inside
+    ``shard_map``; device i of the axis holds classes [i C_local, (i + 1) C_local))."""
+
+    def __init__(self, axis_name):
+        self.axis_name = axis_name
+
+    def max(self, x):
+        # a NaN flag rides along: XLA's max reduction need not propagate a NaN, SPEC's NaN row must
+        packed = lax.pmax(jnp.concatenate([x, jnp.isnan(x).astype(x.dtype)], axis=-1), self.axis_name)
+        return jnp.where(packed[..., 1:] > 0, jnp.nan, packed[..., :1])
+
+    def sum(self, *parts):
+        # one collective for all the partial sums of a step: pack them on the last axis
+        packed = lax.psum(jnp.concatenate(parts, axis=-1), self.axis_name)
+        return tuple(packed[..., i:i + 1] for i in range(len(parts)))
+
+    def class_slice(self, num_local: int):
+        return lax.axis_index(self.axis_name) * num_local, num_local * lax.axis_size(self.axis_name)
+
+
+def rows_over(axis_name) -> LocalRows:
+    """The row reductions of classes sharded over ``axis_name`` (None: every class local)."""
+    return LOCAL_ROWS if axis_name is None else AxisRows(axis_name)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -296,70 +329,6 @@ def kept_and_invalid(indices: jax.Array, ignore_index: int, num_classes: int):
     bindings turn the latter into NaN rows (a concrete out-of-range index is rejected earlier)."""
     kept = indices != ignore_index
     return kept, kept & ((indices < 0) | (indices >= num_classes))
-
-
-def dense_labels_from_indices(indices: jax.Array, num_classes: int, dtype, ignore_index: int):
-    """One-hot rows for class indices, the mask of kept rows and the mask of invalid rows.
-
-    Built by comparison with ``arange(C)``, so an out-of-range index never reads out of bounds:
-    its row is all zero and flagged ``invalid`` (the binding turns it into NaN).
-    """
-    kept, invalid = kept_and_invalid(indices, ignore_index, num_classes)
-    classes = jnp.arange(num_classes, dtype=indices.dtype)
-    onehot = (indices[..., None] == classes).astype(dtype)
-    return onehot, kept, invalid
-
-
-def loss_and_grad_rows(log_p: jax.Array, y: jax.Array, t1: jax.Array, t2: jax.Array,
-                       need_grad: bool, rows: LocalRows = LOCAL_ROWS):
-    """Per-row loss [...] and dL/da for unit upstream gradient [..., C] (or None).
-
-    Its row sums (loss, sum e, sum d) are reduced by ``rows`` in one step (classes sharded).
-
-    At t1 = t2 = 1 (cross-entropy) every power below is p itself or 1: a ``lax.cond`` takes that
-    cheaper branch with the same values, chosen at run time from the (possibly traced) t1, t2.
-    """
-
-    def tempered(log_p, y):
-        p = jnp.exp(log_p)
-        # p is exactly 0 only where log p = -inf (outside the finite support, a -inf logit); an
-        # underflowed p keeps p^(t2 - t1) from its finite log p (SPEC "Zero versus underflow")
-        positive = log_p > -jnp.inf
-        two_minus_t1 = 2.0 - t1
-        y_log_ratio = jnp.where(y > 0, y * (log_t(y, t1) - log_t_from_log(log_p, t1)), 0.0)
-        power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
-        terms = y_log_ratio - power_gap
-        if not need_grad:
-            return _reduce_and_project(terms, None, None, rows)
-        safe_log_p = jnp.where(positive, log_p, 0.0)
-        d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * safe_log_p), 0.0)
-        escort = jnp.exp(t2 * log_p)
-        return _reduce_and_project(terms, d, escort, rows)
-
-    def cross_entropy(log_p, y):
-        p = jnp.exp(log_p)
-        y_log_ratio = jnp.where(y > 0, y * (jnp.log(jnp.where(y > 0, y, 1.0)) - log_p), 0.0)
-        terms = y_log_ratio - (y - p)
-        if not need_grad:
-            return _reduce_and_project(terms, None, None, rows)
-        return _reduce_and_project(terms, jnp.where(log_p > -jnp.inf, p - y, 0.0), p, rows)
-
-    return lax.cond((t1 == 1) & (t2 == 1), cross_entropy, tempered, log_p, y)
-
-
-def _reduce_and_project(terms: jax.Array, d, escort, rows: LocalRows):
-    """(loss = sum(terms), d - e sum(d) with the escort e = escort / sum(escort)) or (loss, None).
-
-    e sum(d) is the normalizer's derivative. The row sums are reduced by ``rows`` together.
-    """
-    def row_sum(x):
-        return jnp.sum(x, axis=-1, keepdims=True)
-
-    if d is None:
-        (loss,) = rows.sum(row_sum(terms))
-        return loss[..., 0], None
-    loss, escort_sum, d_sum = rows.sum(row_sum(terms), row_sum(escort), row_sum(d))
-    return loss[..., 0], d - (escort / escort_sum) * d_sum
 
 
 def tempered_softmax_vjp_rows(p: jax.Array, grad_p: jax.Array, t: jax.Array,

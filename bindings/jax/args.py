@@ -1,0 +1,157 @@
+"""Argument checks and conversions of the JAX binding, outside any compiled program.
+
+Concrete values (Python/NumPy numbers and arrays, JAX arrays outside a trace) are checked and bad
+input raises ValueError/TypeError naming the argument (``bindings/common/validation.py`` holds
+the framework-free rules). Traced values cannot be read without a host sync and pass unchecked.
+Every public JAX function (``api``, ``linear``, ``vocab_parallel``) reads its arguments here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitempered.bindings.common import validation as check
+
+BACKENDS = ("auto", "xla", "triton")
+
+
+def jax_triton_available() -> bool:
+    try:
+        import jax_triton  # noqa: F401  (imported only here and in launchers, never at module import)
+    except Exception:  # ImportError, or jaxlib without GPU support failing inside jax_triton
+        return False
+    return True
+
+
+def resolve_backend(backend, dtype) -> str:
+    """"xla" or "triton", decided at trace time from the default device's platform."""
+    check.check_backend(backend, BACKENDS)
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "auto":
+        use_kernels = on_gpu and jnp.dtype(dtype) != jnp.float64 and jax_triton_available()
+        return "triton" if use_kernels else "xla"
+    if backend == "triton":
+        if jnp.dtype(dtype) == jnp.float64:
+            raise ValueError("backend='triton' computes in float32; float64 logits need backend='xla' or 'auto'")
+        if not on_gpu:
+            raise RuntimeError(f"backend='triton' needs a CUDA GPU (jax default backend: {jax.default_backend()})")
+        if not jax_triton_available():
+            raise RuntimeError("backend='triton' needs the `jax-triton` package (pip install 'bitempered[jax-gpu]')")
+    return backend
+
+
+def is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def scalar(value, name: str, dtype) -> tuple[jax.Array, float | None]:
+    """(0-d operand in ``dtype``, its value if concrete else None) of a temperature-like argument."""
+    concrete = check.concrete_float(value, name)  # TypeError for bool, str, None, complex
+    if concrete is None:
+        shape = getattr(value, "shape", None)
+        value_dtype = getattr(value, "dtype", None)
+        if shape is None or value_dtype is None:
+            raise TypeError(f"{name} must be a real number or a 0-d array, got {type(value).__name__}")
+        if int(np.prod(shape)) != 1:
+            raise TypeError(f"{name} must be a scalar (0-d array), got shape {tuple(shape)}")
+        if not (jnp.issubdtype(value_dtype, jnp.floating) or jnp.issubdtype(value_dtype, jnp.integer)):
+            raise TypeError(f"{name} must be a real number, got an array of dtype {value_dtype}")
+        if not is_traced(value):
+            concrete = float(np.asarray(value).reshape(()))
+    return jnp.asarray(value, dtype=dtype).reshape(()), concrete
+
+
+def temperatures(t1, t2, label_smoothing, dtype):
+    """(t1, t2, label_smoothing as 0-d operands in ``dtype``, the smoothing's value or None)."""
+    t1_, t1_value = scalar(t1, "t1", dtype)
+    check.check_t1(t1_value)
+    t2_, t2_value = scalar(t2, "t2", dtype)
+    check.check_t(t2_value, "t2")
+    s_, s_value = scalar(label_smoothing, "label_smoothing", dtype)
+    check.check_label_smoothing(s_value)
+    return t1_, t2_, s_, s_value
+
+
+def as_floating(value, name: str) -> jax.Array:
+    """``value`` as a JAX array; TypeError naming ``name`` unless it is floating."""
+    if not hasattr(value, "dtype"):
+        value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+    return jnp.asarray(value)
+
+
+def as_logits(logits, class_axis: bool = True) -> jax.Array:
+    """Floating logits; with ``class_axis``, at least one axis and one class."""
+    logits = as_floating(logits, "logits")
+    if class_axis:
+        check.check_logits_shape(logits.shape)
+    return logits
+
+
+def as_labels(labels):
+    """Floating (dense) or integer (class indices) labels; concrete labels stay on the host."""
+    if not hasattr(labels, "dtype"):
+        labels = np.asarray(labels)
+    if not (jnp.issubdtype(labels.dtype, jnp.floating) or jnp.issubdtype(labels.dtype, jnp.integer)):
+        raise TypeError(f"labels must be floating (dense) or integer (class indices), got dtype {labels.dtype}")
+    return labels
+
+
+def labels_are_indices(labels, logits_shape) -> bool:
+    """The label kind: True for class indices, False for dense labels (shapes checked)."""
+    return check.labels_are_indices(logits_shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+
+
+def as_num_iters(num_iters) -> int | None:
+    """None (converged) or the original algorithm's step count, as a static int."""
+    check.check_num_iters(num_iters)
+    return None if num_iters is None else int(num_iters)
+
+
+def as_ignore_index(ignore_index) -> int:
+    """The static ``ignore_index`` (a Python or NumPy integer, not a bool)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def check_indices(labels, num_classes: int, ignore_index: int) -> None:
+    """Raises on an out-of-range class index when the labels are concrete (traced: NaN rows)."""
+    if is_traced(labels):
+        return
+    indices = np.asarray(labels)
+    bad = (indices != ignore_index) & ((indices < 0) | (indices >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"labels (class indices) must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+
+
+def check_dense_labels(labels) -> None:
+    """Dense/binary labels are SPEC's values in [0, 1] when concrete (traced: unchecked)."""
+    if is_traced(labels):
+        return
+    values = np.asarray(labels)
+    if values.size:
+        has_nan = bool(np.isnan(values).any())
+        low, high = (0.0, 1.0) if has_nan else (float(values.min()), float(values.max()))
+        check.check_dense_label_range(low, high, has_nan, "labels")
+
+
+def widen_indices(indices: jax.Array) -> jax.Array:
+    """Class indices as a fresh 32-bit (64-bit for 64-bit input) signed array, made by a scatter.
+
+    Not a plain convert: XLA fuses a convert (ours, or one the caller wrote before passing the
+    labels) into the [N, C] consumers, where broadcasting a 16-bit row value crashes XLA:CPU's LLVM
+    backend ("Cannot select: v16i16 X86ISD::SUBV_BROADCAST_LOAD", jax 0.10.2 on AVX-512). XLA
+    does not fuse a scatter into its consumers, so the one-hot rows read a materialized 32-bit
+    array. The [N]-sized scatter costs nothing next to the [N, C] work. (Called inside the
+    compiled program, on the labels the checks above let through.)
+    """
+    dtype = jnp.int64 if jnp.dtype(indices.dtype).itemsize == 8 else jnp.int32
+    flat = indices.reshape(-1)
+    wide = jnp.zeros(flat.shape, dtype).at[jnp.arange(flat.size)].set(flat.astype(dtype))
+    return wide.reshape(indices.shape)

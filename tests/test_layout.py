@@ -160,3 +160,14 @@ def test_private_reach_is_detected():
 def test_feature_modules_do_not_import_the_public_api(module):
     framework = module.split(".")[2]
     assert f"bitempered.bindings.{framework}.api" not in SCANNED[module].edges
+
+
+@pytest.mark.parametrize("name, home", [("MAX_PASSES", "bitempered.kernels.launch_config"),
+                                        ("REDUCTIONS", "bitempered.bindings.common.validation")])
+def test_shared_constants_are_defined_once(name, home):
+    """The solver's pass cap and the reductions have one definition each; others import it."""
+    defined_in = sorted(module for module, path in MODULES.items()
+                        for node in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
+                                                                for t in node.targets))
+    assert defined_in == [home]

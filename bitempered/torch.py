@@ -1,5 +1,9 @@
 """Public PyTorch API of bitempered (see ``bindings/torch/api.py`` for the implementation)."""
 
+from bitempered.extras import require
+
+require("torch", "torch", "bitempered.torch")  # without torch: an ImportError naming the extra
+
 from bitempered.bindings.torch.api import (
     BiTemperedLogisticLoss,
     bi_tempered_binary_logistic_loss,

@@ -311,6 +311,10 @@ def test_triton_path_interpreted(monkeypatch):
     (lambda x, w, b, y: bt.linear_bi_tempered_logistic_loss(x, w[0], y, 1.0, 1.0), ValueError, "weight"),
     (lambda x, w, b, y: bt.linear_bi_tempered_logistic_loss(x.long(), w, y, 1.0, 1.0), TypeError, "hidden"),
     (lambda x, w, b, y: bt.LinearBiTemperedLogisticLoss(1.0, 1.0, chunk_size=-1), ValueError, "chunk_size"),
+    (lambda x, w, b, y: bt.linear_bi_tempered_logistic_loss(x[:, :0], w[:, :0], y, 1.0, 1.0), ValueError,
+     r"hidden must have at least one feature \(H >= 1\)"),
+    (lambda x, w, b, y: bt.LinearBiTemperedLogisticLoss(1.0, 1.0, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda x, w, b, y: bt.LinearBiTemperedLogisticLoss(1.0, float("inf")), ValueError, "t2"),
 ])
 def test_bad_input(call, error, match):
     x, w, b, y = (t.detach() if t.dtype.is_floating_point else t for t in _inputs())

@@ -54,6 +54,21 @@ def loss(**overrides):
     (dict(labels=torch.tensor([[0.5, -0.5, 1.0, 0.0, 0.0]] * 4)), ValueError, "labels"),
     (dict(labels=torch.full((4, 5), 1.5)), ValueError, "labels"),
     (dict(labels=torch.tensor([[0.5, float("nan"), 0.5, 0.0, 0.0]] * 4)), ValueError, "labels"),
+    # non-finite temperatures and smoothing (t2 = inf gave an all-NaN loss), out-of-range ints
+    (dict(t2=float("inf")), ValueError, "t2 must be > 0 and finite"),
+    (dict(t2=torch.tensor(float("inf"))), ValueError, "t2 must be > 0 and finite"),
+    (dict(t1=float("inf")), ValueError, "t1"),
+    (dict(t1=float("nan")), ValueError, "t1"),
+    (dict(label_smoothing=float("inf")), ValueError, "label_smoothing"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
+    (dict(num_iters=2**63), ValueError, "num_iters"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index"),
+    (dict(ignore_index=-2**63 - 1), ValueError, "ignore_index"),
+    (dict(inplace_backward="yes"), TypeError, "inplace_backward"),
+    # torch has no comparison ops for these: a TypeError that names the supported dtypes
+    (dict(labels=IDX.to(torch.uint16)), TypeError, "labels .* int64"),
+    (dict(labels=IDX.to(torch.uint32)), TypeError, "labels .* int64"),
+    (dict(labels=IDX.to(torch.uint64)), TypeError, "labels .* int64"),
 ])
 def test_bad_input_names_the_argument(overrides, error, name):
     with pytest.raises(error, match=name):
@@ -71,6 +86,43 @@ def test_bad_input_of_the_other_functions():
         bt.BiTemperedLogisticLoss(t1=3.0, t2=1.0)
     with pytest.raises(ValueError, match="reduction"):
         bt.BiTemperedLogisticLoss(t1=0.5, t2=1.0, reduction="max")
+    for t in (float("inf"), torch.tensor(float("inf"))):
+        for function in (bt.tempered_softmax, bt.tempered_sigmoid):
+            with pytest.raises(ValueError, match="t must be > 0 and finite"):
+                function(A, t)
+    with pytest.raises(ValueError, match="num_iters"):
+        bt.tempered_softmax(A, 1.5, num_iters=2**63)
+    with pytest.raises(ValueError, match="t2"):
+        bt.bi_tempered_binary_logistic_loss(A, A.sigmoid(), 0.5, float("inf"))
+
+
+def test_binary_labels_on_another_device_are_rejected():
+    # (the meta tensor's uninitialized memory was read as labels)
+    with pytest.raises(ValueError, match="labels are on meta but logits on cpu"):
+        bt.bi_tempered_binary_logistic_loss(A, torch.rand(4, 5, device="meta"), 0.5, 1.5)
+
+
+@pytest.mark.parametrize("settings,error,name", [
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index"),
+    (dict(inplace_backward="yes"), TypeError, "inplace_backward"),
+    (dict(t2=float("inf")), ValueError, "t2"),
+    (dict(num_iters=2**63), ValueError, "num_iters"),
+])
+def test_the_module_checks_its_settings_when_built(settings, error, name):
+    """The functional API's checks and messages, at construction (not at the first call)."""
+    with pytest.raises(error, match=name) as built:
+        bt.BiTemperedLogisticLoss(**dict(dict(t1=0.8, t2=1.2), **settings))
+    with pytest.raises(error) as called:
+        loss(**settings)
+    assert str(built.value) == str(called.value)
+
+
+def test_import_without_torch_names_the_extra():
+    code = "import sys; sys.modules['torch'] = None; import bitempered.torch"  # torch hidden: import fails
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "ImportError" in out.stderr, out.stderr
+    assert "install the 'torch' extra" in out.stderr and 'pip install -e ".[torch]"' in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("labels", [torch.tensor([0.5, -0.1, 1.0]), torch.tensor([0.5, 1.1, 1.0]),

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 from bitempered.bindings.common import private_files
+from bitempered.bindings.common.interpreter import interpreted
 from bitempered.kernels import launch_config
 from bitempered.kernels.launch_config import BinaryConfig, RowConfig
 
@@ -133,10 +134,6 @@ def recording():
 
 def _pinned_of(kind):
     return next((c for c in reversed(_pinned) if isinstance(c, kind)), None)
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ need a host sync.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 REDUCTIONS = ("none", "sum", "mean")
+INT64_MAX = 2**63 - 1  # the largest int a kernel or a torch op argument holds
 
 
 def concrete_float(value, name: str):
@@ -25,9 +27,9 @@ def concrete_float(value, name: str):
 
 
 def check_t(value, name: str) -> None:
-    """Tempered-softmax temperature: t > 0 (t2 of the loss)."""
-    if value is not None and not value > 0.0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """Tempered-softmax temperature: finite t > 0 (t2 of the loss; t = inf gave NaN everywhere)."""
+    if value is not None and not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
 def check_t1(value) -> None:
@@ -45,8 +47,8 @@ def check_num_iters(num_iters) -> None:
         return
     if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral):
         raise TypeError(f"num_iters must be None or an int >= 1, got {num_iters!r}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be None or an int >= 1, got {num_iters}")
+    if not 1 <= num_iters <= INT64_MAX:
+        raise ValueError(f"num_iters must be None or an int in [1, 2**63 - 1], got {num_iters}")
 
 
 def check_reduction(reduction) -> None:
@@ -113,6 +115,8 @@ def check_linear_shapes(hidden_shape, weight_shape) -> None:
         raise ValueError(f"weight must be [C, H] (the nn.Linear layout), got shape {weight_shape}")
     if weight_shape[0] < 1:
         raise ValueError(f"weight must have at least one class (C >= 1), got shape {weight_shape}")
+    if hidden_shape[-1] < 1:
+        raise ValueError(f"hidden must have at least one feature (H >= 1), got shape {hidden_shape}")
     if hidden_shape[-1] != weight_shape[1]:
         raise ValueError(f"hidden's last dim ({hidden_shape[-1]}) must equal weight's second dim "
                          f"(weight [C, H] = {weight_shape}); hidden shape {hidden_shape}")

@@ -35,8 +35,17 @@ from bitempered.bindings.torch.ops import InplaceBackwardLoss, binary_loss_op, l
 def tempered_softmax(logits, t, num_iters=None, backend="auto"):
     """SPEC's tempered softmax over the last axis, in the logits' dtype.
 
-    ``num_iters=None`` solves the normalization to convergence (default); an int reproduces the
-    original algorithm with exactly that many steps.
+    Args:
+        logits: [..., C] float16/bfloat16/float32/float64 tensor, C >= 1 (classes on the last axis).
+        t: temperature, finite and > 0 (t = 1: the ordinary softmax; t > 1: heavy tails); a float
+            or a 0-d floating tensor (then a changing temperature never recompiles).
+        num_iters: None (default: the normalization solved to convergence) or an int >= 1: the
+            original algorithm with exactly that many steps.
+        backend: "auto" (default: Triton kernels for CUDA tensors below float64, native ops
+            otherwise), "torch" (native ops) or "triton" (CPU tensors only under TRITON_INTERPRET=1).
+
+    Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
+    A DTensor sharded on the class dimension (``Shard(-1)``) takes the vocab-parallel path.
     """
     if dtensor.is_dtensor(logits):  # a DTensor sharded on the classes: the vocab-parallel path
         return dtensor.dtensor_softmax(logits, t, num_iters, backend)
@@ -50,7 +59,16 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
 
 
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
-    """Elementwise tempered sigmoid: ``tempered_softmax([0, x], t)[1]``."""
+    """Elementwise tempered sigmoid: ``tempered_softmax([0, x], t)[1]``.
+
+    Args:
+        logits: floating tensor of any shape (float16/bfloat16/float32/float64).
+        t: temperature, finite and > 0 (t = 1: the ordinary sigmoid); a float or a 0-d floating tensor.
+        num_iters: None (default: converged) or an int >= 1 (the original algorithm's step count).
+        backend: "auto" (default), "torch" or "triton", as in :func:`tempered_softmax`.
+
+    Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
+    """
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise TypeError("logits must be a floating torch.Tensor")
     iters = args.iterations(num_iters)
@@ -70,16 +88,20 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         labels: dense floating labels of the logits' shape, values in [0, 1] (checked on CPU, see
             the module docstring), or integer class indices of shape ``logits.shape[:-1]`` (rows
             equal to ``ignore_index`` are skipped).
-        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1 gives heavy tails).
-        label_smoothing: in [0, 1), the reference convention (target 1 - s, others s/(C-1)); a
-            float or a 0-d tensor (a smoothing schedule then never recompiles).
-        num_iters: None (converged, default) or the original algorithm's step count.
-        reduction: "none" (per-row losses), "sum" or "mean" (over non-ignored rows).
-        backend: "auto" (Triton kernels for CUDA tensors, native ops otherwise), "torch", "triton".
-        inplace_backward: write the gradient into the logits' own buffer in the forward pass (no
-            N x C allocation with the kernels). The logits' values are destroyed: use it only when
-            nothing else reads them (e.g. the output of the last Linear layer). Eager mode only:
-            ignored while torch.compile traces the call.
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float or a 0-d floating tensor.
+        t2: finite and > 0 (t2 > 1 gives heavy tails); a float or a 0-d floating tensor.
+        label_smoothing: in [0, 1), default 0; the reference convention (target 1 - s, others
+            s/(C-1); needs C >= 2 when > 0); a float or a 0-d tensor (a smoothing schedule then
+            never recompiles).
+        num_iters: None (converged, default) or an int >= 1, the original algorithm's step count.
+        reduction: "mean" (default, over non-ignored rows), "sum" or "none" (per-row losses).
+        ignore_index: int (default -100): class-index rows equal to it get loss 0 and no gradient.
+        backend: "auto" (default: Triton kernels for CUDA tensors below float64, native ops
+            otherwise), "torch" (native ops) or "triton" (CPU tensors only under TRITON_INTERPRET=1).
+        inplace_backward: bool (default False): write the gradient into the logits' own buffer in
+            the forward pass (no N x C allocation with the kernels). The logits' values are
+            destroyed: use it only when nothing else reads them (e.g. the output of the last Linear
+            layer). Eager mode only: ignored while torch.compile traces the call.
 
     Returns the loss in float32 (float64 for float64 logits). The gradient flows to ``logits``.
     A DTensor sharded on the class dimension (``Shard(-1)``) takes the vocab-parallel path.
@@ -91,8 +113,7 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     checked = args.loss_args(logits.shape, logits.device, logits.dtype, labels, t1, t2, label_smoothing, num_iters,
                              reduction, ignore_index, backend)
     check.check_smoothing_classes(checked.smoothing_value, logits.shape[-1])
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    args.check_inplace_backward(inplace_backward)
     if logits.numel() == 0:
         return args.empty_loss(logits, logits.shape[:-1], reduction)
     rows = args.as_rows(logits)
@@ -116,7 +137,8 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
                                      reduction="mean", backend="auto"):
     """Binary bi-tempered loss: the 2-class loss of logits [0, x] and labels [1 - y, y], elementwise.
 
-    ``logits`` and ``labels`` (floating, in [0, 1]) share one shape; "mean" averages all elements.
+    ``logits`` and ``labels`` (floating, in [0, 1], on the logits' device) share one shape; "mean"
+    averages all elements. The other arguments are those of :func:`bi_tempered_logistic_loss`.
     """
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise TypeError("logits must be a floating torch.Tensor")
@@ -129,6 +151,7 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
     t1_ = args.temperature(t1, "t1", logits.device)
     t2_ = args.temperature(t2, "t2", logits.device)
+    args.check_same_device(labels, logits.device, "logits")
     args.check_dense_labels(labels)
     if logits.numel() == 0:
         return args.empty_loss(logits, logits.shape, reduction)
@@ -142,6 +165,17 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
 class BiTemperedLogisticLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`bi_tempered_logistic_loss` (call it as ``loss(logits, labels)``).
 
+    Args (checked here, with the function's checks; temperatures held as tensors at each call):
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float or a 0-d floating tensor.
+        t2: finite and > 0 (t2 > 1 gives heavy tails); a float or a 0-d floating tensor.
+        label_smoothing: in [0, 1), default 0 (target 1 - s, others s/(C-1)).
+        num_iters: None (converged, default) or an int >= 1, the original algorithm's step count.
+        reduction: "mean" (default, over non-ignored rows), "sum" or "none" (per-row losses).
+        ignore_index: int (default -100): class-index rows equal to it are skipped.
+        backend: "auto" (default), "torch" or "triton", as in :func:`bi_tempered_logistic_loss`.
+        inplace_backward: bool (default False): the gradient overwrites the logits (see
+            :func:`bi_tempered_logistic_loss`).
+
     ``t1``/``t2`` may be changed between steps (``module.t1 = 0.7``) without recompiling when they
     are held as 0-d tensors.
     """
@@ -149,7 +183,8 @@ class BiTemperedLogisticLoss(torch.nn.Module):
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
                  backend="auto", inplace_backward=False):
         super().__init__()
-        args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, backend)
+        args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)
+        args.check_inplace_backward(inplace_backward)
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend

@@ -124,18 +124,32 @@ def label_rows(labels: torch.Tensor, indices: bool) -> torch.Tensor:
     return labels.reshape(-1) if indices else as_rows(labels)
 
 
+# torch has almost no ops for these (comparisons raise NotImplementedError): refused up front
+UNSUPPORTED_INDEX_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def is_class_indices(logits_shape, labels) -> bool:
     """True for class indices, False for dense labels; TypeError/ValueError for anything else."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"labels must be floating (dense) or integer (class indices), got {labels.dtype}")
+    if labels.dtype in UNSUPPORTED_INDEX_DTYPES:
+        raise TypeError(f"labels (class indices) must be int64, int32, int16, int8 or uint8, got {labels.dtype} "
+                        "(convert them with labels.long())")
     return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
 
 
 def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -check.INT64_MAX - 1 <= ignore_index <= check.INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([-2**63, 2**63 - 1]), got {ignore_index}")
+
+
+def check_inplace_backward(inplace_backward) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
 def check_same_device(labels: torch.Tensor, device: torch.device, holder: str) -> None:
@@ -213,11 +227,13 @@ def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1
     return LossArgs(indices, iters, smoothing, smoothing_value, backend, t1_, t1_value, t2_, t2_value)
 
 
-def check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, backend) -> None:
-    """The settings an ``nn.Module`` loss stores, checked when it is built (tensors at call time)."""
+def check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend) -> None:
+    """The settings an ``nn.Module`` loss stores, checked when it is built with the functions'
+    checks (temperatures held as tensors: at call time)."""
     check.check_t1(check.concrete_float(t1, "t1") if not isinstance(t1, torch.Tensor) else None)
     check.check_t(check.concrete_float(t2, "t2") if not isinstance(t2, torch.Tensor) else None, "t2")
     check.check_label_smoothing(check.concrete_float(label_smoothing, "label_smoothing"))
     check.check_num_iters(num_iters)
     check.check_reduction(reduction)
+    check_ignore_index(ignore_index)
     check.check_backend(backend, BACKENDS)

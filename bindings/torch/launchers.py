@@ -4,6 +4,7 @@ Inputs are already flattened: rows ``[N, C]`` with last stride 1 (any row stride
 tensors for the binary kernels. Temperatures and label smoothing may be Python floats or 0-d
 tensors; they reach the kernels as 1-element fp32 device tensors, built without a host sync.
 On CUDA every launch runs inside ``torch.cuda.device(x.device)``; nothing here calls ``.item()``.
+Under Triton's interpreter (not thread-safe) launches run one at a time (``common/interpreter.py``).
 
 Launch configurations come from ``autotune.row_config`` / ``binary_config``: the heuristic of
 ``kernels/launch_config.py`` unless autotuning is on (then the cached best, or a one-time timing
@@ -17,7 +18,7 @@ import contextlib
 
 import torch
 
-from bitempered.bindings.common import autotune
+from bitempered.bindings.common import autotune, interpreter
 from bitempered.kernels import launch_config
 from bitempered.kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
@@ -65,8 +66,12 @@ def _binary_config(family, x, make_bench, **key):
                                   **key, make_bench=_tunable(x, make_bench))
 
 
-def _device_scope(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+@contextlib.contextmanager
+def _launch_scope(x: torch.Tensor):
+    """A launch on ``x``'s CUDA device; under the interpreter, one launch at a time (``interpreter``)."""
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device, interpreter.launch_scope():
+        yield
 
 
 def _scalar(value, device) -> torch.Tensor:
@@ -123,7 +128,7 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
                _scalar(_one_if_none(grad_scale), device))
 
     def launch(config, loss_out, grad_buffer):
-        with _device_scope(logits2d):
+        with _launch_scope(logits2d):
             tempered_loss_kernel[(triton_cdiv(n_rows, config.block_rows),)](
                 logits2d, labels, *scalars, k, int(ignore_index),
                 n_rows, n_cols,
@@ -157,7 +162,7 @@ def softmax_forward(logits2d, t, num_iters):
     t_device = _scalar(t, logits2d.device)
 
     def launch(config, out):
-        with _device_scope(logits2d):
+        with _launch_scope(logits2d):
             tempered_softmax_fwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
                 logits2d, t_device, k, n_rows, n_cols,
                 logits2d.stride(0), out.stride(0), out,
@@ -183,7 +188,7 @@ def softmax_backward(probs2d, grad2d, t):
     t_device = _scalar(t, probs2d.device)
 
     def launch(config, result):
-        with _device_scope(probs2d):
+        with _launch_scope(probs2d):
             tempered_softmax_bwd_kernel[(triton_cdiv(n_rows, config.block_rows),)](
                 probs2d, grad2d, t_device, n_rows, n_cols,
                 probs2d.stride(0), grad2d.stride(0), result.stride(0), result,
@@ -204,7 +209,7 @@ def _vocab_parallel_launch(kernel, rows2d, *args, **constexprs):
     streams a row in BLOCK_COLS chunks: the loss kernel's heuristic gives the chunk (the whole
     padded slice below the on-chip limit, with its rows per program)."""
     config = launch_config.row_config(rows2d.shape[1], rows2d.element_size())
-    with _device_scope(rows2d):
+    with _launch_scope(rows2d):
         kernel[(triton_cdiv(rows2d.shape[0], config.block_rows),)](
             *args, **constexprs, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
             **config.launch_options())
@@ -266,7 +271,7 @@ def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad,
                _scalar(_one_if_none(grad_scale), device))
 
     def launch(config, loss_out, grad_buffer):
-        with _device_scope(x1d):
+        with _launch_scope(x1d):
             tempered_binary_loss_kernel[(triton_cdiv(n, config.block),)](
                 x1d, y1d, *scalars,
                 k, n, x1d.stride(0), y1d.stride(0), loss_out,
@@ -296,7 +301,7 @@ def sigmoid_forward(x1d, t, num_iters):
     t_device = _scalar(t, x1d.device)
 
     def launch(config, out):
-        with _device_scope(x1d):
+        with _launch_scope(x1d):
             tempered_sigmoid_fwd_kernel[(triton_cdiv(n, config.block),)](
                 x1d, t_device, k, n, x1d.stride(0), out,
                 ORIGINAL=original, BLOCK=config.block, MAX_PASSES=launch_config.MAX_PASSES,
@@ -320,7 +325,7 @@ def sigmoid_backward(probs1d, grad1d, t):
     t_device = _scalar(t, probs1d.device)
 
     def launch(config, result):
-        with _device_scope(probs1d):
+        with _launch_scope(probs1d):
             tempered_sigmoid_bwd_kernel[(triton_cdiv(n, config.block),)](
                 probs1d, grad1d, t_device, n, probs1d.stride(0), grad1d.stride(0), result,
                 BLOCK=config.block, **config.launch_options(),

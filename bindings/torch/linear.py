@@ -267,7 +267,7 @@ class LinearBiTemperedLogisticLoss(torch.nn.Module):
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
                  chunk_size=None, backend="auto"):
         super().__init__()
-        args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, backend)
+        args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)
         linear_chunks.chunk_size(chunk_size, 1, 1)
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters

@@ -11,7 +11,7 @@ statistics all-reduced over the group (``GroupRows``). It runs over blocks of ro
 rows on every rank (rows per block from ceil(C / P)), and each block reduces its own rows.
 Collectives per call, each O(rows) values, never N x C:
 
-    1  argument check: (N, C_local, dtype, temperatures, ...) of every rank, one row each (P x 10)
+    1  the group check: every rank's row (error code, N, C_local, dtype, labels, settings), P x 12
     then for each block of rows:
     1  row max
     k  one per solver pass, (f, g) packed; the support size rides along with the first pass
@@ -21,9 +21,23 @@ Collectives per call, each O(rows) values, never N x C:
 so 1 + sum over blocks of (passes + 2), which is passes + 3 for N up to one block
 (``native/loss.BLOCK_ELEMENTS`` // ceil(C / P) rows: 32 at C = 32000 on 2 ranks; the k of a block
 is its slowest row's). ``num_iters=k`` makes k + 1 sums per block (t2 < 1: the support count and
-k bisection steps; t2 = 1: one). The check makes a rank whose arguments differ (rows, dtype,
-temperatures, ...) raise ValueError on every rank instead of hanging in a later collective. A
-group of size 1 sends nothing: it runs the plain loss's driver on whole rows.
+k bisection steps; t2 = 1: one). A group of size 1 sends nothing: it runs the plain loss's driver
+on whole rows.
+
+An error on one rank never leaves the others waiting in a collective (``group_check.py``): each
+rank runs its checks before the first collective with the error caught, and the group check's one
+all-reduce tells every rank whether any failed; then every rank raises the same error (that rank's
+message, naming the rank; a second collective carries it, on this error path only). Checked so:
+
+- on each rank, before the group check: every argument as the plain loss checks it (the same
+  messages), this rank's slice not empty (C_local >= 1: a DTensor with few classes for its mesh
+  can leave a rank none), and dense labels of this rank's slice within [0, 1] (CPU tensors);
+- across ranks, from the group check's table: the same rows N, dtype, t1, t2, label_smoothing,
+  num_iters, ignore_index, reduction and kind of labels, and for class indices the same labels
+  (a position-weighted checksum of them: O(N), one value in the table), else ValueError naming
+  the value and each rank's;
+- after it, alike on every rank (they hold the same settings, labels and global C by then):
+  smoothing's class count and class indices within [0, C) (CPU tensors).
 
 Gloo (CPU) and NCCL (CUDA) take the same code path. The per-slice math runs on the native backend
 (CPU, float64, ``backend="torch"``) or on the vocab-parallel Triton kernels (CUDA by default, or
@@ -36,11 +50,13 @@ then one for the loss sums and one for the gradient: there the collectives are t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from bitempered.bindings.common import validation as check
-from bitempered.bindings.torch import args, ops
+from bitempered.bindings.torch import args, group_check, ops
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
 from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, masked_scale, reduce, scale_stored_grad
@@ -65,23 +81,6 @@ class GroupRows(native.LocalRows):
         packed = torch.cat(parts, dim=-1)  # one collective per step: (f, g[, D]) or (loss, sum e, sum d)
         dist.all_reduce(packed, group=self.group)
         return tuple(packed[:, i:i + 1] for i in range(len(parts)))
-
-
-def _slices(group, num_rows: int, num_local: int, dtype, settings: tuple, device) -> tuple[int, int]:
-    """(first global class of this rank, global class count), after checking that every rank of
-    the group passed the same rows, dtype and settings (one P x 10 all-reduce)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    table = torch.zeros(size, 3 + len(settings), dtype=torch.float64, device=device)
-    table[rank] = torch.tensor([num_rows, num_local, DTYPES.index(dtype), *settings], dtype=torch.float64)
-    dist.all_reduce(table, group=group)
-    table = table.cpu()
-    shared = torch.cat([table[:, :1], table[:, 2:]], dim=1)
-    if not bool((shared == shared[0]).all()):
-        raise ValueError(
-            "vocab-parallel ranks disagree on the rows, dtype or settings (each rank's row: rows, C_local, "
-            f"dtype, then the temperatures and settings of the call): {table.tolist()}")
-    local_sizes = table[:, 1].long().tolist()
-    return sum(local_sizes[:rank]), sum(local_sizes)
 
 
 class KernelRows:
@@ -155,6 +154,85 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def _check_slice(local_logits) -> None:
+    """``args.check_logits``, with what an empty slice means here."""
+    if isinstance(local_logits, torch.Tensor) and local_logits.dim() > 0 and local_logits.shape[-1] == 0:
+        raise ValueError(f"local_logits hold no class (shape {tuple(local_logits.shape)}): every rank needs at "
+                         "least one (a DTensor sharded on the classes leaves a rank none when C is small next to "
+                         "the mesh: torch gives each rank ceil(C / P) classes)")
+    args.check_logits(local_logits)
+    if local_logits.dtype not in DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {local_logits.dtype}")
+
+
+def _table_device(local_logits, group) -> torch.device:
+    """Where the group check's table lives: on the logits' device (any backend takes it); without
+    logits (a rank whose argument is no tensor), on the device the group's backend takes."""
+    if isinstance(local_logits, torch.Tensor):
+        return local_logits.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def label_checksum(label_rows: torch.Tensor) -> torch.Tensor:
+    """A 0-d float64 checksum of class indices (position-weighted, int64 wrapping, exact in float64):
+    equal on ranks that hold the same labels, different (but for a 2**-52 chance) otherwise."""
+    weights = torch.arange(1, 2 * label_rows.numel(), 2, device=label_rows.device)  # odd: every change shows
+    return torch.remainder((label_rows.long() * weights).sum(), 2**52).double()
+
+
+# The group check's columns (named as its error messages name them)
+INDEX_LABELS, LABEL_KIND = "labels (class indices)", "labels' kind (indices or dense)"
+LOSS_COLUMNS = ("rows", "C_local", "dtype", INDEX_LABELS, "t1", "t2", "label_smoothing", "num_iters", "ignore_index",
+                LABEL_KIND, "reduction")
+SOFTMAX_COLUMNS = ("rows", "C_local", "dtype", "t", "num_iters")
+_SHOWN = {
+    "dtype": lambda value: str(DTYPES[int(value)]),
+    "reduction": lambda value: repr(check.REDUCTIONS[int(value)]),
+    INDEX_LABELS: lambda value: f"checksum {int(value)}",
+    LABEL_KIND: lambda value: "indices" if value else "dense",
+}
+
+
+def _show(name: str, value: float) -> str:
+    """A value of the group check's table as its error message shows it."""
+    return _SHOWN[name](value) if name in _SHOWN else f"{value:g}"
+
+
+class _LossCall(NamedTuple):
+    """The checked arguments of one vocab-parallel loss call on this rank."""
+
+    checked: args.LossArgs
+    t1: float
+    t2: float
+    smoothing: float
+    label_rows: torch.Tensor | None
+
+
+def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
+                     backend) -> tuple[_LossCall, dict]:
+    """The plain loss's checks on this rank's arguments (and its dense label slice), and its row
+    of the group check."""
+    _check_slice(local_logits)
+    checked = args.loss_args(local_logits.shape, local_logits.device, local_logits.dtype, labels, t1, t2,
+                             label_smoothing, num_iters, reduction, ignore_index, backend)
+    smoothing = checked.smoothing_value
+    if smoothing is None:
+        raise TypeError("label_smoothing must be a Python float or a CPU 0-d tensor here")
+    label_rows = args.label_rows(labels, checked.indices) if local_logits.numel() else None
+    if label_rows is not None and not checked.indices:
+        args.check_dense_labels(label_rows)  # this rank's slice: every rank checks its own
+    call = _LossCall(checked, _host_value(checked.t1, checked.t1_value), _host_value(checked.t2, checked.t2_value),
+                     smoothing, label_rows)
+    num_local = local_logits.shape[-1]
+    checksum = label_checksum(label_rows) if checked.indices and label_rows is not None else 0.0
+    row = dict(zip(LOSS_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
+                                  checksum, call.t1, call.t2, smoothing, checked.num_iters, ignore_index,
+                                  float(checked.indices), check.REDUCTIONS.index(reduction))))
+    return call, row
+
+
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group=None, label_smoothing=0.0,
                                              num_iters=None, reduction="mean", ignore_index=-100,
                                              backend="auto"):
@@ -162,7 +240,7 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
 
     Args:
         local_logits: [..., C_local], this rank's contiguous slice of the classes (rank r of the
-            group holds the r-th slice; slices may differ in size, C = their sum).
+            group holds the r-th slice; slices may differ in size, C = their sum; C_local >= 1).
         labels: integer GLOBAL class indices of shape ``local_logits.shape[:-1]`` (the same on every
             rank), or dense labels sliced like the logits.
         t1, t2, label_smoothing, num_iters, reduction, ignore_index: as in
@@ -172,38 +250,38 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
             under TRITON_INTERPRET=1).
 
     Returns the loss (the same on every rank); the gradient flows to this rank's slice. Every rank
-    must call it (collectives). See the module docstring for the collective count.
+    must call it (collectives). A bad argument on any rank raises the same error on every rank
+    (the module docstring says what is checked). See the module docstring for the collective count.
     """
-    args.check_logits(local_logits)
-    device = local_logits.device
-    checked = args.loss_args(local_logits.shape, device, local_logits.dtype, labels, t1, t2, label_smoothing,
-                             num_iters, reduction, ignore_index, backend)
-    smoothing = checked.smoothing_value
-    if smoothing is None:
-        raise TypeError("label_smoothing must be a Python float or a CPU 0-d tensor here")
-    t1_, t2_ = _host_value(checked.t1, checked.t1_value), _host_value(checked.t2, checked.t2_value)
-    num_local = local_logits.shape[-1]
+    def check_locally():
+        return _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
+                                backend)
+
     if _group_size(group) == 1:
-        reducer, offset, num_classes = native.LOCAL_ROWS, 0, num_local
+        call, _ = check_locally()
+        reducer, offset, num_classes = native.LOCAL_ROWS, 0, local_logits.shape[-1]
     else:
-        settings = (t1_, t2_, smoothing, checked.num_iters, ignore_index, float(checked.indices),
-                    check.REDUCTIONS.index(reduction))
+        call, table = group_check.agree(group, _table_device(local_logits, group), LOSS_COLUMNS, check_locally,
+                                        may_differ=("C_local",), show=_show)
         reducer = GroupRows(group)
-        offset, num_classes = _slices(group, local_logits.numel() // num_local, num_local, local_logits.dtype,
-                                      settings, device)
-    check.check_smoothing_classes(smoothing, num_classes)
+        local_sizes = [int(size) for size in table["C_local"]]
+        rank = dist.get_rank(group)
+        offset, num_classes = sum(local_sizes[:rank]), sum(local_sizes)
+    # from here every rank holds the same settings, labels and C: each check below raises on all alike
+    checked = call.checked
+    check.check_smoothing_classes(call.smoothing, num_classes)
     if local_logits.numel() == 0:
         return args.empty_loss(local_logits, local_logits.shape[:-1], reduction)
+    if checked.indices:
+        args.check_indices(call.label_rows, num_classes, ignore_index)
     rows = args.as_rows(local_logits)
-    label_rows = args.label_rows(labels, checked.indices)
-    args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
-    settings = (t1_, t2_, smoothing, checked.num_iters or None, ignore_index, reduction)
+    settings = (call.t1, call.t2, call.smoothing, checked.num_iters or None, ignore_index, reduction)
     compute = kernel_loss_and_grad if checked.backend == "triton" else native_loss.reduced_loss_and_grad
     if torch.is_grad_enabled() and local_logits.requires_grad:
-        loss = _VocabParallelLoss.apply(local_logits, rows, label_rows, settings, reducer, offset, num_classes,
+        loss = _VocabParallelLoss.apply(local_logits, rows, call.label_rows, settings, reducer, offset, num_classes,
                                         compute)
     else:
-        loss, _ = compute(rows, label_rows, *settings, False, reducer, offset, num_classes)
+        loss, _ = compute(rows, call.label_rows, *settings, False, reducer, offset, num_classes)
     return loss.reshape(local_logits.shape[:-1]) if reduction == "none" else loss
 
 
@@ -229,23 +307,35 @@ class _VocabParallelSoftmax(torch.autograd.Function):
         return grad.to(grad_p.dtype), None, None, None
 
 
+def _check_softmax_call(local_logits, t, num_iters, backend) -> tuple[tuple[float, int | None], dict]:
+    _check_slice(local_logits)
+    check.check_backend(backend, ("auto", "torch"))
+    iters = args.iterations(num_iters) or None
+    t_ = _host_value(*args.temperature_and_value(t, "t", local_logits.device))
+    num_local = local_logits.shape[-1]
+    row = dict(zip(SOFTMAX_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
+                                     t_, iters or 0)))
+    return (t_, iters), row
+
+
 def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None, backend="auto"):
     """This rank's slice of ``tempered_softmax`` of logits whose classes are sharded across ``group``.
 
-    Collectives: the argument check, the row max, one per solver pass (the support size with the
-    first); the backward one.
+    Args: ``local_logits`` [..., C_local] as in :func:`vocab_parallel_bi_tempered_logistic_loss`;
+    ``t``, ``num_iters`` as in ``tempered_softmax`` (the same on every rank); ``backend``: "auto"
+    or "torch" (native ops). Collectives: the argument check, the row max, one per solver pass (the
+    support size with the first); the backward one.
     """
-    args.check_logits(local_logits)
-    check.check_backend(backend, ("auto", "torch"))
-    iters = args.iterations(num_iters) or None
-    t_, t_value = args.temperature_and_value(t, "t", local_logits.device)
-    t_ = _host_value(t_, t_value)
-    num_local = local_logits.shape[-1]
+    def check_locally():
+        return _check_softmax_call(local_logits, t, num_iters, backend)
+
     reducer = native.LOCAL_ROWS
-    if _group_size(group) > 1:
+    if _group_size(group) == 1:
+        (t_, iters), _ = check_locally()
+    else:
+        (t_, iters), _ = group_check.agree(group, _table_device(local_logits, group), SOFTMAX_COLUMNS, check_locally,
+                                           may_differ=("C_local",), show=_show)
         reducer = GroupRows(group)
-        _slices(group, local_logits.numel() // num_local, num_local, local_logits.dtype, (t_, iters or 0),
-                local_logits.device)
     if local_logits.numel() == 0:
         return torch.empty_like(local_logits)
     return _VocabParallelSoftmax.apply(args.as_rows(local_logits), t_, iters, reducer).reshape(local_logits.shape)

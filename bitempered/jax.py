@@ -1,5 +1,9 @@
 """Public JAX API of bitempered (the implementation: the ``bindings/jax/`` package, see its ``__init__``)."""
 
+from bitempered.extras import require
+
+require("jax", "jax", "bitempered.jax")  # without jax: an ImportError naming the extra
+
 from bitempered.bindings.jax.api import (
     bi_tempered_binary_logistic_loss,
     bi_tempered_logistic_loss,

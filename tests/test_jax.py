@@ -463,3 +463,18 @@ def test_auto_backend_never_imports_triton_jax_triton_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_import_without_jax_names_the_extra():
+    """Without jax, ``import bitempered.jax`` raises an ImportError naming the 'jax' extra (issue 26
+    item 4), not a raw traceback from inside the binding."""
+    code = (
+        "import sys\n"
+        "sys.modules['jax'] = None  # as if jax were not installed\n"
+        "try:\n"
+        "    import bitempered.jax\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "bitempered.jax needs the `jax` package" in out.stdout and '".[jax]"' in out.stdout, out.stdout + out.stderr

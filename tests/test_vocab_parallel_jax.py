@@ -333,6 +333,84 @@ def bad_input():
         raise AssertionError("t1 = 2.5 did not raise")
 
 
+def _raises_naming_axis_name(fn, *args, match="axis_name"):
+    """``fn(*args)`` raises a ValueError whose message names ``axis_name`` (and ``match``)."""
+    try:
+        fn(*args)
+    except ValueError as e:
+        assert "axis_name" in str(e) and match in str(e), str(e)
+    else:
+        raise AssertionError(f"{fn} did not raise")
+
+
+@register
+def unknown_axis_name_names_it():
+    """An axis that no enclosing shard_map binds: a ValueError naming axis_name (was a bare
+    AssertionError from pmax for the softmax, JAX's NameError for the loss)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import bitempered.jax as bj
+
+    mesh = _mesh((4,), ("model",))
+    logits, labels = jnp.zeros((3, 12), jnp.float32), jnp.zeros(3, jnp.int32)
+    softmax = jax.shard_map(lambda a: bj.vocab_parallel_tempered_softmax(a, 1.2, "nope"), mesh=mesh,
+                            in_specs=P(None, "model"), out_specs=P(None, "model"))
+    loss = jax.shard_map(lambda a, y: bj.vocab_parallel_bi_tempered_logistic_loss(a, y, 0.8, 1.2, "nope"), mesh=mesh,
+                         in_specs=(P(None, "model"), P()), out_specs=P())
+    for fn, call_args in ((softmax, (logits,)), (loss, (logits, labels)), (jax.jit(loss), (logits, labels))):
+        _raises_naming_axis_name(fn, *call_args, match="'nope'")
+    # outside any shard_map
+    _raises_naming_axis_name(bj.vocab_parallel_tempered_softmax, logits, 1.2, "model", match="shard_map")
+    _raises_naming_axis_name(bj.vocab_parallel_bi_tempered_logistic_loss, logits, labels, 0.8, 1.2, "model",
+                             match="shard_map")
+
+
+@register
+def replicated_logits_raise():
+    """Logits replicated over the class axis (each device would take the whole rows for its slice:
+    a wrong loss) raise a ValueError naming axis_name, for the loss and the softmax, under jit and
+    vmap and on a 2-D mesh; a class axis of one device is the plain loss, and with check_vma=False
+    (nothing tracks what varies) the check is skipped."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import bitempered.jax as bj
+
+    logits = jnp.asarray(_logits(8, 12), jnp.float32)
+    labels = jnp.arange(8, dtype=jnp.int32)
+
+    def loss(a, y):
+        return bj.vocab_parallel_bi_tempered_logistic_loss(a, y, 0.8, 1.2, "model")
+
+    def softmax(a):
+        return bj.vocab_parallel_tempered_softmax(a, 1.2, "model")
+
+    mesh = _mesh((4,), ("model",))
+    replicated = jax.shard_map(loss, mesh=mesh, in_specs=(P(), P()), out_specs=P())
+    _raises_naming_axis_name(replicated, logits, labels, match="replicated")
+    _raises_naming_axis_name(jax.jit(replicated), logits, labels, match="replicated")
+    batched = jax.shard_map(jax.vmap(loss), mesh=mesh, in_specs=(P(), P()), out_specs=P())
+    _raises_naming_axis_name(batched, logits[None], labels[None], match="replicated")
+    _raises_naming_axis_name(jax.shard_map(softmax, mesh=mesh, in_specs=P(), out_specs=P()), logits,
+                             match="replicated")
+    # 2-D mesh: the logits sharded over "data" (the rows) but not over "model"
+    mesh = _mesh((2, 2), ("data", "model"))
+    rows_only = jax.shard_map(loss, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    _raises_naming_axis_name(rows_only, logits, labels, match="'model'")
+    # a class axis of one device: replicated over it is the whole row, the plain loss
+    mesh = _mesh((4, 1), ("data", "model"))
+    one = jax.shard_map(loss, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    _close(one(logits, labels), bj.bi_tempered_logistic_loss(logits, labels, 0.8, 1.2), "float32", "model axis of 1")
+    # check_vma=False: no varying axes are tracked, the call runs (the user's responsibility)
+    mesh = _mesh((4,), ("model",))
+    unchecked = jax.shard_map(loss, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(), check_vma=False)
+    _close(unchecked(logits, labels), bj.bi_tempered_logistic_loss(logits, labels, 0.8, 1.2), "float32",
+           "check_vma=False")
+
+
 @pytest.fixture(scope="module")
 def results():
     return run_cases(os.path.abspath(__file__), NUM_DEVICES, timeout_s=420)

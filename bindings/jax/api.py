@@ -6,9 +6,9 @@ Classes are the LAST axis; any number of leading axes. Everything works under ``
 
 Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values. They are
 passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
-retraces or recompiles; ``num_iters`` and ``ignore_index`` are static (a new value compiles anew).
-They are constants for differentiation: gradients flow to the logits only (zero for the labels,
-temperatures and smoothing; ``float0`` for integer labels).
+retraces or recompiles; ``num_iters``, ``ignore_index`` and ``reduction`` are static (a new value
+compiles anew). They are constants for differentiation: gradients flow to the logits only (zero
+for the labels, temperatures and smoothing; ``float0`` for integer labels).
 
 Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
 checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bitempered.bindings.common import validation as check
-from bitempered.bindings.jax import args, ops
+from bitempered.bindings.jax import args, ops, reductions
 from bitempered.bindings.jax.native import math as native
 
 __all__ = [
@@ -45,8 +45,7 @@ def _probability_args(logits, t, num_iters, backend, class_axis: bool):
     logits = args.as_logits(logits, class_axis=class_axis)
     iters = args.as_num_iters(num_iters)
     backend = args.resolve_backend(backend, logits.dtype)
-    t_, t_value = args.scalar(t, "t", native.compute_dtype(logits.dtype))
-    check.check_t(t_value, "t")
+    t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
     return logits, t_, iters, backend
 
 
@@ -54,12 +53,18 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
     """SPEC's tempered softmax over the last axis, returned in the logits' dtype.
 
     Args:
-        logits: [..., C] floating array (float16/bfloat16/float32 compute in float32, float64 in
-            float64 when x64 is enabled).
-        t: temperature > 0 (float, 0-d array or traced value; traced values are not checked).
+        logits: [..., C] floating array, C >= 1 (float16/bfloat16/float32 compute in float32,
+            float64 in float64 when x64 is enabled).
+        t: temperature, finite and > 0 (t < 1: finite support, t > 1: heavy tails, t = 1: the
+            softmax). A float, a 0-d array or a traced value; concrete values are checked as
+            given and as rounded to the compute dtype, traced ones are not checked.
         num_iters: None (default): solve the normalization to convergence. An int k >= 1: the
             original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
-        backend: "auto" (Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere), "xla", "triton".
+        backend: "auto" (default: Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere),
+            "xla" or "triton".
+
+    Returns:
+        Probabilities of the logits' shape and dtype; each row sums to 1.
     """
     logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=True)
     if logits.size == 0:
@@ -70,7 +75,15 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     """Elementwise tempered sigmoid ``tempered_softmax([0, x], t)[1]``, in the logits' dtype.
 
-    ``logits`` may have any shape (no class axis); see :func:`tempered_softmax` for the rest.
+    Args:
+        logits: floating array of any shape (no class axis; a scalar too).
+        t: temperature, finite and > 0 (float, 0-d array or traced value; traced values are not
+            checked).
+        num_iters: None (default: converged) or an int k >= 1 (the original algorithm's k steps).
+        backend: "auto" (default), "xla" or "triton", as in :func:`tempered_softmax`.
+
+    Returns:
+        Probabilities in [0, 1] of the logits' shape and dtype.
     """
     logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=False)
     if logits.size == 0:
@@ -79,44 +92,51 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
-                              ignore_index=-100, backend="auto"):
+                              ignore_index=-100, backend="auto", reduction="none"):
     """Bi-tempered logistic loss (Amid et al., 2019) over the last axis, one value per row (like optax).
 
     Args:
         logits: [..., C] floating array.
         labels: dense floating labels of the logits' shape (values in [0, 1]; rows need not sum to
             1; concrete values outside [0, 1] or NaN raise ValueError, traced ones are unchecked and
-            give a meaningless or NaN loss), or integer class indices of shape ``logits.shape[:-1]``. Rows whose index equals
-            ``ignore_index`` get loss 0 and gradient 0. Any other index outside [0, C) raises
-            ValueError when the labels are concrete; traced labels give a NaN loss for that row.
-        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: > 0 (t2 > 1: heavy tails, t2 < 1: finite
-            support). Floats, 0-d arrays or traced values (a new value never recompiles).
-        label_smoothing: in [0, 1), reference convention (target 1 - s, every other class
-            s/(C-1)); needs C >= 2 when > 0. May be traced.
-        num_iters: None (converged, default) or the original algorithm's step count (static).
-        ignore_index: int (static).
-        backend: "auto" (Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere), "xla", "triton".
+            give a meaningless or NaN loss), or integer class indices of shape ``logits.shape[:-1]``.
+            Rows whose index equals ``ignore_index`` get loss 0 and gradient 0. Any other index
+            outside [0, C) raises ValueError when the labels are concrete; traced labels give a NaN
+            loss for that row.
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: finite and > 0 (t2 > 1: heavy tails, t2 < 1:
+            finite support). Floats, 0-d arrays or traced values (a new value never recompiles).
+            Concrete values are checked as given and as rounded to the compute dtype (float32
+            rounds t1 = 1.99999999 to 2).
+        label_smoothing: in [0, 1) (default 0), reference convention (target 1 - s, every other
+            class s/(C-1)); needs C >= 2 when > 0. May be traced.
+        num_iters: None (converged, default) or the original algorithm's step count k >= 1 (static).
+        ignore_index: int (static), default -100.
+        backend: "auto" (default: Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere),
+            "xla" or "triton".
+        reduction: "none" (default: the per-row losses, like optax), "sum", or "mean" over the rows
+            not ignored (NaN when every row is ignored), as the fused linear loss.
 
     Returns:
-        Losses of shape ``logits.shape[:-1]``, float32 (float64 for float64 logits). The custom
-        gradient (SPEC's closed form) flows to ``logits`` only and has the logits' dtype.
+        Losses of shape ``logits.shape[:-1]`` ("none") or a scalar ("sum", "mean"), float32
+        (float64 for float64 logits). The custom gradient (SPEC's closed form) flows to ``logits``
+        only and has the logits' dtype.
     """
     logits = args.as_logits(logits)
     labels = args.as_labels(labels)
     indices = args.labels_are_indices(labels, logits.shape)
     iters = args.as_num_iters(num_iters)
     ignore_index = args.as_ignore_index(ignore_index)
+    check.check_reduction(reduction)
     backend = args.resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, dtype)
     check.check_smoothing_classes(s_value, logits.shape[-1])
-    if indices:
-        args.check_indices(labels, logits.shape[-1], ignore_index)
-    else:
-        args.check_dense_labels(labels)
+    args.check_labels(labels, indices, logits.shape[-1], ignore_index)
+    labels = jnp.asarray(labels)
     if logits.size == 0:
-        return jnp.zeros(logits.shape[:-1], dtype)
-    return ops.loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, ignore_index, backend)
+        return reductions.reduce(jnp.zeros(logits.shape[:-1], dtype), reductions.kept_rows(labels, ignore_index),
+                                 reduction)
+    return ops.loss_jit(logits, labels, t1_, t2_, s_, iters, ignore_index, backend, reduction)
 
 
 def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,

@@ -46,8 +46,11 @@ def is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def scalar(value, name: str, dtype) -> tuple[jax.Array, float | None]:
-    """(0-d operand in ``dtype``, its value if concrete else None) of a temperature-like argument."""
+def scalar(value, name: str, dtype, check_value) -> tuple[jax.Array, float | None]:
+    """(0-d operand in ``dtype``, its value in ``dtype`` if concrete else None) of a temperature-like
+    argument. ``check_value(v)`` (a ``validation`` check) runs on the value as given and again as
+    rounded to ``dtype``, the compute dtype: float32 rounds t1 = 1.99999999 to 2.0, t2 = 1e-50 to 0
+    and t2 = 1e39 to inf, values that pass the check as given but not as computed."""
     concrete = check.concrete_float(value, name)  # TypeError for bool, str, None, complex
     if concrete is None:
         shape = getattr(value, "shape", None)
@@ -60,17 +63,24 @@ def scalar(value, name: str, dtype) -> tuple[jax.Array, float | None]:
             raise TypeError(f"{name} must be a real number, got an array of dtype {value_dtype}")
         if not is_traced(value):
             concrete = float(np.asarray(value).reshape(()))
-    return jnp.asarray(value, dtype=dtype).reshape(()), concrete
+    if concrete is None:
+        return jnp.asarray(value, dtype=dtype).reshape(()), None
+    check_value(concrete)
+    with np.errstate(over="ignore"):  # 1e39 -> inf in float32: reported by the check below
+        rounded = float(np.asarray(concrete, dtype=np.dtype(dtype)))
+    try:
+        check_value(rounded)
+    except ValueError as error:
+        raise ValueError(f"{name} = {concrete!r} is {rounded!r} in {np.dtype(dtype).name} (the compute dtype): "
+                         f"{error}") from None
+    return jnp.asarray(value, dtype=dtype).reshape(()), rounded
 
 
 def temperatures(t1, t2, label_smoothing, dtype):
     """(t1, t2, label_smoothing as 0-d operands in ``dtype``, the smoothing's value or None)."""
-    t1_, t1_value = scalar(t1, "t1", dtype)
-    check.check_t1(t1_value)
-    t2_, t2_value = scalar(t2, "t2", dtype)
-    check.check_t(t2_value, "t2")
-    s_, s_value = scalar(label_smoothing, "label_smoothing", dtype)
-    check.check_label_smoothing(s_value)
+    t1_, _ = scalar(t1, "t1", dtype, check.check_t1)
+    t2_, _ = scalar(t2, "t2", dtype, lambda value: check.check_t(value, "t2"))
+    s_, s_value = scalar(label_smoothing, "label_smoothing", dtype, check.check_label_smoothing)
     return t1_, t2_, s_, s_value
 
 
@@ -139,6 +149,15 @@ def check_dense_labels(labels) -> None:
         has_nan = bool(np.isnan(values).any())
         low, high = (0.0, 1.0) if has_nan else (float(values.min()), float(values.max()))
         check.check_dense_label_range(low, high, has_nan, "labels")
+
+
+def check_labels(labels, indices: bool, num_classes: int, ignore_index: int) -> None:
+    """The concrete labels' values, of either kind (``labels_are_indices``): class indices in
+    range (:func:`check_indices`), dense labels in [0, 1] (:func:`check_dense_labels`)."""
+    if indices:
+        check_indices(labels, num_classes, ignore_index)
+    else:
+        check_dense_labels(labels)
 
 
 def widen_indices(indices: jax.Array) -> jax.Array:

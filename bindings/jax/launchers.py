@@ -11,6 +11,13 @@ a traced temperature schedule compiles once. Sizes and ``num_iters`` are static 
 ``triton_call`` has no batching or differentiation rule: ``bindings/jax/ops.py`` keeps these calls
 inside its ``custom_vjp`` and folds ``vmap`` batches into the row dimension.
 
+No launch happens here: ``triton_call`` runs at trace time and puts the compiled kernel in the
+program as an XLA custom call on the GPU (jax-triton compiles; it never runs Triton's
+interpreter). So these calls take no interpreter lock (``bindings/common/interpreter.py``): here
+it would serialize tracing, not launches. A stand-in that does launch on the interpreter
+(``tests/test_jax_triton.py``, through ``jax.pure_callback``) takes that lock around each launch,
+as the torch launchers do.
+
 Launch configurations: the heuristic, or with autotuning on the best one cached by the torch
 launchers / ``python -m bitempered.tune`` for this device (``autotune.py``). Nothing is timed
 here: these calls run inside traces. jax-triton has no ``maxnreg`` option, so a cached config's

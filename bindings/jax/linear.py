@@ -27,7 +27,7 @@ from jax import lax
 
 from bitempered.bindings.common import linear_chunks
 from bitempered.bindings.common import validation as check
-from bitempered.bindings.jax import args, ops
+from bitempered.bindings.jax import args, ops, reductions
 from bitempered.bindings.jax.native import math as native
 
 
@@ -78,48 +78,26 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
     return loss, grad_x.reshape(-1, width)[:num_rows], carry[0], carry[1]
 
 
-def _kept(labels, ignore_index):
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        return labels != ignore_index
-    return jnp.ones(labels.shape[:1], bool)
-
-
-def _reduce(loss_rows, kept, reduction):
-    if reduction == "none":
-        return loss_rows
-    total = jnp.sum(loss_rows)
-    return total if reduction == "sum" else total / jnp.sum(kept).astype(total.dtype)
-
-
-def _reduction_weights(labels, ignore_index, reduction, dtype):
-    """Each row's gradient factor for "sum" (1) and "mean" (1 / #kept rows, 0 when none are kept)."""
-    kept = _kept(labels, ignore_index)
-    if reduction == "sum":
-        return jnp.ones(kept.shape, dtype)
-    count = jnp.sum(kept).astype(dtype)
-    return jnp.full(kept.shape, jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0), dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, chunk,
                  backend):
     loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index, chunk,
                       backend, False)[0]
-    return _reduce(loss_rows, _kept(labels, ignore_index), reduction)
+    return reductions.reduce(loss_rows, reductions.kept_rows(labels, ignore_index), reduction)
 
 
 def _linear_loss_fwd(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
                      chunk, backend):
-    kept = _kept(labels, ignore_index)
     if reduction == "none":
         loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index,
                           chunk, backend, False)[0]
         return loss_rows, (hidden, weight, bias, labels, t1, t2, label_smoothing)
-    weights = _reduction_weights(labels, ignore_index, reduction, t1.dtype)
+    kept = reductions.kept_rows(labels, ignore_index)
+    weights = reductions.row_weights(kept, reduction, t1.dtype)
     loss_rows, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, weights,
                                                       num_iters, ignore_index, chunk, backend, True)
     like = (jnp.zeros((0,), weight.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
-    return _reduce(loss_rows, kept, reduction), (grad_x, grad_weight, grad_bias, like)
+    return reductions.reduce(loss_rows, kept, reduction), (grad_x, grad_weight, grad_bias, like)
 
 
 def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, residuals, grad_loss):
@@ -165,7 +143,8 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
 
     Args:
         hidden: [..., H] floating array. weight: [C, H] (``nn.Linear`` layout), same dtype. bias: None or [C].
-        labels: integer class indices of shape ``hidden.shape[:-1]`` or dense [..., C] labels.
+        labels: integer class indices of shape ``hidden.shape[:-1]`` or dense [..., C] labels
+            (values in [0, 1]); concrete ones are checked as by :func:`bi_tempered_logistic_loss`.
         reduction: "none" (default: per-row losses of shape ``hidden.shape[:-1]``, like the plain
             JAX loss), "sum" or "mean" (every gradient computed in the forward pass: cheaper).
         chunk_size: rows per chunk (static); None: ``clamp(64 MiB // (4 C), 1, N)``.
@@ -186,8 +165,7 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     backend = args.resolve_backend(backend, hidden.dtype)
     t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, native.compute_dtype(hidden.dtype))
     check.check_smoothing_classes(s_value, num_classes)
-    if indices:
-        args.check_indices(labels, num_classes, ignore_index)
+    args.check_labels(labels, indices, num_classes, ignore_index)
     x = hidden.reshape(-1, hidden.shape[-1])
     label_rows = jnp.asarray(labels).reshape((-1,) if indices else (-1, num_classes))
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)

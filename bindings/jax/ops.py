@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bitempered.bindings.jax import args
+from bitempered.bindings.jax import args, reductions
 from bitempered.bindings.jax.native import loss as native_loss
 from bitempered.bindings.jax.native import math as native
 
@@ -234,14 +234,16 @@ xla_loss.defvjp(_xla_loss_fwd, _xla_loss_bwd)
 # The losses and probabilities of the public API
 # --------------------------------------------------------------------------------------------
 
-def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend):
+def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend, reduction):
     if backend == "triton":
         kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index)
-        return stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing)
-    return xla_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, None)
+        loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing)
+    else:
+        loss = xla_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, None)
+    return reductions.reduce(loss, reductions.kept_rows(labels, ignore_index), reduction)
 
 
-loss_jit = jax.jit(_loss, static_argnums=(5, 6, 7))
+loss_jit = jax.jit(_loss, static_argnums=(5, 6, 7, 8))
 
 
 def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, backend):

@@ -3,7 +3,9 @@
 Each device holds ``local_logits`` [..., C_local], its slice of the classes in the order of its
 index along ``axis_name`` (``shard_map`` slices evenly, so C = C_local * axis size). The result
 equals :func:`bitempered.jax.bi_tempered_logistic_loss` on the concatenated logits, on every
-device; the gradient of each slice is local.
+device; the gradient of each slice is local. An ``axis_name`` that no enclosing ``shard_map`` binds,
+or logits replicated over it (seen where check_vma tracks the varying axes, the default), raise a
+ValueError naming ``axis_name``.
 
 It is THE XLA loss of ``native/loss.py`` (the plain loss's forward, residual and backward, through
 ``ops.xla_loss``) with its row statistics reduced over ``axis_name`` (``native.math.AxisRows``):
@@ -41,14 +43,17 @@ from bitempered.bindings.jax.native.math import AxisRows
 __all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax", "AxisRows"]
 
 
+def _varying_axes(value) -> set:
+    """The mesh axes ``value`` varies over, as ``shard_map``'s check_vma tracks them (none when it
+    is off). (jax 0.10: aval.manual_axis_type.varying)"""
+    return set(getattr(getattr(jax.typeof(value), "manual_axis_type", None), "varying", ()))
+
+
 def _vary_like(x, like):
     """``x`` varying over the mesh axes ``like`` varies over: a kernel call's output (jax-triton's
     call, or the interpreter's callback) carries none under ``shard_map``'s check_vma, and a psum
     of a value that does not vary would count it once per device."""
-    def axes(v):  # (jax 0.10: aval.manual_axis_type.varying)
-        return set(getattr(getattr(jax.typeof(v), "manual_axis_type", None), "varying", ()))
-
-    missing = tuple(sorted(axes(like) - axes(x)))
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
@@ -112,10 +117,29 @@ def _kernel_loss_fn(ignore_index, axis_name, need_grad):
     return call
 
 
-def _check_axis_name(axis_name) -> None:
+def _check_axis(axis_name, logits) -> None:
+    """``axis_name``: axes of the enclosing ``shard_map`` over which the logits vary.
+
+    Replicated logits (the same on every device of an axis of size > 1) would be taken as each
+    device's slice of the classes: the loss of a row of axis-size copies, with no error. Whether
+    the logits vary is known only where check_vma tracks it (the default; it then tracks
+    ``axis_index``): with check_vma=False this check is skipped.
+    """
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     if not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"axis_name must be a mesh axis name (str) or a tuple of them, got {axis_name!r}")
+    for name in names:
+        try:
+            size = lax.axis_size(name)
+        except NameError:
+            raise ValueError(f"axis_name {name!r} is not an axis of an enclosing jax.shard_map: call this "
+                             "function inside shard_map over a mesh with that axis") from None
+        tracked = name in _varying_axes(lax.axis_index(name))
+        if size > 1 and tracked and name not in _varying_axes(logits):
+            raise ValueError(
+                f"local_logits are replicated over axis_name {name!r} (the same on its {size} devices), but "
+                "each device must hold its own slice of the classes: shard the class axis over it "
+                f"(shard_map in_specs=P(..., {name!r})), or call bi_tempered_logistic_loss on the whole logits")
 
 
 def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
@@ -124,11 +148,10 @@ def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
     Returns this device's slice of ``tempered_softmax(concatenated logits, t)``, in the logits'
     dtype. Collectives: pmax, then psum of the support size and one psum per solver pass.
     """
-    _check_axis_name(axis_name)
     logits = args.as_logits(local_logits)
     iters = args.as_num_iters(num_iters)
-    t_, t_value = args.scalar(t, "t", native.compute_dtype(logits.dtype))
-    check.check_t(t_value, "t")
+    t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
+    _check_axis(axis_name, logits)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return ops.tempered_softmax(logits, t_, iters, "xla", axis_name)
@@ -153,7 +176,6 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
     Returns the per-row losses (the same on every device of the axis); the custom gradient flows
     to this device's slice.
     """
-    _check_axis_name(axis_name)
     logits = args.as_logits(local_logits)
     labels = args.as_labels(labels)
     args.labels_are_indices(labels, logits.shape)
@@ -161,6 +183,7 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
     ignore_index = args.as_ignore_index(ignore_index)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
+    _check_axis(axis_name, logits)
     backend = args.resolve_backend(backend, logits.dtype)
     if iters is not None or AxisRows(axis_name).class_slice(logits.shape[-1])[1] < 2:
         backend = "xla"  # the kernels run the converged solver; C = 1 takes XLA's NaN-smoothing rule

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,25 @@ def test_parsing():
     assert LossSpec.parse("ce") == LossSpec(1.0, 1.0)
     assert LossSpec.parse("0.2,4") == LossSpec(0.2, 4.0)
     assert LossSpec.parse("0.2,4").label == "bi-tempered (0.2, 4.0)"
+
+
+def test_a_missing_extra_names_the_extra(monkeypatch):
+    """Without tqdm (or scikit-learn, matplotlib) the demo says which extra to install, before any work."""
+    from bitempered.demo.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # None in sys.modules: `import tqdm` raises ImportError
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[demo\]"'):
+        main(["--quick", "--out", "/nonexistent/never-written"])
+
+
+def test_the_readme_table_is_the_committed_run():
+    """README's demo table is docs/demo/results.md's, row for row (one run makes both)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def table(text):
+        return [line for line in text.splitlines() if line.startswith("| ")]
+
+    readme = (root / "README.md").read_text()
+    demo_section = readme[readme.index("## The demo"):readme.index("## Layout")]
+    committed = table((root / "docs" / "demo" / "results.md").read_text())
+    assert len(committed) == 6 and table(demo_section) == committed

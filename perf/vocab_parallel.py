@@ -87,9 +87,9 @@ def _rank_main(rank, world_size, port, args, results_path):
         if rank == 0:
             # solver passes per block of rows: the kernels run one block (all-reduces = 1 check +
             # max + passes + epilogue); the native driver 1 check + per block (max + passes +
-            # epilogue) over blocks of rows_per_block(ceil(C / P)) rows. P = 1 sends none.
+            # epilogue) over blocks of general_block_rows(C, P) rows. P = 1 sends none.
             kernels = device.type == "cuda" and args.backend != "torch"
-            blocks = 1 if kernels else -(-n // native_loss.rows_per_block(-(-c // world_size)))
+            blocks = 1 if kernels else -(-n // native_loss.general_block_rows(c, world_size))
             passes = round((count - 1) / blocks - 2, 2) if world_size > 1 else int(
                 native.solve_converged(native.shift_by_max(logits.float()), args.t2)[1].max())
             row = dict(ranks=world_size, backend=backend, rows=n, classes=c, dtype=args.dtype, t1=args.t1,

@@ -258,8 +258,8 @@ def _blocks_of_rows(rank, world_size):
 
     cols = _slice(rank, world_size)
     logits = _logits(torch.float64)[:, :2].reshape(4, C)  # finite rows
-    budget = native_loss.BLOCK_ELEMENTS
-    native_loss.BLOCK_ELEMENTS = 2 * -(-C // world_size)  # 2 rows per block: 2 blocks
+    budget = native_loss.GROUP_BLOCK_ELEMENTS
+    native_loss.GROUP_BLOCK_ELEMENTS = 2 * -(-C // world_size)  # 2 rows per block: 2 blocks
     try:
         for (t1, t2), kind in itertools.product(((0.8, 1.2), (1.0, 1.0), (0.5, 0.7)), ("indices", "dense")):
             labels = torch.tensor([1, 4, 8, -100]) if kind == "indices" else _labels(kind).reshape(6, C)[:4]
@@ -277,7 +277,7 @@ def _blocks_of_rows(rank, world_size):
             passes = [int(native.solve_converged(native.shift_by_max(logits[i:i + 2]), t2)[1].max()) for i in (0, 2)]
             assert count == 1 + sum(p + 2 for p in passes), (where, count, passes)
     finally:
-        native_loss.BLOCK_ELEMENTS = budget
+        native_loss.GROUP_BLOCK_ELEMENTS = budget
 
 
 def _one_driver_and_the_plain_loss_errors(rank, world_size):

@@ -320,3 +320,24 @@ def test_bad_input(call, error, match):
     x, w, b, y = (t.detach() if t.dtype.is_floating_point else t for t in _inputs())
     with pytest.raises(error, match=match):
         call(x, w, b, y)
+
+
+@pytest.mark.parametrize("cpu_kernel_on", [True, False])
+def test_per_row_upstream_at_t1_with_dense_float32_labels(cpu_kernel_on):
+    """reduction="none" recomputes each chunk with the upstream values as per-row gradient scales;
+    at t1 = t2 = 1 with float32 dense labels the CPU C kernel (one scale for every row) serves the
+    chunk: each row must still get its own upstream value."""
+    import contextlib
+
+    from bitempered.bindings.torch.native import cpu_kernel
+
+    x, w, b, y = _inputs(dtype=torch.float32, dense=True)
+    g = torch.linspace(-2.0, 3.0, N)
+    with contextlib.nullcontext() if cpu_kernel_on else cpu_kernel.switched_off():
+        fused = bt.linear_bi_tempered_logistic_loss(x, w, y, 1.0, 1.0, bias=b, reduction="none", chunk_size=CHUNK)
+        want = _materialized(x, w, b, y, "none", t1=1.0, t2=1.0)
+        got_grads = _grads(fused, (x, w, b), g)
+        want_grads = _grads(want, (x, w, b), g)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -69,8 +69,7 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
     Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
     """
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError("logits must be a floating torch.Tensor")
+    args.check_floating(logits)
     iters = args.iterations(num_iters)
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
     t = args.temperature(t, "t", logits.device)
@@ -140,10 +139,8 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     ``logits`` and ``labels`` (floating, in [0, 1], on the logits' device) share one shape; "mean"
     averages all elements. The other arguments are those of :func:`bi_tempered_logistic_loss`.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError("logits must be a floating torch.Tensor")
-    if not isinstance(labels, torch.Tensor) or not labels.dtype.is_floating_point:
-        raise TypeError("labels must be a floating torch.Tensor of the logits' shape (binary targets in [0, 1])")
+    args.check_floating(logits)
+    args.check_floating(labels, "labels")  # binary targets in [0, 1], of the logits' shape
     check.check_binary_shapes(logits.shape, labels.shape)
     check.check_reduction(reduction)
     iters = args.iterations(num_iters)

@@ -105,11 +105,16 @@ def iterations(num_iters) -> int:
     return 0 if num_iters is None else int(num_iters)
 
 
+def check_floating(value, name: str = "logits") -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+
+
 def check_logits(logits) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    """Floating logits with a class axis."""
+    check_floating(logits)
     check.check_logits_shape(logits.shape)
 
 

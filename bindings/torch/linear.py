@@ -64,9 +64,11 @@ def _chunk_gradient(logits, labels, t1, t2, label_smoothing, num_iters, ignore_i
         return loss_rows, grad
     rows = logits.to(native.compute_dtype(logits.dtype))  # the native loss computes in this dtype anyway
     del logits
-    loss_rows, grad = native_loss.reduced_loss_and_grad(rows, labels, t1, t2, label_smoothing, num_iters,
-                                                        ignore_index, "none", need_grad)
-    return loss_rows, (grad.mul_(row_scale) if need_grad else None)
+    # the driver applies the row scale as it writes each block's gradient (no second pass)
+    scale = torch.ones((), dtype=rows.dtype) if row_scale is None else row_scale.reshape(-1)
+    loss_rows, _, grad = native_loss.loss_and_grad(rows, labels, t1, t2, float(label_smoothing), num_iters,
+                                                   ignore_index, need_grad, scale)
+    return loss_rows, grad
 
 
 def chunked_pass(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend,
@@ -201,11 +203,8 @@ linear_loss_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------------
 
 def _check_operands(hidden, weight, bias) -> None:
-    for name, value in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    args.check_floating(hidden, "hidden")
+    args.check_floating(weight, "weight")
     check.check_linear_shapes(hidden.shape, weight.shape)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
@@ -249,7 +248,7 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     check.check_smoothing_classes(checked.smoothing_value, num_classes)
     x = hidden.reshape(-1, hidden.shape[-1])
     x = x if x.is_contiguous() else x.contiguous()
-    label_rows = labels.reshape(-1) if checked.indices else labels.reshape(-1, num_classes)
+    label_rows = args.label_rows(labels, checked.indices)
     args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
     grad_on = torch.is_grad_enabled()

@@ -48,8 +48,8 @@ def grad_scale(kept: Tensor, reduction: str, dtype) -> Tensor:
 
 
 def masked_scale(kept: Tensor, bad: Tensor | None, scale: Tensor, dtype) -> Tensor:
-    """Each row's factor on its gradient [N]: ``scale`` (a 0-d ``grad_scale``) on kept rows, 0 on
-    ignored rows, NaN on bad ones (``kept_and_bad``)."""
+    """Each row's factor on its gradient [N]: ``scale`` (a 0-d ``grad_scale``, or one value per row
+    [N]) on kept rows, 0 on ignored rows, NaN on bad ones (``kept_and_bad``)."""
     if bad is None:
         return scale.to(dtype).expand(kept.shape[0])
     return torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(scale.to(dtype))

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
+from bitempered.bindings.torch.native import cpu_kernel
 from bitempered.bindings.torch.native import math as native
 from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, kept_rows, masked_scale, reduce
 
@@ -186,7 +186,7 @@ def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale
     """``_cross_entropy`` of dense float32 labels on the CPU by the fused C kernel
     (``native/cpu_kernel.py``), or None where it does not apply (another device or dtype, no
     kernel): then the eager blocks run. Rows to redo come back non-finite, as from the blocks."""
-    function = cpu_kernels.dense_cross_entropy() if logits.device.type == "cpu" else None
+    function = cpu_kernel.dense_cross_entropy() if logits.device.type == "cpu" else None
     num_rows, num_classes = logits.shape
     if function is None or num_rows == 0 or logits.dtype != torch.float32 or labels.dtype != torch.float32 \
             or logits.stride(-1) != 1 or (grad is not None and (grad.dtype != torch.float32 or grad.stride(-1) != 1)):
@@ -195,9 +195,13 @@ def _fused_dense_cross_entropy(logits, labels, label_smoothing: float, row_scale
     keep, floor = native.smoothing_coefficients(label_smoothing, num_classes)  # the kernel smooths as it reads
     loss = torch.empty(num_rows, dtype=torch.float32)
     grad_pointer, grad_stride = (None, 0) if grad is None else (grad.data_ptr(), grad.stride(0))
+    # the kernel takes one scale for every row: a per-row scale (upstream values) is applied after it
+    uniform = row_scale.stride(0) == 0
     bad = function(logits.data_ptr(), logits.stride(0), labels.data_ptr(), labels.stride(0), grad_pointer,
-                   grad_stride, loss.data_ptr(), num_rows, num_classes, keep, floor, float(row_scale[0]),
-                   torch.get_num_threads())
+                   grad_stride, loss.data_ptr(), num_rows, num_classes, keep, floor,
+                   float(row_scale[0]) if uniform else 1.0, torch.get_num_threads())
+    if grad is not None and not uniform:
+        grad.mul_(row_scale.unsqueeze(-1))
     if bad < 0:
         raise MemoryError(f"bitempered: no memory for a scratch row of {num_classes} floats")
     if check_labels and bad:

@@ -8,6 +8,8 @@ Every public JAX function (``api``, ``linear``, ``vocab_parallel``) reads its ar
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,10 +146,12 @@ def check_dense_labels(labels) -> None:
     """Dense/binary labels are SPEC's values in [0, 1] when concrete (traced: unchecked)."""
     if is_traced(labels):
         return
-    values = np.asarray(labels)
-    if values.size:
-        has_nan = bool(np.isnan(values).any())
-        low, high = (0.0, 1.0) if has_nan else (float(values.min()), float(values.max()))
+    if np.size(labels):
+        # reduced where the labels live (a device array is not copied to the host); min and max
+        # propagate NaN, so two scalars say it all
+        xp = jnp if isinstance(labels, jax.Array) else np
+        low, high = float(xp.min(labels)), float(xp.max(labels))
+        has_nan = math.isnan(low) or math.isnan(high)
         check.check_dense_label_range(low, high, has_nan, "labels")
 
 

@@ -40,7 +40,7 @@ from bitempered.bindings.jax import args, ops
 from bitempered.bindings.jax.native import math as native
 from bitempered.bindings.jax.native.math import AxisRows
 
-__all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax", "AxisRows"]
+__all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax"]
 
 
 def _varying_axes(value) -> set:

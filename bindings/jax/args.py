@@ -150,7 +150,8 @@ def check_dense_labels(labels) -> None:
         # reduced where the labels live (a device array is not copied to the host); min and max
         # propagate NaN, so two scalars say it all
         xp = jnp if isinstance(labels, jax.Array) else np
-        low, high = float(xp.min(labels)), float(xp.max(labels))
+        with jax.ensure_compile_time_eval():  # concrete labels closed over inside a trace: run now
+            low, high = float(xp.min(labels)), float(xp.max(labels))
         has_nan = math.isnan(low) or math.isnan(high)
         check.check_dense_label_range(low, high, has_nan, "labels")
 

@@ -1,4 +1,8 @@
-"""Public PyTorch API of bitempered (see ``bindings/torch/api.py`` for the implementation)."""
+"""Public PyTorch API of bitempered (see ``bindings/torch/api.py`` for the implementation).
+
+Beside the losses, the tempered functions themselves are public: :func:`log_t`, :func:`exp_t` and
+:func:`compute_normalization` (``bindings/torch/tempered.py``).
+"""
 
 from bitempered.extras import require
 
@@ -12,7 +16,7 @@ from bitempered.bindings.torch.api import (
     tempered_softmax,
 )
 from bitempered.bindings.torch.linear import LinearBiTemperedLogisticLoss, linear_bi_tempered_logistic_loss
-
+from bitempered.bindings.torch.tempered import compute_normalization, exp_t, log_t
 from bitempered.bindings.torch.vocab_parallel import (
     vocab_parallel_bi_tempered_logistic_loss,
     vocab_parallel_tempered_softmax,
@@ -24,6 +28,9 @@ __all__ = [
     "BiTemperedLogisticLoss",
     "bi_tempered_binary_logistic_loss",
     "bi_tempered_logistic_loss",
+    "compute_normalization",
+    "exp_t",
+    "log_t",
     "tempered_sigmoid",
     "tempered_softmax",
     "vocab_parallel_bi_tempered_logistic_loss",

@@ -30,15 +30,16 @@ def second_class(tile, cols):
 
 @triton.jit
 def tempered_binary_loss_kernel(
-    # input pointers: logits x [M], labels y [M] (floats in [0, 1]); t1, t2, label smoothing and
-    # the gradient's scale as 1-element fp32 tensors (runtime values)
+    # input pointers: logits x [M], labels y [M] (floats in [0, 1]); t1, t2 and label smoothing as
+    # 1-element fp32 tensors (runtime values); the gradient's scale: fp32, one value
+    # (stride_grad_scale 0) or one per element (stride_grad_scale 1, e.g. 0 where ignored)
     x_ptr, y_ptr, t1_ptr, t2_ptr, smoothing_ptr, grad_scale_ptr,
     # runtime scalars: steps of the original algorithm (ORIGINAL only)
     num_iters,
     # sizes
     n_elements,
     # strides in elements
-    stride_x, stride_y,
+    stride_x, stride_y, stride_grad_scale,
     # outputs: loss (fp32 [M]); grad_scale * dL/dx [M] in the logits' dtype (contiguous)
     loss_ptr, grad_ptr,
     # compile-time flags and block sizes
@@ -71,7 +72,8 @@ def tempered_binary_loss_kernel(
     if NEED_GRAD:
         d = grad_terms(y, log2_p, p, t2 - t1)
         ratio = tl.sum(d, axis=1, keep_dims=True) / tl.sum(q, axis=1, keep_dims=True)
-        grad = second_class(d - q * ratio, cols) * tl.load(grad_scale_ptr)
+        grad_scale = tl.load(grad_scale_ptr + offs64 * stride_grad_scale, mask=in_range, other=0.0)
+        grad = second_class(d - q * ratio, cols) * grad_scale
         tl.store(grad_ptr + offs64, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
 
 

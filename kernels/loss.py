@@ -52,15 +52,16 @@ def finish_rows(value, ignored, bad):
 @triton.jit
 def tempered_loss_kernel(
     # input pointers: logits [N, C]; labels [N, C] (dense, any float dtype) or [N] (int32/int64
-    # class indices); t1, t2, label smoothing and the gradient's scale (e.g. 1/count of a mean
-    # reduction) as 1-element fp32 tensors (runtime values)
+    # class indices); t1, t2 and label smoothing as 1-element fp32 tensors (runtime values); the
+    # gradient's scale (e.g. 1/count of a mean reduction, or a weight per row): fp32, one value
+    # (stride_grad_scale 0) or one per row (stride_grad_scale 1)
     logits_ptr, labels_ptr, t1_ptr, t2_ptr, smoothing_ptr, grad_scale_ptr,
     # runtime scalars: steps of the original algorithm (ORIGINAL only), ignored class index
     num_iters, ignore_index,
     # sizes
     n_rows, n_cols,
     # strides in elements (the class stride is 1); for class indices stride_labels is per row
-    stride_logits, stride_labels, stride_grad,
+    stride_logits, stride_labels, stride_grad, stride_grad_scale,
     # outputs: per-row loss (fp32 [N]); grad_scale * dL/dlogits [N, C] in the logits' dtype (may
     # be the logits buffer itself: every read of a row precedes its gradient's write)
     loss_ptr, grad_ptr,
@@ -138,7 +139,7 @@ def tempered_loss_kernel(
             # the last sweep: the gradient is written after every read of this row (in-place
             # safe); the loss is summed here unless the loss sweep ran
             ratio = sum_d / sum_q
-            grad_scale = tl.load(grad_scale_ptr)
+            grad_scale = tl.load(grad_scale_ptr + rows64 * stride_grad_scale, mask=row_mask, other=0.0)
             for start in range(0, n_cols, BLOCK_COLS):
                 a0, mask = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
                 log2_p, p, q = evaluate(a0, y2, one_minus_t2, inv_one_minus_t2)
@@ -166,7 +167,8 @@ def tempered_loss_kernel(
         if NEED_GRAD:
             d = grad_terms(y, log2_p, p, t2_minus_t1)
             ratio = tl.sum(d, axis=1, keep_dims=True) / tl.sum(q, axis=1, keep_dims=True)
-            grad = finish_rows((d - q * ratio) * tl.load(grad_scale_ptr), ignored, bad)
+            grad_scale = tl.load(grad_scale_ptr + rows64 * stride_grad_scale, mask=row_mask, other=0.0)
+            grad = finish_rows((d - q * ratio) * grad_scale, ignored, bad)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     tl.store(loss_ptr + rows, finish_rows(loss, ignored, bad), mask=row_mask)

@@ -36,7 +36,8 @@ QUICK_SHAPES = [(4096, 1000), (128, 32000), (32, 128256)]  # ~4M logits each (2 
 SMOKE_SHAPES = [(64, 100)]
 TEMPERATURES = [(1.0, 1.0), (0.8, 1.2), (0.5, 1.5), (0.2, 4.0), (0.5, 0.8)]
 QUICK_TEMPERATURES = [(1.0, 1.0), (0.8, 1.2), (0.5, 0.8)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = ["fp32", "bf16"]  # the timing grid; fp16 on request (and in --memory: float16's float32 store)
 LOGIT_SCALE = 4.0  # logits ~ N(0, 4^2): trained-classifier-like spread (SPEC's grid spans 0.1 .. 100)
 
 
@@ -99,7 +100,7 @@ def grid(args, device: torch.device):
                                                      ["int", "dense"])
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else QUICK_SHAPES
-        temps, dtypes, directions, labels = TEMPERATURES, list(DTYPES), list(DIRECTIONS), ["int", "dense"]
+        temps, dtypes, directions, labels = TEMPERATURES, DEFAULT_DTYPES, list(DIRECTIONS), ["int", "dense"]
     sparse = args.quick and not args.smoke and not (args.shapes or args.temps)
     shapes = [_shape(s) for s in args.shapes] if args.shapes else shapes
     temps = [_temps(t) for t in args.temps] if args.temps else temps
@@ -404,7 +405,7 @@ def memory_mode(args, device) -> int:
     out = args.out or default_out(session.slug)
     shapes = [_shape(s) for s in args.shapes] if args.shapes else memory.MEMORY_SHAPES
     temps = [_temps(t) for t in args.temps] if args.temps else TEMPERATURES
-    md_path = memory.run(session, shapes, temps, args.labels or ["int"], out)
+    md_path = memory.run(session, shapes, temps, args.labels or ["int"], out, args.dtypes or ["fp32"])
     print(f"wrote {md_path}\nelapsed {time.perf_counter() - start:.0f} s")
     if (out / "results.csv").exists():  # the timing report of this folder shows the memory table too
         report_only(args, device)

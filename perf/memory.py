@@ -1,6 +1,7 @@
 """``python -m perf --memory``: memory of one forward+backward of the loss alone, per temperature.
 
-Reported as a multiple of the logits' size (fp32 N x C by default, 4096 x 50000 = 781 MiB):
+Reported as a multiple of the logits' size (fp32 N x C by default, 4096 x 50000 = 781 MiB; with
+``--dtypes`` also bf16/fp16 logits, PyTorch only):
 
 - PyTorch (``bitempered-torch``, and ``torch-ce`` = ``F.cross_entropy`` at t1 = t2 = 1): a FRESH
   Python process per row builds a leaf logits tensor and the labels, runs one small warm-up call
@@ -67,11 +68,15 @@ def _torch_loss(provider: str, t1: float, t2: float):
     raise ValueError(f"provider must be one of {TORCH_PROVIDERS}, got {provider!r}")
 
 
-def _torch_inputs(n: int, c: int, labels: str, seed: int = 0):
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _torch_inputs(n: int, c: int, labels: str, seed: int = 0, dtype: str = "fp32"):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.empty(n, c).normal_(0.0, 4.0, generator=gen).requires_grad_(True)  # no temporary
+    logits = torch.empty(n, c, dtype=getattr(torch, TORCH_DTYPES[dtype]))  # no temporary
+    logits.normal_(0.0, 4.0, generator=gen).requires_grad_(True)
     if labels == "int":
         return logits, torch.randint(0, c, (n,), generator=gen)
     dense = torch.rand(n, c, generator=gen).pow_(8)
@@ -81,9 +86,10 @@ def _torch_inputs(n: int, c: int, labels: str, seed: int = 0):
 def torch_child(spec: dict) -> dict:
     """Runs in the fresh process: peak resident bytes of one fwd+bwd beyond the inputs."""
     loss_fn = _torch_loss(spec["provider"], spec["t1"], spec["t2"])
-    small_x, small_y = _torch_inputs(8, min(spec["C"], 16), spec["labels"])
+    dtype = spec.get("dtype", "fp32")
+    small_x, small_y = _torch_inputs(8, min(spec["C"], 16), spec["labels"], dtype=dtype)
     loss_fn(small_x, small_y).backward()  # lazy initialisation (op registration, thread pools)
-    x, y = _torch_inputs(spec["N"], spec["C"], spec["labels"])
+    x, y = _torch_inputs(spec["N"], spec["C"], spec["labels"], dtype=dtype)
     del small_x, small_y
     gc.collect()
     before = _status_kib("VmRSS") * 1024
@@ -148,27 +154,31 @@ def jax_analysis(provider: str, n: int, c: int, labels: str) -> dict:
 # The mode
 # --------------------------------------------------------------------------------------------
 
-def cells(shapes, temps, labels):
-    """(framework, provider, (N, C), labels, (t1, t2)) in measuring order."""
-    for shape in shapes:
-        for kind in labels:
-            for framework, names in (("torch", TORCH_PROVIDERS), ("jax", JAX_PROVIDERS)):
-                for name in names:
-                    for t in temps:
-                        if name in CE_PROVIDERS and t != (1.0, 1.0):
-                            continue
-                        if name == "original-jax" and kind == "dense":
-                            continue  # the same program as its int row (it takes dense labels only)
-                        yield framework, name, shape, kind, t
+def cells(shapes, temps, labels, dtypes=("fp32",)):
+    """(framework, provider, (N, C), labels, (t1, t2), dtype) in measuring order (JAX: fp32 only)."""
+    for dtype in dtypes:
+        for shape in shapes:
+            for kind in labels:
+                for framework, names in (("torch", TORCH_PROVIDERS), ("jax", JAX_PROVIDERS)):
+                    if framework == "jax" and dtype != "fp32":
+                        continue
+                    for name in names:
+                        for t in temps:
+                            if name in CE_PROVIDERS and t != (1.0, 1.0):
+                                continue
+                            if name == "original-jax" and kind == "dense":
+                                continue  # the same program as its int row (it takes dense labels only)
+                            yield framework, name, shape, kind, t, dtype
 
 
-def measure_row(framework, provider, shape, labels, temps, base: dict) -> dict:
+def measure_row(framework, provider, shape, labels, temps, base: dict, dtype: str = "fp32") -> dict:
     n, c = shape
-    row = dict(base, framework=framework, provider=provider, labels=labels, dtype="fp32", N=n, C=c,
-               t1=temps[0], t2=temps[1], logits_MiB=4 * n * c / MIB)
+    row = dict(base, framework=framework, provider=provider, labels=labels, dtype=dtype, N=n, C=c,
+               t1=temps[0], t2=temps[1], logits_MiB=(4 if dtype == "fp32" else 2) * n * c / MIB)
     try:
         if framework == "torch":
-            got = run_torch_child(dict(provider=provider, N=n, C=c, labels=labels, t1=temps[0], t2=temps[1]))
+            got = run_torch_child(dict(provider=provider, N=n, C=c, labels=labels, t1=temps[0], t2=temps[1],
+                                       dtype=dtype))
             row.update(status="ok", method="peak RSS of a fresh process (VmHWM)", extra_MiB=got["extra_bytes"] / MIB,
                        returned_MiB=got["grad_bytes"] / MIB, seconds=got["seconds"])
         else:
@@ -184,19 +194,20 @@ def measure_row(framework, provider, shape, labels, temps, base: dict) -> dict:
     return row
 
 
-def run(session_like, shapes, temps, labels, out: Path) -> Path:
+def run(session_like, shapes, temps, labels, out: Path, dtypes=("fp32",)) -> Path:
     """Measures every memory cell, appends memory.csv, writes memory.md; returns its path."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "memory.csv"
     base = dict(timestamp=measure.timestamp(), run_id=session_like.run_id, git_sha=session_like.sha,
                 device=session_like.name, device_slug=session_like.slug)
     start = time.perf_counter()
-    for framework, provider, shape, kind, t in cells(shapes, temps, labels):
-        row = measure_row(framework, provider, shape, kind, t, base)
+    for framework, provider, shape, kind, t, dtype in cells(shapes, temps, labels, dtypes):
+        row = measure_row(framework, provider, shape, kind, t, base, dtype)
         append(csv_path, row)
         extra = f"{row['extra_x_logits']:.2f}x the logits" if row["status"] == "ok" else row["status"]
         secs = f" in {row['seconds']:.1f} s" if row.get("seconds") is not None else ""
-        print(f"[{time.perf_counter() - start:6.1f}s] memory {provider:20s} {shape[0]}x{shape[1]} {kind:5s} "
+        print(f"[{time.perf_counter() - start:6.1f}s] memory {provider:20s} {dtype} {shape[0]}x{shape[1]} "
+              f"{kind:5s} "
               f"t=({t[0]:g},{t[1]:g}): {extra}{secs}")
     md_path = out / "memory.md"
     md_path.write_text("\n".join([f"# bitempered memory: {session_like.name}", ""] + markdown(read(csv_path))) + "\n")
@@ -234,7 +245,8 @@ def read(path: Path) -> list[dict]:
 def markdown(rows: list[dict]) -> list[str]:
     """The memory section (shared by memory.md and results.md)."""
     lines = [
-        "Memory of one forward+backward of the loss alone (fp32 logits), beyond its inputs and with the "
+        "Memory of one forward+backward of the loss alone (fp32 logits unless the dtype says), beyond its "
+        "inputs and with the "
         "gradient included, as a multiple of the logits' size (1.00x = one more logits-sized array).",
         "",
         "- PyTorch: peak resident memory of a fresh process during one `loss.backward()` on a leaf logits "
@@ -242,16 +254,19 @@ def markdown(rows: list[dict]) -> list[str]:
         "- JAX: `jax.jit(jax.value_and_grad(loss))` with traced temperatures: XLA's temporary buffers plus "
         "the arrays it returns (the gradient and the loss), from `compiled.memory_analysis()` (nothing runs).",
         "",
-        "| framework | provider | N x C | labels | t1,t2 | x logits | extra MiB | of which XLA temp MiB | seconds | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| framework | provider | dtype | N x C | labels | t1,t2 | x logits | extra MiB | of which XLA temp MiB "
+        "| seconds | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {name: i for i, name in enumerate(TORCH_PROVIDERS + JAX_PROVIDERS)}
     ok = sorted((r for r in rows if r["status"] == "ok"),
-                key=lambda r: (r["framework"] != "torch", r["N"], r["C"], r["labels"] != "int",
+                key=lambda r: (r["framework"] != "torch", r.get("dtype") or "fp32", r["N"], r["C"],
+                               r["labels"] != "int",
                                order.get(r["provider"], 99), (r["t1"], r["t2"]) != (1.0, 1.0), r["t1"], r["t2"]))
     for r in ok:
         num = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r['framework']} | {r['provider']} | {int(r['N'])} x {int(r['C'])} | {r['labels']} | "
+        lines.append(f"| {r['framework']} | {r['provider']} | {r.get('dtype') or 'fp32'} | "
+                     f"{int(r['N'])} x {int(r['C'])} | {r['labels']} | "
                      f"{r['t1']:g},{r['t2']:g} | **{r['extra_x_logits']:.2f}** | {r['extra_MiB']:.0f} | "
                      f"{num(r['temp_MiB'], '.0f')} | {num(r['seconds'], '.2f')} | {r['notes']} |")
     failed = [r for r in rows if r["status"] != "ok"]

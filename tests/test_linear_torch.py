@@ -257,12 +257,15 @@ def test_torch_compile_fullgraph_no_recompile_for_new_temperatures():
 def test_opcheck():
     x, w, b, y = (t.float() if t.dtype.is_floating_point else t for t in _inputs())
     t1, t2, s = (torch.tensor(v, dtype=torch.float64) for v in (0.7, 1.3, 0.1))
-    for reduction in ("mean", "none"):
-        args = (x, w, b, y, t1, t2, s, 0, -100, reduction, "torch", CHUNK, True, True, True)
+    row_weights = torch.rand(y.shape[0])
+    for reduction, weights in (("mean", None), ("none", None), ("mean", row_weights), ("none", row_weights)):
+        args = (x, w, b, y, weights, t1, t2, s, 0, -100, reduction, "torch", CHUNK, True, True, True)
         torch.library.opcheck(torch_linear.linear_loss_op, args)
+    args = (x.half(), w.half(), b.half(), y, None, t1, t2, s, 0, -100, "mean", "torch", CHUNK, True, True, True)
+    torch.library.opcheck(torch_linear.linear_loss_op, args)  # float16: grad_hidden held in float32
     empty = _inputs(n=0, dtype=torch.float32)
-    torch.library.opcheck(torch_linear.linear_loss_op, (*empty, t1, t2, s, 2, -100, "sum", "torch", 3, True, False,
-                                                        True))
+    torch.library.opcheck(torch_linear.linear_loss_op, (*empty, None, t1, t2, s, 2, -100, "sum", "torch", 3, True,
+                                                        False, True))
 
 
 def test_triton_path_interpreted(monkeypatch):

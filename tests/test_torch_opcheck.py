@@ -33,16 +33,26 @@ def logits(rows, dtype, need_grad, cols=C):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("need_grad", [False, True])
-@pytest.mark.parametrize("labels_kind", ["indices", "dense"])
+@pytest.mark.parametrize("labels_kind", ["indices", "dense", "weighted"])
 def test_loss_op(dtype, reduction, need_grad, labels_kind):
     for backend in backends(dtype, triton_too=need_grad or labels_kind == "dense"):
-        if labels_kind == "indices":
-            labels = torch.tensor([0, -100, 4])  # with an ignored row
-        else:
+        weights = None
+        if labels_kind == "dense":
             labels = torch.softmax(torch.randn(N, C, dtype=dtype), dim=-1)
-        args = (logits(N, dtype, need_grad), labels, scalar(0.8), scalar(1.2), scalar(0.1), 0, -100, reduction,
-                backend, need_grad)
+        else:
+            labels = torch.tensor([0, -100, 4])  # with an ignored row
+            if labels_kind == "weighted":  # per-row weights (weight[target] x sample_weight)
+                weights = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float32 if dtype == torch.float32 else dtype)
+        args = (logits(N, dtype, need_grad), labels, weights, scalar(0.8), scalar(1.2), scalar(0.1), 0, -100,
+                reduction, backend, need_grad)
         opcheck(ops.loss_op, args)
+
+
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_loss_op_stores_float16_gradients_in_float32(need_grad):
+    args = (logits(N, torch.float32, False).half().requires_grad_(need_grad), torch.tensor([0, -100, 4]), None,
+            scalar(0.8), scalar(1.2), scalar(0.1), 0, -100, "mean", "torch", need_grad)
+    opcheck(ops.loss_op, args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -51,8 +61,13 @@ def test_loss_op(dtype, reduction, need_grad, labels_kind):
 def test_binary_loss_op(dtype, reduction, need_grad):
     for backend in backends(dtype, triton_too=need_grad or reduction == "none"):
         x = torch.randn(7, dtype=dtype, requires_grad=need_grad)
-        args = (x, torch.rand(7, dtype=dtype), scalar(0.6), scalar(1.4), scalar(0.0), 3, reduction, backend, need_grad)
-        opcheck(ops.binary_loss_op, args)
+        labels = torch.rand(7, dtype=dtype)
+        opcheck(ops.binary_loss_op, (x, labels, None, scalar(0.6), scalar(1.4), scalar(0.0), 3, float("nan"),
+                                     reduction, backend, need_grad))
+        labels[2] = 255.0  # an ignored element, and one weight per element
+        weights = torch.rand(7, dtype=torch.float32 if dtype == torch.float32 else dtype)
+        opcheck(ops.binary_loss_op, (x, labels, weights, scalar(0.6), scalar(1.4), scalar(0.0), 0, 255.0,
+                                     reduction, backend, need_grad))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,7 +95,7 @@ def test_backward_ops(dtype, need_grad):
 def test_empty_rows(dtype, reduction):
     """The public API returns early on an empty batch; the ops themselves must still be well-formed."""
     for need_grad in (False, True):
-        args = (logits(0, dtype, need_grad), torch.zeros(0, dtype=torch.long), scalar(0.8), scalar(1.2),
+        args = (logits(0, dtype, need_grad), torch.zeros(0, dtype=torch.long), None, scalar(0.8), scalar(1.2),
                 scalar(0.0), 0, -100, reduction, "torch", need_grad)
         opcheck(ops.loss_op, args)
     opcheck(ops.softmax_op, (logits(0, dtype, True), scalar(1.3), 0, "torch"))
@@ -90,7 +105,7 @@ def test_empty_rows(dtype, reduction):
 def test_empty_rows_mean_is_nan_with_an_empty_gradient():
     """(opcheck compares eager and traced outputs without equal_nan, so this case is checked here.)"""
     x = logits(0, torch.float64, True)
-    loss, grad = ops.loss_op(x, torch.zeros(0, dtype=torch.long), scalar(0.8), scalar(1.2), scalar(0.0), 0, -100,
+    loss, grad = ops.loss_op(x, torch.zeros(0, dtype=torch.long), None, scalar(0.8), scalar(1.2), scalar(0.0), 0, -100,
                              "mean", "torch", True)
     assert torch.isnan(loss) and grad.shape == (0, C)
     (dx,) = torch.autograd.grad(loss, x)
@@ -100,7 +115,7 @@ def test_empty_rows_mean_is_nan_with_an_empty_gradient():
 def test_fake_matches_real_without_gradient_in_float64():
     """The bug opcheck found: the fake returned a float64 empty gradient, the real op a float32 one."""
     x = torch.randn(N, C, dtype=torch.float64)
-    _, grad = ops.loss_op(x, torch.tensor([0, 1, 2]), scalar(0.8), scalar(1.2), scalar(0.0), 0, -100, "mean",
+    _, grad = ops.loss_op(x, torch.tensor([0, 1, 2]), None, scalar(0.8), scalar(1.2), scalar(0.0), 0, -100, "mean",
                           "torch", False)
     assert grad.dtype == torch.float64 and grad.numel() == 0
 
@@ -111,7 +126,7 @@ def test_fake_matches_real_without_gradient_in_float64():
 def test_eager_backward_allocates_no_second_buffer(backend, dtype, reduction):
     """Eager mode: the logits' gradient IS the buffer the forward pass stored (scaled in place)."""
     x = logits(N, dtype, True)
-    loss, stored = ops.loss_op(x, torch.tensor([0, -100, 4]), scalar(0.8), scalar(1.2), scalar(0.1), 0, -100,
+    loss, stored = ops.loss_op(x, torch.tensor([0, -100, 4]), None, scalar(0.8), scalar(1.2), scalar(0.1), 0, -100,
                                reduction, backend, True)
     upstream = torch.full(loss.shape, 2.0, dtype=loss.dtype)
     expected = stored.detach().clone() * (upstream.unsqueeze(-1) if reduction == "none" else upstream)
@@ -137,7 +152,7 @@ def test_public_api_gradient_is_the_stored_buffer():
 
 def test_binary_eager_backward_allocates_no_second_buffer():
     x = torch.randn(7, requires_grad=True)
-    loss, stored = ops.binary_loss_op(x, torch.rand(7), scalar(0.6), scalar(1.4), scalar(0.1), 0, "sum", "torch",
-                                      True)
+    loss, stored = ops.binary_loss_op(x, torch.rand(7), None, scalar(0.6), scalar(1.4), scalar(0.1), 0, float("nan"),
+                                      "sum", "torch", True)
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.data_ptr() == stored.data_ptr()

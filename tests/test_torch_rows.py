@@ -38,18 +38,53 @@ def test_dense_rows_are_all_kept_and_bad_indices_get_nan():
     assert scale[0] == 0.5 and scale[1] == 0.0 and scale[2:].isnan().all()
 
 
+def _in_backward(fn, retain_graph=False):
+    """``fn()`` run inside a backward pass, where autograd says whether the graph is retained."""
+    result = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            result.append(fn())
+            return grad
+
+    Probe.apply(torch.zeros((), requires_grad=True)).backward(retain_graph=retain_graph)
+    return result[0]
+
+
 def test_stored_gradient_is_scaled_in_place_in_eager_mode():
     grad = torch.ones(3, 2)
     storage, version = grad.data_ptr(), grad._version
-    out = rows.scale_stored_grad(grad, torch.tensor([1.0, 2.0, 3.0]))  # reduction="none": per row
+    upstream = torch.tensor([1.0, 2.0, 3.0])  # reduction="none": per row
+    out = _in_backward(lambda: rows.scale_stored_grad(grad, upstream, grad.dtype))
     assert out.data_ptr() == storage and out[:, 0].tolist() == [1.0, 2.0, 3.0]
     assert grad._version > version
     version = grad._version
-    same = rows.scale_stored_grad(grad, torch.tensor(1.0))  # loss.backward(): no pass over the gradient
+    # loss.backward(): no pass over the gradient
+    same = _in_backward(lambda: rows.scale_stored_grad(grad, torch.tensor(1.0), grad.dtype))
     assert same is grad and grad._version > version  # the version still changes (a second use fails)
+
+
+def test_stored_gradient_is_scaled_out_of_place_in_a_retained_graph():
+    grad = torch.ones(3, 2)
+    out = _in_backward(lambda: rows.scale_stored_grad(grad, torch.tensor(2.0), grad.dtype), retain_graph=True)
+    assert out.data_ptr() != grad.data_ptr() and (out == 2.0).all() and (grad == 1.0).all()
+
+
+def test_float32_storage_of_float16_gradients_is_rounded_once():
+    grad = torch.full((2, 2), 1e-7)  # below float16's normal range: 1e-7 x 2^16 is not
+    out = _in_backward(lambda: rows.scale_stored_grad(grad, torch.tensor(65536.0), torch.float16))
+    assert out.dtype == torch.float16 and torch.equal(out, torch.full((2, 2), 1e-7 * 65536.0).half())
+    half = torch.full((3, 2), 0.5, dtype=torch.float16)
+    out = _in_backward(lambda: rows.scale_half_stored_grad(half, torch.tensor([2.0**-20, 1.0, 3.0])))
+    assert out is half and out[:, 0].tolist() == [0.5 * 2.0**-20, 0.5, 1.5]  # 2^-21: a float16 subnormal
 
 
 def test_stored_gradient_is_scaled_out_of_place_under_a_transform():
     grad = torch.ones(3, 2)
-    out = torch.func.functionalize(rows.scale_stored_grad)(grad, torch.tensor(2.0))
+    out = torch.func.functionalize(rows.scale_stored_grad)(grad, torch.tensor(2.0), grad.dtype)
     assert out.data_ptr() != grad.data_ptr() and (out == 2.0).all() and (grad == 1.0).all()

@@ -315,14 +315,61 @@ def _one_driver_and_the_plain_loss_errors(rank, world_size):
         assert errors[0] == errors[1] == errors[2], (bad, errors)
     local = logits[0][:, cols].clone().requires_grad_()
     result = loss(local, labels, 0.8, 1.2)
-    result.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        result.backward()
+    result.backward(retain_graph=True)  # the stored gradient is kept for the second backward
+    first = local.grad.clone()
+    result.backward()
+    torch.testing.assert_close(local.grad, 2 * first)
+
+
+def _weights_and_float16(rank, world_size):
+    """Per-class and per-row weights (issue #23) equal the plain loss's; weights that differ
+    between ranks raise on every rank; float16 gradients survive a loss scale (issue #25)."""
+    import bitempered.torch as bt
+    from bitempered.bindings.torch.vocab_parallel import vocab_parallel_bi_tempered_logistic_loss as loss
+
+    cols = _slice(rank, world_size)
+    labels = _labels("indices")
+    gen = torch.Generator().manual_seed(7)  # the same weights on every rank
+    weight, sample_weight = torch.rand(C, generator=gen) + 0.1, torch.rand(2, 3, generator=gen)
+    logits = _logits(torch.float32)[..., :C]
+    logits[1, 2, 3] = 0.0  # (no NaN row here: the sums below compare finite values)
+    for backend in ("torch", "triton") if INTERPRETED else ("torch",):
+        for reduction in ("mean", "none"):
+            kwargs = dict(t1=0.8, t2=1.2, label_smoothing=0.1, reduction=reduction, weight=weight,
+                          sample_weight=sample_weight)
+            upstream = torch.linspace(0.5, 2.0, 6).reshape(2, 3)
+            want, want_grad = _loss_and_grad(bt.bi_tempered_logistic_loss, logits, labels, upstream, **kwargs)
+            got, got_grad = _loss_and_grad(loss, logits[..., cols], labels, upstream, backend=backend, **kwargs)
+            torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+            torch.testing.assert_close(got_grad, want_grad[..., cols], **TOLERANCES[torch.float32])
+    # weights that require grad get the plain loss's (exact) gradient, the same on every rank
+    grads = []
+    for fn, local in ((bt.bi_tempered_logistic_loss, logits), (loss, logits[..., cols])):
+        w = weight.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fn(local, labels, 0.8, 1.2, weight=w, sample_weight=sample_weight), w)[0])
+    torch.testing.assert_close(grads[1], grads[0], **TOLERANCES[torch.float32])
+    with pytest.raises(ValueError, match="row weights"):
+        loss(logits[..., cols], labels, 0.8, 1.2, sample_weight=sample_weight + rank)
+    with pytest.raises(ValueError, match="weight must be a 1-D array of the 11 class weights"):
+        loss(logits[..., cols], labels, 0.8, 1.2, weight=weight[:-1])  # the same short vector on every rank
+    # float16 under a loss scale: the gradient is stored in float32 until the backward
+    half = (3.0 * torch.randn(64, C, generator=gen)).half()
+    targets = torch.randint(0, C, (64,), generator=gen)
+    scale = 65536.0
+    grads = []
+    for x in (half[:, cols].clone(), half[:, cols].float()):
+        x.requires_grad_()
+        (loss(x, targets, 0.8, 1.2) * scale).backward()
+        grads.append(x.grad.float())
+    normal = grads[1].abs() >= 2.0**-14
+    assert int(((grads[0] == 0) & normal).sum()) == 0
+    assert float(((grads[0] - grads[1]).abs() / grads[1].abs())[normal].max()) <= 2e-3
 
 
 # One spawn per world size (starting ranks costs far more than the cases): each runs several checks.
 def _two_ranks(rank, world_size):
     _matches_unsharded(rank, world_size)
+    _weights_and_float16(rank, world_size)
     _bad_input_group_of_one_and_dtensor(rank, world_size)
     _one_driver_and_the_plain_loss_errors(rank, world_size)
 

@@ -99,7 +99,7 @@ def test_a_bad_argument_on_one_rank_raises_on_every_rank(tmp_path):
     error = _errors(tmp_path, "_bad_t2_on_one_rank")
     assert error.startswith("ValueError: rank 1 of 2") and "t2 must be > 0" in error, error
     error = _errors(tmp_path, "_bad_ignore_index_on_one_rank")
-    assert error.startswith("TypeError: rank 1 of 2") and "ignore_index must be an int" in error, error
+    assert error.startswith("TypeError: rank 1 of 2") and "ignore_index must be None or an int" in error, error
 
 
 def test_dtensor_with_fewer_classes_than_ranks_raises_on_every_rank(tmp_path):

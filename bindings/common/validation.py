@@ -120,3 +120,52 @@ def check_linear_shapes(hidden_shape, weight_shape) -> None:
     if hidden_shape[-1] != weight_shape[1]:
         raise ValueError(f"hidden's last dim ({hidden_shape[-1]}) must equal weight's second dim "
                          f"(weight [C, H] = {weight_shape}); hidden shape {hidden_shape}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    """None (no row is ignored: every class index is a target) or an int within int64."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be None or an int, got {ignore_index!r}")
+    if not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([-2**63, 2**63 - 1]), got {ignore_index}")
+
+
+# Why per-class weights need class indices. Each class term of the loss (docs/math.md) is the
+# scalar Bregman divergence D(y_i, p_i) of phi(u) = (u^(2-t1) / (2-t1) - u) / (1-t1), so weighting
+# those terms would stay proper; but that is not F.cross_entropy's weighting of probability targets
+# (which drops the -y_i + p_i terms, no longer cancelling once weighted), and F.cross_entropy's own
+# is not proper. Class indices have one weight per row (weight[target]), which is both.
+CLASS_WEIGHT_NEEDS_INDICES = (
+    "{name}= (per-class weights) is supported with class-index labels only: with dense labels, "
+    "F.cross_entropy's weighting sum_i w_i y_i log p_i is not a proper loss (minimized at p proportional "
+    "to w * y, not at p = y), and weighting this loss's per-class Bregman terms instead would differ from "
+    "F.cross_entropy(weight=...) at t1 = t2 = 1; weight rows with sample_weight= instead")
+
+
+def check_class_weight_labels(labels_are_indices: bool, name: str = "weight") -> None:
+    """Per-class weights (``name``) need class-index labels: :data:`CLASS_WEIGHT_NEEDS_INDICES`."""
+    if not labels_are_indices:
+        raise ValueError(CLASS_WEIGHT_NEEDS_INDICES.format(name=name))
+
+
+def check_class_weight_shape(shape, num_classes: int, name: str = "weight") -> None:
+    """Per-class weights: a 1-D array of the C (GLOBAL, when the classes are sharded) class weights."""
+    if tuple(shape) != (num_classes,):
+        raise ValueError(f"{name} must be a 1-D array of the {num_classes} class weights (shape "
+                         f"({num_classes},)), got shape {tuple(shape)}")
+
+
+def check_sample_weight_shape(shape, rows_shape, rows_name: str = "logits' shape without the class axis") -> None:
+    """Per-example weights: one weight per row, ``rows_shape`` (the logits' shape without the class
+    axis; the binary loss's elements: the logits' shape, ``rows_name``)."""
+    if tuple(shape) != tuple(rows_shape):
+        raise ValueError(f"sample_weight must have the {rows_name} {tuple(rows_shape)}, got shape {tuple(shape)}")
+
+
+def check_weight_values(low: float, high: float, has_nan: bool, name: str) -> None:
+    """Weights (per class or per example) are finite and >= 0; ``low``/``high``: their extremes."""
+    if has_nan or not (0.0 <= low and math.isfinite(high)):
+        raise ValueError(f"{name} must hold finite values >= 0, got "
+                         + ("NaN" if has_nan else f"values from {low} to {high}"))

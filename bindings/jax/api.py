@@ -8,7 +8,9 @@ Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced 
 passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
 retraces or recompiles; ``num_iters``, ``ignore_index`` and ``reduction`` are static (a new value
 compiles anew). They are constants for differentiation: gradients flow to the logits only (zero
-for the labels, temperatures and smoothing; ``float0`` for integer labels).
+for the labels, temperatures and smoothing; ``float0`` for integer labels). The loss weights
+(``weight=``, ``sample_weight=``) are operands too (new values never recompile); they get a
+gradient only where one asks for it (``jax.grad(..., argnums=...)``), and then the exact one.
 
 Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
 checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
@@ -92,7 +94,7 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
-                              ignore_index=-100, backend="auto", reduction="none"):
+                              ignore_index=-100, backend="auto", reduction="none", *, weight=None, sample_weight=None):
     """Bi-tempered logistic loss (Amid et al., 2019) over the last axis, one value per row (like optax).
 
     Args:
@@ -110,16 +112,36 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         label_smoothing: in [0, 1) (default 0), reference convention (target 1 - s, every other
             class s/(C-1)); needs C >= 2 when > 0. May be traced.
         num_iters: None (converged, default) or the original algorithm's step count k >= 1 (static).
-        ignore_index: int (static), default -100.
+        ignore_index: int (static), default -100, or None: no row is ignored (every class index is
+            a target; out-of-range indices follow the rule above).
         backend: "auto" (default: Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere),
             "xla" or "triton".
         reduction: "none" (default: the per-row losses, like optax), "sum", or "mean" over the rows
             not ignored (NaN when every row is ignored), as the fused linear loss.
+        weight: None (default) or the C per-class weights, a 1-D real array (keyword only;
+            class-index labels only; dense labels raise ValueError, see below). Each row's loss and gradient are
+            multiplied by ``weight[target]``; "mean" divides the weighted sum by the sum of
+            ``weight[target]`` over the rows not ignored, exactly as
+            ``torch.nn.functional.cross_entropy(weight=...)``. With ``label_smoothing`` the whole
+            smoothed row term is multiplied by ``weight[target]`` (F.cross_entropy instead weights
+            each smoothed class term by its own class's weight). Dense labels: each class term of
+            this loss is a Bregman divergence D(y_i, p_i), but F.cross_entropy's per-class weighting
+            of probability targets (sum_i w_i y_i log p_i) is minimized at p proportional to w * y,
+            not at p = y, and weighting the Bregman terms instead would not equal it at t1 = t2 = 1:
+            so ``weight`` with dense labels raises; ``sample_weight`` weights whole rows.
+        sample_weight: None (default) or one weight per row, a real array of shape
+            ``logits.shape[:-1]`` (keyword only; Keras' ``sample_weight``); multiplies each row's loss and gradient
+            (with ``weight``: by ``weight[target] * sample_weight``); "mean" is then
+            sum(w L) / sum(w) over the rows not ignored.
+            Weights are traced operands (new values never recompile) and constants for
+            ``jax.grad`` of the logits; differentiated explicitly they get their exact gradient (the
+            unweighted row losses through the reduction). Concrete weights must be finite and
+            >= 0 (ValueError naming ``weight``/``sample_weight``); traced ones are not checked.
 
     Returns:
-        Losses of shape ``logits.shape[:-1]`` ("none") or a scalar ("sum", "mean"), float32
-        (float64 for float64 logits). The custom gradient (SPEC's closed form) flows to ``logits``
-        only and has the logits' dtype.
+        Losses of shape ``logits.shape[:-1]`` ("none", weighted when weights are given) or a scalar
+        ("sum", "mean"), float32 (float64 for float64 logits). The custom gradient (SPEC's closed
+        form) flows to ``logits`` (and to the weights only when asked for) and has the logits' dtype.
     """
     logits = args.as_logits(logits)
     labels = args.as_labels(labels)
@@ -132,29 +154,49 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, dtype)
     check.check_smoothing_classes(s_value, logits.shape[-1])
     args.check_labels(labels, indices, logits.shape[-1], ignore_index)
+    weight = args.as_class_weight(weight, indices, logits.shape[-1])
+    sample_weight = args.as_sample_weight(sample_weight, logits.shape[:-1])
     labels = jnp.asarray(labels)
     if logits.size == 0:
-        return reductions.reduce(jnp.zeros(logits.shape[:-1], dtype), reductions.kept_rows(labels, ignore_index),
-                                 reduction)
-    return ops.loss_jit(logits, labels, t1_, t2_, s_, iters, ignore_index, backend, reduction)
+        return ops.weighted_reduce(jnp.zeros(logits.shape[:-1], dtype), labels, weight, sample_weight, ignore_index,
+                                   reduction)
+    return ops.loss_jit(logits, labels, t1_, t2_, s_, weight, sample_weight, iters, ignore_index, backend, reduction)
 
 
 def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
-                                     backend="auto"):
+                                     backend="auto", ignore_index=None, reduction="none", *, sample_weight=None):
     """Binary bi-tempered loss, elementwise: the 2-class loss of logits [0, x], labels [1 - y, y].
 
     ``logits`` (floating) and ``labels`` (real, in [0, 1]) share one shape; the result has that
-    shape (float32, float64 for float64 logits). Smoothing uses C = 2. See
-    :func:`bi_tempered_logistic_loss` for the other arguments.
+    shape ("none") or is a scalar ("sum", "mean"), float32 (float64 for float64 logits). Smoothing
+    uses C = 2.
+
+    Args:
+        ignore_index: None (default: every element counts) or an int (static): elements whose
+            label equals it (e.g. 255 or -100 in a segmentation mask) are skipped: loss 0, gradient
+            exactly 0 (also for a NaN logit), and not counted by "mean". Those labels are exempt
+            from the [0, 1] check.
+        reduction: "none" (default: elementwise losses), "sum", or "mean" over the elements not
+            ignored (NaN when every element is ignored).
+        sample_weight: None (default) or one weight per element, a real array of the logits'
+            shape (keyword only): each element's loss and gradient times it; "mean" is then
+            sum(w L) / sum(w) over the elements not ignored. Traced, checked and differentiable as
+            in :func:`bi_tempered_logistic_loss`.
+        t1, t2, label_smoothing, num_iters, backend: as in :func:`bi_tempered_logistic_loss`.
     """
     logits = args.as_logits(logits, class_axis=False)
     labels = args.as_labels(labels)
     check.check_binary_shapes(logits.shape, labels.shape)
     iters = args.as_num_iters(num_iters)
+    ignore_index = args.as_ignore_index(ignore_index)
+    check.check_reduction(reduction)
     backend = args.resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
-    args.check_dense_labels(labels)
+    args.check_dense_labels(labels, ignore_index)
+    sample_weight = args.as_sample_weight(sample_weight, logits.shape, "logits' shape")
+    labels = jnp.asarray(labels)
     if logits.size == 0:
-        return jnp.zeros(logits.shape, dtype)
-    return ops.binary_loss_jit(logits, jnp.asarray(labels), t1_, t2_, s_, iters, backend)
+        return reductions.reduce(jnp.zeros(logits.shape, dtype), jnp.ones(logits.shape, bool), reduction,
+                                 None if sample_weight is None else sample_weight.astype(dtype))
+    return ops.binary_loss_jit(logits, labels, t1_, t2_, s_, sample_weight, iters, backend, ignore_index, reduction)

@@ -123,40 +123,78 @@ def as_num_iters(num_iters) -> int | None:
     return None if num_iters is None else int(num_iters)
 
 
-def as_ignore_index(ignore_index) -> int:
-    """The static ``ignore_index`` (a Python or NumPy integer, not a bool)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    return int(ignore_index)
+def as_ignore_index(ignore_index) -> int | None:
+    """The static ``ignore_index``: None (no row ignored) or a Python int."""
+    check.check_ignore_index(ignore_index)
+    return None if ignore_index is None else int(ignore_index)
 
 
-def check_indices(labels, num_classes: int, ignore_index: int) -> None:
+def check_indices(labels, num_classes: int, ignore_index: int | None) -> None:
     """Raises on an out-of-range class index when the labels are concrete (traced: NaN rows)."""
     if is_traced(labels):
         return
     indices = np.asarray(labels)
-    bad = (indices != ignore_index) & ((indices < 0) | (indices >= num_classes))
+    bad = (indices < 0) | (indices >= num_classes)
+    if ignore_index is not None:
+        bad &= indices != ignore_index
     if bad.any():
-        raise ValueError(
-            f"labels (class indices) must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"labels (class indices) must be in [0, {num_classes}){allowed}, "
+                         f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
 
 
-def check_dense_labels(labels) -> None:
-    """Dense/binary labels are SPEC's values in [0, 1] when concrete (traced: unchecked)."""
-    if is_traced(labels):
+def _extremes(values, skip=None) -> tuple[float, float, bool]:
+    """(min, max, whether any is NaN) of a concrete non-empty array, over the entries other than
+    ``skip`` (None: all; an entry equal to it counts as 0). Reduced where the values live (a
+    device array is not copied to the host); min and max propagate NaN, so two scalars say it all."""
+    xp = jnp if isinstance(values, jax.Array) else np
+    with jax.ensure_compile_time_eval():  # concrete values closed over inside a trace: run now
+        if skip is not None:
+            values = xp.where(values == skip, 0, values)
+        low, high = float(xp.min(values)), float(xp.max(values))
+    return low, high, math.isnan(low) or math.isnan(high)
+
+
+def check_dense_labels(labels, ignore_index: int | None = None) -> None:
+    """Dense/binary labels are SPEC's values in [0, 1] when concrete (traced: unchecked); labels
+    equal to ``ignore_index`` (binary loss: skipped elements) are exempt."""
+    if is_traced(labels) or not np.size(labels):
         return
-    if np.size(labels):
-        # reduced where the labels live (a device array is not copied to the host); min and max
-        # propagate NaN, so two scalars say it all
-        xp = jnp if isinstance(labels, jax.Array) else np
-        with jax.ensure_compile_time_eval():  # concrete labels closed over inside a trace: run now
-            low, high = float(xp.min(labels)), float(xp.max(labels))
-        has_nan = math.isnan(low) or math.isnan(high)
-        check.check_dense_label_range(low, high, has_nan, "labels")
+    check.check_dense_label_range(*_extremes(labels, ignore_index), "labels")
 
 
-def check_labels(labels, indices: bool, num_classes: int, ignore_index: int) -> None:
+def _as_weights(values, name: str, check_shape):
+    """None, or ``values`` as an array after ``check_shape(shape)`` and, when concrete, the
+    finite-and-non-negative check (traced weights are not checked)."""
+    if values is None:
+        return None
+    if not hasattr(values, "dtype"):
+        values = np.asarray(values)
+    if values.dtype == bool or not (jnp.issubdtype(values.dtype, jnp.floating)
+                                    or jnp.issubdtype(values.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real (floating or integer) array, got dtype {values.dtype}")
+    check_shape(tuple(values.shape))
+    if not is_traced(values) and np.size(values):
+        check.check_weight_values(*_extremes(values), name)
+    return jnp.asarray(values)
+
+
+def as_class_weight(weight, indices: bool, num_classes: int, name: str = "weight"):
+    """None, or the per-class weights [C] (class-index labels only; ``num_classes``: the GLOBAL C)."""
+    if weight is None:
+        return None
+    check.check_class_weight_labels(indices, name)
+    return _as_weights(weight, name, lambda shape: check.check_class_weight_shape(shape, num_classes, name))
+
+
+def as_sample_weight(sample_weight, rows_shape, rows_name: str = "logits' shape without the class axis"):
+    """None, or the per-example weights, of shape ``rows_shape`` (the logits' shape without the
+    class axis; the binary loss: the logits' shape, ``rows_name``)."""
+    return _as_weights(sample_weight, "sample_weight",
+                       lambda shape: check.check_sample_weight_shape(shape, rows_shape, rows_name))
+
+
+def check_labels(labels, indices: bool, num_classes: int, ignore_index: int | None) -> None:
     """The concrete labels' values, of either kind (``labels_are_indices``): class indices in
     range (:func:`check_indices`), dense labels in [0, 1] (:func:`check_dense_labels`)."""
     if indices:

@@ -88,13 +88,18 @@ def _options(config) -> dict:
 
 
 def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
-    """(per-row loss fp32 [N], dL/dlogits for unit upstream gradient fp32 [N, C] or None).
+    """(per-row loss fp32 [N], dL/dlogits for unit upstream gradient fp32 [N, C] or None);
+    ``ignore_index``: an int, or None (no row ignored).
 
     The gradient is kept in fp32 so that the backward rule rounds once into the logits' dtype
     after multiplying by the upstream gradient (SPEC "Precision").
     """
     n_rows, n_cols = logits.shape
     indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    if ignore_index is None:  # no row ignored: the kernel's ignore_index must equal no label
+        if indices:  # out-of-range indices stay out of range (-1 or C: NaN rows); none is -2
+            labels = jnp.clip(labels, -1, n_cols).astype(jnp.int32)
+        ignore_index = -2
     original, steps = _solver(num_iters)
     config = _row_config("loss", logits, labels="indices" if indices else "dense",
                          need_grad=bool(need_grad), original=original)
@@ -103,7 +108,7 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         logits, labels, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
         steps, ignore_index,
         n_rows, n_cols,
-        n_cols, 1 if indices else n_cols, n_cols if need_grad else 0,
+        n_cols, 1 if indices else n_cols, n_cols if need_grad else 0, 0,
         kernel=tempered_loss_kernel,
         out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32)],
         grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
@@ -147,7 +152,7 @@ def binary_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad):
     config = _binary_config("binary_loss", x, need_grad=bool(need_grad), original=original)
     loss, grad = _triton_call(
         x, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
-        steps, n, 1, 1,
+        steps, n, 1, 1, 0,
         kernel=tempered_binary_loss_kernel,
         out_shape=[_shape((n,), jnp.float32), _shape((n,) if need_grad else (1,), jnp.float32)],
         grid=(_cdiv(n, config.block),), **_options(config),

@@ -6,7 +6,8 @@ row by default, like the plain JAX loss; ``reduction="sum"``/``"mean"`` reduce i
 padded to whole chunks and processed by a ``lax.scan``: per chunk one matmul for the logits (fp32
 accumulation, rounded to the input dtype), the plain loss on it (``ops.loss_rows``: the XLA loss
 of ``native/loss.py``, its forward and then its backward with each row's weight as the upstream
-value, or the Triton kernel through jax-triton), then ``grad_hidden[chunk] = dlogits @ weight``
+value (the reduction's factor times the row's ``class_weight[target] * sample_weight``), or the
+Triton kernel through jax-triton), then ``grad_hidden[chunk] = dlogits @ weight``
 and ``grad_weight += dlogits.T @ hidden[chunk]`` accumulated in fp32 (fp64 for fp64) in the
 scan's carry. Peak extra memory: one chunk x C working set, the accumulators and O(N).
 
@@ -78,33 +79,38 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
     return loss, grad_x.reshape(-1, width)[:num_rows], carry[0], carry[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, chunk,
-                 backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, factors, num_iters, ignore_index, reduction,
+                 chunk, backend):
+    """The reduced loss; ``factors``: each row's weight (``reductions.row_factors``), or None."""
     loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index, chunk,
                       backend, False)[0]
-    return reductions.reduce(loss_rows, reductions.kept_rows(labels, ignore_index), reduction)
+    return reductions.reduce(loss_rows, reductions.kept_rows(labels, ignore_index), reduction, factors)
 
 
-def _linear_loss_fwd(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
-                     chunk, backend):
+def _linear_loss_fwd(hidden, weight, bias, labels, t1, t2, label_smoothing, factors, num_iters, ignore_index,
+                     reduction, chunk, backend):
+    kept = reductions.kept_rows(labels, ignore_index)
     if reduction == "none":
         loss_rows = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, None, num_iters, ignore_index,
                           chunk, backend, False)[0]
-        return loss_rows, (hidden, weight, bias, labels, t1, t2, label_smoothing)
-    kept = reductions.kept_rows(labels, ignore_index)
-    weights = reductions.row_weights(kept, reduction, t1.dtype)
+        residuals = (hidden, weight, bias, labels, t1, t2, label_smoothing)
+        return reductions.reduce(loss_rows, kept, reduction, factors), (residuals, factors, kept, loss_rows)
+    weights = reductions.row_weights(kept, reduction, t1.dtype, factors)
     loss_rows, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, weights,
                                                       num_iters, ignore_index, chunk, backend, True)
     like = (jnp.zeros((0,), weight.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
-    return reductions.reduce(loss_rows, kept, reduction), (grad_x, grad_weight, grad_bias, like)
+    residuals = (grad_x, grad_weight, grad_bias, like)
+    return reductions.reduce(loss_rows, kept, reduction, factors), (residuals, factors, kept, loss_rows)
 
 
-def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, residuals, grad_loss):
+def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, saved, grad_loss):
+    residuals, factors, kept, loss_rows = saved
     if reduction == "none":
         hidden, weight, bias, labels, t1, t2, label_smoothing = residuals
+        upstream = grad_loss if factors is None else grad_loss * factors
         _, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing,
-                                                  grad_loss.astype(t1.dtype), num_iters, ignore_index, chunk,
+                                                  upstream.astype(t1.dtype), num_iters, ignore_index, chunk,
                                                   backend, True)
         grad_x = grad_x.astype(hidden.dtype)
         like_weight, like_bias = weight, bias
@@ -114,12 +120,25 @@ def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, residua
         grad_weight, grad_bias = grad_weight * grad_loss, grad_bias * grad_loss
     grad_weight = grad_weight.astype(like_weight.dtype)
     grad_bias = None if like_bias is None else grad_bias.astype(like_bias.dtype)
+    # The row weights' exact gradient: the reduction's, of the (unweighted) per-row losses, O(N).
+    grad_factors = None if factors is None else jax.vjp(
+        lambda f: reductions.reduce(loss_rows, kept, reduction, f), factors)[1](grad_loss)[0]
     # Labels, temperatures and smoothing get no gradient.
-    return grad_x, grad_weight, grad_bias, None, None, None, None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, grad_factors
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
-_linear_loss_jit = jax.jit(_linear_loss, static_argnums=(7, 8, 9, 10, 11))
+
+
+def _weighted_linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, class_weight, sample_weight,
+                          num_iters, ignore_index, reduction, chunk, backend):
+    factors = reductions.row_factors(labels, reductions.kept_rows(labels, ignore_index), class_weight,
+                                     sample_weight, t1.dtype)
+    return _linear_loss(hidden, weight, bias, labels, t1, t2, label_smoothing, factors, num_iters, ignore_index,
+                        reduction, chunk, backend)
+
+
+_weighted_linear_loss_jit = jax.jit(_weighted_linear_loss, static_argnums=(9, 10, 11, 12, 13))
 
 
 def _check_shapes(hidden, weight, bias) -> None:
@@ -135,11 +154,12 @@ def _check_shapes(hidden, weight, bias) -> None:
 
 def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, label_smoothing=0.0,
                                      num_iters=None, ignore_index=-100, reduction="none", chunk_size=None,
-                                     backend="auto"):
+                                     backend="auto", *, class_weight=None, sample_weight=None):
     """Bi-tempered loss of ``hidden @ weight.T + bias`` without materializing the logits.
 
-    Equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, t1, t2, ...)`` up to
-    rounding (then summed / averaged over the non-ignored rows for ``reduction="sum"``/``"mean"``).
+    Equals ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, t1, t2, ...,
+    weight=class_weight, sample_weight=sample_weight)`` up to rounding (then summed / averaged over
+    the non-ignored rows for ``reduction="sum"``/``"mean"``).
 
     Args:
         hidden: [..., H] floating array. weight: [C, H] (``nn.Linear`` layout), same dtype. bias: None or [C].
@@ -148,7 +168,19 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
         reduction: "none" (default: per-row losses of shape ``hidden.shape[:-1]``, like the plain
             JAX loss), "sum" or "mean" (every gradient computed in the forward pass: cheaper).
         chunk_size: rows per chunk (static); None: ``clamp(64 MiB // (4 C), 1, N)``.
-        t1, t2, label_smoothing, num_iters, ignore_index, backend: as in :func:`bi_tempered_logistic_loss`.
+        class_weight: None or the C per-class weights, a 1-D real array (keyword only): the plain loss's
+            ``weight=`` (named ``class_weight`` here, where ``weight`` is the projection). Each
+            row's loss and gradients are multiplied by ``class_weight[target]`` and "mean" divides
+            by the sum of ``class_weight[target]`` over the rows not ignored (as
+            ``F.cross_entropy(weight=...)``); with smoothing the whole smoothed row term is
+            weighted; class-index labels only (see :func:`bi_tempered_logistic_loss`).
+        sample_weight: None or one weight per row, shape ``hidden.shape[:-1]``: each row's loss and
+            gradients times it (times ``class_weight[target]`` too when both are given); "mean" is
+            sum(w L) / sum(w) over the rows not ignored. Each row's weight multiplies its upstream
+            value in the chunks (no N x C buffer). Both weights: finite and >= 0 when concrete,
+            traced operands (new values never recompile), exact gradients when differentiated.
+        t1, t2, label_smoothing, num_iters, ignore_index (an int or None), backend: as in
+            :func:`bi_tempered_logistic_loss`.
 
     Gradients flow to hidden, weight and bias; grad_weight/grad_bias are accumulated in fp32.
     """
@@ -166,9 +198,12 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, native.compute_dtype(hidden.dtype))
     check.check_smoothing_classes(s_value, num_classes)
     args.check_labels(labels, indices, num_classes, ignore_index)
+    class_weight = args.as_class_weight(class_weight, indices, num_classes, "class_weight")
+    sample_weight = args.as_sample_weight(sample_weight, hidden.shape[:-1])
     x = hidden.reshape(-1, hidden.shape[-1])
     label_rows = jnp.asarray(labels).reshape((-1,) if indices else (-1, num_classes))
+    sample_rows = None if sample_weight is None else sample_weight.reshape(-1)
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
-    loss = _linear_loss_jit(x, weight, bias, label_rows, t1_, t2_, s_, iters, ignore_index, reduction, chunk,
-                            backend)
+    loss = _weighted_linear_loss_jit(x, weight, bias, label_rows, t1_, t2_, s_, class_weight, sample_rows, iters,
+                                     ignore_index, reduction, chunk, backend)
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

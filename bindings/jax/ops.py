@@ -3,11 +3,13 @@
 and static configuration, for every temperature value.
 
 Arguments arrive checked (``args.py``): logits [..., C], labels (class indices [...] or dense
-[..., C]), 0-d temperatures and smoothing in the compute dtype, static ``num_iters``,
-``ignore_index``, backend ("xla" or "triton") and, for the XLA loss and softmax, ``axis_name``
-(the mesh axis that shards the classes, None when every class is local). Gradients flow to the
-logits only. Importing this module imports no Triton: ``launchers`` is imported inside the
-Triton functions, when that path is traced.
+[..., C]), 0-d temperatures and smoothing in the compute dtype, the loss weights (or None),
+static ``num_iters``, ``ignore_index`` (an int, or None: no row ignored), backend ("xla" or
+"triton") and, for the XLA loss and softmax, ``axis_name`` (the mesh axis that shards the classes,
+None when every class is local). The custom VJPs' gradients flow to the logits only; the weights
+multiply each row's loss outside them (``weighted_reduce``), so JAX differentiates that product.
+Importing this module imports no Triton: ``launchers`` is imported inside the Triton functions,
+when that path is traced.
 """
 
 from __future__ import annotations
@@ -234,16 +236,25 @@ xla_loss.defvjp(_xla_loss_fwd, _xla_loss_bwd)
 # The losses and probabilities of the public API
 # --------------------------------------------------------------------------------------------
 
-def _loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend, reduction):
+def _loss(logits, labels, t1, t2, label_smoothing, class_weight, sample_weight, num_iters, ignore_index, backend,
+          reduction):
     if backend == "triton":
         kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index)
         loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing)
     else:
         loss = xla_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, None)
-    return reductions.reduce(loss, reductions.kept_rows(labels, ignore_index), reduction)
+    return weighted_reduce(loss, labels, class_weight, sample_weight, ignore_index, reduction)
 
 
-loss_jit = jax.jit(_loss, static_argnums=(5, 6, 7, 8))
+def weighted_reduce(loss_rows, labels, class_weight, sample_weight, ignore_index, reduction):
+    """The per-row losses of a differentiable core weighted and reduced (``reductions``): each
+    row's weight reaches the core's backward as its upstream value, with the reduction's."""
+    kept = reductions.kept_rows(labels, ignore_index)
+    factors = reductions.row_factors(labels, kept, class_weight, sample_weight, loss_rows.dtype)
+    return reductions.reduce(loss_rows, kept, reduction, factors)
+
+
+loss_jit = jax.jit(_loss, static_argnums=(7, 8, 9, 10))
 
 
 def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, backend):
@@ -327,12 +338,23 @@ def sigmoid_jit(x, t, num_iters, backend):
     return tempered_softmax(_two_classes(x, jnp.zeros_like(x)), t, num_iters, backend, None)[..., 1]
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def binary_loss_jit(x, y, t1, t2, label_smoothing, num_iters, backend):
-    """Elementwise binary loss: the 2-class loss of [0, x], [1 - y, y] (XLA) or the binary kernel."""
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def binary_loss_jit(x, y, t1, t2, label_smoothing, sample_weight, num_iters, backend, ignore_index, reduction):
+    """Elementwise binary loss: the 2-class loss of [0, x], [1 - y, y] (XLA) or the binary kernel,
+    weighted by ``sample_weight`` (or None) and reduced. Elements whose label equals
+    ``ignore_index`` (None: none) are skipped: their logit and label are replaced by 0 before the
+    loss (an O(N) select: no NaN from a label such as 255 reaches a gradient, and the select's
+    transpose gives their logits an exact 0 gradient, also for a NaN logit) and their loss is 0,
+    not counted by "mean"."""
+    kept = jnp.ones(y.shape, bool) if ignore_index is None else y != ignore_index
+    if ignore_index is not None:
+        x, y = jnp.where(kept, x, 0), jnp.where(kept, y, 0)
     if backend == "triton":
         kernel = functools.partial(_triton_binary_fn, num_iters)
-        return stored_gradient_loss(kernel, x, y, t1, t2, label_smoothing)
-    y = y.astype(t1.dtype)
-    return xla_loss(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), t1, t2, label_smoothing,
-                    num_iters, -100, None)
+        loss = stored_gradient_loss(kernel, x, y, t1, t2, label_smoothing)
+    else:
+        y = y.astype(t1.dtype)
+        loss = xla_loss(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), t1, t2, label_smoothing,
+                        num_iters, None, None)
+    factors = reductions.row_factors(None, kept, None, sample_weight, loss.dtype)
+    return reductions.reduce(jnp.where(kept, loss, 0.0), kept, reduction, factors)

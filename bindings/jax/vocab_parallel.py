@@ -158,7 +158,8 @@ def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
 
 
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_name, label_smoothing=0.0,
-                                             num_iters=None, ignore_index=-100, backend="auto"):
+                                             num_iters=None, ignore_index=-100, backend="auto", reduction="none", *,
+                                             weight=None, sample_weight=None):
     """Bi-tempered loss of rows whose classes are sharded over ``axis_name`` (call inside shard_map).
 
     Args:
@@ -169,28 +170,43 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
             logits.
         axis_name: the mesh axis (or tuple of axes) that shards the classes.
         t1, t2, label_smoothing, num_iters, ignore_index: as in ``bi_tempered_logistic_loss``;
-            smoothing uses the GLOBAL class count.
+            smoothing uses the GLOBAL class count; ``ignore_index`` may be None (no row ignored).
         backend: "auto" (the vocab-parallel Triton kernels on a GPU with jax-triton, XLA otherwise),
             "xla" or "triton" (see the module docstring; ``num_iters=k`` runs on XLA).
+        reduction: "none" (default: the per-row losses), "sum" or "mean" over THIS device's rows
+            (the rows of ``local_logits``; rows sharded over another mesh axis are reduced per
+            shard), as in ``bi_tempered_logistic_loss``.
+        weight: None or the GLOBAL per-class weights (keyword only), a 1-D real array of the
+            C = C_local x axis size weights, the same full vector on every device (shard_map
+            ``in_specs=P()``); class-index labels only. Each row is weighted by ``weight[target]``
+            (a gather by the global index: no collective) as in ``bi_tempered_logistic_loss``.
+        sample_weight: None or one weight per row, shape ``local_logits.shape[:-1]`` (the rows'
+            weights, sharded like the labels), as in ``bi_tempered_logistic_loss``.
 
-    Returns the per-row losses (the same on every device of the axis); the custom gradient flows
-    to this device's slice.
+    Returns the per-row losses, or their reduction (the same on every device of the axis); the
+    custom gradient flows to this device's slice.
     """
     logits = args.as_logits(local_logits)
     labels = args.as_labels(labels)
-    args.labels_are_indices(labels, logits.shape)
+    indices = args.labels_are_indices(labels, logits.shape)
     iters = args.as_num_iters(num_iters)
     ignore_index = args.as_ignore_index(ignore_index)
+    check.check_reduction(reduction)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
     _check_axis(axis_name, logits)
+    num_classes = AxisRows(axis_name).class_slice(logits.shape[-1])[1]
+    weight = args.as_class_weight(weight, indices, num_classes)
+    sample_weight = args.as_sample_weight(sample_weight, logits.shape[:-1])
     backend = args.resolve_backend(backend, logits.dtype)
-    if iters is not None or AxisRows(axis_name).class_slice(logits.shape[-1])[1] < 2:
+    if iters is not None or num_classes < 2:
         backend = "xla"  # the kernels run the converged solver; C = 1 takes XLA's NaN-smoothing rule
-    if logits.size == 0:
-        return jnp.zeros(logits.shape[:-1], dtype)
     labels = jnp.asarray(labels)
-    if backend == "triton":
+    if logits.size == 0:
+        loss = jnp.zeros(logits.shape[:-1], dtype)
+    elif backend == "triton":
         kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name)
-        return ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_)
-    return ops.xla_loss(logits, labels, t1_, t2_, s_, iters, ignore_index, axis_name)
+        loss = ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_)
+    else:
+        loss = ops.xla_loss(logits, labels, t1_, t2_, s_, iters, ignore_index, axis_name)
+    return ops.weighted_reduce(loss, labels, weight, sample_weight, ignore_index, reduction)

@@ -118,6 +118,28 @@ def check_logits(logits) -> None:
     check.check_logits_shape(logits.shape)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_float32(x: torch.Tensor) -> torch.Tensor:
+    """The logits a loss computes from inside ``torch.autocast`` (for their device): float16 and
+    bfloat16 upcast to float32, as autocast does for ``F.cross_entropy`` (the cast is in the graph:
+    the gradient comes back in the logits' dtype); unchanged outside autocast."""
+    if x.dtype in LOW_PRECISION and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.float32)
+    return x
+
+
+def autocast_operands(*tensors):
+    """Matmul operands inside ``torch.autocast`` (for their device): cast to autocast's dtype, as
+    ``F.linear`` does (None stays None); unchanged outside autocast."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [N, C] with unit stride on the classes (a view when possible)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -145,11 +167,17 @@ def is_class_indices(logits_shape, labels) -> bool:
     return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
 
 
-def check_ignore_index(ignore_index) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not -check.INT64_MAX - 1 <= ignore_index <= check.INT64_MAX:
-        raise ValueError(f"ignore_index must fit in int64 ([-2**63, 2**63 - 1]), got {ignore_index}")
+# The ops' ignore_index for ``ignore_index=None``: no label can equal it (``op_labels``)
+NO_IGNORED_INDEX = -2
+
+
+def op_labels(label_rows: torch.Tensor, indices: bool, ignore_index: int | None, num_classes: int):
+    """(labels, ignore_index) as the ops take them. ``ignore_index=None`` (no row ignored) becomes
+    ``NO_IGNORED_INDEX`` with the class indices clamped to [-1, C] (one more N-element pass): an index
+    outside [0, C) stays outside (a NaN row where it was not range-checked), and none equals -2."""
+    if ignore_index is not None:
+        return label_rows, ignore_index
+    return (label_rows.clamp(-1, num_classes) if indices else label_rows), NO_IGNORED_INDEX
 
 
 def check_inplace_backward(inplace_backward) -> None:
@@ -175,7 +203,9 @@ def check_indices(labels: torch.Tensor, num_classes: int, ignore_index: int) -> 
     values = checkable(labels)
     if values is None:
         return  # CUDA/traced: the backends turn such a row into NaN instead (never read out of bounds)
-    bad = (values != ignore_index) & ((values < 0) | (values >= num_classes))
+    bad = (values < 0) | (values >= num_classes)
+    if ignore_index is not None:
+        bad &= values != ignore_index
     if bool(bad.any()):
         raise ValueError(f"labels hold class indices outside [0, {num_classes}) that are not ignore_index "
                          f"({ignore_index}): {values[bad][:5].tolist()}")
@@ -224,7 +254,7 @@ def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1
     check.check_reduction(reduction)
     iters = iterations(num_iters)
     smoothing, smoothing_value = smoothing_and_value(label_smoothing, device)
-    check_ignore_index(ignore_index)
+    check.check_ignore_index(ignore_index)
     backend = resolve_backend(backend, device, dtype)
     t1_, t1_value = temperature_and_value(t1, "t1", device)
     t2_, t2_value = temperature_and_value(t2, "t2", device)
@@ -240,5 +270,39 @@ def check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_in
     check.check_label_smoothing(check.concrete_float(label_smoothing, "label_smoothing"))
     check.check_num_iters(num_iters)
     check.check_reduction(reduction)
-    check_ignore_index(ignore_index)
+    check.check_ignore_index(ignore_index)
     check.check_backend(backend, BACKENDS)
+
+
+def _weight_tensor(value, name: str, device: torch.device) -> torch.Tensor:
+    """A floating weight tensor on ``device`` with finite values >= 0 (read where that costs no sync)."""
+    check_floating(value, name)
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the logits on {device}")
+    values = checkable(value)
+    if values is not None and values.numel() > 0:
+        low, high = torch.aminmax(values.double())
+        check.check_weight_values(float(low), float(high), bool(values.isnan().any()), name)
+    return value
+
+
+def row_weights(weight, sample_weight, labels: torch.Tensor, indices: bool, rows_shape, num_classes: int,
+                device: torch.device, dtype: torch.dtype, weight_name: str = "weight",
+                rows_name: str = "logits' shape without the class axis") -> torch.Tensor | None:
+    """Each row's weight [N] in ``dtype`` (None: no weights): ``weight[target]`` for per-class weights
+    (class indices only; ``labels`` the class-index rows [N], GLOBAL indices) times ``sample_weight``
+    (``rows_shape``, named ``rows_name`` in errors). Ignored rows keep a weight the reductions never
+    count; a bad index's row is NaN anyway (its weight is that of a clamped index)."""
+    rows = None
+    if weight is not None:
+        check.check_class_weight_labels(indices, weight_name)
+        _weight_tensor(weight, weight_name, device)
+        check.check_class_weight_shape(weight.shape, num_classes, weight_name)
+        rows = weight.to(dtype)[labels.clamp(0, num_classes - 1)]
+    if sample_weight is not None:
+        _weight_tensor(sample_weight, "sample_weight", device)
+        check.check_sample_weight_shape(sample_weight.shape, rows_shape, rows_name)
+        per_row = sample_weight.reshape(-1).to(dtype)
+        rows = per_row if rows is None else rows * per_row
+    return rows
+

@@ -32,11 +32,12 @@ def _class_group(logits):
 
 
 def dtensor_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean",
-                 ignore_index=-100, backend="auto", inplace_backward=False):
+                 ignore_index=-100, backend="auto", inplace_backward=False, *, weight=None, sample_weight=None):
     """``bi_tempered_logistic_loss`` of a DTensor sharded on the classes.
 
     Labels: class indices (a tensor or a replicated DTensor), or dense labels of the full shape (a
-    tensor, or a DTensor placed like the logits). Returns a replicated DTensor.
+    tensor, or a DTensor placed like the logits). ``weight`` and ``sample_weight``: tensors (or
+    replicated DTensors) of the full C / row shape. Returns a replicated DTensor.
     """
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
@@ -49,9 +50,10 @@ def dtensor_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None, re
         labels = labels.redistribute(logits.device_mesh, logits.placements).to_local()
     elif is_dtensor(labels):
         labels = labels.full_tensor()
+    weight, sample_weight = (w.full_tensor() if is_dtensor(w) else w for w in (weight, sample_weight))
     loss = vocab_parallel_bi_tempered_logistic_loss(
         logits.to_local(), labels, t1, t2, group=group, label_smoothing=label_smoothing, num_iters=num_iters,
-        reduction=reduction, ignore_index=ignore_index, backend=backend)
+        reduction=reduction, ignore_index=ignore_index, backend=backend, weight=weight, sample_weight=sample_weight)
     return DTensor.from_local(loss, logits.device_mesh, [Replicate()] * logits.device_mesh.ndim, run_check=False)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from bitempered.bindings.torch import ops
-from bitempered.bindings.torch.rows import grad_scale, kept_rows, reduce
+from bitempered.bindings.torch.rows import kept_rows, mean_count, mean_factor
 
 Tensor = torch.Tensor
 
@@ -62,44 +62,61 @@ def _scalars_batched(in_dims, positions) -> bool:
     return any(in_dims[i] is not None for i in positions)
 
 
-def _reduce_per_sample(loss_rows: Tensor, grad: Tensor, kept: Tensor, reduction: str, need_grad: bool):
-    """Per-row losses [B, N] and unscaled gradients [B, N, ...] -> each sample's reduction."""
-    if need_grad and reduction == "mean":
-        scale = grad_scale(kept, reduction, loss_rows.dtype).to(grad.dtype)
-        grad = grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))))
-    return reduce(loss_rows, kept, reduction), grad
+def _reduce_per_sample(loss_rows: Tensor, grad: Tensor, kept: Tensor, weights: Tensor | None, reduction: str,
+                       need_grad: bool):
+    """Per-row losses [B, N] and gradients [B, N, ...] of reduction "none" (already times each
+    row's weight) -> each sample's reduction (``weights`` [B, N] count for "mean")."""
+    if reduction == "none":
+        return loss_rows, grad
+    if reduction == "sum":
+        return loss_rows.sum(dim=-1), grad
+    if need_grad:
+        factor = mean_factor(kept, grad.dtype, weights)
+        grad = grad.mul_(factor.reshape(-1, *([1] * (grad.dim() - 1))))
+    return loss_rows.sum(dim=-1) / mean_count(kept, weights).to(loss_rows.dtype), grad
 
 
-def _loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
+def _fold_optional(x: Tensor | None, in_dim, batch_size: int) -> Tensor | None:
+    return None if x is None else _fold(x, in_dim, batch_size)
+
+
+def _loss_vmap(info, in_dims, logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
                backend, need_grad):
-    args = (logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad)
-    if _scalars_batched(in_dims, (2, 3, 4)):
+    args = (logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad)
+    if _scalars_batched(in_dims, (3, 4, 5)):
         return _per_sample(ops.loss_op, info, in_dims, args)
     batch = info.batch_size
     folded_logits = _fold(logits, in_dims[0], batch)
     folded_labels = _fold(labels, in_dims[1], batch)
+    folded_weights = _fold_optional(weights, in_dims[2], batch)
     rows = folded_logits.shape[0] // batch
-    loss_rows, grad = ops.loss_op(folded_logits, folded_labels, t1, t2, label_smoothing, num_iters, ignore_index,
-                                  "none", backend, need_grad)
+    loss_rows, grad = ops.loss_op(folded_logits, folded_labels, folded_weights, t1, t2, label_smoothing, num_iters,
+                                  ignore_index, "none", backend, need_grad)
     kept = kept_rows(folded_labels, ignore_index).reshape(batch, rows)
     grad = grad.reshape(batch, rows, -1) if need_grad else grad
-    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, reduction, need_grad)
+    per_sample_weights = None if weights is None else folded_weights.reshape(batch, rows)
+    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, per_sample_weights, reduction,
+                                    need_grad)
     return (loss, grad), (0, 0 if need_grad else None)
 
 
-def _binary_loss_vmap(info, in_dims, logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend,
-                      need_grad):
-    args = (logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend, need_grad)
-    if _scalars_batched(in_dims, (2, 3, 4)):
+def _binary_loss_vmap(info, in_dims, logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index,
+                      reduction, backend, need_grad):
+    args = (logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad)
+    if _scalars_batched(in_dims, (3, 4, 5)):
         return _per_sample(ops.binary_loss_op, info, in_dims, args)
     batch = info.batch_size
     folded_logits = _fold(logits, in_dims[0], batch)
-    loss_rows, grad = ops.binary_loss_op(folded_logits, _fold(labels, in_dims[1], batch), t1, t2, label_smoothing,
-                                         num_iters, "none", backend, need_grad)
+    folded_labels = _fold(labels, in_dims[1], batch)
+    folded_weights = _fold_optional(weights, in_dims[2], batch)
+    loss_rows, grad = ops.binary_loss_op(folded_logits, folded_labels, folded_weights, t1, t2, label_smoothing,
+                                         num_iters, ignore_index, "none", backend, need_grad)
     rows = folded_logits.shape[0] // batch
-    kept = torch.ones(batch, rows, dtype=torch.bool, device=logits.device)
+    kept = (folded_labels != ignore_index).reshape(batch, rows)  # (a NaN ignore_index: every element)
     grad = grad.reshape(batch, rows) if need_grad else grad
-    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, reduction, need_grad)
+    per_sample_weights = None if weights is None else folded_weights.reshape(batch, rows)
+    loss, grad = _reduce_per_sample(loss_rows.reshape(batch, rows), grad, kept, per_sample_weights, reduction,
+                                    need_grad)
     return (loss, grad), (0, 0 if need_grad else None)
 
 

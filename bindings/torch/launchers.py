@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from bitempered.bindings.common import autotune, interpreter
+from bitempered.bindings.torch.rows import stored_grad_dtype
 from bitempered.kernels import launch_config
 from bitempered.kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
@@ -88,8 +89,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _one_if_none(value):
-    return 1.0 if value is None else value
+def _grad_scale(value, device, n_rows: int):
+    """(fp32 tensor on ``device``, its row stride) of a gradient scale: None (1), a float or 0-d
+    tensor (one value, stride 0) or a tensor of one value per row [N] (stride 1)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        assert value.shape == (n_rows,)
+        return value.to(device=device, dtype=torch.float32).contiguous(), 1
+    return _scalar(1.0 if value is None else value, device), 0
 
 
 def _solver_args(num_iters):
@@ -100,11 +106,12 @@ def _solver_args(num_iters):
 def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad,
                  grad_out=None, grad_scale=None):
     """Per-row loss (fp32 [N]) and, if ``need_grad``, dL/dlogits for unit upstream gradient
-    ([N, C] in the logits' dtype, written into ``grad_out`` when given: in-place mode, which may
-    be ``logits2d`` itself). ``labels``: dense [N, C] floats or class indices [N] (int32/int64).
-    ``grad_scale`` (float or 0-d tensor, default 1, e.g. 1/count for a mean reduction) multiplies
-    the gradient in fp32 before its one rounding. Rows of ignored labels get loss 0 and gradient 0;
-    other class indices outside [0, C) get NaN (loss and gradient row), never an out-of-bounds read.
+    ([N, C] in ``rows.stored_grad_dtype``: the logits' dtype, float32 for float16 logits; or written
+    into ``grad_out`` when given: in-place mode, which may be ``logits2d`` itself). ``labels``:
+    dense [N, C] floats or class indices [N] (int32/int64). ``grad_scale`` (float or 0-d tensor,
+    default 1, e.g. 1/count for a mean reduction; or one value per row [N]) multiplies the gradient
+    in fp32 before its one rounding. Rows of ignored labels get loss 0 and gradient 0; other class
+    indices outside [0, C) get NaN (loss and gradient row), never an out-of-bounds read.
     """
     logits2d = _rows(logits2d)
     n_rows, n_cols = logits2d.shape
@@ -112,8 +119,8 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = None
     if need_grad:
-        grad = grad_out if grad_out is not None else torch.empty_like(logits2d)
-        assert grad.shape == logits2d.shape and grad.dtype == logits2d.dtype
+        grad = grad_out if grad_out is not None else torch.empty_like(logits2d, dtype=stored_grad_dtype(logits2d.dtype))
+        assert grad.shape == logits2d.shape
         assert grad.stride(-1) == 1
     if n_rows == 0:
         return loss, grad
@@ -124,15 +131,15 @@ def loss_forward(logits2d, labels, t1, t2, label_smoothing, num_iters, ignore_in
         labels = _rows(labels)
         stride_labels = labels.stride(0)
     original, k = _solver_args(num_iters)
-    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
-               _scalar(_one_if_none(grad_scale), device))
+    scale, stride_scale = _grad_scale(grad_scale, device, n_rows)
+    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device), scale)
 
     def launch(config, loss_out, grad_buffer):
         with _launch_scope(logits2d):
             tempered_loss_kernel[(triton_cdiv(n_rows, config.block_rows),)](
                 logits2d, labels, *scalars, k, int(ignore_index),
                 n_rows, n_cols,
-                logits2d.stride(0), stride_labels, grad_buffer.stride(0) if need_grad else 0,
+                logits2d.stride(0), stride_labels, grad_buffer.stride(0) if need_grad else 0, stride_scale,
                 loss_out, grad_buffer if need_grad else loss_out,
                 LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), ORIGINAL=original,
                 CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
@@ -245,11 +252,11 @@ def vocab_parallel_epilogue(rows2d, labels, row_max, y, t1, t2, label_smoothing,
 
 
 def vocab_parallel_gradient(rows2d, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int):
-    """This slice's gradient (logits' dtype [N, C_local]) from the REDUCED (loss, sum e, sum d)
-    sums [N, 3], times ``row_scale`` [N] (fp32; 0 for ignored rows, NaN for bad labels)."""
+    """This slice's gradient ([N, C_local] in ``rows.stored_grad_dtype``) from the REDUCED (loss,
+    sum e, sum d) sums [N, 3], times ``row_scale`` [N] (fp32; 0 for ignored rows, NaN for bad labels)."""
     n_rows, n_cols = rows2d.shape
     indices = not labels.is_floating_point()
-    grad = torch.empty(n_rows, n_cols, dtype=rows2d.dtype, device=rows2d.device)
+    grad = torch.empty(n_rows, n_cols, dtype=stored_grad_dtype(rows2d.dtype), device=rows2d.device)
     _vocab_parallel_launch(gradient_kernel, rows2d,
                            *_epilogue_args(rows2d, labels, row_max, y, t1, t2, label_smoothing), sums, row_scale,
                            int(num_classes), n_rows, n_cols, rows2d.stride(0), 0 if indices else labels.stride(0),
@@ -259,22 +266,23 @@ def vocab_parallel_gradient(rows2d, labels, row_max, y, sums, row_scale, t1, t2,
 
 def binary_loss_forward(x1d, y1d, t1, t2, label_smoothing, num_iters, need_grad, grad_scale=None):
     """Binary loss (fp32 [M]) and, if ``need_grad``, grad_scale * dL/dx ([M], x's dtype; grad_scale
-    a float or 0-d tensor, default 1) of logits x and labels y in [0, 1]."""
+    a float or 0-d tensor, default 1, or one value per element [M]; in ``rows.stored_grad_dtype``) of
+    logits x and labels y in [0, 1]."""
     n = x1d.shape[0]
     device = x1d.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
-    grad = torch.empty(n, dtype=x1d.dtype, device=device) if need_grad else None
+    grad = torch.empty(n, dtype=stored_grad_dtype(x1d.dtype), device=device) if need_grad else None
     if n == 0:
         return loss, grad
     original, k = _solver_args(num_iters)
-    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device),
-               _scalar(_one_if_none(grad_scale), device))
+    scale, stride_scale = _grad_scale(grad_scale, device, n)
+    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device), scale)
 
     def launch(config, loss_out, grad_buffer):
         with _launch_scope(x1d):
             tempered_binary_loss_kernel[(triton_cdiv(n, config.block),)](
                 x1d, y1d, *scalars,
-                k, n, x1d.stride(0), y1d.stride(0), loss_out,
+                k, n, x1d.stride(0), y1d.stride(0), stride_scale, loss_out,
                 grad_buffer if need_grad else loss_out,
                 NEED_GRAD=bool(need_grad), ORIGINAL=original, BLOCK=config.block,
                 MAX_PASSES=launch_config.MAX_PASSES, **config.launch_options(),

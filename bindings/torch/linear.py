@@ -13,7 +13,8 @@ Default chunk size (``chunk_size=None``): ``clamp(64 MiB // (4 C), 1, N)`` rows,
 x C buffer within 64 MiB (``bindings/common/linear_chunks.py`` says why).
 
 "mean"/"sum": every gradient is computed in the forward pass (3 matmuls per chunk, no
-recomputation); the backward only multiplies them by the upstream scalar. "none": the forward
+recomputation); the backward only multiplies them by the upstream scalar. float16: grad_hidden is
+held in float32 until then (``rows.stored_grad_dtype``: float16 cannot hold it x 1/N). "none": the forward
 computes the per-row losses only; the backward recomputes each chunk's logits and gradient with the
 upstream value of each row (exact for any upstream vector, grad_weight included).
 """
@@ -27,7 +28,7 @@ from bitempered.bindings.common import validation as check
 from bitempered.bindings.torch import args, ops
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
-from bitempered.bindings.torch.rows import grad_scale, kept_rows, reduce
+from bitempered.bindings.torch.rows import kept_rows, mean_factor, reduce, stored_grad_dtype, with_weight_gradient
 
 Tensor = torch.Tensor
 
@@ -111,33 +112,46 @@ def chunked_pass(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iter
 
 
 @torch.library.custom_op("bitempered::linear_loss", mutates_args=())
-def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, t1: Tensor, t2: Tensor,
-                   label_smoothing: Tensor, num_iters: int, ignore_index: int, reduction: str, backend: str,
-                   chunk_size: int, need_hidden: bool, need_weight: bool,
+def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, weights: Tensor | None,
+                   t1: Tensor, t2: Tensor, label_smoothing: Tensor, num_iters: int, ignore_index: int, reduction: str,
+                   backend: str, chunk_size: int, need_hidden: bool, need_weight: bool,
                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [C, H], bias [C] or None -> (loss reduced by ``reduction``, grad_hidden,
     grad_weight, grad_bias), the gradients for unit upstream gradient (empty where not asked for,
-    and always empty for "none", whose backward recomputes). ``num_iters`` 0 means converged."""
+    and always empty for "none", whose backward recomputes). ``weights``: None or each row's
+    weight [N]. ``num_iters`` 0 means converged."""
     iters = num_iters or None
+    dtype = native.compute_dtype(hidden.dtype)
     kept = kept_rows(labels, ignore_index)
-    scale = grad_scale(kept, reduction, native.compute_dtype(hidden.dtype)) if reduction != "none" else None
-    if backend == "triton" and scale is not None:
-        scale = scale.to(torch.float32)
+    # float16 cannot hold the chunks' gradients x 1/N (rows.stored_grad_dtype): they keep only the
+    # rows' weights, and "mean"'s factor multiplies the float32 results
+    deferred = stored_grad_dtype(hidden.dtype) != hidden.dtype
+    scale = factor = None
+    if reduction != "none":
+        unit = torch.ones((), dtype=dtype, device=hidden.device)
+        factor = mean_factor(kept, dtype, weights) if reduction == "mean" else unit
+        scale = (unit if weights is None else weights.to(dtype)) * (unit if deferred else factor)
+        scale = scale.to(torch.float32) if backend == "triton" else scale
     loss_rows, grad_hidden, grad_weight, grad_bias = chunked_pass(
         hidden, weight, bias, labels, t1, t2, label_smoothing, iters, ignore_index, backend, chunk_size, scale,
         need_hidden, need_weight, need_bias)
+    if deferred and factor is not None:
+        grad_hidden = grad_hidden.to(torch.float32).mul_(factor)
+        grad_weight.mul_(factor)
+        grad_bias.mul_(factor)
     loss_rows = torch.where(kept, loss_rows, 0.0)
-    return reduce(loss_rows, kept, reduction), grad_hidden, grad_weight, grad_bias
+    return reduce(loss_rows, kept, reduction, weights), grad_hidden, grad_weight, grad_bias
 
 
 @linear_loss_op.register_fake
-def _(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
+def _(hidden, weight, bias, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
       chunk_size, need_hidden, need_weight, need_bias):
     dtype = native.compute_dtype(hidden.dtype)
     acc_dtype = native.compute_dtype(weight.dtype)
     in_forward = reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=dtype)
-    grad_hidden = hidden.new_empty(hidden.shape if in_forward and need_hidden else (0,))
+    grad_hidden = hidden.new_empty(hidden.shape if in_forward and need_hidden else (0,),
+                                   dtype=stored_grad_dtype(hidden.dtype))
     grad_weight = weight.new_empty(weight.shape if in_forward and need_weight else (0,), dtype=acc_dtype)
     grad_bias = weight.new_empty((weight.shape[0],) if in_forward and need_bias else (0,), dtype=acc_dtype)
     return loss, grad_hidden, grad_weight, grad_bias
@@ -145,13 +159,15 @@ def _(hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_i
 
 @torch.library.custom_op("bitempered::linear_loss_backward", mutates_args=())
 def linear_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                            labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor, num_iters: int,
-                            ignore_index: int, backend: str, chunk_size: int, need_hidden: bool,
+                            labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
+                            num_iters: int, ignore_index: int, backend: str, chunk_size: int, need_hidden: bool,
                             need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_loss_i * loss_i (reduction="none"), recomputed chunk by chunk; in the
-    inputs' dtypes (empty where not asked for)."""
+    """Gradients of sum_i grad_loss_i * w_i * loss_i (reduction="none"), recomputed chunk by chunk;
+    in the inputs' dtypes (empty where not asked for)."""
     kept = kept_rows(labels, ignore_index)
     upstream = torch.where(kept, grad_loss.to(native.compute_dtype(hidden.dtype)), 0.0)
+    if weights is not None:
+        upstream = upstream * weights.to(upstream.dtype)
     _, grad_hidden, grad_weight, grad_bias = chunked_pass(
         hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters or None, ignore_index, backend,
         chunk_size, upstream, need_hidden, need_weight, need_bias)
@@ -159,7 +175,7 @@ def linear_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, b
 
 
 @linear_loss_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, backend,
+def _(grad_loss, hidden, weight, bias, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, backend,
       chunk_size, need_hidden, need_weight, need_bias):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
@@ -167,7 +183,7 @@ def _(grad_loss, hidden, weight, bias, labels, t1, t2, label_smoothing, num_iter
 
 
 def _setup(ctx, inputs, output):
-    (hidden, weight, bias, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
+    (hidden, weight, bias, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend,
      chunk_size, need_hidden, need_weight, need_bias) = inputs
     ctx.reduction = reduction
     ctx.config = (label_smoothing, num_iters, ignore_index, backend, chunk_size, need_hidden, need_weight,
@@ -175,7 +191,7 @@ def _setup(ctx, inputs, output):
     ctx.dtypes = (hidden.dtype, weight.dtype)
     ctx.has_bias = bias is not None
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, labels, t1, t2)
+        ctx.save_for_backward(hidden, weight, bias, labels, weights, t1, t2)
     else:
         ctx.save_for_backward(*output[1:])
 
@@ -183,8 +199,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, _gh, _gw, _gb):
     (_, _, _, _, _, need_hidden, need_weight, need_bias) = ctx.config
     if ctx.reduction == "none":
-        hidden, weight, bias, labels, t1, t2 = ctx.saved_tensors
-        grads = linear_loss_backward_op(grad_loss.contiguous(), hidden, weight, bias, labels, t1, t2, *ctx.config)
+        hidden, weight, bias, labels, weights, t1, t2 = ctx.saved_tensors
+        grads = linear_loss_backward_op(grad_loss.contiguous(), hidden, weight, bias, labels, weights, t1, t2,
+                                        *ctx.config)
     else:
         # Out of place: the saved tensors are forward outputs and stay untouched.
         grads = tuple(g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
@@ -192,7 +209,7 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
         grads = (grads[0].to(hidden_dtype), grads[1].to(weight_dtype), grads[2].to(weight_dtype))
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
                                            zip(grads, (need_hidden, need_weight, need_bias and ctx.has_bias)))
-    return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * 13
 
 
 linear_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -224,7 +241,7 @@ def _check_operands(hidden, weight, bias) -> None:
 
 def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, label_smoothing=0.0,
                                      num_iters=None, reduction="mean", ignore_index=-100, chunk_size=None,
-                                     backend="auto"):
+                                     backend="auto", *, class_weight=None, sample_weight=None):
     """Bi-tempered loss of the linear layer's logits, without materializing them:
     ``bi_tempered_logistic_loss(hidden @ weight.T + bias, labels, t1, t2, ...)`` up to rounding.
 
@@ -236,11 +253,16 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
             buffer within 64 MiB).
         t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend: as in
             :func:`bi_tempered_logistic_loss` (temperatures as 0-d tensors never recompile).
+        class_weight, sample_weight: the per-class and per-row weights of
+            :func:`bi_tempered_logistic_loss` (its ``weight``; named ``class_weight`` here, where
+            ``weight`` is the linear layer's).
 
     Gradients flow to whichever of hidden / weight / bias requires them; grad_weight and grad_bias
-    are accumulated over the chunks in fp32 (fp64 for fp64) and rounded once.
+    are accumulated over the chunks in fp32 (fp64 for fp64) and rounded once. Inside
+    ``torch.autocast`` the matmuls run in autocast's dtype (as ``F.linear``) and the loss in float32.
     """
     _check_operands(hidden, weight, bias)
+    hidden, weight, bias = args.autocast_operands(hidden, weight, bias)
     num_classes = weight.shape[0]
     logits_shape = tuple(hidden.shape[:-1]) + (num_classes,)
     checked = args.loss_args(logits_shape, hidden.device, hidden.dtype, labels, t1, t2, label_smoothing, num_iters,
@@ -250,21 +272,33 @@ def linear_bi_tempered_logistic_loss(hidden, weight, labels, t1, t2, bias=None, 
     x = x if x.is_contiguous() else x.contiguous()
     label_rows = args.label_rows(labels, checked.indices)
     args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
+    weights = args.row_weights(class_weight, sample_weight, label_rows, checked.indices, hidden.shape[:-1],
+                               num_classes, hidden.device, native.compute_dtype(hidden.dtype), "class_weight")
+    label_rows, op_ignore_index = args.op_labels(label_rows, checked.indices, ignore_index, num_classes)
     chunk = linear_chunks.chunk_size(chunk_size, x.shape[0], num_classes)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and v is not None and v.requires_grad for v in (hidden, weight, bias)]
-    loss, *_ = linear_loss_op(x, weight.contiguous(), None if bias is None else bias.contiguous(), label_rows,
-                              checked.t1, checked.t2, checked.smoothing, checked.num_iters, ignore_index, reduction,
-                              checked.backend, chunk, *need)
+    operands = (x, weight.contiguous(), None if bias is None else bias.contiguous(), label_rows)
+    settings = (checked.t1, checked.t2, checked.smoothing, checked.num_iters, op_ignore_index)
+    op_weights = None if weights is None else weights.detach()  # their gradient: with_weight_gradient
+    loss, *_ = linear_loss_op(*operands, op_weights, *settings, reduction, checked.backend, chunk, *need)
+
+    def unweighted_rows():
+        loss_rows, *_ = linear_loss_op(*(None if t is None else t.detach() for t in operands[:3]), label_rows, None,
+                                       *settings, "none", checked.backend, chunk, False, False, False)
+        return loss_rows, kept_rows(label_rows, op_ignore_index)
+
+    loss = with_weight_gradient(loss, weights, reduction, unweighted_rows)
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
 
 
 class LinearBiTemperedLogisticLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`linear_bi_tempered_logistic_loss`: ``loss(hidden, weight, labels,
-    bias=None)``. Temperatures held as 0-d tensors may change between steps without recompiling."""
+    bias=None, sample_weight=None)``; ``class_weight`` (the C per-class weights) is a registered
+    buffer. Temperatures held as 0-d tensors may change between steps without recompiling."""
 
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
-                 chunk_size=None, backend="auto"):
+                 chunk_size=None, backend="auto", *, class_weight=None):
         super().__init__()
         args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)
         linear_chunks.chunk_size(chunk_size, 1, 1)
@@ -272,11 +306,13 @@ class LinearBiTemperedLogisticLoss(torch.nn.Module):
         self.label_smoothing, self.num_iters = label_smoothing, num_iters
         self.reduction, self.ignore_index = reduction, ignore_index
         self.chunk_size, self.backend = chunk_size, backend
+        self.register_buffer("class_weight", class_weight)
 
-    def forward(self, hidden, weight, labels, bias=None):
+    def forward(self, hidden, weight, labels, bias=None, sample_weight=None):
         return linear_bi_tempered_logistic_loss(hidden, weight, labels, self.t1, self.t2, bias,
                                                 self.label_smoothing, self.num_iters, self.reduction,
-                                                self.ignore_index, self.chunk_size, self.backend)
+                                                self.ignore_index, self.chunk_size, self.backend,
+                                                class_weight=self.class_weight, sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
         return (f"t1={self.t1}, t2={self.t2}, label_smoothing={self.label_smoothing}, "

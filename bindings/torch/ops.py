@@ -10,18 +10,26 @@ each op's autograd from ``autograd_rules``.
 The loss op computes the gradient of the logits in its forward pass (while the row is on chip,
 for the kernels), already multiplied by the reduction's scale (1/#kept rows for "mean"), so the
 backward only multiplies by the upstream gradient (``rows.scale_stored_grad``: in place in eager
-mode, out of place in functionalized graphs). For reduction="none" that rescales the stored
-gradient per row: one read and one write of N x C, far cheaper than re-solving the rows.
+mode, out of place in functionalized or retained graphs). For reduction="none" that rescales the
+stored gradient per row: one read and one write of N x C, far cheaper than re-solving the rows.
+The stored gradient's dtype is ``rows.stored_grad_dtype`` (float32 for float16 logits).
+
+Autocast: inside ``torch.autocast`` the loss ops take float32 logits (``register_autocast``), as
+``F.cross_entropy`` does; the public functions upcast before calling them (``args.autocast_float32``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from bitempered.bindings.torch import second_order
-from bitempered.bindings.torch.rows import grad_scale, kept_rows, reduce, scale_stored_grad
+from bitempered.bindings.torch.rows import (
+    grad_scale, kept_rows, reduce, scale_half_stored_grad, scale_stored_grad, stored_grad_dtype,
+)
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
 
@@ -35,24 +43,24 @@ def triton_launchers():
     return launchers
 
 
-def _native_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
+def _native_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
     """The native loss driver (``native/loss.py``) with the op's outputs (an empty gradient when none
-    was asked for): the gradient, already scaled by the reduction and masked, is the only N x C
-    buffer it allocates."""
+    was asked for): the gradient, already scaled by the reduction (and the rows' weights) and
+    masked, is the only N x C buffer it allocates."""
     loss, grad = native_loss.reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters,
-                                                   ignore_index, reduction, need_grad)
+                                                   ignore_index, reduction, need_grad, weights=weights)
     return loss, grad if need_grad else _no_grad(logits)
 
 
-def _triton_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
+def _triton_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
                  grad_out=None):
-    """The kernels produce per-row losses and the gradient already scaled by the reduction
-    (written into ``grad_out`` when given: the in-place mode)."""
+    """The kernels produce per-row losses and the gradient already scaled by the reduction (a
+    factor per row with ``weights``; written into ``grad_out`` when given: the in-place mode)."""
     kept = kept_rows(labels, ignore_index)
-    scale = grad_scale(kept, reduction, torch.float32)
+    scale = grad_scale(kept, reduction, torch.float32, weights)
     per_row, grad = triton_launchers().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
                                                     ignore_index, need_grad, grad_out=grad_out, grad_scale=scale)
-    return reduce(per_row, kept, reduction), grad if grad is not None else _no_grad(logits)
+    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits)
 
 
 def _no_grad(logits: Tensor) -> Tensor:
@@ -61,29 +69,35 @@ def _no_grad(logits: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("bitempered::loss", mutates_args=())
-def loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
+def loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
             num_iters: int, ignore_index: int, reduction: str, backend: str,
             need_grad: bool) -> tuple[Tensor, Tensor]:
     """Rows [N, C] -> (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
 
+    ``weights``: None or each row's weight [N] (``args.row_weights``: weight[target] x sample_weight).
     ``num_iters`` 0 means converged (None in the public API).
     """
     iters = num_iters or None
-    if backend == "triton":
-        return _triton_loss(logits, labels, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
-    return _native_loss(logits, labels, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
+    loss = _triton_loss if backend == "triton" else _native_loss
+    return loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
 
 
 @loss_op.register_fake
-def _(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
+def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
+    return _fake_loss_outputs(logits, reduction, need_grad)
+
+
+def _fake_loss_outputs(logits, reduction, need_grad):
+    """The loss ops' outputs: the loss (compute dtype; [N] for "none") and the stored gradient."""
     dtype = native.compute_dtype(logits.dtype)
     shape = (logits.shape[0],) if reduction == "none" else ()
-    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape, dtype=stored_grad_dtype(logits.dtype)) if need_grad else logits.new_empty(0)
     return logits.new_empty(shape, dtype=dtype), grad
 
 
 def _save_grad(ctx, inputs, output):
     ctx.need_grad = inputs[-1]
+    ctx.logits_dtype = inputs[0].dtype
     # the gradient output is never differentiated: no N x C zeros for its (absent) upstream gradient
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
@@ -117,7 +131,11 @@ def _scale_saved_grad(ctx, grad_loss, _unused):
     (grad,) = ctx.saved_tensors
     if not ctx.need_grad:
         raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
-    return (scale_stored_grad(grad, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
+    none = (None,) * (len(ctx.needs_input_grad) - 1)
+    if grad_loss is None:  # no upstream gradient (grads are not materialized): none for the logits
+        return (None,) + none
+    # detached: the stored output is marked as requiring grad (the op's outputs are), its gradient is not
+    return (scale_stored_grad(grad.detach(), grad_loss, ctx.logits_dtype),) + none
 
 
 def _native_probs(logits, t, num_iters):
@@ -188,27 +206,38 @@ def _binary_rows(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("bitempered::binary_loss", mutates_args=())
-def binary_loss_op(logits: Tensor, labels: Tensor, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
-                   num_iters: int, reduction: str, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]."""
+def binary_loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor,
+                   label_smoothing: Tensor, num_iters: int, ignore_index: float, reduction: str, backend: str,
+                   need_grad: bool) -> tuple[Tensor, Tensor]:
+    """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]. Elements
+    whose label equals ``ignore_index`` (NaN: none) get loss 0 and gradient 0 and are not counted;
+    ``weights``: None or one weight per element."""
+    dtype = torch.float32 if backend == "triton" else native.compute_dtype(logits.dtype)
+    ignoring = not math.isnan(ignore_index)
+    kept = labels != ignore_index if ignoring else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    scale = grad_scale(kept, reduction, dtype, weights)
+    if ignoring:  # an ignored element's label is never read, and its gradient is exactly 0
+        labels = torch.where(kept, labels, 0.0)
+        scale = torch.where(kept, scale, 0.0)
+    iters = num_iters or None
     if backend == "triton":
-        kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        scale = grad_scale(kept, reduction, torch.float32)
-        per_row, grad = triton_launchers().binary_loss_forward(logits, labels, t1, t2, label_smoothing,
-                                                               num_iters or None, need_grad, grad_scale=scale)
-        return reduce(per_row, kept, reduction), grad if grad is not None else _no_grad(logits)
-    dense = torch.stack([1.0 - labels, labels], dim=-1)
-    loss, grad = _native_loss(_binary_rows(logits), dense, t1, t2, label_smoothing, num_iters or None,
-                              -100, reduction, need_grad)
-    return loss, _second_class(grad) if need_grad else grad
+        per_row, grad = triton_launchers().binary_loss_forward(logits, labels, t1, t2, label_smoothing, iters,
+                                                               need_grad, grad_scale=scale)
+    else:
+        dense = torch.stack([1.0 - labels, labels], dim=-1)
+        per_row, _, grad = native_loss.loss_and_grad(_binary_rows(logits), dense, float(t1), float(t2),
+                                                     float(label_smoothing), iters, -100, need_grad, scale)
+        grad = _second_class(grad) if need_grad else None
+    if ignoring:  # exactly 0, also where an ignored element's logit is not finite
+        per_row = torch.where(kept, per_row, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~kept, 0.0)
+    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits)
 
 
 @binary_loss_op.register_fake
-def _(logits, labels, t1, t2, label_smoothing, num_iters, reduction, backend, need_grad):
-    dtype = native.compute_dtype(logits.dtype)
-    shape = (logits.shape[0],) if reduction == "none" else ()
-    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
-    return logits.new_empty(shape, dtype=dtype), grad
+def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
+    return _fake_loss_outputs(logits, reduction, need_grad)
 
 
 @torch.library.custom_op("bitempered::sigmoid", mutates_args=())
@@ -254,19 +283,28 @@ class InplaceBackwardLoss(torch.autograd.Function):
     No N x C allocation with the kernels (the native backend computes the gradient elsewhere and
     copies it in). The logits' values are destroyed: use it only when nothing else needs them.
     Eager only (the public API uses the custom op instead while torch.compile traces).
+
+    float16 logits: the buffer holds the gradient WITHOUT the reduction's factor (float16 cannot
+    hold g/N, see ``rows.stored_grad_dtype``); the backward applies factor x upstream in float32.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
+    def forward(ctx, logits, rows, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
                 backend):
         buffer = rows.detach()
+        deferred = stored_grad_dtype(buffer.dtype) != buffer.dtype
+        # deferred: the unweighted gradient of each row ("none", unit factors), scaled in the backward
+        settings = (t1, t2, label_smoothing, num_iters or None, ignore_index, "none" if deferred else reduction, True)
         if backend == "triton":
-            loss, grad = _triton_loss(buffer, labels, t1, t2, label_smoothing, num_iters or None, ignore_index,
-                                      reduction, True, grad_out=buffer)
+            loss, grad = _triton_loss(buffer, labels, None if deferred else weights, *settings, grad_out=buffer)
         else:
-            loss, grad = _native_loss(buffer, labels, t1, t2, label_smoothing, num_iters or None, ignore_index,
-                                      reduction, True)
+            loss, grad = _native_loss(buffer, labels, None if deferred else weights, *settings)
             buffer.copy_(grad)
+        ctx.factor = None
+        if deferred:
+            kept = kept_rows(labels, ignore_index)
+            ctx.factor = grad_scale(kept, reduction, torch.float32, weights)
+            loss = reduce(loss, kept, reduction, weights)
         ctx.save_for_backward(buffer)
         ctx.logits_shape = logits.shape
         return loss
@@ -274,7 +312,11 @@ class InplaceBackwardLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (scale_stored_grad(grad, grad_loss).view(ctx.logits_shape),) + (None,) * 9
+        if ctx.factor is None:
+            grad = scale_stored_grad(grad, grad_loss, grad.dtype)
+        else:
+            grad = scale_half_stored_grad(grad, grad_loss.float() * ctx.factor)
+        return (grad.view(ctx.logits_shape),) + (None,) * 10
 
 
 def autograd_rules(invoke=_direct) -> dict:
@@ -293,3 +335,8 @@ def autograd_rules(invoke=_direct) -> dict:
 
 for _op, (_setup, _backward) in autograd_rules().items():
     _op.register_autograd(_backward, setup_context=_setup)
+
+# as F.cross_entropy under torch.autocast: the losses of 16-bit logits computed from float32 ones
+for _op in (loss_op, binary_loss_op):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)

@@ -5,7 +5,12 @@ scales the gradient stored by the forward pass.
 Every loss computes the gradient of the logits in its forward pass, already multiplied by the
 reduction's factor (``grad_scale``), so its backward only multiplies by the upstream gradient
 (``scale_stored_grad``): in place in eager mode (no second N x C buffer), out of place where the
-graph is functionalized (torch.compile, torch.export) or a torch.func transform holds the tensor.
+graph is functionalized (torch.compile, torch.export), a torch.func transform holds the tensor or
+the graph is retained (``retain_graph=True``, gradcheck).
+
+float16 logits get their gradient stored in float32 (``stored_grad_dtype``): float16's range cannot
+hold dL/dlogits x 1/N, and a GradScaler's upstream scale would multiply entries that were already
+flushed to zero.
 """
 
 from __future__ import annotations
@@ -38,13 +43,39 @@ def kept_and_bad(labels: Tensor, ignore_index: int, num_classes: int):
     return kept, kept & ((labels < 0) | (labels >= num_classes))
 
 
-def grad_scale(kept: Tensor, reduction: str, dtype) -> Tensor:
-    """The reduction's factor on each row's gradient, as a device tensor (no host sync): 1, or for
-    "mean" 1/#kept rows (0 when none is kept). ``kept`` [..., N]: one factor per leading index."""
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=kept.device)
-    count = kept.sum(dim=-1).to(dtype)
+def stored_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss's forward pass stores dL/dlogits in: float32 for float16 logits, the logits'
+    dtype otherwise (bfloat16 has float32's exponent range).
+
+    In float16, g/N for a mean over N rows falls below the normal range (6.1e-5) for most entries
+    at large N, and loss scaling (GradScaler) cannot bring back what was rounded before it was
+    applied: 26% of the entries flushed to 0 at N = 65536, C = 8 with the scaled float16 store. The
+    float32 buffer costs twice the float16 one; the backward rounds its product with the upstream
+    gradient once into float16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def mean_count(kept: Tensor, weights: Tensor | None = None) -> Tensor:
+    """What "mean" divides by, over the last axis of ``kept`` [..., N]: the kept rows' count, or with
+    per-row ``weights`` the sum of the kept rows' weights (F.cross_entropy's rule)."""
+    return (kept if weights is None else torch.where(kept, weights, 0.0)).sum(dim=-1)
+
+
+def mean_factor(kept: Tensor, dtype, weights: Tensor | None = None) -> Tensor:
+    """1 / ``mean_count`` in ``dtype`` (0 where the count is 0), a device tensor (no host sync)."""
+    count = mean_count(kept, weights).to(dtype)
     return torch.where(count > 0, 1.0 / count, 0.0)
+
+
+def grad_scale(kept: Tensor, reduction: str, dtype, weights: Tensor | None = None) -> Tensor:
+    """The reduction's factor on each row's gradient, as a device tensor (no host sync): 1, or for
+    "mean" ``mean_factor``; times the row's weight where ``weights`` [..., N] are given (then one
+    factor per row). ``kept`` [..., N]."""
+    factor = mean_factor(kept, dtype, weights) if reduction == "mean" else torch.ones((), dtype=dtype,
+                                                                                       device=kept.device)
+    if weights is None:
+        return factor
+    return weights.to(dtype) * (factor.unsqueeze(-1) if factor.dim() else factor)
 
 
 def masked_scale(kept: Tensor, bad: Tensor | None, scale: Tensor, dtype) -> Tensor:
@@ -55,24 +86,48 @@ def masked_scale(kept: Tensor, bad: Tensor | None, scale: Tensor, dtype) -> Tens
     return torch.where(kept, torch.where(bad, math.nan, 1.0), 0.0).to(dtype).mul_(scale.to(dtype))
 
 
-def reduce(loss_rows: Tensor, kept: Tensor, reduction: str) -> Tensor:
-    """Per-row losses [..., N] reduced over the last axis as F.cross_entropy does ("mean": over the
-    kept rows; NaN if none)."""
+def reduce(loss_rows: Tensor, kept: Tensor, reduction: str, weights: Tensor | None = None) -> Tensor:
+    """Per-row losses [..., N] (0 on ignored rows) reduced over the last axis as F.cross_entropy
+    does: each row times its weight where ``weights`` [..., N] are given; "mean" over the kept rows'
+    count or weights (NaN if there are none)."""
+    if weights is not None:
+        loss_rows = loss_rows * weights.to(loss_rows.dtype)
     if reduction == "none":
         return loss_rows
     if reduction == "sum":
         return loss_rows.sum(dim=-1)
-    return loss_rows.sum(dim=-1) / kept.sum(dim=-1).to(loss_rows.dtype)
+    return loss_rows.sum(dim=-1) / mean_count(kept, weights).to(loss_rows.dtype)
+
+
+def with_weight_gradient(loss: Tensor, weights: Tensor | None, reduction: str, unweighted_rows) -> Tensor:
+    """``loss`` (computed with ``weights.detach()``), plus, where ``weights`` [N] require grad, a term
+    of value 0 whose gradient in them is the exact one: the unweighted row losses L through the
+    reduction (d/dw_r = L_r for "none" and "sum", (L_r - loss) / sum(w) for "mean"; 0 on ignored
+    rows). ``unweighted_rows()`` gives (L [N], 0 on ignored rows; the kept rows [N]); it runs only
+    then (one more forward pass, without gradient). The logits' gradient never depends on this."""
+    if weights is None or not weights.requires_grad or not torch.is_grad_enabled():
+        return loss
+    with torch.no_grad():
+        rows, kept = unweighted_rows()
+    delta = weights - weights.detach()  # 0, with d/dw = 1
+    if reduction == "none":
+        return loss + delta * rows
+    if reduction == "sum":
+        return loss + (delta * rows).sum()
+    centered = torch.where(kept, rows - loss.detach(), 0.0)
+    return loss + (delta * centered).sum() / mean_count(kept, weights.detach()).to(loss.dtype)
 
 
 def _scale_in_place(grad: Tensor) -> bool:
     """Eager autograd scales the stored gradient in place. A functionalized trace (torch.compile's
     AOT autograd, torch.export) cannot mutate a forward output in the backward and torch.func
-    transforms may hold it at another level: there the product is a new tensor (the compiler may
-    reuse the stored buffer for it)."""
+    transforms may hold it at another level; a retained graph (``retain_graph=True``, as gradcheck
+    and repeated backward calls use) reads it again: there the product is a new tensor (the compiler
+    may reuse the stored buffer for it)."""
     functional_trace = (isinstance(grad, FunctionalTensor) or torch.compiler.is_compiling()
                         or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL) is not None)
-    return not functional_trace and not torch._C._are_functorch_transforms_active()
+    return (not functional_trace and not torch._C._are_functorch_transforms_active()
+            and not torch._C._autograd._get_current_graph_task_keep_graph())
 
 
 def _is_host_one(grad_loss: Tensor) -> bool:
@@ -80,17 +135,24 @@ def _is_host_one(grad_loss: Tensor) -> bool:
     return grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
 
 
-def scale_stored_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    """dL/dlogits = the stored gradient [N, C] x the upstream gradient (0-d, or [N] for
-    reduction="none"): in place in eager mode (``_scale_in_place``), a new tensor otherwise.
+def scale_stored_grad(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """dL/dlogits in the logits' ``dtype`` = the stored gradient [N, C] x the upstream gradient
+    (0-d, or [N] for reduction="none"): in place in eager mode (``_scale_in_place``), a new tensor
+    otherwise.
 
-    The stored gradient was rounded once into the logits' dtype, so a non-unit upstream gradient
-    rounds twice (exact for 1.0 or any power of two). In place, the stored tensor changes, so a
-    second backward through the same graph fails autograd's saved-tensor version check instead of
-    silently scaling twice.
+    A gradient stored in the logits' dtype was rounded once there, so a non-unit upstream gradient
+    rounds twice (exact for 1.0 or any power of two); one stored in float32 for float16 logits
+    (``stored_grad_dtype``) is rounded once, after the product. In place, the stored tensor
+    changes, so a second backward through a graph that was not retained fails autograd's
+    saved-tensor version check instead of silently scaling twice.
     """
     upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
-    if not _scale_in_place(grad):
+    in_place = _scale_in_place(grad)
+    if grad.dtype != dtype:  # float32 storage: the product is rounded once into the logits' dtype
+        if not in_place:
+            return (grad * upstream).to(dtype)
+        return grad.to(dtype) if _is_host_one(grad_loss) else grad.mul_(upstream).to(dtype)
+    if not in_place:
         return grad * upstream
     if _is_host_one(grad_loss):
         # the usual loss.backward() of a reduced loss: no pass over N x C; the version bump keeps
@@ -98,3 +160,23 @@ def scale_stored_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
         torch.autograd.graph.increment_version(grad)
         return grad
     return grad.mul_(upstream)
+
+
+# Rows per float32 block of ``scale_half_stored_grad`` (16 MiB of temporaries)
+HALF_SCALE_BLOCK_ELEMENTS = 1 << 22
+
+
+def scale_half_stored_grad(grad: Tensor, upstream: Tensor) -> Tensor:
+    """The in-place mode's float16 gradient [N, C] (stored without the reduction's factor, in the
+    logits' own buffer) x ``upstream`` (0-d, or [N]: the upstream gradient times that factor, in
+    float32), each product computed in float32 and rounded once. In place in eager mode, a block of
+    rows at a time (a float32 temporary of one block), a new tensor otherwise (``_scale_in_place``)."""
+    factor = upstream.unsqueeze(-1) if upstream.dim() == 1 else upstream
+    if not _scale_in_place(grad):
+        return (grad.float() * factor).to(grad.dtype)
+    step = max(1, HALF_SCALE_BLOCK_ELEMENTS // max(grad.shape[-1], 1))
+    for start in range(0, grad.shape[0], step):
+        block = slice(start, start + step)
+        grad[block] = grad[block].float().mul_(factor[block] if factor.dim() else factor)
+    return grad
+

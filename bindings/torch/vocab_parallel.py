@@ -34,10 +34,11 @@ message, naming the rank; a second collective carries it, on this error path onl
   can leave a rank none), and dense labels of this rank's slice within [0, 1] (CPU tensors);
 - across ranks, from the group check's table: the same rows N, dtype, t1, t2, label_smoothing,
   num_iters, ignore_index, reduction and kind of labels, and for class indices the same labels
-  (a position-weighted checksum of them: O(N), one value in the table), else ValueError naming
-  the value and each rank's;
+  (a position-weighted checksum of them: O(N), one value in the table), and the same row weights
+  (``weight``/``sample_weight``, a checksum too), else ValueError naming the value and each rank's;
 - after it, alike on every rank (they hold the same settings, labels and global C by then):
-  smoothing's class count and class indices within [0, C) (CPU tensors).
+  smoothing's class count, the per-class weights' length and class indices within [0, C) (CPU
+  tensors).
 
 Gloo (CPU) and NCCL (CUDA) take the same code path. The per-slice math runs on the native backend
 (CPU, float64, ``backend="torch"``) or on the vocab-parallel Triton kernels (CUDA by default, or
@@ -50,6 +51,7 @@ then one for the loss sums and one for the gradient: there the collectives are t
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,7 +61,9 @@ from bitempered.bindings.common import validation as check
 from bitempered.bindings.torch import args, group_check, ops
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
-from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, masked_scale, reduce, scale_stored_grad
+from bitempered.bindings.torch.rows import (
+    grad_scale, kept_and_bad, kept_rows, masked_scale, reduce, scale_stored_grad, with_weight_gradient,
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -101,9 +105,11 @@ class KernelRows:
 
 
 def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, num_iters, ignore_index: int,
-                         reduction: str, need_grad: bool, reducer, offset: int, num_classes: int):
+                         reduction: str, need_grad: bool, reducer, offset: int, num_classes: int,
+                         weights: torch.Tensor | None = None):
     """``loss_and_grad`` on the vocab-parallel Triton kernels (fp32 math, the logits' dtype
-    read and written as is): the same solver and the same collectives as the native path."""
+    read and written as is): the same solver and the same collectives as the native path; each
+    row weighted by ``weights`` [N] when given."""
     num_rows = rows.shape[0]
     row_max = reducer.max(rows.amax(dim=-1, keepdim=True).float()).reshape(-1).contiguous()
     evaluations = KernelRows(rows, row_max, t2)
@@ -121,10 +127,10 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
     loss_rows = loss_sums.squeeze(-1)
     if bad is not None:
         loss_rows = torch.where(kept, torch.where(bad, float("nan"), loss_rows), 0.0)
-    loss = reduce(loss_rows, kept, reduction)
+    loss = reduce(loss_rows, kept, reduction, weights)
     if not need_grad:
         return loss, None
-    row_scale = masked_scale(kept, bad, grad_scale(kept, reduction, torch.float32), torch.float32)
+    row_scale = masked_scale(kept, bad, grad_scale(kept, reduction, torch.float32, weights), torch.float32)
     reduced = torch.cat([loss_sums, sum_e, sum_d], dim=-1)
     grad = ops.triton_launchers().vocab_parallel_gradient(rows, local, row_max, y, reduced,
                                                           row_scale.contiguous(), t1, t2, label_smoothing,
@@ -136,16 +142,16 @@ class _VocabParallelLoss(torch.autograd.Function):
     """The gradient is made in the forward (from the reduced row sums); the backward scales it."""
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, settings, reducer, offset, num_classes, compute):
-        loss, grad = compute(rows, labels, *settings, True, reducer, offset, num_classes)
+    def forward(ctx, logits, rows, labels, settings, reducer, offset, num_classes, compute, weights):
+        loss, grad = compute(rows, labels, *settings, True, reducer, offset, num_classes, weights=weights)
         ctx.save_for_backward(grad)
-        ctx.logits_shape = logits.shape
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (scale_stored_grad(grad, grad_loss).reshape(ctx.logits_shape),) + (None,) * 7
+        return (scale_stored_grad(grad, grad_loss, ctx.logits_dtype).reshape(ctx.logits_shape),) + (None,) * 8
 
 
 def _group_size(group) -> int:
@@ -184,13 +190,15 @@ def label_checksum(label_rows: torch.Tensor) -> torch.Tensor:
 
 # The group check's columns (named as its error messages name them)
 INDEX_LABELS, LABEL_KIND = "labels (class indices)", "labels' kind (indices or dense)"
+ROW_WEIGHTS = "row weights (weight[target] x sample_weight)"
 LOSS_COLUMNS = ("rows", "C_local", "dtype", INDEX_LABELS, "t1", "t2", "label_smoothing", "num_iters", "ignore_index",
-                LABEL_KIND, "reduction")
+                LABEL_KIND, "reduction", ROW_WEIGHTS)
 SOFTMAX_COLUMNS = ("rows", "C_local", "dtype", "t", "num_iters")
 _SHOWN = {
     "dtype": lambda value: str(DTYPES[int(value)]),
     "reduction": lambda value: repr(check.REDUCTIONS[int(value)]),
     INDEX_LABELS: lambda value: f"checksum {int(value)}",
+    ROW_WEIGHTS: lambda value: "none" if value == 0 else f"checksum {value!r}",
     LABEL_KIND: lambda value: "indices" if value else "dense",
 }
 
@@ -208,12 +216,22 @@ class _LossCall(NamedTuple):
     t2: float
     smoothing: float
     label_rows: torch.Tensor | None
+    weights: torch.Tensor | None  # each row's weight [N] (args.row_weights)
+
+
+def weights_checksum(weights: torch.Tensor | None) -> float:
+    """0 without weights; else a position-weighted float64 sum of the row weights (> 0 once any is),
+    equal on ranks that hold the same weights."""
+    if weights is None:
+        return 0.0
+    positions = torch.arange(1, 2 * weights.numel(), 2, device=weights.device, dtype=torch.float64)
+    return float((weights.double() * positions).sum()) + 1.0
 
 
 def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
-                     backend) -> tuple[_LossCall, dict]:
-    """The plain loss's checks on this rank's arguments (and its dense label slice), and its row
-    of the group check."""
+                     backend, weight=None, sample_weight=None) -> tuple[_LossCall, dict]:
+    """The plain loss's checks on this rank's arguments (its dense label slice and its weights),
+    and its row of the group check."""
     _check_slice(local_logits)
     checked = args.loss_args(local_logits.shape, local_logits.device, local_logits.dtype, labels, t1, t2,
                              label_smoothing, num_iters, reduction, ignore_index, backend)
@@ -223,19 +241,28 @@ def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, r
     label_rows = args.label_rows(labels, checked.indices) if local_logits.numel() else None
     if label_rows is not None and not checked.indices:
         args.check_dense_labels(label_rows)  # this rank's slice: every rank checks its own
-    call = _LossCall(checked, _host_value(checked.t1, checked.t1_value), _host_value(checked.t2, checked.t2_value),
-                     smoothing, label_rows)
     num_local = local_logits.shape[-1]
+    # per-class weights hold every class (the GLOBAL C, known only after the group check): their
+    # length is checked there; here the values, and the rows' weights the call uses
+    weights = None
+    if (weight is not None or sample_weight is not None) and label_rows is not None:
+        num_classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else num_local
+        weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, local_logits.shape[:-1],
+                                   num_classes, local_logits.device, native.compute_dtype(local_logits.dtype))
+    call = _LossCall(checked, _host_value(checked.t1, checked.t1_value), _host_value(checked.t2, checked.t2_value),
+                     smoothing, label_rows, weights)
     checksum = label_checksum(label_rows) if checked.indices and label_rows is not None else 0.0
+    ignored = math.inf if ignore_index is None else float(ignore_index)  # None: no row ignored
     row = dict(zip(LOSS_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
-                                  checksum, call.t1, call.t2, smoothing, checked.num_iters, ignore_index,
-                                  float(checked.indices), check.REDUCTIONS.index(reduction))))
+                                  checksum, call.t1, call.t2, smoothing, checked.num_iters, ignored,
+                                  float(checked.indices), check.REDUCTIONS.index(reduction),
+                                  weights_checksum(weights))))
     return call, row
 
 
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group=None, label_smoothing=0.0,
                                              num_iters=None, reduction="mean", ignore_index=-100,
-                                             backend="auto"):
+                                             backend="auto", *, weight=None, sample_weight=None):
     """Bi-tempered loss of logits whose classes are sharded across ``group`` (default: the world).
 
     Args:
@@ -245,6 +272,8 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
             rank), or dense labels sliced like the logits.
         t1, t2, label_smoothing, num_iters, reduction, ignore_index: as in
             ``bi_tempered_logistic_loss`` (smoothing uses the GLOBAL C); the same on every rank.
+        weight, sample_weight: as in ``bi_tempered_logistic_loss``: ``weight`` holds all C (GLOBAL)
+            class weights, ``sample_weight`` one weight per row; the same on every rank (checked).
         backend: "auto" (the vocab-parallel Triton kernels for CUDA tensors, native ops otherwise),
             "torch" (native ops, CPU and CUDA alike) or "triton" (the kernels; CPU tensors only
             under TRITON_INTERPRET=1).
@@ -255,7 +284,7 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     """
     def check_locally():
         return _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
-                                backend)
+                                backend, weight, sample_weight)
 
     if _group_size(group) == 1:
         call, _ = check_locally()
@@ -270,18 +299,29 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     # from here every rank holds the same settings, labels and C: each check below raises on all alike
     checked = call.checked
     check.check_smoothing_classes(call.smoothing, num_classes)
+    if weight is not None:
+        check.check_class_weight_shape(weight.shape, num_classes)
     if local_logits.numel() == 0:
         return args.empty_loss(local_logits, local_logits.shape[:-1], reduction)
     if checked.indices:
         args.check_indices(call.label_rows, num_classes, ignore_index)
+    local_logits = args.autocast_float32(local_logits)
     rows = args.as_rows(local_logits)
-    settings = (call.t1, call.t2, call.smoothing, checked.num_iters or None, ignore_index, reduction)
+    label_rows, op_ignore_index = args.op_labels(call.label_rows, checked.indices, ignore_index, num_classes)
+    settings = (call.t1, call.t2, call.smoothing, checked.num_iters or None, op_ignore_index, reduction)
     compute = kernel_loss_and_grad if checked.backend == "triton" else native_loss.reduced_loss_and_grad
+    weights = None if call.weights is None else call.weights.detach()  # their gradient: with_weight_gradient
     if torch.is_grad_enabled() and local_logits.requires_grad:
-        loss = _VocabParallelLoss.apply(local_logits, rows, call.label_rows, settings, reducer, offset, num_classes,
-                                        compute)
+        loss = _VocabParallelLoss.apply(local_logits, rows, label_rows, settings, reducer, offset, num_classes,
+                                        compute, weights)
     else:
-        loss, _ = compute(rows, call.label_rows, *settings, False, reducer, offset, num_classes)
+        loss, _ = compute(rows, label_rows, *settings, False, reducer, offset, num_classes, weights=weights)
+
+    def unweighted_rows():  # (every rank takes this path alike: the weights are the same on all)
+        loss_rows, _ = compute(rows.detach(), label_rows, *settings[:-1], "none", False, reducer, offset, num_classes)
+        return loss_rows, kept_rows(label_rows, op_ignore_index)
+
+    loss = with_weight_gradient(loss, call.weights, reduction, unweighted_rows)
     return loss.reshape(local_logits.shape[:-1]) if reduction == "none" else loss
 
 

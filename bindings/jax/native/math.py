@@ -324,10 +324,11 @@ def smooth_labels(y: jax.Array, label_smoothing: jax.Array, num_classes: int | N
     return (1.0 - num_classes * share) * y + share
 
 
-def kept_and_invalid(indices: jax.Array, ignore_index: int, num_classes: int):
-    """(rows whose class index is not ``ignore_index``, those of them outside [0, C)): the
-    bindings turn the latter into NaN rows (a concrete out-of-range index is rejected earlier)."""
-    kept = indices != ignore_index
+def kept_and_invalid(indices: jax.Array, ignore_index: int | None, num_classes: int):
+    """(rows whose class index is not ``ignore_index``, every row for None; those of them outside
+    [0, C)): the bindings turn the latter into NaN rows (a concrete out-of-range index is rejected
+    earlier)."""
+    kept = jnp.ones(indices.shape, bool) if ignore_index is None else indices != ignore_index
     return kept, kept & ((indices < 0) | (indices >= num_classes))
 
 

@@ -38,7 +38,7 @@ import torch
 
 from bitempered.bindings.torch.native import cpu_kernel
 from bitempered.bindings.torch.native import math as native
-from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, kept_rows, masked_scale, reduce
+from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, kept_rows, masked_scale, reduce, stored_grad_dtype
 
 # Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
 # pass stay in a CPU's L3 cache; a block of at least this size keeps torch's per-op overhead
@@ -238,11 +238,13 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
                   need_grad: bool, grad_scale: torch.Tensor, reducer: native.LocalRows = native.LOCAL_ROWS,
                   class_offset: int = 0, num_classes: int | None = None):
     """Per-row losses [N] (compute dtype; 0 for ignored rows, NaN for invalid class indices), the
-    mask of kept rows [N], and ``grad_scale`` x dL/dlogits [N, C] in the logits' dtype (or None).
+    mask of kept rows [N], and ``grad_scale`` x dL/dlogits [N, C] in ``rows.stored_grad_dtype`` (the
+    logits' dtype; float32 for float16 logits) or None.
 
     ``logits`` [N, C] with unit class stride; ``labels`` dense [N, C] or class indices [N];
-    temperatures as host floats; ``grad_scale`` a 0-d tensor (e.g. 1/count for "mean").
-    Each gradient element is computed in the compute dtype and rounded once into the logits' dtype.
+    temperatures as host floats; ``grad_scale`` a 0-d tensor (e.g. 1/count for "mean") or one
+    factor per row [N] (e.g. the rows' weights).
+    Each gradient element is computed in the compute dtype and rounded once into its stored dtype.
     Dense labels outside [0, 1] raise ValueError where ``checks_dense_labels`` says so.
 
     A class slice: ``logits`` [N, C_local] hold classes ``class_offset`` + [0, C_local) of
@@ -267,7 +269,7 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
     else:  # the target's index within this slice (-1: an ignored or bad row)
         targets = torch.where(kept & ~bad, labels.long() - class_offset, -1)
     cross_entropy = t1 == 1.0 and t2 == 1.0 and whole_rows
-    grad = torch.empty_like(logits) if need_grad else None
+    grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype)) if need_grad else None
     if cross_entropy:
         check_labels = not indices and checks_dense_labels(logits.device, t1, t2)
         loss = _cross_entropy(logits, targets, indices, label_smoothing, row_scale, grad, check_labels)
@@ -304,11 +306,12 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
 
 def reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index: int, reduction: str,
                           need_grad: bool, reducer: native.LocalRows = native.LOCAL_ROWS, class_offset: int = 0,
-                          num_classes: int | None = None):
+                          num_classes: int | None = None, weights: torch.Tensor | None = None):
     """(the loss reduced by ``reduction``, dL/dlogits scaled by the reduction or None): ``loss_and_grad``
-    with the reduction's factor and the reduction (``rows``). Temperatures and smoothing: floats or
-    0-d tensors (read to the host: free for CPU tensors, one sync on CUDA)."""
-    scale = grad_scale(kept_rows(labels, ignore_index), reduction, native.compute_dtype(logits.dtype))
+    with the reduction's factor and the reduction (``rows``), each row weighted by ``weights`` [N]
+    when given. Temperatures and smoothing: floats or 0-d tensors (read to the host: free for CPU
+    tensors, one sync on CUDA)."""
+    scale = grad_scale(kept_rows(labels, ignore_index), reduction, native.compute_dtype(logits.dtype), weights)
     per_row, kept, grad = loss_and_grad(logits, labels, float(t1), float(t2), float(label_smoothing), num_iters,
                                         ignore_index, need_grad, scale, reducer, class_offset, num_classes)
-    return reduce(per_row, kept, reduction), grad
+    return reduce(per_row, kept, reduction, weights), grad

@@ -433,3 +433,12 @@ def tempered_softmax_vjp_rows(p: torch.Tensor, grad_p: torch.Tensor, t, rows: Lo
     w = grad_p * p_t
     sum_p_t, sum_w = rows.sum(p_t.sum(dim=-1, keepdim=True), w.sum(dim=-1, keepdim=True))
     return w - p_t / sum_p_t * sum_w
+
+
+def exp_t(u: torch.Tensor, t) -> torch.Tensor:
+    """exp_t(u) = [1 + (1-t) u]_+^(1/(1-t)), accurate near t = 1 (the inverse of ``log_t`` on its
+    range); 0 outside the finite support (t < 1). Out of place."""
+    one_minus_t = 1.0 - float(t)
+    if one_minus_t == 0.0:
+        return torch.exp(u)
+    return torch.exp(torch.log1p((one_minus_t * u).clamp(min=-1.0)) / one_minus_t)

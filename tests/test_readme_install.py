@@ -23,8 +23,8 @@ def test_cpu_build_of_torch_comes_from_pytorchs_cpu_index():
 
 
 def test_the_test_command_is_what_ci_runs():
-    command = ('python -m pip install torch==2.13.0 && python -m pip install -e ".[torch,triton,jax,test,demo,perf]"'
-               " && python -m pytest -q tests")
+    command = ('python -m pip install torch==2.13.0 && python -m pip install -e '
+               '".[torch,triton,jax,tensorflow-cpu,test,demo,perf]" && python -m pytest -q tests')
     assert command in README
     ci = (ROOT / ".ci" / "run").read_text()
     for step in command.split(" && "):

@@ -26,6 +26,23 @@ def concrete_float(value, name: str):
     return None
 
 
+def check_as_computed(value: float, name: str, check_value, dtype_name: str) -> float:
+    """``check_value`` (a check of this module) on a concrete ``value`` as given and again as rounded
+    to the compute dtype ``dtype_name`` ("float32" or "float64"): float32 rounds t1 = 1.99999999 to
+    2.0, t2 = 1e-50 to 0 and t2 = 1e39 to inf, values that pass as given but not as computed.
+    Returns the rounded value."""
+    import numpy as np  # (the only check that needs NumPy's rounding)
+
+    check_value(value)
+    with np.errstate(over="ignore"):  # 1e39 -> inf in float32: reported by the check below
+        rounded = float(np.asarray(value, dtype=np.dtype(dtype_name)))
+    try:
+        check_value(rounded)
+    except ValueError as error:
+        raise ValueError(f"{name} = {value!r} is {rounded!r} in {dtype_name} (the compute dtype): {error}") from None
+    return rounded
+
+
 def check_t(value, name: str) -> None:
     """Tempered-softmax temperature: finite t > 0 (t2 of the loss; t = inf gave NaN everywhere)."""
     if value is not None and not (value > 0.0 and math.isfinite(value)):

@@ -67,14 +67,7 @@ def scalar(value, name: str, dtype, check_value) -> tuple[jax.Array, float | Non
             concrete = float(np.asarray(value).reshape(()))
     if concrete is None:
         return jnp.asarray(value, dtype=dtype).reshape(()), None
-    check_value(concrete)
-    with np.errstate(over="ignore"):  # 1e39 -> inf in float32: reported by the check below
-        rounded = float(np.asarray(concrete, dtype=np.dtype(dtype)))
-    try:
-        check_value(rounded)
-    except ValueError as error:
-        raise ValueError(f"{name} = {concrete!r} is {rounded!r} in {np.dtype(dtype).name} (the compute dtype): "
-                         f"{error}") from None
+    rounded = check.check_as_computed(concrete, name, check_value, np.dtype(dtype).name)
     return jnp.asarray(value, dtype=dtype).reshape(()), rounded
 
 

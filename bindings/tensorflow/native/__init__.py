@@ -1,0 +1,1 @@
+"""SPEC in TensorFlow ops (XLA under ``tf.function(jit_compile=True)``)."""

@@ -128,7 +128,7 @@ def choose_providers(args):
         return [p for p in providers if p.name in args.providers]
     if args.smoke:
         return [p for p in providers if p.smoke_default]
-    return providers
+    return [p for p in providers if p.run_default]
 
 
 def make_inputs(cell: Cell, device, n_sets: int, acc_elements: int, scale: float, seed: int) -> Inputs:
@@ -420,7 +420,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
         for p in all_providers():
-            print(f"{p.name:22s} {p.framework:6s} {'t1=t2=1 only' if p.ce_only else ''}")
+            notes = ("t1=t2=1 only " if p.ce_only else "") + ("" if p.run_default else "(opt-in: name it)")
+            print(f"{p.name:26s} {p.framework:6s} {notes}")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

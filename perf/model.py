@@ -50,7 +50,7 @@ class Cell:
 
     n: int
     c: int
-    dtype: str          # "fp32" | "bf16"
+    dtype: str          # "fp32" | "bf16" | "fp16"
     labels: str         # "int" | "dense"
     t1: float
     t2: float

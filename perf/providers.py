@@ -73,6 +73,7 @@ class Provider:
     solver = "converged"
     ce_only = False          # a cross-entropy: only cells with t1 = t2 = 1
     smoke_default = True     # part of --smoke runs unless asked for explicitly
+    run_default = True       # part of runs that name no providers (False: an opt-in variant)
 
     def skip_reason(self, cell: Cell, device: torch.device) -> str | None:
         return None
@@ -144,22 +145,29 @@ class BitemperedTorch(Provider):
     temperatures as Python floats, or as 0-d tensors (``tensor_temperatures``: how a schedule
     held in a tensor passes them)."""
 
-    def __init__(self, backend: str, tensor_temperatures: bool = False, cpu_kernel: bool = True):
+    def __init__(self, backend: str, tensor_temperatures: bool = False, cpu_kernel: bool = True,
+                 weighted: bool = False):
         self.backend = backend
         self.tensor_temperatures = tensor_temperatures
         self.cpu_kernel = cpu_kernel  # False: the eager torch ops the C kernel replaces
+        self.weighted = weighted  # per-class weight= and per-row sample_weight= (class indices)
         self.name = f"bitempered-{backend}" if backend == "triton" else "bitempered-torch"
         if tensor_temperatures:
             self.name += "-tensor-t"
         if not cpu_kernel:
             self.name += "-eager"
             self.smoke_default = False
+        if weighted:
+            self.name += "-weighted"
+            self.smoke_default = self.run_default = False
 
     def skip_reason(self, cell, device):
         where_it_differs = device.type == "cpu" and (cell.t1, cell.t2, cell.labels, cell.dtype) == (1, 1, "dense", "fp32")
         if not self.cpu_kernel and not where_it_differs:
             return ("the C kernel's eager fallback: it differs from bitempered-torch only on CPU at t1 = t2 = 1 "
                     "with fp32 dense labels")
+        if self.weighted and cell.labels != "int":
+            return "per-class weights need class indices"
         if self.backend == "triton":
             if device.type != "cuda":
                 return "needs a CUDA GPU (on CPU Triton would run its slow interpreter)"
@@ -176,18 +184,25 @@ class BitemperedTorch(Provider):
         t1, t2 = cell.t1, cell.t2
         if self.tensor_temperatures:  # 0-d tensors on the logits' device
             t1, t2 = (torch.tensor(t, dtype=torch.float32, device=inputs.device) for t in (t1, t2))
-        loss = functools.partial(bt.bi_tempered_logistic_loss, t1=t1, t2=t2, backend=self.backend)
+        plain = functools.partial(bt.bi_tempered_logistic_loss, t1=t1, t2=t2, backend=self.backend)
+        loss = plain
+        if self.weighted:  # deterministic positive weights on the logits' device (rows: as many as x has)
+            weight = torch.linspace(0.5, 2.0, cell.c, device=inputs.device)
+            sample_weight = torch.linspace(0.25, 1.0, cell.n, device=inputs.device)
+            loss = lambda x, y, **kw: plain(x, y, weight=weight, sample_weight=sample_weight[:x.shape[0]], **kw)  # noqa: E731
         probs = functools.partial(bt.tempered_softmax, t=t2, backend=self.backend)
+        # (the accuracy check compares the unweighted rows: the reference knows no weights)
         runner = torch_autograd_runner(
-            lambda x, y: loss(x, y, reduction="sum"), lambda x, y: loss(x, y, reduction="none"),
+            lambda x, y: loss(x, y, reduction="sum"), lambda x, y: plain(x, y, reduction="none"),
             lambda x: probs(x.float()), inputs, directions)
         if not self.cpu_kernel:
             from bitempered.bindings.torch.native import cpu_kernel as cpu_kernels
 
             runner.calls = {d: _inside(cpu_kernels.switched_off, call) for d, call in runner.calls.items()}
             runner.evaluate = _inside(cpu_kernels.switched_off, runner.evaluate)
-        # The gradient is computed in the forward and the backward scales it in place, so a graph
-        # cannot be backpropagated twice (retain_graph): "bwd" alone is reported as n/a.
+        # The gradient is computed in the forward and the eager backward scales it in place; "bwd"
+        # alone backpropagates a retained graph, which multiplies out of place instead (another N x C
+        # buffer): it would time a different backward than a training step's, so it is reported as n/a.
         runner.calls.pop("bwd", None)
         if self.backend == "triton":
             runner.config = triton_config(cell)
@@ -483,6 +498,8 @@ class BitemperedJax(Provider):
         self.name = f"bitempered-jax-{backend}" + ("-const" if closed_over else "")
 
     def skip_reason(self, cell, device):
+        if self.weighted and cell.labels != "int":
+            return "per-class weights need class indices"
         if self.backend == "triton":
             if device.type != "cuda":
                 return "needs a CUDA GPU (jax-triton)"
@@ -601,6 +618,7 @@ class OptaxCE(Provider):
 
 def all_providers() -> list[Provider]:
     return [BitemperedTorch("triton"), BitemperedTorch("torch"), BitemperedTorch("torch", tensor_temperatures=True),
-            BitemperedTorch("torch", cpu_kernel=False),
+            BitemperedTorch("torch", cpu_kernel=False), BitemperedTorch("torch", weighted=True),
+            BitemperedTorch("triton", weighted=True),
             CompiledNative(), BitemperedJax("xla"), BitemperedJax("xla", closed_over=True), BitemperedJax("triton"),
             NaivePort(), OriginalJax(), TorchCE(False), TorchCE(True), LigerCE(), OptaxCE()]

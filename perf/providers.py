@@ -498,8 +498,6 @@ class BitemperedJax(Provider):
         self.name = f"bitempered-jax-{backend}" + ("-const" if closed_over else "")
 
     def skip_reason(self, cell, device):
-        if self.weighted and cell.labels != "int":
-            return "per-class weights need class indices"
         if self.backend == "triton":
             if device.type != "cuda":
                 return "needs a CUDA GPU (jax-triton)"

@@ -423,15 +423,7 @@ def _tempered_block(x: _Inputs, take, shift, t1, t2, num_iters):
     a_rows, shift_rows, y = take(x.a), take(shift), x.labels.smoothed(take)
     a0 = native.shifted(a_rows, shift_rows)
     if num_iters is None:
-        def softmax():  # t2 = 1: Y is the logsumexp, exact in one pass
-            return jnp.log(_row_sums(rows, jnp.exp(a0))[0])
-
-        def newton():
-            evaluate = native.local_evaluator(a0, t2)
-            return native.solve_normalizers(evaluate, native.support_size(a0, t2), t2, rows)[0]
-
-        y_norm = lax.cond(t2 == 1, softmax, newton)
-        log_p = native.log_p_at(a0, y_norm, t2)  # p_max = exp(-Y) sits at a0 = 0
+        log_p, _ = native.solve_converged(a0, t2, rows)
     else:
         log_p = native.tempered_log_softmax_rows(a0, t2, num_iters, rows)
     two_minus_t1 = 2.0 - t1

@@ -241,18 +241,19 @@ def log_p_at(a0: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
 def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
     """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
 
-    :func:`solve_normalizers` on the rows in memory, then log p once from the final y (fused by
-    XLA into its consumers). At t = 1 the normalizer is the logsumexp, exact in one pass.
+    :func:`solve_normalizers` on the rows in memory (at t = 1 the normalizer is the logsumexp,
+    exact in one pass): the run-time branch returns only the normalizer per row, and log p is
+    computed once from it, outside (fused by XLA into its consumers).
     """
     def iterate():
-        y, passes = solve_normalizers(local_evaluator(a0, t), support_size(a0, t), t, rows)
-        return log_p_at(a0, y, t), passes
+        return solve_normalizers(local_evaluator(a0, t), support_size(a0, t), t, rows)
 
     def softmax():  # t = 1: the normalizer is the logsumexp, exact in one pass
         (total,) = rows.sum(jnp.sum(jnp.exp(a0), axis=-1, keepdims=True))  # >= 1: the max is 0
-        return a0 - jnp.log(total), jnp.ones_like(total, jnp.int32)  # reduced: iterate's vma
+        return jnp.log(total), jnp.ones_like(total, jnp.int32)  # reduced: iterate's vma
 
-    return lax.cond(t == 1, softmax, iterate)
+    y, passes = lax.cond(t == 1, softmax, iterate)
+    return log_p_at(a0, y, t), passes
 
 
 def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int, rows: LocalRows = LOCAL_ROWS) -> jax.Array:

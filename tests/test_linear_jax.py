@@ -211,6 +211,29 @@ def test_low_precision_no_worse_than_materialized(dtype):
         assert err <= base_err + tol, (err, base_err)
 
 
+def test_float16_grad_hidden_survives_loss_scaling():
+    """float16 under a loss scale (issue #25): grad_hidden is held in float32 until the backward,
+    so every entry the scale brings into float16's normal range comes back there; the old float16
+    store of grad_hidden x 1/N (the control) loses those entries' precision."""
+    rng = np.random.default_rng(8)
+    n, width, c, scale = 2048, 16, 13, 65536.0
+    hidden = jnp.asarray(rng.standard_normal((n, width)), jnp.float16)
+    weight = jnp.asarray(0.5 * rng.standard_normal((c, width)), jnp.float16)
+    labels = jnp.asarray(rng.integers(0, c, n))
+    got = jax.grad(lambda h: scale * bj.linear_bi_tempered_logistic_loss(h, weight, labels, 0.8, 1.2,
+                                                                         reduction="mean"))(hidden)
+    logits = (hidden @ weight.T).astype(jnp.float32)  # the same float16 matmul, then float32
+    unit = jax.grad(lambda a: bj.bi_tempered_logistic_loss(a, labels, 0.8, 1.2, reduction="mean"))(logits)
+    want = np.asarray(unit @ weight.astype(jnp.float32)) * scale
+    normal = np.abs(want) >= 2.0**-14
+    error = lambda g: np.abs(np.asarray(g, np.float32) - want)[normal] / np.abs(want)[normal]  # noqa: E731
+    old = np.asarray(unit @ weight.astype(jnp.float32)).astype(np.float16).astype(np.float32) * scale
+    assert error(old).max() > 2e-2  # the control: float16 g / N is subnormal for many entries
+    assert (np.asarray(got)[normal] != 0).all()
+    # the chunk's gradient and its matmul round once each in float16 before the last rounding
+    assert np.abs(np.asarray(got, np.float32) - want).max() <= 4e-3 * np.abs(want).max()
+
+
 def test_memory_is_one_chunk_not_n_by_c():
     """XLA's temporaries of jit(value_and_grad): the fused program holds O(chunk x C), not N x C."""
     n, h, c, chunk = 512, 16, 2000, 32

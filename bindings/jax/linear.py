@@ -44,10 +44,12 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
     """(per-row losses [N], grad_hidden [N, H], grad_weight, grad_bias) in one pass over the chunks.
 
     ``row_weights`` [N] is each row's upstream value (the reduction's factor or the upstream
-    vector); grad_weight/grad_bias come back in the accumulation dtype; None where not computed.
+    vector); grad_hidden comes back in ``ops.stored_grad_dtype``, grad_weight/grad_bias in the
+    accumulation dtype; None where not computed.
     """
     num_rows, width = hidden.shape
     acc_dtype = native.compute_dtype(weight.dtype)
+    stored_dtype = ops.stored_grad_dtype(hidden.dtype)
     num_chunks = -(-num_rows // chunk)
     valid = _chunks(jnp.ones((num_rows,), bool), num_chunks, chunk, False)
     xs = (_chunks(hidden, num_chunks, chunk, 0), _chunks(labels, num_chunks, chunk, 0), valid,
@@ -66,7 +68,7 @@ def _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, row_weights, nu
             return carry, (loss, None)
         grad_weight, grad_bias = carry
         d = jnp.where(ok[:, None], d, 0.0)  # padded rows
-        grad_x = jnp.matmul(d, weight, preferred_element_type=acc_dtype).astype(hidden.dtype)
+        grad_x = jnp.matmul(d, weight, preferred_element_type=acc_dtype).astype(stored_dtype)
         grad_weight = grad_weight + jnp.matmul(d.T, x, preferred_element_type=acc_dtype)
         grad_bias = grad_bias + jnp.sum(d, axis=0, dtype=acc_dtype)
         return (grad_weight, grad_bias), (loss, grad_x)
@@ -96,10 +98,17 @@ def _linear_loss_fwd(hidden, weight, bias, labels, t1, t2, label_smoothing, fact
                           chunk, backend, False)[0]
         residuals = (hidden, weight, bias, labels, t1, t2, label_smoothing)
         return reductions.reduce(loss_rows, kept, reduction, factors), (residuals, factors, kept, loss_rows)
-    weights = reductions.row_weights(kept, reduction, t1.dtype, factors)
+    # float16 cannot hold the chunks' gradients x 1/N (ops.stored_grad_dtype): they keep only the
+    # rows' weights, and "mean"'s factor multiplies the float32 results
+    deferred = reduction == "mean" and ops.stored_grad_dtype(hidden.dtype) != hidden.dtype
+    weights = reductions.row_weights(kept, "sum" if deferred else reduction, t1.dtype, factors)
     loss_rows, grad_x, grad_weight, grad_bias = _scan(hidden, weight, bias, labels, t1, t2, label_smoothing, weights,
                                                       num_iters, ignore_index, chunk, backend, True)
-    like = (jnp.zeros((0,), weight.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
+    if deferred:
+        factor = reductions.mean_factor(kept, t1.dtype, factors)
+        grad_x, grad_weight, grad_bias = grad_x * factor, grad_weight * factor, grad_bias * factor
+    like = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), weight.dtype),
+            None if bias is None else jnp.zeros((0,), bias.dtype))
     residuals = (grad_x, grad_weight, grad_bias, like)
     return reductions.reduce(loss_rows, kept, reduction, factors), (residuals, factors, kept, loss_rows)
 
@@ -115,8 +124,8 @@ def _linear_loss_bwd(num_iters, ignore_index, reduction, chunk, backend, saved, 
         grad_x = grad_x.astype(hidden.dtype)
         like_weight, like_bias = weight, bias
     else:
-        grad_x, grad_weight, grad_bias, (like_weight, like_bias) = residuals
-        grad_x = (grad_x * grad_loss.astype(grad_x.dtype)).astype(grad_x.dtype)
+        grad_x, grad_weight, grad_bias, (like_hidden, like_weight, like_bias) = residuals
+        grad_x = (grad_x * grad_loss.astype(grad_x.dtype)).astype(like_hidden.dtype)  # rounded once
         grad_weight, grad_bias = grad_weight * grad_loss, grad_bias * grad_loss
     grad_weight = grad_weight.astype(like_weight.dtype)
     grad_bias = None if like_bias is None else grad_bias.astype(like_bias.dtype)

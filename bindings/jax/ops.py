@@ -50,6 +50,13 @@ def fold_batch(fn, num_arrays: int):
     return wrapped
 
 
+def stored_grad_dtype(dtype):
+    """The dtype a gradient stored by a forward pass for its backward is kept in: float32 for
+    float16 (whose range cannot hold dL/da x 1/N under a loss scale; SPEC "Precision"), else
+    ``dtype``."""
+    return jnp.float32 if dtype == jnp.float16 else dtype
+
+
 def scale_stored_gradient(grad, upstream, like):
     """upstream x the stored unit gradient, rounded once to ``like``'s dtype; ``upstream`` has
     the gradient's shape without its trailing class axis (if it has one)."""

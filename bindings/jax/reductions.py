@@ -52,12 +52,16 @@ def reduce(loss_rows, kept, reduction: str, factors=None):
     return total / count.astype(total.dtype)
 
 
+def mean_factor(kept, dtype, factors=None):
+    """1 / what "mean" divides by in :func:`reduce` (the kept rows' count, or the sum of
+    ``factors``), 0 when that is 0."""
+    count = (jnp.sum(kept) if factors is None else jnp.sum(factors)).astype(dtype)
+    return jnp.where(count > 0, 1.0 / jnp.where(count > 0, count, 1.0), 0.0)
+
+
 def row_weights(kept, reduction: str, dtype, factors=None):
     """Each row's factor on its gradient for "sum" (its weight: 1, or ``factors``) and "mean" (its
-    weight / the count of :func:`reduce`, 0 when that is 0): the upstream value of a loss that
-    computes its gradient in the forward pass."""
+    weight x :func:`mean_factor`): the upstream value of a loss that computes its gradient in the
+    forward pass."""
     weights = jnp.ones(kept.shape, dtype) if factors is None else factors.astype(dtype)
-    if reduction == "sum":
-        return weights
-    count = (jnp.sum(kept) if factors is None else jnp.sum(weights)).astype(dtype)
-    return weights * jnp.where(count > 0, 1.0 / jnp.where(count > 0, count, 1.0), 0.0)
+    return weights if reduction == "sum" else weights * mean_factor(kept, dtype, factors)

@@ -337,6 +337,7 @@ for _op, (_setup, _backward) in autograd_rules().items():
     _op.register_autograd(_backward, setup_context=_setup)
 
 # as F.cross_entropy under torch.autocast: the losses of 16-bit logits computed from float32 ones
-for _op in (loss_op, binary_loss_op):
+# (torch >= 2.5 has register_autocast; the public functions upcast on any torch themselves)
+for _op in (loss_op, binary_loss_op) if hasattr(torch.library, "register_autocast") else ():
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast(_op, _device, torch.float32)

@@ -25,6 +25,8 @@ pytestmark = EXPECTED
 FP16_TINY = 2.0**-14  # float16's smallest normal number
 FP16_MAX = 65504.0
 BACKENDS = ["torch"] + (["triton"] if INTERPRETED else [])
+# (a GPU session also runs the compiled kernels on CUDA tensors: backend "auto" there)
+DEVICE_BACKENDS = [("cpu", b) for b in BACKENDS] + ([("cuda", "auto")] if torch.cuda.is_available() else [])
 N, C = 2048, 13  # at N = 2048 a stored g/N is below float16's normal range for |g| < 0.125
 
 
@@ -69,11 +71,11 @@ def test_the_old_scaled_float16_storage_flushes_these_entries():
         _assert_fp16_survives(old, x.grad * scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("scale", [256.0, 65536.0])
-def test_float16_gradients_survive_loss_scaling(backend, reduction, scale):
-    logits, labels = _inputs()
+def test_float16_gradients_survive_loss_scaling(device, backend, reduction, scale):
+    logits, labels = (t.to(device) for t in _inputs())
     # "sum" and "none" (summed) have no 1/N: scale down so their result stays within float16's range
     scale = scale if reduction == "mean" else scale / N
     got, want = _scaled_grads(bt.bi_tempered_logistic_loss, logits, scale, labels=labels, t1=0.8, t2=1.2,

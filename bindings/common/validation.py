@@ -43,6 +43,18 @@ def check_as_computed(value: float, name: str, check_value, dtype_name: str) -> 
     return rounded
 
 
+def check_index_values(indices, num_classes: int, ignore_index: int | None) -> None:
+    """Concrete class indices (a NumPy array) lie in [0, C) or equal ``ignore_index`` (None: no
+    exception); ValueError with the first bad one and their count."""
+    bad = (indices < 0) | (indices >= num_classes)
+    if ignore_index is not None:
+        bad &= indices != ignore_index
+    if bad.any():
+        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"labels (class indices) must be in [0, {num_classes}){allowed}, "
+                         f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+
+
 def check_t(value, name: str) -> None:
     """Tempered-softmax temperature: finite t > 0 (t2 of the loss; t = inf gave NaN everywhere)."""
     if value is not None and not (value > 0.0 and math.isfinite(value)):

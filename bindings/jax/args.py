@@ -126,14 +126,7 @@ def check_indices(labels, num_classes: int, ignore_index: int | None) -> None:
     """Raises on an out-of-range class index when the labels are concrete (traced: NaN rows)."""
     if is_traced(labels):
         return
-    indices = np.asarray(labels)
-    bad = (indices < 0) | (indices >= num_classes)
-    if ignore_index is not None:
-        bad &= indices != ignore_index
-    if bad.any():
-        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-        raise ValueError(f"labels (class indices) must be in [0, {num_classes}){allowed}, "
-                         f"got {indices[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+    check.check_index_values(np.asarray(labels), num_classes, ignore_index)
 
 
 def _extremes(values, skip=None) -> tuple[float, float, bool]:

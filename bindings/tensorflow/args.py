@@ -102,13 +102,7 @@ def check_labels(labels: tf.Tensor, indices: bool, num_classes: int, ignore_inde
     if values is None or not np.size(values):
         return
     if indices:
-        bad = (values < 0) | (values >= num_classes)
-        if ignore_index is not None:
-            bad &= values != ignore_index
-        if bad.any():
-            allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-            raise ValueError(f"labels (class indices) must be in [0, {num_classes}){allowed}, "
-                             f"got {values[bad].reshape(-1)[0]} ({int(bad.sum())} bad entries)")
+        check.check_index_values(values, num_classes, ignore_index)
         return
     check_dense_labels(labels, ignore_index=None, values=values)
 

@@ -61,7 +61,7 @@ def tempered_binary_loss_kernel(
     x = tl.load(x_ptr + offs64 * stride_x, mask=in_range, other=0.0).to(tl.float32)
     y1 = tl.load(y_ptr + offs64 * stride_y, mask=in_range, other=0.0).to(tl.float32)
     a0 = two_class_tile(x, cols)
-    _, log2_p, p, q, _, _, _, _ = solve(a0, x_ptr, in_range, a0, a0, a0, ~in_range, 2, one_minus_t2,
+    _, log2_p, p, q, _, _, _, _ = solve(a0, x_ptr, 1, in_range, a0, a0, a0, ~in_range, 2, one_minus_t2,
                                         safe_reciprocal(one_minus_t2), 0.0, num_iters, ORIGINAL,
                                         False, MAX_PASSES, BLOCK, 2)
     y = scale * tl.where(cols == 1, y1, 1.0 - y1) + add
@@ -99,7 +99,7 @@ def tempered_sigmoid_fwd_kernel(
     one_minus_t = 1.0 - tl.load(t_ptr)
     x = tl.load(x_ptr + offs64 * stride_x, mask=in_range, other=0.0).to(tl.float32)
     a0 = two_class_tile(x, cols)
-    _, _, p, _, _, _, _, _ = solve(a0, x_ptr, in_range, a0, a0, a0, ~in_range, 2, one_minus_t,
+    _, _, p, _, _, _, _, _ = solve(a0, x_ptr, 1, in_range, a0, a0, a0, ~in_range, 2, one_minus_t,
                                    safe_reciprocal(one_minus_t), 0.0, num_iters, ORIGINAL, False,
                                    MAX_PASSES, BLOCK, 2)
     probs = second_class(p, cols)

@@ -31,6 +31,13 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
   (BLOCK_ROWS = 1024 // BLOCK_COLS) so that a program still has >= 1024 elements of work; every
   row of a program runs as many solver passes as the slowest one. Not timed.
 - ``BINARY_BLOCK = 1024``: elements per program of the binary kernels ([1024, 2] tile). Not timed.
+- Strided classes (``row_config(..., strided=True)``: F.cross_entropy's (N, C, H, W), read in place
+  with class stride H W and consecutive positions contiguous): a program takes at least
+  ``STRIDED_MIN_ROWS`` = 16 consecutive positions (up to 64 for small C, a ``STRIDED_TILE`` = 2048
+  element tile), so every class's load is a contiguous run of 64-256 bytes across positions
+  instead of one element per row. On chip up to C = 256 (a 16 x 256 tile, within the 4096
+  elements of the on-chip tile); above, chunks of 16 positions x 128 classes. Not timed, not tuned
+  (the autotuner's candidates are for rows with unit class stride).
 
 Candidate sets (what the tuner may pick; ``python -m bitempered.tune --report DIR``
 record the times, so a tuned table can be folded back into the constants above):
@@ -61,6 +68,9 @@ ON_CHIP_LIMIT = {4: 4096, 2: 4096}  # element size in bytes -> largest on-chip C
 CHUNK_COLS = 2048
 SMALL_ROW_TILE = 1024
 BINARY_BLOCK = 1024
+STRIDED_MIN_ROWS = 16
+STRIDED_MAX_ROWS = 64
+STRIDED_TILE = 2048
 
 TUNE_ROW_TILES = (512, 1024, 2048, 4096)  # elements per program of the packed on-chip path
 TUNE_CHUNKED_FROM = 1024                  # C above which the chunked path is timed too
@@ -144,15 +154,28 @@ def override_on_chip_limit(limit: int):
         _on_chip_limit_override = saved
 
 
-def row_config(n_cols: int, elem_bytes: int) -> RowConfig:
-    """Configuration of the row kernels for C = n_cols classes of ``elem_bytes``-byte logits."""
+def row_config(n_cols: int, elem_bytes: int, strided: bool = False) -> RowConfig:
+    """Configuration of the row kernels for C = n_cols classes of ``elem_bytes``-byte logits;
+    ``strided``: the classes are not contiguous (class stride != 1, e.g. NCHW logits read in place)."""
     limit = on_chip_limit(elem_bytes)
+    if strided:
+        return _strided_config(n_cols, limit)
     if n_cols > limit:
         block_cols = min(CHUNK_COLS, next_power_of_2(limit))
         return RowConfig(True, 1, block_cols, warps_for(block_cols))
     block_cols = next_power_of_2(n_cols)
     block_rows = max(1, SMALL_ROW_TILE // block_cols)
     return RowConfig(False, block_rows, block_cols, warps_for(block_rows * block_cols))
+
+
+def _strided_config(n_cols: int, limit: int) -> RowConfig:
+    """Strided classes: tiles of consecutive positions x classes (module docstring)."""
+    block_cols = next_power_of_2(n_cols)
+    if n_cols <= limit and block_cols * STRIDED_MIN_ROWS <= min(limit, 2 * STRIDED_TILE):
+        rows = max(STRIDED_MIN_ROWS, min(STRIDED_MAX_ROWS, STRIDED_TILE // block_cols))
+        return RowConfig(False, rows, block_cols, warps_for(rows * block_cols))
+    chunk = min(STRIDED_TILE // STRIDED_MIN_ROWS, next_power_of_2(max(1, limit // STRIDED_MIN_ROWS)))
+    return RowConfig(True, STRIDED_MIN_ROWS, chunk, warps_for(STRIDED_MIN_ROWS * chunk))
 
 
 def binary_config() -> BinaryConfig:
@@ -222,6 +245,17 @@ def shipped_row_configs() -> list[RowConfig]:
             n *= 2
         configs.append(row_config(limit + 1, elem_bytes))
     return sorted(set(configs), key=lambda c: (c.chunked, c.block_cols, c.block_rows))
+
+
+def shipped_strided_row_configs() -> list[RowConfig]:
+    """Every RowConfig the heuristic returns for strided classes (``row_config(strided=True)``)."""
+    configs = set()
+    for elem_bytes in sorted(ON_CHIP_LIMIT):
+        n = 1
+        while n <= 2 * ON_CHIP_LIMIT[elem_bytes]:
+            configs.add(row_config(n, elem_bytes, strided=True))
+            n *= 2
+    return sorted(configs, key=lambda c: (c.chunked, c.block_cols, c.block_rows))
 
 
 def shipped_binary_configs() -> list[BinaryConfig]:

@@ -122,15 +122,36 @@ def shift(a, mx, mask):
 
 
 @triton.jit
-def load_shifted(row_ptr, row_mask, cols, n_cols, mx):
-    """Loads one chunk of rows (native dtype -> fp32) shifted by the row max; returns (a0, mask)."""
+def row_block(n_inner, BLOCK_ROWS: tl.constexpr):
+    """This program's rows: BLOCK_ROWS consecutive inner positions of one outer index.
+
+    The rows of logits with the class axis removed are (outer, inner) pairs in row-major order:
+    for rows [N, C], outer 0 and inner the row; for F.cross_entropy's (N, C, H, W), outer n and
+    inner h W + w. Consecutive inner positions make a tile contiguous along its rows when the
+    classes are strided (NCHW: class stride H W, inner stride 1), so its loads coalesce across
+    positions. The grid has n_outer x cdiv(n_inner, BLOCK_ROWS) programs. Returns (rows: linear
+    row numbers for per-row inputs/outputs, int64 [BLOCK_ROWS, 1]; row mask; outer: int64 scalar;
+    inner: int64 [BLOCK_ROWS, 1]); a tensor's row offset is outer * its outer stride + inner * its
+    inner stride.
+    """
+    blocks = tl.cdiv(n_inner, BLOCK_ROWS)
+    pid = tl.program_id(0)
+    outer = (pid // blocks).to(tl.int64)
+    inner = ((pid % blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]).to(tl.int64)
+    return outer * n_inner + inner, inner < n_inner, outer, inner
+
+
+@triton.jit
+def load_shifted(row_ptr, stride_class, row_mask, cols, n_cols, mx):
+    """Loads one chunk of rows (native dtype -> fp32) shifted by the row max; returns (a0, mask).
+    ``stride_class``: elements between classes (1 for rows; H x W for F.cross_entropy's NCHW)."""
     mask = row_mask & (cols < n_cols)
-    a = tl.load(row_ptr + cols, mask=mask, other=-INF).to(tl.float32)
+    a = tl.load(row_ptr + cols * stride_class, mask=mask, other=-INF).to(tl.float32)
     return shift(a, mx, mask), mask
 
 
 @triton.jit
-def row_max_chunked(row_ptr, row_mask, n_cols, one_minus_t, BLOCK_ROWS: tl.constexpr,
+def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, BLOCK_ROWS: tl.constexpr,
                     BLOCK_COLS: tl.constexpr):
     """The first sweep over a long row: (max, f0, n_pos), NaN-propagating max.
 
@@ -146,7 +167,7 @@ def row_max_chunked(row_ptr, row_mask, n_cols, one_minus_t, BLOCK_ROWS: tl.const
     n_pos_inf = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     for start in range(0, n_cols, BLOCK_COLS):
         mask = row_mask & (start + cols < n_cols)
-        a = tl.load(row_ptr + start + cols, mask=mask, other=-INF).to(tl.float32)
+        a = tl.load(row_ptr + (start + cols) * stride_class, mask=mask, other=-INF).to(tl.float32)
         chunk_max = nan_max(a, 1)
         # maximum() may drop a NaN operand: keep NaN sticky explicitly
         has_nan = (mx != mx) | (chunk_max != chunk_max)
@@ -195,7 +216,7 @@ def escort_powers(log2_p, p, power):
 
 
 @triton.jit
-def streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, power,
+def streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, power,
                   BLOCK_COLS: tl.constexpr):
     """One pass over a long row at Y, streamed in chunks: (f, g, s1 = sum p^(1+k),
     s0 = sum_{p > 0} p^k, D = the support count of kernels/README.md).
@@ -210,7 +231,8 @@ def streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_
     s0 = tl.zeros_like(y2)
     count = tl.zeros_like(y2)
     for start in range(0, n_cols, BLOCK_COLS):
-        a0, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+        a0, _ = load_shifted(row_ptr + start * stride_class, stride_class, row_mask, cols,
+                             n_cols - start, mx)
         log2_p, p, q = evaluate(a0, y2, one_minus_t, inv_one_minus_t)
         p_k1, p_k = escort_powers(log2_p, p, power)
         f += tl.sum(p, axis=1, keep_dims=True)
@@ -223,12 +245,12 @@ def streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_
 
 
 @triton.jit
-def sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+def sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
             CHUNKED: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """(f, g, log2 p, p, q) at Y: from the register tile a0, or streamed over the row (CHUNKED,
     where the per-element outputs are returned as a0 unchanged and mean nothing)."""
     if CHUNKED:
-        f, g, _s1, _s0, _d = streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t,
+        f, g, _s1, _s0, _d = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                            inv_one_minus_t, 0.0, BLOCK_COLS)
         log2_p = a0
         p = a0
@@ -241,16 +263,16 @@ def sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
 
 
 @triton.jit
-def support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+def support_size(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
                  CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """D = #{i : a0_i > -1/(1-t)} for t < 1 (classes that can have p > 0), C for t >= 1; >= 1.
     The chunked path spends one extra read pass on it, only when t < 1."""
-    return tl.maximum(support_count(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+    return tl.maximum(support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
                                     CHUNKED, BLOCK_ROWS, BLOCK_COLS), 1.0)
 
 
 @triton.jit
-def support_count(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+def support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
                   CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """``support_size`` without its >= 1 floor: a slice of a sharded row may hold none of the
     support (the floor applies to the reduced count)."""
@@ -260,7 +282,8 @@ def support_count(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_
             cols = tl.arange(0, BLOCK_COLS)[None, :]
             count = tl.zeros([BLOCK_ROWS, 1], tl.float32)
             for start in range(0, n_cols, BLOCK_COLS):
-                a0_chunk, _ = load_shifted(row_ptr + start, row_mask, cols, n_cols - start, mx)
+                a0_chunk, _ = load_shifted(row_ptr + start * stride_class, stride_class, row_mask,
+                                           cols, n_cols - start, mx)
                 in_support = (a0_chunk > -inv_one_minus_t).to(tl.float32)
                 count += tl.sum(in_support, axis=1, keep_dims=True)
         else:
@@ -296,7 +319,7 @@ def newton_step(y2, f, g, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus
 
 
 @triton.jit
-def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, inv_one_minus_t,
+def solve(a0, row_ptr, stride_class, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, inv_one_minus_t,
           power, num_iters, ORIGINAL: tl.constexpr, CHUNKED: tl.constexpr,
           MAX_PASSES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """THE normalization solver. Returns (Y, log2 p, p, q, f, g, s1, s0) of the last evaluation.
@@ -323,11 +346,11 @@ def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, i
             y2 = zero
             n_steps = tl.where(one_minus_t == 0.0, 1, num_iters + 1)
             for _step in range(n_steps):
-                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                              inv_one_minus_t, CHUNKED, BLOCK_COLS)
                 y2 = y2 + tl.log2(f)
         else:
-            support = support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
+            support = support_size(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
                                    CHUNKED, BLOCK_ROWS, BLOCK_COLS)
             lo = zero
             # hi = -log_t(1/D) = -expm1((1-t) log(1/D)) / (1-t)
@@ -336,14 +359,14 @@ def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, i
                 mid = 0.5 * (lo + hi)
                 log2_c, _rinv = log2_1p(-one_minus_t * mid)  # c = 1 - (1-t) lam
                 y_mid = -log2_c * inv_one_minus_t
-                f, g, log2_p, p, q = sums_at(y_mid, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                f, g, log2_p, p, q = sums_at(y_mid, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                              inv_one_minus_t, CHUNKED, BLOCK_COLS)
                 below = f < 1.0
                 hi = tl.where(below, mid, hi)
                 lo = tl.where(below, lo, mid)
             log2_c, _rinv = log2_1p(-one_minus_t * (0.5 * (lo + hi)))
             y2 = -log2_c * inv_one_minus_t
-        f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+        f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                      inv_one_minus_t, CHUNKED, BLOCK_COLS)
         s1 = f
         s0 = zero
@@ -368,7 +391,7 @@ def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, i
             g = zero
             s1 = zero
             s0 = zero
-            hi = tl.log2(support_size(a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+            hi = tl.log2(support_size(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                       inv_one_minus_t, CHUNKED, BLOCK_ROWS, BLOCK_COLS))
         lo_evaluated = zero != zero
         y_evaluated = y2
@@ -377,11 +400,11 @@ def solve(a0, row_ptr, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, i
         while (n_pass < MAX_PASSES) & (n_active > 0):
             y_evaluated = y2
             if CHUNKED:
-                f, g, s1, s0, support = streamed_sums(y2, row_ptr, row_mask, mx, n_cols, one_minus_t,
-                                                      inv_one_minus_t, power, BLOCK_COLS)
+                f, g, s1, s0, support = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols,
+                                                      one_minus_t, inv_one_minus_t, power, BLOCK_COLS)
                 hi = tl.where(n_pass == 0, tl.log2(tl.maximum(support, 1.0)), hi)
             else:
-                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, row_mask, mx, n_cols, one_minus_t,
+                f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                              inv_one_minus_t, CHUNKED, BLOCK_COLS)
             y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, lo, hi, lo_evaluated, done,
                                                          one_minus_t, inv_one_minus_t)

@@ -10,8 +10,9 @@ each reduction; the launcher runs the one solver's per-row update between the la
 - ``gradient_kernel``: the gradient of this slice from the reduced sums, d - e / sum(e) * sum(d),
   times the per-row scale (0 for ignored rows, NaN for bad labels).
 
-Inputs of every kernel: the logits slice (native dtype; only the class stride is 1), the GLOBAL
-row max and y = -log p_max in natural units (fp32 [N]). Temperatures and label smoothing are
+Inputs of every kernel: the logits slice (native dtype, any layout addressed as (outer, inner,
+class) like the other row kernels: ``tempered_math.row_block``), the GLOBAL row max and
+y = -log p_max in natural units (fp32 [N], row order). Temperatures and label smoothing are
 1-element fp32 arrays (loaded, as in ``loss.py``: a traced or 0-d tensor value compiles once);
 smoothing uses the GLOBAL class count ``num_classes``. Every pass streams the row in BLOCK_COLS
 chunks through the helpers of ``tempered_math.py`` (the Y of those helpers is y log2 e).
@@ -22,55 +23,47 @@ import triton.language as tl
 
 from .loss import label_tile
 from .tempered_math import (
-    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, safe_reciprocal, smoothing_coefficients, sums_at,
-    support_count,
+    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, row_block, safe_reciprocal, smoothing_coefficients,
+    sums_at, support_count,
 )
 
 
 @triton.jit
-def _rows(n_rows, stride, BLOCK_ROWS: tl.constexpr):
-    """(row indices [R, 1], their mask, int64 row offsets) of this program."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
-    row_mask = rows < n_rows
-    return rows, row_mask, rows.to(tl.int64) * stride
-
-
-@triton.jit
 def partial_sums_kernel(
-    # input pointers: logits slice [N, C_local]; global row max [N] and y [N] (fp32); the
+    # input pointers: logits slice (rows x C_local); global row max [N] and y [N] (fp32); the
     # temperature [1] (fp32)
     logits_ptr, row_max_ptr, y_ptr, t_ptr,
-    # sizes, strides (elements)
-    n_rows, n_cols, stride_logits,
+    # sizes (rows as (outer, inner): ``row_block``), strides (elements: outer, inner, class)
+    n_inner, n_cols, stride_logits_outer, stride_logits_inner, stride_logits_class,
     # output pointer: [N, 3] fp32 (f, g, D of this slice; D written only with COUNT_SUPPORT)
     sums_ptr,
     COUNT_SUPPORT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
-    row_ptr = logits_ptr + offsets
+    rows, row_mask, outer, inner = row_block(n_inner, BLOCK_ROWS)
+    row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
     mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
     one_minus_t = 1.0 - tl.load(t_ptr)
     inv_one_minus_t = safe_reciprocal(one_minus_t)
-    f, g, _, _, _ = sums_at(y2, y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True, BLOCK_COLS)
-    out = sums_ptr + rows.to(tl.int64) * 3
+    f, g, _, _, _ = sums_at(y2, y2, row_ptr, stride_logits_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True, BLOCK_COLS)
+    out = sums_ptr + rows * 3
     tl.store(out, f, mask=row_mask)
     tl.store(out + 1, g, mask=row_mask)
     if COUNT_SUPPORT:  # the slice's count, streamed (the >= 1 floor applies to the reduced D)
-        count = support_count(y2, row_ptr, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True,
+        count = support_count(y2, row_ptr, stride_logits_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True,
                               BLOCK_ROWS, BLOCK_COLS)
         tl.store(out + 2, count, mask=row_mask)
 
 
 @triton.jit
-def _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES: tl.constexpr):
+def _row_state(row_max_ptr, y_ptr, label_rows, row_mask, LABELS_ARE_INDICES: tl.constexpr, rows):
     """Per-row (global max, Y = y log2 e, class index) of the epilogue and gradient kernels (the
-    index is the row number, unused, for dense labels)."""
+    index is the row number, unused, for dense labels); ``label_rows``: each row's label pointer."""
     mx = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
     idx = rows
     if LABELS_ARE_INDICES:
-        idx = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        idx = tl.load(label_rows, mask=row_mask, other=-1)
     return mx, y2, idx
 
 
@@ -83,32 +76,37 @@ def _settings(t1_ptr, t2_ptr, smoothing_ptr, num_classes):
 
 
 @triton.jit
-def _epilogue_chunk(row_ptr, label_row_ptr, idx, row_mask, cols, n_cols, mx, y2, t2, scale, add,
-                    one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES: tl.constexpr):
+def _epilogue_chunk(row_ptr, stride_class, label_row_ptr, stride_labels_class, idx, row_mask, cols, n_cols, mx,
+                    y2, t2, scale, add, one_minus_t1, inv_one_minus_t1, two_minus_t1,
+                    LABELS_ARE_INDICES: tl.constexpr):
     """(y, log_t1 y, y^(2-t1), log2 p, p, mask) of one chunk of a slice at the converged Y."""
-    a0, mask = load_shifted(row_ptr, row_mask, cols, n_cols, mx)
+    a0, mask = load_shifted(row_ptr, stride_class, row_mask, cols, n_cols, mx)
     one_minus_t2 = 1.0 - t2
     log2_p, p, _ = evaluate(a0, y2, one_minus_t2, safe_reciprocal(one_minus_t2))
-    y, log_t_y, pow_y = label_tile(label_row_ptr, idx, mask, cols, scale, add, one_minus_t1, inv_one_minus_t1,
+    y, log_t_y, pow_y = label_tile(label_row_ptr, stride_labels_class, idx, mask, cols, scale, add, one_minus_t1, inv_one_minus_t1,
                                    two_minus_t1, LABELS_ARE_INDICES)
     return y, log_t_y, pow_y, log2_p, p, mask
 
 
 @triton.jit
 def epilogue_sums_kernel(
-    # input pointers: logits slice [N, C_local]; labels: dense slice [N, C_local] or [N] class
-    # indices LOCAL to the slice (the global index minus the slice's first class; may be outside
+    # input pointers: logits slice (rows x C_local); labels: dense slice of its layout or class
+    # indices (one per row, row order) LOCAL to the slice (the global index minus the slice's first class; may be outside
     # [0, C_local)); global row max [N] and converged y [N]; temperatures and label smoothing
     # [1] (all fp32)
     logits_ptr, labels_ptr, row_max_ptr, y_ptr, t1_ptr, t2_ptr, smoothing_ptr,
-    # sizes (num_classes: the GLOBAL C, for the smoothing), strides (elements)
-    num_classes, n_rows, n_cols, stride_logits, stride_labels,
+    # sizes (num_classes: the GLOBAL C, for the smoothing), strides (elements: outer, inner, class;
+    # class indices: (n_inner, 1, 0))
+    num_classes, n_inner, n_cols, stride_logits_outer, stride_logits_inner, stride_logits_class,
+    stride_labels_outer, stride_labels_inner, stride_labels_class,
     # output pointer: [N, 3] fp32 (loss, sum e, sum d of this slice)
     sums_ptr,
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
-    mx, y2, idx = _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES)
+    rows, row_mask, outer, inner = row_block(n_inner, BLOCK_ROWS)
+    row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
+    label_rows = labels_ptr + outer * stride_labels_outer + inner * stride_labels_inner
+    mx, y2, idx = _row_state(row_max_ptr, y_ptr, label_rows, row_mask, LABELS_ARE_INDICES, rows)
     t1, t2, scale, add = _settings(t1_ptr, t2_ptr, smoothing_ptr, num_classes)
     one_minus_t1 = 1.0 - t1
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
@@ -117,17 +115,17 @@ def epilogue_sums_kernel(
     sum_e = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     sum_d = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     cols = tl.arange(0, BLOCK_COLS)[None, :]
-    label_rows = labels_ptr + rows.to(tl.int64) * stride_labels
     for start in range(0, n_cols, BLOCK_COLS):
         y, log_t_y, pow_y, log2_p, p, mask = _epilogue_chunk(
-            logits_ptr + offsets + start, label_rows + start, idx - start, row_mask, cols, n_cols - start, mx, y2,
-            t2, scale, add, one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
+            row_ptr + start * stride_logits_class, stride_logits_class, label_rows + start * stride_labels_class,
+            stride_labels_class, idx - start, row_mask, cols, n_cols - start, mx, y2, t2, scale, add, one_minus_t1,
+            inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
         terms = loss_terms(y, log_t_y, pow_y, log2_p, one_minus_t1, inv_one_minus_t1, two_minus_t1,
                            1.0 / two_minus_t1)
         loss += tl.sum(tl.where(mask, terms, 0.0), axis=1, keep_dims=True)
         sum_e += tl.sum(tl.where(mask, tl.exp2(t2 * log2_p), 0.0), axis=1, keep_dims=True)
         sum_d += tl.sum(tl.where(mask, grad_terms(y, log2_p, p, t2 - t1), 0.0), axis=1, keep_dims=True)
-    out = sums_ptr + rows.to(tl.int64) * 3
+    out = sums_ptr + rows * 3
     tl.store(out, loss, mask=row_mask)
     tl.store(out + 1, sum_e, mask=row_mask)
     tl.store(out + 2, sum_d, mask=row_mask)
@@ -138,15 +136,20 @@ def gradient_kernel(
     # input pointers: as epilogue_sums_kernel, plus the REDUCED sums [N, 3] (loss, sum e, sum d)
     # and the per-row gradient scale [N] (fp32; 0: ignored row, NaN: bad label)
     logits_ptr, labels_ptr, row_max_ptr, y_ptr, t1_ptr, t2_ptr, smoothing_ptr, sums_ptr, row_scale_ptr,
-    # sizes, strides (elements)
-    num_classes, n_rows, n_cols, stride_logits, stride_labels, stride_grad,
-    # output pointer: the gradient slice [N, C_local] (any float dtype; rounded once)
+    # sizes, strides (elements: outer, inner, class, as in epilogue_sums_kernel)
+    num_classes, n_inner, n_cols, stride_logits_outer, stride_logits_inner, stride_logits_class,
+    stride_labels_outer, stride_labels_inner, stride_labels_class,
+    stride_grad_outer, stride_grad_inner, stride_grad_class,
+    # output pointer: the gradient slice (any float dtype, any layout; rounded once)
     grad_ptr,
     LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    rows, row_mask, offsets = _rows(n_rows, stride_logits, BLOCK_ROWS)
-    mx, y2, idx = _row_state(row_max_ptr, y_ptr, labels_ptr, rows, row_mask, LABELS_ARE_INDICES)
-    sums = sums_ptr + rows.to(tl.int64) * 3
+    rows, row_mask, outer, inner = row_block(n_inner, BLOCK_ROWS)
+    row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
+    label_rows = labels_ptr + outer * stride_labels_outer + inner * stride_labels_inner
+    grad_rows = grad_ptr + outer * stride_grad_outer + inner * stride_grad_inner
+    mx, y2, idx = _row_state(row_max_ptr, y_ptr, label_rows, row_mask, LABELS_ARE_INDICES, rows)
+    sums = sums_ptr + rows * 3
     sum_e = tl.load(sums + 1, mask=row_mask, other=1.0)
     sum_d = tl.load(sums + 2, mask=row_mask, other=0.0)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
@@ -155,13 +158,12 @@ def gradient_kernel(
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
     two_minus_t1 = 2.0 - t1
     cols = tl.arange(0, BLOCK_COLS)[None, :]
-    label_rows = labels_ptr + rows.to(tl.int64) * stride_labels
-    grad_rows = grad_ptr + rows.to(tl.int64) * stride_grad
     for start in range(0, n_cols, BLOCK_COLS):
         y, _, _, log2_p, p, mask = _epilogue_chunk(
-            logits_ptr + offsets + start, label_rows + start, idx - start, row_mask, cols, n_cols - start, mx, y2,
-            t2, scale, add, one_minus_t1, inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
+            row_ptr + start * stride_logits_class, stride_logits_class, label_rows + start * stride_labels_class,
+            stride_labels_class, idx - start, row_mask, cols, n_cols - start, mx, y2, t2, scale, add, one_minus_t1,
+            inv_one_minus_t1, two_minus_t1, LABELS_ARE_INDICES)
         d = grad_terms(y, log2_p, p, t2 - t1)
         grad = d - tl.exp2(t2 * log2_p) / sum_e * sum_d
         grad = tl.where(row_scale == 0.0, 0.0, row_scale * grad)  # ignored rows: 0 even for inf/NaN logits
-        tl.store(grad_rows + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_rows + (start + cols) * stride_grad_class, grad.to(grad_ptr.dtype.element_ty), mask=mask)

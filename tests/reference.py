@@ -14,17 +14,19 @@ def exp_t(u, t):
     u = np.asarray(u, dtype=np.float64)
     if t == 1.0:
         return np.exp(u)
+    # log1p form: accurate near t = 1 too (the temperature gradients are checked by finite
+    # differences in t there)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        base = np.maximum(1.0 + (1.0 - t) * u, 0.0)
-        return np.where(base > 0, base ** (1.0 / (1.0 - t)), 0.0)
+        w = (1.0 - t) * u
+        return np.where(w > -1.0, np.exp(np.log1p(np.maximum(w, -1.0)) / (1.0 - t)), 0.0)
 
 
 def log_t(x, t):
     x = np.asarray(x, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         if t == 1.0:
             return np.log(x)
-        return (x ** (1.0 - t) - 1.0) / (1.0 - t)
+        return np.expm1((1.0 - t) * np.log(x)) / (1.0 - t)
 
 
 def shift_by_max(a):
@@ -56,8 +58,8 @@ def log_tempered_softmax(a, t):
         if t == 1.0:
             top = np.where(np.isneginf(a0), 0.0, np.exp(a0))
             return a0 - np.log(top.sum(axis=-1, keepdims=True))
-        base = np.maximum(1.0 + (1.0 - t) * (a0 - normalizer_of_shifted(a0, t)), 0.0)
-        return np.log(base) / (1.0 - t)
+        w = np.maximum((1.0 - t) * (a0 - normalizer_of_shifted(a0, t)), -1.0)
+        return np.log1p(w) / (1.0 - t)
 
 
 def tempered_softmax(a, t):

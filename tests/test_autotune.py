@@ -448,13 +448,17 @@ def test_jax_launchers_read_the_cache_and_never_time(tuning, monkeypatch):
     logits = jnp.zeros((4, 20), jnp.bfloat16)
     labels = jnp.zeros((4,), jnp.int32)
     key = {"labels": "indices", "need_grad": True, "original": False}
-    assert jk._row_config("loss", logits, **key) == launch_config.row_config(20, 2)
+    rows = jk._layout(logits.shape, -1)
+    assert jk._row_config("loss", logits, -1, rows, **key) == launch_config.row_config(20, 2)
     assert not autotune.cache_path(DEVICE).exists()  # a miss writes nothing
     tuned = launch_config.RowConfig(True, 1, 16, 2, maxnreg=None, num_stages=1)
     autotune._store(DEVICE, autotune.cache_key("loss", 20, "bfloat16", "indices", True, False),
                     {"config": dataclasses.asdict(tuned)})
     autotune.clear_memory()
-    assert jk._row_config("loss", logits, **key) == tuned
+    assert jk._row_config("loss", logits, -1, rows, **key) == tuned
+    # classes strided (axis 0 of [20, 4]): the strided heuristic, never a tuned row config
+    strided = jk._row_config("loss", logits.T, 0, jk._layout(logits.T.shape, 0), **key)
+    assert strided == launch_config.row_config(20, 2, strided=True) != tuned
     assert jk._options(tuned) == {"num_warps": 2, "num_stages": 1}  # triton_call takes no maxnreg
     assert jk._binary_config("sigmoid_bwd", labels.astype(jnp.float32)) == launch_config.binary_config()
 

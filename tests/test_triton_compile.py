@@ -53,35 +53,64 @@ def _jobs():
     on_chip = [c for c in configs if not c.chunked]
     edges = {on_chip[0], on_chip[-1]} | {c for c in configs if c.chunked}
     jobs = []
+    # rows [N, C]: the runtime specializes the unit class strides (an int argument equal to 1 is a
+    # constant in Triton's launches), so these compiles do too
+    unit_class = dict(stride_logits_class=1, stride_grad_class=1)
     for cfg in configs:
         blocks = dict(CHUNKED=cfg.chunked, BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
         name = f"{cfg.path}[{cfg.block_rows}x{cfg.block_cols}]"
-        loss_variants = [("fp32", "*fp32", False, False)]  # (logits, labels, INDICES, ORIGINAL)
+        # (logits, labels, INDICES, ORIGINAL, NEED_TEMP_GRAD: the learnable-temperature variant)
+        loss_variants = [("fp32", "*fp32", False, False, False)]
         if cfg in edges:
-            loss_variants += [("bf16", "*bf16", False, False), ("bf16", "*i64", True, False),
-                              ("fp16", "*i64", True, True)]
-        for dtype, labels, indices, original in loss_variants:
+            loss_variants += [("bf16", "*bf16", False, False, False), ("bf16", "*i64", True, False, False),
+                              ("fp16", "*i64", True, True, False), ("bf16", "*i64", True, False, True),
+                              ("fp32", "*fp32", False, False, True)]
+        for dtype, labels, indices, original, temp_grad in loss_variants:
             jobs.append((f"loss {name} {dtype} {'indices' if indices else 'dense'}"
-                         f"{' original' if original else ''}", tempered_loss_kernel,
+                         f"{' original' if original else ''}{' temp_grad' if temp_grad else ''}",
+                         tempered_loss_kernel,
                          {"logits_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "labels_ptr": labels},
-                         dict(blocks, LABELS_ARE_INDICES=indices, NEED_GRAD=True, ORIGINAL=original,
-                              MAX_PASSES=lc.MAX_PASSES), cfg))
+                         dict(blocks, **unit_class, **({} if indices else {"stride_labels_class": 1}),
+                              LABELS_ARE_INDICES=indices, NEED_GRAD=True, NEED_TEMP_GRAD=temp_grad,
+                              ORIGINAL=original, MAX_PASSES=lc.MAX_PASSES), cfg))
         for original in (False, True) if cfg in edges else ():
             jobs.append((f"softmax_fwd {name}{' original' if original else ''}",
                          tempered_softmax_fwd_kernel, {},
-                         dict(blocks, ORIGINAL=original, MAX_PASSES=lc.MAX_PASSES), cfg))
-        jobs.append((f"softmax_bwd {name}", tempered_softmax_bwd_kernel, {}, blocks, cfg))
+                         dict(blocks, stride_logits_class=1, stride_probs_class=1, ORIGINAL=original,
+                              MAX_PASSES=lc.MAX_PASSES), cfg))
+        for temp_grad in (False, True) if cfg in edges else (False,):
+            jobs.append((f"softmax_bwd {name}{' temp_grad' if temp_grad else ''}", tempered_softmax_bwd_kernel, {},
+                         dict(blocks, stride_probs_class=1, stride_grad_class=1, stride_out_class=1,
+                              NEED_TEMP_GRAD=temp_grad), cfg))
         if cfg in edges:
             tiles = dict(BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
             jobs.append((f"vp_partial_sums {name} bf16", partial_sums_kernel, {"logits_ptr": "*bf16"},
-                         dict(tiles, COUNT_SUPPORT=True), cfg))
+                         dict(tiles, stride_logits_class=1, COUNT_SUPPORT=True), cfg))
             for dtype, labels, indices in (("bf16", "*i64", True), ("fp32", "*fp32", False)):
                 kind = "indices" if indices else "dense"
                 types = {"logits_ptr": "*" + dtype, "labels_ptr": labels, "grad_ptr": "*" + dtype}
+                unit = dict(stride_logits_class=1, **({} if indices else {"stride_labels_class": 1}))
                 jobs.append((f"vp_epilogue {name} {dtype} {kind}", epilogue_sums_kernel, types,
-                             dict(tiles, LABELS_ARE_INDICES=indices), cfg))
+                             dict(tiles, **unit, LABELS_ARE_INDICES=indices), cfg))
                 jobs.append((f"vp_gradient {name} {dtype} {kind}", gradient_kernel, types,
-                             dict(tiles, LABELS_ARE_INDICES=indices), cfg))
+                             dict(tiles, **unit, stride_grad_class=1, LABELS_ARE_INDICES=indices), cfg))
+    # Strided classes (NCHW read in place): the runtime specializes the unit inner strides, as it
+    # does the unit class strides of rows above (Triton makes an int argument equal to 1 a constant)
+    unit_inner = dict(stride_logits_inner=1, stride_labels_inner=1, stride_grad_inner=1)
+    for cfg in lc.shipped_strided_row_configs():
+        blocks = dict(CHUNKED=cfg.chunked, BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
+        name = f"strided {cfg.path}[{cfg.block_rows}x{cfg.block_cols}]"
+        for dtype, labels, indices in (("bf16", "*i64", True), ("fp32", "*fp32", False)):
+            jobs.append((f"loss {name} {dtype} {'indices' if indices else 'dense'}", tempered_loss_kernel,
+                         {"logits_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "labels_ptr": labels},
+                         dict(blocks, **unit_inner, LABELS_ARE_INDICES=indices, NEED_GRAD=True,
+                              NEED_TEMP_GRAD=False, ORIGINAL=False, MAX_PASSES=lc.MAX_PASSES), cfg))
+        jobs.append((f"softmax_fwd {name}", tempered_softmax_fwd_kernel, {},
+                     dict(blocks, stride_logits_inner=1, stride_probs_inner=1, ORIGINAL=False,
+                          MAX_PASSES=lc.MAX_PASSES), cfg))
+        jobs.append((f"softmax_bwd {name}", tempered_softmax_bwd_kernel, {},
+                     dict(blocks, stride_probs_inner=1, stride_grad_inner=1, stride_out_inner=1,
+                          NEED_TEMP_GRAD=False), cfg))
     for cfg in lc.shipped_binary_configs():
         name = f"[{cfg.block}x2]"
         for original in (False, True):

@@ -71,7 +71,7 @@ def test_partial_sums_add_up_to_the_row_sums(t2, dtype):
         part = logits[:, lo:hi].contiguous().to(DEVICE)
         sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
         kernels.partial_sums_kernel[_grid(5)](part, mx.float().to(DEVICE), y.float().to(DEVICE), _scalar(t2), 5,
-                                              hi - lo, part.stride(0), sums, COUNT_SUPPORT=True, **BLOCK)
+                                              hi - lo, 0, part.stride(0), 1, sums, COUNT_SUPPORT=True, **BLOCK)
         total += sums.cpu()
     a0 = native.shift_by_max(logits.double())
     _, f, g = native._evaluate(a0, y.unsqueeze(-1), 1.0 - t2) if t2 != 1.0 else (
@@ -82,9 +82,20 @@ def test_partial_sums_add_up_to_the_row_sums(t2, dtype):
     torch.testing.assert_close(total[:, 2].double(), support.double())
 
 
+def _rows_of(x: torch.Tensor, class_major: bool) -> torch.Tensor:
+    """x [N, C] stored row-major, or class-major (strides (1, N): the classes strided, as NCHW)."""
+    return x.T.contiguous().T if class_major else x.contiguous()
+
+
+def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(outer, inner, class) strides of rows [N, C] (one outer index)."""
+    return (0, x.stride(0), x.stride(1))
+
+
+@pytest.mark.parametrize("class_major", [False, True])
 @pytest.mark.parametrize("labels_kind", ["indices", "dense"])
 @pytest.mark.parametrize("t1, t2", [(0.8, 1.2), (0.5, 0.7), (1.0, 1.0), (1.5, 3.0), (0.2, 0.3)])
-def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
+def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind, class_major):
     kernels = _kernels()
     smoothing = 0.1
     logits = _logits(torch.float32)
@@ -105,13 +116,13 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
     row_scale = torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5])  # row 2 ignored: gradient 0
     parts = []
     for lo, hi in SLICES:
-        part = logits[:, lo:hi].contiguous().to(DEVICE)
-        local = (labels - lo) if labels_kind == "indices" else labels[:, lo:hi].float().contiguous()
+        part = _rows_of(logits[:, lo:hi], class_major).to(DEVICE)
+        local = (labels - lo) if labels_kind == "indices" else _rows_of(labels[:, lo:hi].float(), class_major)
         local = local.to(DEVICE)
-        stride_labels = 0 if labels_kind == "indices" else local.stride(0)
+        stride_labels = (5, 1, 0) if labels_kind == "indices" else _row_strides(local)
         sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
         args = (part, local, mx.float().to(DEVICE), y.float().to(DEVICE), _scalar(t1), _scalar(t2), _scalar(smoothing))
-        kernels.epilogue_sums_kernel[_grid(5)](*args, C, 5, hi - lo, part.stride(0), stride_labels,
+        kernels.epilogue_sums_kernel[_grid(5)](*args, C, 5, hi - lo, *_row_strides(part), *stride_labels,
                                                sums, LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
         total += sums.cpu()
         parts.append((args, hi - lo, stride_labels))
@@ -120,9 +131,9 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind):
     torch.testing.assert_close(total[:, 2].double(), d.sum(-1), rtol=2e-5, atol=2e-6)
     reduced = total.to(DEVICE)
     for (lo, hi), (args, width, stride_labels) in zip(SLICES, parts):
-        grad = torch.full((5, width), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        grad = _rows_of(torch.full((5, width), float("nan"), dtype=torch.bfloat16), class_major).to(DEVICE)
         kernels.gradient_kernel[_grid(5)](*args, reduced, row_scale.float().to(DEVICE), C, 5, width,
-                                          args[0].stride(0), stride_labels, grad.stride(0), grad,
+                                          *_row_strides(args[0]), *stride_labels, *_row_strides(grad), grad,
                                           LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
         want = (want_grad * row_scale.unsqueeze(-1))[:, lo:hi]
         torch.testing.assert_close(grad.cpu().double(), want, rtol=1.6e-2, atol=1e-3)

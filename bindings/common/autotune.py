@@ -410,7 +410,7 @@ def _record(device: str, key: str, tuned_now: bool) -> None:
 
 def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *,
                device: str | Callable[[], str], labels: str = "-", need_grad: bool = False,
-               original: bool = False,
+               original: bool = False, strided: bool = False,
                make_bench: Callable[[], Callable[[RowConfig], None] | None] | None = None
                ) -> RowConfig:
     """Launch configuration of a row kernel: the heuristic when autotuning is off; else the cached
@@ -419,15 +419,17 @@ def row_config(family: str, n_cols: int, dtype: str, elem_bytes: int, *,
     ``device``: the cache's device name, or a function giving it (called only when tuning is on).
     ``make_bench()`` returns ``bench(config)``, one launch with ``config`` into scratch outputs,
     or None where nothing may be timed; it is called only on a cache miss with autotuning on.
+    ``strided``: classes not contiguous (NCHW logits read in place): the heuristic, never tuned
+    (the candidate sets are for unit class stride).
     """
-    heuristic = launch_config.row_config(n_cols, elem_bytes)
+    heuristic = launch_config.row_config(n_cols, elem_bytes, strided)
     forced = _pinned_of(RowConfig)
     if forced is not None:
         problem = config_problem(forced, n_cols)
         if problem:
             raise ValueError(f"pinned: {problem}")
         return forced
-    if not is_enabled():
+    if strided or not is_enabled():
         return heuristic
     key = cache_key(family, n_cols, dtype, labels, need_grad, original)
     candidates = launch_config.row_candidates(n_cols, elem_bytes, interpreted())

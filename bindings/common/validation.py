@@ -97,6 +97,28 @@ def check_logits_shape(shape) -> None:
         raise ValueError(f"logits must have at least one class (last axis >= 1), got shape {tuple(shape)}")
 
 
+def check_class_axis(axis, ndim: int, name: str = "dim") -> int:
+    """The class axis of ``ndim``-axis logits as a NEGATIVE index (-1 = the last axis).
+
+    Negative because a leading axis added later (a vmapped batch folded into the rows) must not
+    move it. ``name`` is the argument's name in the caller's API (torch ``dim``, JAX ``axis``).
+    """
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int (the class axis of the logits), got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim}) for {ndim}-axis logits (the class axis), "
+                         f"got {axis}")
+    return axis - ndim if axis >= 0 else axis
+
+
+def without_axis(shape, axis: int) -> tuple:
+    """``shape`` without ``axis`` (the rows' shape of logits whose classes are on ``axis``)."""
+    shape = tuple(shape)
+    axis = axis % len(shape)
+    return shape[:axis] + shape[axis + 1:]
+
+
 def labels_are_indices(logits_shape, labels_shape, labels_is_integer: bool) -> bool:
     """True for integer class indices, False for dense labels; raises on a shape mismatch."""
     logits_shape, labels_shape = tuple(logits_shape), tuple(labels_shape)

@@ -1,9 +1,11 @@
 """jax-triton launchers of the kernels in ``kernels/`` (the same kernels PyTorch launches).
 
 Imported lazily by ``bindings/jax/ops.py`` (and ``vocab_parallel.py``) only when the Triton backend
-is traced: ``jax_triton`` fails to import where jaxlib has no GPU support. Functions take rows
-``[N, C]`` (or 1-D arrays for the binary kernels); JAX arrays are row-major, so every row stride
-is C.
+is traced: ``jax_triton`` fails to import where jaxlib has no GPU support. The row kernels take
+arrays of any rank with the classes on ``axis`` (a negative int, -1 by default), read in place: JAX
+arrays are row-major, so the axes before the class axis are the kernels' outer rows and those after
+it the inner ones, with class stride = their size (``common/row_layout.py``; 1 for rows [N, C]).
+Per-row outputs are [R] in row order. The binary kernels take 1-D arrays.
 
 jax-triton passes Python scalars to the kernel as compile-time values, so temperatures, label
 smoothing and the gradient scale travel as 1-element fp32 arrays that the kernels ``tl.load``:
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bitempered.bindings.common import autotune
+from bitempered.bindings.common.row_layout import RowLayout, row_layout, row_major_strides
 from bitempered.kernels import launch_config
 from bitempered.kernels.binary import (
     tempered_binary_loss_kernel, tempered_sigmoid_bwd_kernel, tempered_sigmoid_fwd_kernel,
@@ -69,10 +72,21 @@ def device_name() -> str:
     return jax.devices()[0].device_kind
 
 
-def _row_config(family, x, **key):
+def _row_config(family, x, axis: int, layout: RowLayout, **key):
     dtype = jnp.dtype(x.dtype)
-    return autotune.row_config(family, x.shape[-1], dtype.name, dtype.itemsize,
-                               device=device_name(), **key)
+    n_cols = x.shape[axis]
+    return autotune.row_config(family, n_cols, dtype.name, dtype.itemsize, device=device_name(), **key,
+                               strided=layout.strides[0][2] != 1 and n_cols > 1)
+
+
+def _layout(shape, axis: int) -> RowLayout:
+    """The kernels' (outer, inner, class) addressing of row-major arrays of ``shape`` (always
+    possible: the axes before and after the class axis each merge)."""
+    return row_layout(shape, axis, row_major_strides(shape))
+
+
+def _grid(layout: RowLayout, config) -> tuple[int]:
+    return (layout.n_outer * _cdiv(layout.n_inner, config.block_rows),)
 
 
 def _binary_config(family, x, **key):
@@ -87,62 +101,81 @@ def _options(config) -> dict:
     return options
 
 
-def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad):
-    """(per-row loss fp32 [N], dL/dlogits for unit upstream gradient fp32 [N, C] or None);
-    ``ignore_index``: an int, or None (no row ignored).
+def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, need_grad, axis=-1,
+              need_temperature_grads=False):
+    """(per-row loss fp32 [R] in row order, dL/dlogits for unit upstream gradient fp32 of the
+    logits' shape, or None); classes on ``axis``; ``labels``: dense of the logits' shape or class
+    indices of the rows' shape; ``ignore_index``: an int, or None (no row ignored).
 
     The gradient is kept in fp32 so that the backward rule rounds once into the logits' dtype
-    after multiplying by the upstream gradient (SPEC "Precision").
+    after multiplying by the upstream gradient (SPEC "Precision"). ``need_temperature_grads``: a
+    third output, each row's (dL/dt1, dL/dt2) for unit upstream gradient, fp32 [R, 2].
     """
-    n_rows, n_cols = logits.shape
+    n_cols = logits.shape[axis]
+    layout = _layout(logits.shape, axis)
+    n_rows = layout.n_rows
+    strides = layout.strides[0]
     indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    if indices:
+        labels = labels.reshape(-1)
     if ignore_index is None:  # no row ignored: the kernel's ignore_index must equal no label
         if indices:  # out-of-range indices stay out of range (-1 or C: NaN rows); none is -2
             labels = jnp.clip(labels, -1, n_cols).astype(jnp.int32)
         ignore_index = -2
     original, steps = _solver(num_iters)
-    config = _row_config("loss", logits, labels="indices" if indices else "dense",
+    config = _row_config("loss", logits, axis, layout, labels="indices" if indices else "dense",
                          need_grad=bool(need_grad), original=original)
-    grad_shape = (n_rows, n_cols) if need_grad else (1,)
-    loss, grad = _triton_call(
+    grad_shape = logits.shape if need_grad else (1,)
+    dt_shape = (n_rows, 2) if need_temperature_grads else (1,)
+    loss, grad, dt = _triton_call(
         logits, labels, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
         steps, ignore_index,
-        n_rows, n_cols,
-        n_cols, 1 if indices else n_cols, n_cols if need_grad else 0, 0,
+        layout.n_inner, n_cols,
+        *strides, *((layout.n_inner, 1, 0) if indices else strides), *(strides if need_grad else (0, 0, 0)), 0,
         kernel=tempered_loss_kernel,
-        out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32)],
-        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
-        LABELS_ARE_INDICES=bool(indices), NEED_GRAD=bool(need_grad), ORIGINAL=original,
+        out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32), _shape(dt_shape, jnp.float32)],
+        grid=_grid(layout, config), **_options(config),
+        LABELS_ARE_INDICES=bool(indices), NEED_GRAD=bool(need_grad),
+        NEED_TEMP_GRAD=bool(need_temperature_grads), ORIGINAL=original,
         CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
         MAX_PASSES=launch_config.MAX_PASSES,
     )
+    if need_temperature_grads:
+        return loss, (grad if need_grad else None), dt
     return loss, (grad if need_grad else None)
 
 
-def softmax_forward(logits, t, num_iters):
-    n_rows, n_cols = logits.shape
+def softmax_forward(logits, t, num_iters, axis=-1):
+    layout = _layout(logits.shape, axis)
     original, steps = _solver(num_iters)
-    config = _row_config("softmax_fwd", logits, original=original)
+    config = _row_config("softmax_fwd", logits, axis, layout, original=original)
+    strides = layout.strides[0]
     return _triton_call(
-        logits, _scalar(t), steps, n_rows, n_cols, n_cols, n_cols,
+        logits, _scalar(t), steps, layout.n_inner, logits.shape[axis], *strides, *strides,
         kernel=tempered_softmax_fwd_kernel,
         out_shape=_shape(logits.shape, logits.dtype),
-        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
+        grid=_grid(layout, config), **_options(config),
         ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
         BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES,
     )
 
 
-def softmax_backward(probs, grad, t):
-    n_rows, n_cols = probs.shape
-    config = _row_config("softmax_bwd", probs)
-    return _triton_call(
-        probs, grad, _scalar(t), n_rows, n_cols, n_cols, n_cols, n_cols,
+def softmax_backward(probs, grad, t, axis=-1, need_temperature_grad=False):
+    """The logits' gradient (probs' shape and dtype); with ``need_temperature_grad`` also each
+    row's part of the gradient of t (fp32 [R])."""
+    layout = _layout(probs.shape, axis)
+    config = _row_config("softmax_bwd", probs, axis, layout)
+    strides = layout.strides[0]
+    grad_logits, dt = _triton_call(
+        probs, grad, _scalar(t), layout.n_inner, probs.shape[axis], *strides, *strides, *strides,
         kernel=tempered_softmax_bwd_kernel,
-        out_shape=_shape(probs.shape, probs.dtype),
-        grid=(_cdiv(n_rows, config.block_rows),), **_options(config),
-        CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
+        out_shape=[_shape(probs.shape, probs.dtype),
+                   _shape((layout.n_rows,) if need_temperature_grad else (1,), jnp.float32)],
+        grid=_grid(layout, config), **_options(config),
+        CHUNKED=config.chunked, NEED_TEMP_GRAD=bool(need_temperature_grad), BLOCK_ROWS=config.block_rows,
+        BLOCK_COLS=config.block_cols,
     )
+    return (grad_logits, dt) if need_temperature_grad else grad_logits
 
 
 def binary_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad):
@@ -187,41 +220,57 @@ def sigmoid_backward(probs, grad, t):
 
 
 # --------------------------------------------------------------------------------------------
-# Vocab-parallel kernels (``bindings/jax/vocab_parallel.py``): rows [N, C_local] of a slice, the
-# GLOBAL row max and y (fp32 [N]); the loss kernel's heuristic gives the chunk width, as in torch.
+# Vocab-parallel kernels (``bindings/jax/vocab_parallel.py``): the logits slice with classes on
+# ``axis`` (read in place, as the loss kernel), the GLOBAL row max and y (fp32 [R], row order); the
+# loss kernel's heuristic gives the chunk width, as in torch.
 # --------------------------------------------------------------------------------------------
 
-def _vocab_parallel_call(kernel, rows, *args, out_shape, **constexprs):
-    config = launch_config.row_config(rows.shape[1], jnp.dtype(rows.dtype).itemsize)
-    return _triton_call(*args, kernel=kernel, out_shape=out_shape, grid=(_cdiv(rows.shape[0], config.block_rows),),
+def _vocab_parallel_call(kernel, logits, axis, layout: RowLayout, *args, out_shape, **constexprs):
+    n_cols = logits.shape[axis]
+    strided = layout.strides[0][2] != 1 and n_cols > 1
+    config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize, strided)
+    return _triton_call(*args, kernel=kernel, out_shape=out_shape, grid=_grid(layout, config),
                         **_options(config), **constexprs, BLOCK_ROWS=config.block_rows,
                         BLOCK_COLS=config.block_cols)
 
 
-def vocab_parallel_sums(rows, row_max, y, t, count_support: bool):
-    """This slice's (f, g[, D]) at y, fp32 [N, 3] (column 2 is written only with ``count_support``)."""
-    n_rows, n_cols = rows.shape
-    return _vocab_parallel_call(partial_sums_kernel, rows, rows, row_max, y, _scalar(t), n_rows, n_cols, n_cols,
-                                out_shape=_shape((n_rows, 3), jnp.float32), COUNT_SUPPORT=bool(count_support))
+def vocab_parallel_sums(logits, row_max, y, t, count_support: bool, axis=-1):
+    """This slice's (f, g[, D]) at y, fp32 [R, 3] (column 2 is written only with ``count_support``)."""
+    layout = _layout(logits.shape, axis)
+    return _vocab_parallel_call(partial_sums_kernel, logits, axis, layout, logits, row_max, y, _scalar(t),
+                                layout.n_inner, logits.shape[axis], *layout.strides[0],
+                                out_shape=_shape((layout.n_rows, 3), jnp.float32), COUNT_SUPPORT=bool(count_support))
 
 
-def vocab_parallel_epilogue(rows, labels, row_max, y, t1, t2, label_smoothing, num_classes: int):
-    """This slice's (loss, sum e, sum d) at the converged y, fp32 [N, 3]; ``labels``: the dense slice
+def _epilogue_operands(logits, labels, axis, layout: RowLayout):
+    """(labels, label strides, indices?): class indices one per row (row order), dense labels
+    addressed as the logits (same shape, row-major)."""
+    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    if indices:
+        return labels.reshape(-1), (layout.n_inner, 1, 0), True
+    return labels, layout.strides[0], False
+
+
+def vocab_parallel_epilogue(logits, labels, row_max, y, t1, t2, label_smoothing, num_classes: int, axis=-1):
+    """This slice's (loss, sum e, sum d) at the converged y, fp32 [R, 3]; ``labels``: the dense slice
     or class indices LOCAL to the slice (outside [0, C_local): no class here)."""
-    n_rows, n_cols = rows.shape
-    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+    layout = _layout(logits.shape, axis)
+    labels, label_strides, indices = _epilogue_operands(logits, labels, axis, layout)
     return _vocab_parallel_call(
-        epilogue_sums_kernel, rows, rows, labels, row_max, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing),
-        int(num_classes), n_rows, n_cols, n_cols, 1 if indices else n_cols,
-        out_shape=_shape((n_rows, 3), jnp.float32), LABELS_ARE_INDICES=bool(indices))
+        epilogue_sums_kernel, logits, axis, layout, logits, labels, row_max, y, _scalar(t1), _scalar(t2),
+        _scalar(label_smoothing), int(num_classes), layout.n_inner, logits.shape[axis], *layout.strides[0],
+        *label_strides, out_shape=_shape((layout.n_rows, 3), jnp.float32), LABELS_ARE_INDICES=bool(indices))
 
 
-def vocab_parallel_gradient(rows, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int):
-    """This slice's gradient, fp32 [N, C_local], from the REDUCED sums [N, 3] times ``row_scale`` [N]
-    (fp32 so that the backward rule rounds once into the logits' dtype, as ``loss_rows``)."""
-    n_rows, n_cols = rows.shape
-    indices = jnp.issubdtype(labels.dtype, jnp.integer)
+def vocab_parallel_gradient(logits, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int,
+                            axis=-1):
+    """This slice's gradient, fp32 of the logits' shape, from the REDUCED sums [R, 3] times
+    ``row_scale`` [R] (fp32 so that the backward rule rounds once into the logits' dtype, as
+    ``loss_rows``)."""
+    layout = _layout(logits.shape, axis)
+    labels, label_strides, indices = _epilogue_operands(logits, labels, axis, layout)
     return _vocab_parallel_call(
-        gradient_kernel, rows, rows, labels, row_max, y, _scalar(t1), _scalar(t2), _scalar(label_smoothing), sums,
-        row_scale, int(num_classes), n_rows, n_cols, n_cols, 1 if indices else n_cols, n_cols,
-        out_shape=_shape((n_rows, n_cols), jnp.float32), LABELS_ARE_INDICES=bool(indices))
+        gradient_kernel, logits, axis, layout, logits, labels, row_max, y, _scalar(t1), _scalar(t2),
+        _scalar(label_smoothing), sums, row_scale, int(num_classes), layout.n_inner, logits.shape[axis],
+        *layout.strides[0], *label_strides, *layout.strides[0],
+        out_shape=_shape(logits.shape, jnp.float32), LABELS_ARE_INDICES=bool(indices))

@@ -202,7 +202,7 @@ def shard_map_triton_kernels_interpreted():
     platform, jax.default_backend = jax.default_backend, lambda: "gpu"
     launches = []
     launch = jax_kernels.vocab_parallel_sums
-    jax_kernels.vocab_parallel_sums = lambda *args: launches.append(args[-1]) or launch(*args)
+    jax_kernels.vocab_parallel_sums = lambda *args, **kwargs: launches.append(args[4]) or launch(*args, **kwargs)
     try:
         mesh = _mesh((4,), ("model",))
         _compare_with_unsharded(mesh, P(None, "model"), P(), "model", 6, ("float32",), backend="triton")

@@ -114,7 +114,7 @@ def weights_on_the_triton_kernels_interpreted():
     platform, jax.default_backend = jax.default_backend, lambda: "gpu"
     launches = []
     launch = jax_kernels.vocab_parallel_gradient
-    jax_kernels.vocab_parallel_gradient = lambda *args: launches.append(1) or launch(*args)
+    jax_kernels.vocab_parallel_gradient = lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs)
     try:
         _compare(_mesh((4,), ("model",)), None, "float32", "triton", reductions=("none", "mean"),
                  temperatures=((0.8, 1.2),))

@@ -1,8 +1,11 @@
 """JAX API of bitempered: the public functions. Each checks its arguments (``args.py``) and makes
 one call of a differentiable core (``ops.py``); the math is in ``native/``.
 
-Classes are the LAST axis; any number of leading axes. Everything works under ``jax.jit``,
-``jax.grad``/``jax.value_and_grad`` and ``jax.vmap``.
+Classes are on ``axis`` (keyword, default the LAST axis, as ``jax.nn.softmax``; e.g. ``axis=1`` for
+(N, C, H, W) logits), any number of other axes; the rows are the logits' entries with the class axis
+removed, in row-major order, and per-row results have that shape. ``axis`` is static (an int: under
+``jax.jit`` mark it static). Everything works under ``jax.jit``, ``jax.grad``/``jax.value_and_grad``
+and ``jax.vmap``.
 
 Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values. They are
 passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
@@ -42,21 +45,20 @@ __all__ = [
 ]
 
 
-def _probability_args(logits, t, num_iters, backend, class_axis: bool):
-    """Checked (logits, t as a 0-d operand, num_iters, backend) of tempered_softmax/sigmoid."""
-    logits = args.as_logits(logits, class_axis=class_axis)
+def _probability_args(logits, t, num_iters, backend):
+    """Checked (t as a 0-d operand, num_iters, backend) of tempered_softmax/sigmoid."""
     iters = args.as_num_iters(num_iters)
     backend = args.resolve_backend(backend, logits.dtype)
     t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
-    return logits, t_, iters, backend
+    return t_, iters, backend
 
 
-def tempered_softmax(logits, t, num_iters=None, backend="auto"):
-    """SPEC's tempered softmax over the last axis, returned in the logits' dtype.
+def tempered_softmax(logits, t, num_iters=None, backend="auto", *, axis=-1):
+    """SPEC's tempered softmax over the class axis ``axis``, returned in the logits' dtype.
 
     Args:
-        logits: [..., C] floating array, C >= 1 (float16/bfloat16/float32 compute in float32,
-            float64 in float64 when x64 is enabled).
+        logits: floating array with C >= 1 classes on ``axis`` (float16/bfloat16/float32 compute
+            in float32, float64 in float64 when x64 is enabled).
         t: temperature, finite and > 0 (t < 1: finite support, t > 1: heavy tails, t = 1: the
             softmax). A float, a 0-d array or a traced value; concrete values are checked as
             given and as rounded to the compute dtype, traced ones are not checked.
@@ -64,14 +66,17 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto"):
             original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
         backend: "auto" (default: Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere),
             "xla" or "triton".
+        axis: the class axis (keyword only; an int in [-ndim, ndim), default -1: the last axis),
+            as ``jax.nn.softmax``. Static: a new value compiles anew.
 
     Returns:
-        Probabilities of the logits' shape and dtype; each row sums to 1.
+        Probabilities of the logits' shape and dtype; each row (along ``axis``) sums to 1.
     """
-    logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=True)
+    logits, axis = args.as_class_logits(logits, axis)
+    t_, iters, backend = _probability_args(logits, t, num_iters, backend)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
-    return ops.softmax_jit(logits, t_, iters, backend)
+    return ops.softmax_jit(logits, t_, iters, backend, axis)
 
 
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
@@ -87,21 +92,25 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     Returns:
         Probabilities in [0, 1] of the logits' shape and dtype.
     """
-    logits, t_, iters, backend = _probability_args(logits, t, num_iters, backend, class_axis=False)
+    logits = args.as_logits(logits, class_axis=False)
+    t_, iters, backend = _probability_args(logits, t, num_iters, backend)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return ops.sigmoid_jit(logits, t_, iters, backend)
 
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
-                              ignore_index=-100, backend="auto", reduction="none", *, weight=None, sample_weight=None):
-    """Bi-tempered logistic loss (Amid et al., 2019) over the last axis, one value per row (like optax).
+                              ignore_index=-100, backend="auto", reduction="none", *, weight=None, sample_weight=None,
+                              axis=-1):
+    """Bi-tempered logistic loss (Amid et al., 2019) over the class axis ``axis``, one value per row
+    (like optax; with ``axis``, like ``torch.nn.functional.cross_entropy``'s class dimension).
 
     Args:
-        logits: [..., C] floating array.
+        logits: floating array with C >= 1 classes on ``axis``.
         labels: dense floating labels of the logits' shape (values in [0, 1]; rows need not sum to
             1; concrete values outside [0, 1] or NaN raise ValueError, traced ones are unchecked and
-            give a meaningless or NaN loss), or integer class indices of shape ``logits.shape[:-1]``.
+            give a meaningless or NaN loss), or integer class indices of the rows' shape (the
+            logits' shape without ``axis``, e.g. (N, H, W) for (N, C, H, W) logits and ``axis=1``).
             Rows whose index equals ``ignore_index`` get loss 0 and gradient 0. Any other index
             outside [0, C) raises ValueError when the labels are concrete; traced labels give a NaN
             loss for that row.
@@ -129,38 +138,44 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             of probability targets (sum_i w_i y_i log p_i) is minimized at p proportional to w * y,
             not at p = y, and weighting the Bregman terms instead would not equal it at t1 = t2 = 1:
             so ``weight`` with dense labels raises; ``sample_weight`` weights whole rows.
-        sample_weight: None (default) or one weight per row, a real array of shape
-            ``logits.shape[:-1]`` (keyword only; Keras' ``sample_weight``); multiplies each row's loss and gradient
-            (with ``weight``: by ``weight[target] * sample_weight``); "mean" is then
-            sum(w L) / sum(w) over the rows not ignored.
+        sample_weight: None (default) or one weight per row, a real array of the rows' shape
+            (the logits' shape without ``axis``; keyword only; Keras' ``sample_weight``);
+            multiplies each row's loss and gradient (with ``weight``: by
+            ``weight[target] * sample_weight``); "mean" is then sum(w L) / sum(w) over the rows
+            not ignored.
             Weights are traced operands (new values never recompile) and constants for
             ``jax.grad`` of the logits; differentiated explicitly they get their exact gradient (the
             unweighted row losses through the reduction). Concrete weights must be finite and
             >= 0 (ValueError naming ``weight``/``sample_weight``); traced ones are not checked.
+        axis: the class axis (keyword only; an int in [-ndim, ndim), default -1: the last axis).
+            Static: a new value compiles anew.
 
     Returns:
-        Losses of shape ``logits.shape[:-1]`` ("none", weighted when weights are given) or a scalar
+        Losses of the rows' shape (the logits' shape without ``axis``; "none", weighted when
+        weights are given) or a scalar
         ("sum", "mean"), float32 (float64 for float64 logits). The custom gradient (SPEC's closed
         form) flows to ``logits`` (and to the weights only when asked for) and has the logits' dtype.
     """
-    logits = args.as_logits(logits)
+    logits, axis = args.as_class_logits(logits, axis)
     labels = args.as_labels(labels)
-    indices = args.labels_are_indices(labels, logits.shape)
+    indices = args.labels_are_indices(labels, logits.shape, axis)
     iters = args.as_num_iters(num_iters)
     ignore_index = args.as_ignore_index(ignore_index)
     check.check_reduction(reduction)
     backend = args.resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, dtype)
-    check.check_smoothing_classes(s_value, logits.shape[-1])
-    args.check_labels(labels, indices, logits.shape[-1], ignore_index)
-    weight = args.as_class_weight(weight, indices, logits.shape[-1])
-    sample_weight = args.as_sample_weight(sample_weight, logits.shape[:-1])
+    num_classes, rows_shape = logits.shape[axis], check.without_axis(logits.shape, axis)
+    check.check_smoothing_classes(s_value, num_classes)
+    args.check_labels(labels, indices, num_classes, ignore_index)
+    weight = args.as_class_weight(weight, indices, num_classes)
+    sample_weight = args.as_sample_weight(sample_weight, rows_shape)
     labels = jnp.asarray(labels)
     if logits.size == 0:
-        return ops.weighted_reduce(jnp.zeros(logits.shape[:-1], dtype), labels, weight, sample_weight, ignore_index,
-                                   reduction)
-    return ops.loss_jit(logits, labels, t1_, t2_, s_, weight, sample_weight, iters, ignore_index, backend, reduction)
+        return ops.weighted_reduce(jnp.zeros(rows_shape, dtype), labels, weight, sample_weight, ignore_index,
+                                   reduction, axis)
+    return ops.loss_jit(logits, labels, t1_, t2_, s_, weight, sample_weight, iters, ignore_index, backend, reduction,
+                        axis)
 
 
 def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,

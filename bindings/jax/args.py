@@ -96,6 +96,22 @@ def as_logits(logits, class_axis: bool = True) -> jax.Array:
     return logits
 
 
+def as_class_logits(logits, axis) -> tuple[jax.Array, int]:
+    """(floating logits with at least one class on ``axis``, that class axis as a NEGATIVE int).
+
+    ``axis`` is the public keyword (``check.check_class_axis``: TypeError/ValueError naming
+    ``axis``); negative below the API, so that a vmapped batch folded in front never moves it.
+    """
+    logits = as_floating(logits, "logits")
+    if logits.ndim == 0:
+        check.check_logits_shape(logits.shape)  # raises: a scalar has no class axis
+    axis = check.check_class_axis(axis, logits.ndim, "axis")
+    if logits.shape[axis] < 1:
+        raise ValueError(f"logits must have at least one class (size >= 1 on the class axis {axis % logits.ndim}), "
+                         f"got shape {tuple(logits.shape)}")
+    return logits, axis
+
+
 def as_labels(labels):
     """Floating (dense) or integer (class indices) labels; concrete labels stay on the host."""
     if not hasattr(labels, "dtype"):
@@ -105,9 +121,19 @@ def as_labels(labels):
     return labels
 
 
-def labels_are_indices(labels, logits_shape) -> bool:
-    """The label kind: True for class indices, False for dense labels (shapes checked)."""
-    return check.labels_are_indices(logits_shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer))
+def labels_are_indices(labels, logits_shape, axis: int = -1) -> bool:
+    """The label kind: True for class indices (the rows' shape: the logits' shape without the
+    class axis ``axis``, a negative int), False for dense labels (the logits' shape); shapes checked."""
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    if integer and axis != -1:  # check.labels_are_indices knows the last axis only
+        rows_shape = check.without_axis(logits_shape, axis)
+        if tuple(labels.shape) != rows_shape:
+            raise ValueError(
+                f"integer labels (class indices) must have the logits' shape without the class axis "
+                f"{axis % len(logits_shape)}, {rows_shape}: labels shape {tuple(labels.shape)}, logits shape "
+                f"{tuple(logits_shape)}")
+        return True
+    return check.labels_are_indices(logits_shape, labels.shape, integer)
 
 
 def as_num_iters(num_iters) -> int | None:

@@ -2,12 +2,16 @@
 (``native/loss.py``) and the Triton kernels (``launchers.py``), compiled once per shape, dtype
 and static configuration, for every temperature value.
 
-Arguments arrive checked (``args.py``): logits [..., C], labels (class indices [...] or dense
-[..., C]), 0-d temperatures and smoothing in the compute dtype, the loss weights (or None),
-static ``num_iters``, ``ignore_index`` (an int, or None: no row ignored), backend ("xla" or
-"triton") and, for the XLA loss and softmax, ``axis_name`` (the mesh axis that shards the classes,
-None when every class is local). The custom VJPs' gradients flow to the logits only; the weights
-multiply each row's loss outside them (``weighted_reduce``), so JAX differentiates that product.
+Arguments arrive checked (``args.py``): logits with the classes on ``axis`` (a NEGATIVE int, so
+that a vmapped batch folded in front never moves it; -1: [..., C]), labels (class indices of the
+rows' shape, the logits' shape without ``axis``, or dense of the logits' shape), 0-d temperatures
+and smoothing in the compute dtype, the loss weights (or None), static ``num_iters``,
+``ignore_index`` (an int, or None: no row ignored), backend ("xla" or "triton") and, for the XLA
+loss and softmax, ``axis_name`` (the mesh axis that shards the classes, None when every class is
+local). The XLA loss and softmax work on rows [..., C]: the class axis is moved last
+(:func:`classes_last`); the Triton launchers read it in place. The custom VJPs' gradients flow to
+the logits only; the weights multiply each row's loss outside them (``weighted_reduce``), so JAX
+differentiates that product.
 Importing this module imports no Triton: ``launchers`` is imported inside the Triton functions,
 when that path is traced.
 """
@@ -19,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bitempered.bindings.common.validation import without_axis
 from bitempered.bindings.jax import args, reductions
 from bitempered.bindings.jax.native import loss as native_loss
 from bitempered.bindings.jax.native import math as native
@@ -57,81 +62,78 @@ def stored_grad_dtype(dtype):
     return jnp.float32 if dtype == jnp.float16 else dtype
 
 
-def scale_stored_gradient(grad, upstream, like):
+def scale_stored_gradient(grad, upstream, like, axis: int = -1):
     """upstream x the stored unit gradient, rounded once to ``like``'s dtype; ``upstream`` has
-    the gradient's shape without its trailing class axis (if it has one)."""
-    upstream = upstream.reshape(upstream.shape + (1,) * (grad.ndim - upstream.ndim))
+    the gradient's shape without its class axis ``axis`` (a negative int; if it has one)."""
+    if upstream.ndim < grad.ndim:
+        upstream = jnp.expand_dims(upstream, axis)
     return (upstream.astype(grad.dtype) * grad).astype(like.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def stored_gradient_loss(kernel, x, labels, t1, t2, label_smoothing):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def stored_gradient_loss(kernel, x, labels, t1, t2, label_smoothing, axis=-1):
     """A loss whose forward also computes its unit gradient and whose backward scales it.
 
     ``kernel(need_grad)`` (hashable, static) returns a function of (x, labels, t1, t2,
     label_smoothing) giving the loss, or (loss, unit gradient) when ``need_grad``: the Triton
     losses (plain, binary and vocab-parallel). The forward without a gradient skips it.
+    ``axis``: the class axis of ``x`` (negative; none for the elementwise binary loss).
     """
     return kernel(False)(x, labels, t1, t2, label_smoothing)
 
 
-def _stored_gradient_fwd(kernel, x, labels, t1, t2, label_smoothing):
+def _stored_gradient_fwd(kernel, x, labels, t1, t2, label_smoothing, axis=-1):
     loss, grad = kernel(True)(x, labels, t1, t2, label_smoothing)
     # The unit gradient stays in the compute dtype; the zero-size array only carries the input's
     # dtype to the backward rule, which rounds once to it.
     return loss, (grad, jnp.zeros((0,), x.dtype))
 
 
-def _stored_gradient_bwd(kernel, residuals, grad_loss):
+def _stored_gradient_bwd(kernel, axis, residuals, grad_loss):
     grad, like = residuals
     # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
-    return scale_stored_gradient(grad, grad_loss, like), None, None, None, None
+    return scale_stored_gradient(grad, grad_loss, like, axis), None, None, None, None
 
 
 stored_gradient_loss.defvjp(_stored_gradient_fwd, _stored_gradient_bwd)
 
 
 # --------------------------------------------------------------------------------------------
-# Triton (jax-triton): row-wise kernel calls, folded under vmap
+# Triton (jax-triton): kernel calls on the N-d arrays with the class axis, folded under vmap (the
+# batch goes in front; the class axis is negative, so it stays the same axis)
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _triton_loss_fn(num_iters, ignore_index, need_grad):
+def _triton_loss_fn(num_iters, ignore_index, axis, need_grad):
     def fn(logits, labels, t1, t2, label_smoothing):
         from bitempered.bindings.jax import launchers
 
-        num_classes = logits.shape[-1]
-        if jnp.issubdtype(labels.dtype, jnp.integer):
-            labels = labels.reshape(-1)
-            labels = labels if labels.dtype in (jnp.int32, jnp.int64) else labels.astype(jnp.int32)
-        else:
-            labels = labels.reshape(-1, num_classes)
-        loss, grad = launchers.loss_rows(logits.reshape(-1, num_classes), labels, t1, t2, label_smoothing,
-                                         num_iters, ignore_index, need_grad)
-        loss = loss.reshape(logits.shape[:-1])
-        return (loss, grad.reshape(logits.shape)) if need_grad else loss
+        if jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype not in (jnp.int32, jnp.int64):
+            labels = labels.astype(jnp.int32)
+        loss, grad = launchers.loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
+                                         need_grad, axis=axis)
+        loss = loss.reshape(without_axis(logits.shape, axis))  # [R] in row order
+        return (loss, grad) if need_grad else loss
 
     return fold_batch(fn, 2)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_softmax_fn(num_iters):
+def _triton_softmax_fn(num_iters, axis):
     def fn(logits, t):
         from bitempered.bindings.jax import launchers
 
-        rows = logits.reshape(-1, logits.shape[-1])
-        return launchers.softmax_forward(rows, t, num_iters).reshape(logits.shape)
+        return launchers.softmax_forward(logits, t, num_iters, axis=axis)
 
     return fold_batch(fn, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_softmax_vjp_fn():
+def _triton_softmax_vjp_fn(axis):
     def fn(p, grad_p, t):
         from bitempered.bindings.jax import launchers
 
-        rows = p.reshape(-1, p.shape[-1])
-        return launchers.softmax_backward(rows, grad_p.reshape(rows.shape), t).reshape(p.shape)
+        return launchers.softmax_backward(p, grad_p, t, axis=axis)
 
     return fold_batch(fn, 2)
 
@@ -171,6 +173,16 @@ def _triton_sigmoid_vjp_fn():
 # --------------------------------------------------------------------------------------------
 # XLA loss: native/loss.py's forward and backward, rows flattened, folded under vmap
 # --------------------------------------------------------------------------------------------
+
+def classes_last(logits, labels, axis: int):
+    """The logits and labels with the classes on the last axis, for the XLA loss's rows [..., C]:
+    dense labels move with the logits; class indices already have the rows' shape, in the same
+    row order. XLA fuses the transpose into its consumers; for axis -1 it is no operation (the
+    program is the last-axis one), and JAX transposes the gradient back to the logits' layout."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        labels = jnp.moveaxis(labels, axis, -1)
+    return jnp.moveaxis(logits, axis, -1), labels
+
 
 def _loss_labels(labels, num_local: int, dtype, ignore_index, label_smoothing, rows):
     """native_loss.Labels of class indices [...] or dense labels [..., C], rows flattened."""
@@ -244,24 +256,25 @@ xla_loss.defvjp(_xla_loss_fwd, _xla_loss_bwd)
 # --------------------------------------------------------------------------------------------
 
 def _loss(logits, labels, t1, t2, label_smoothing, class_weight, sample_weight, num_iters, ignore_index, backend,
-          reduction):
+          reduction, axis):
     if backend == "triton":
-        kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index)
-        loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing)
+        kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index, axis)
+        loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing, axis)
     else:
-        loss = xla_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, None)
-    return weighted_reduce(loss, labels, class_weight, sample_weight, ignore_index, reduction)
+        loss = xla_loss(*classes_last(logits, labels, axis), t1, t2, label_smoothing, num_iters, ignore_index, None)
+    return weighted_reduce(loss, labels, class_weight, sample_weight, ignore_index, reduction, axis)
 
 
-def weighted_reduce(loss_rows, labels, class_weight, sample_weight, ignore_index, reduction):
+def weighted_reduce(loss_rows, labels, class_weight, sample_weight, ignore_index, reduction, axis=-1):
     """The per-row losses of a differentiable core weighted and reduced (``reductions``): each
-    row's weight reaches the core's backward as its upstream value, with the reduction's."""
-    kept = reductions.kept_rows(labels, ignore_index)
+    row's weight reaches the core's backward as its upstream value, with the reduction's.
+    ``axis``: the class axis of dense ``labels``."""
+    kept = reductions.kept_rows(labels, ignore_index, axis)
     factors = reductions.row_factors(labels, kept, class_weight, sample_weight, loss_rows.dtype)
     return reductions.reduce(loss_rows, kept, reduction, factors)
 
 
-loss_jit = jax.jit(_loss, static_argnums=(7, 8, 9, 10))
+loss_jit = jax.jit(_loss, static_argnums=(7, 8, 9, 10, 11))
 
 
 def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, backend):
@@ -271,7 +284,7 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, i
     need_grad = row_weights is not None
     like = jnp.zeros((0,), logits.dtype)
     if backend == "triton":
-        out = _triton_loss_fn(num_iters, ignore_index, need_grad)(logits, labels, t1, t2, label_smoothing)
+        out = _triton_loss_fn(num_iters, ignore_index, -1, need_grad)(logits, labels, t1, t2, label_smoothing)
         if not need_grad:
             return out, None
         loss, grad = out
@@ -283,35 +296,38 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, i
     return loss, xla_backward_fn(ignore_index, None)(labels, *residual, row_weights, label_smoothing, like)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def tempered_softmax(logits, t, num_iters, backend, axis_name):
-    """Tempered softmax over the last axis, in the logits' dtype; ``axis_name``: the mesh axis
-    sharding the classes (XLA only, inside shard_map), or None."""
-    return _softmax_fwd(logits, t, num_iters, backend, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def tempered_softmax(logits, t, num_iters, backend, axis_name, axis=-1):
+    """Tempered softmax over the class axis ``axis`` (negative), in the logits' dtype;
+    ``axis_name``: the mesh axis sharding the classes (XLA only, inside shard_map), or None."""
+    return _softmax_fwd(logits, t, num_iters, backend, axis_name, axis)[0]
 
 
-def _softmax_fwd(logits, t, num_iters, backend, axis_name):
+def _softmax_fwd(logits, t, num_iters, backend, axis_name, axis=-1):
     if backend == "triton":
-        p = _triton_softmax_fn(num_iters)(logits, t)
+        p = _triton_softmax_fn(num_iters, axis)(logits, t)
         return p, (p, t)
-    p = jnp.exp(native.tempered_log_softmax_rows(logits.astype(t.dtype), t, num_iters, native.rows_over(axis_name)))
-    return p.astype(logits.dtype), (p, t)
+    # XLA: rows [..., C] (the classes moved last, a no-op for -1); the residual p stays in that layout
+    a = jnp.moveaxis(logits, axis, -1).astype(t.dtype)
+    p = jnp.exp(native.tempered_log_softmax_rows(a, t, num_iters, native.rows_over(axis_name)))
+    return jnp.moveaxis(p, -1, axis).astype(logits.dtype), (p, t)
 
 
-def _softmax_bwd(num_iters, backend, axis_name, residuals, grad_p):
+def _softmax_bwd(num_iters, backend, axis_name, axis, residuals, grad_p):
     p, t = residuals
     if backend == "triton":
-        return _triton_softmax_vjp_fn()(p, grad_p.astype(p.dtype), t), None
-    grad = native.tempered_softmax_vjp_rows(p, grad_p.astype(p.dtype), t, native.rows_over(axis_name))
-    return grad.astype(grad_p.dtype), None
+        return _triton_softmax_vjp_fn(axis)(p, grad_p.astype(p.dtype), t), None
+    grad_rows = jnp.moveaxis(grad_p, axis, -1).astype(p.dtype)
+    grad = native.tempered_softmax_vjp_rows(p, grad_rows, t, native.rows_over(axis_name))
+    return jnp.moveaxis(grad, -1, axis).astype(grad_p.dtype), None
 
 
 tempered_softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def softmax_jit(logits, t, num_iters, backend):
-    return tempered_softmax(logits, t, num_iters, backend, None)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def softmax_jit(logits, t, num_iters, backend, axis):
+    return tempered_softmax(logits, t, num_iters, backend, None, axis)
 
 
 def _two_classes(x, first):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from bitempered.bindings.common.validation import without_axis
 
-def kept_rows(labels, ignore_index: int | None):
-    """The rows a loss counts [...]: every row of dense labels [..., C], the class indices [...]
-    other than ``ignore_index`` (every one for None)."""
+
+def kept_rows(labels, ignore_index: int | None, axis: int = -1):
+    """The rows a loss counts (the rows' shape): every row of dense labels (classes on ``axis``),
+    the class indices other than ``ignore_index`` (every one for None)."""
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        return jnp.ones(labels.shape[:-1], bool)
+        return jnp.ones(without_axis(labels.shape, axis), bool)
     if ignore_index is None:
         return jnp.ones(labels.shape, bool)
     return labels != ignore_index

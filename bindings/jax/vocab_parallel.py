@@ -25,6 +25,11 @@ the same collectives; the support size costs one more pass over the slice when t
 ``"auto"`` (Triton on a GPU with jax-triton, as ``bi_tempered_logistic_loss``). The kernels run
 the converged solver; ``num_iters=k`` and a global C of 1 take the XLA path on every backend.
 ``vocab_parallel_tempered_softmax`` is XLA only.
+
+The class axis ``axis`` (keyword, default -1, as ``bi_tempered_logistic_loss``): the XLA loss and
+softmax move it last (``ops.classes_last``: XLA fuses the transpose, and JAX transposes the
+gradient back to the slice's layout); the Triton kernels read the slice in place with its class
+axis, as the plain loss's.
 """
 
 from __future__ import annotations
@@ -57,26 +62,27 @@ def _vary_like(x, like):
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, need_grad):
-    """The loss on the vocab-parallel Triton kernels: rows [..., C_local] of the slice; the loss in
-    the temperatures' dtype, the unit gradient fp32 (one rounding in the backward)."""
+def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, axis, need_grad):
+    """The loss on the vocab-parallel Triton kernels: the slice with its C_local classes on ``axis``
+    (negative), read in place; per-row values [R] in row order. The loss in the temperatures'
+    dtype, the unit gradient fp32 (one rounding in the backward)."""
     from bitempered.bindings.jax import launchers
 
     rows = AxisRows(axis_name)
-    num_local = logits.shape[-1]
+    num_local = logits.shape[axis]
     offset, num_classes = rows.class_slice(num_local)
-    a = logits.reshape(-1, num_local)
-    row_max = rows.max(jnp.max(a, axis=-1, keepdims=True).astype(jnp.float32)).reshape(-1)
+    row_max = rows.max(jnp.max(logits, axis=axis).reshape(-1, 1).astype(jnp.float32)).reshape(-1)  # [R], row order
     t = t2.astype(jnp.float32)
 
     def evaluate(y):  # one solver pass: one kernel call, then the packed psum in the solver
-        sums = _vary_like(launchers.vocab_parallel_sums(a, row_max, y.reshape(-1), t, False), a)
+        sums = _vary_like(launchers.vocab_parallel_sums(logits, row_max, y.reshape(-1), t, False, axis=axis), logits)
         return sums[:, :1], sums[:, 1:2]
 
     def count_support():  # t < 1 only: the kernel counts the classes that can have p > 0
-        return _vary_like(launchers.vocab_parallel_sums(a, row_max, jnp.zeros_like(row_max), t, True), a)[:, 2:]
+        sums = launchers.vocab_parallel_sums(logits, row_max, jnp.zeros_like(row_max), t, True, axis=axis)
+        return _vary_like(sums, logits)[:, 2:]
 
-    classes_here = _vary_like(jnp.full_like(row_max[:, None], num_local), a)
+    classes_here = _vary_like(jnp.full_like(row_max[:, None], num_local), logits)
     y, _ = native.solve_normalizers(evaluate, lax.cond(t < 1, count_support, lambda: classes_here), t, rows)
     y = y.reshape(-1)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -85,27 +91,31 @@ def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axi
         # the target's index in this slice; -1 (no class here) for ignored and invalid rows
         local = jnp.where(kept & ~invalid, indices - offset.astype(indices.dtype), -1).astype(jnp.int32)
     else:
-        local = labels.reshape(-1, num_local)
+        local = labels  # the dense slice, of the logits' shape
         kept = invalid = None
     loss, sum_e, sum_d = rows.sum(*jnp.split(_vary_like(launchers.vocab_parallel_epilogue(
-        a, local, row_max, y, t1, t2, label_smoothing, num_classes), a), 3, axis=-1))
+        logits, local, row_max, y, t1, t2, label_smoothing, num_classes, axis=axis), logits), 3, axis=-1))
     loss = loss[:, 0]
     if kept is not None:
         loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
-    loss = loss.astype(t1.dtype).reshape(logits.shape[:-1])
+    loss = loss.astype(t1.dtype)
+    rows_shape = check.without_axis(logits.shape, axis)
     if not need_grad:
-        return loss, None
+        return loss.reshape(rows_shape), None
     row_scale = jnp.ones_like(row_max) if kept is None else jnp.where(kept, jnp.where(invalid, jnp.nan, 1.0), 0.0)
-    grad = launchers.vocab_parallel_gradient(a, local, row_max, y, jnp.concatenate([loss.reshape(-1, 1).astype(
-        jnp.float32), sum_e, sum_d], axis=-1), row_scale.astype(jnp.float32), t1, t2, label_smoothing, num_classes)
-    return loss, _vary_like(grad, a).reshape(logits.shape)
+    grad = launchers.vocab_parallel_gradient(
+        logits, local, row_max, y, jnp.concatenate([loss.reshape(-1, 1).astype(jnp.float32), sum_e, sum_d], axis=-1),
+        row_scale.astype(jnp.float32), t1, t2, label_smoothing, num_classes, axis=axis)
+    return loss.reshape(rows_shape), _vary_like(grad, logits)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_loss_fn(ignore_index, axis_name, need_grad):
-    """The kernel path with vmap folded into the rows (jax-triton's call has no batching rule)."""
+def _kernel_loss_fn(ignore_index, axis_name, axis, need_grad):
+    """The kernel path with vmap folded into the rows (jax-triton's call has no batching rule;
+    the class axis is negative, so the batch folded in front does not move it)."""
     def fn(logits, labels, t1, t2, label_smoothing):
-        loss, grad = _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, need_grad)
+        loss, grad = _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, axis,
+                                       need_grad)
         return (loss, grad) if need_grad else loss
 
     folded = ops.fold_batch(fn, 2)
@@ -142,30 +152,32 @@ def _check_axis(axis_name, logits) -> None:
                 f"(shard_map in_specs=P(..., {name!r})), or call bi_tempered_logistic_loss on the whole logits")
 
 
-def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None):
+def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None, *, axis=-1):
     """Tempered softmax of rows whose classes are sharded over ``axis_name`` (inside shard_map).
 
-    Returns this device's slice of ``tempered_softmax(concatenated logits, t)``, in the logits'
-    dtype. Collectives: pmax, then psum of the support size and one psum per solver pass.
+    Returns this device's slice of ``tempered_softmax(concatenated logits, t, axis=axis)``, in the
+    logits' dtype; ``axis`` (keyword only, default -1): the class axis of ``local_logits``.
+    Collectives: pmax, then psum of the support size and one psum per solver pass.
     """
-    logits = args.as_logits(local_logits)
+    logits, axis = args.as_class_logits(local_logits, axis)
     iters = args.as_num_iters(num_iters)
     t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
     _check_axis(axis_name, logits)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
-    return ops.tempered_softmax(logits, t_, iters, "xla", axis_name)
+    return ops.tempered_softmax(logits, t_, iters, "xla", axis_name, axis)
 
 
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_name, label_smoothing=0.0,
                                              num_iters=None, ignore_index=-100, backend="auto", reduction="none", *,
-                                             weight=None, sample_weight=None):
+                                             weight=None, sample_weight=None, axis=-1):
     """Bi-tempered loss of rows whose classes are sharded over ``axis_name`` (call inside shard_map).
 
     Args:
-        local_logits: [..., C_local], this device's contiguous slice of the classes (device i of
-            the axis holds classes [i C_local, (i + 1) C_local)).
-        labels: integer GLOBAL class indices of shape ``local_logits.shape[:-1]`` (an index outside
+        local_logits: C_local classes on ``axis``, this device's contiguous slice of the classes
+            (device i of the axis holds classes [i C_local, (i + 1) C_local)).
+        labels: integer GLOBAL class indices of the rows' shape (``local_logits``' shape without
+            ``axis``; an index outside
             [0, C) other than ``ignore_index`` gives a NaN row), or dense labels sliced like the
             logits.
         axis_name: the mesh axis (or tuple of axes) that shards the classes.
@@ -180,33 +192,35 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
             C = C_local x axis size weights, the same full vector on every device (shard_map
             ``in_specs=P()``); class-index labels only. Each row is weighted by ``weight[target]``
             (a gather by the global index: no collective) as in ``bi_tempered_logistic_loss``.
-        sample_weight: None or one weight per row, shape ``local_logits.shape[:-1]`` (the rows'
-            weights, sharded like the labels), as in ``bi_tempered_logistic_loss``.
+        sample_weight: None or one weight per row, of the rows' shape (the rows' weights,
+            sharded like the labels), as in ``bi_tempered_logistic_loss``.
+        axis: the class axis of ``local_logits`` (keyword only, default -1), as in
+            ``bi_tempered_logistic_loss`` (see the module docstring).
 
     Returns the per-row losses, or their reduction (the same on every device of the axis); the
     custom gradient flows to this device's slice.
     """
-    logits = args.as_logits(local_logits)
+    logits, axis = args.as_class_logits(local_logits, axis)
     labels = args.as_labels(labels)
-    indices = args.labels_are_indices(labels, logits.shape)
+    indices = args.labels_are_indices(labels, logits.shape, axis)
     iters = args.as_num_iters(num_iters)
     ignore_index = args.as_ignore_index(ignore_index)
     check.check_reduction(reduction)
     dtype = native.compute_dtype(logits.dtype)
     t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
     _check_axis(axis_name, logits)
-    num_classes = AxisRows(axis_name).class_slice(logits.shape[-1])[1]
+    num_classes = AxisRows(axis_name).class_slice(logits.shape[axis])[1]
     weight = args.as_class_weight(weight, indices, num_classes)
-    sample_weight = args.as_sample_weight(sample_weight, logits.shape[:-1])
+    sample_weight = args.as_sample_weight(sample_weight, check.without_axis(logits.shape, axis))
     backend = args.resolve_backend(backend, logits.dtype)
     if iters is not None or num_classes < 2:
         backend = "xla"  # the kernels run the converged solver; C = 1 takes XLA's NaN-smoothing rule
     labels = jnp.asarray(labels)
     if logits.size == 0:
-        loss = jnp.zeros(logits.shape[:-1], dtype)
+        loss = jnp.zeros(check.without_axis(logits.shape, axis), dtype)
     elif backend == "triton":
-        kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name)
-        loss = ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_)
+        kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name, axis)
+        loss = ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_, axis)
     else:
-        loss = ops.xla_loss(logits, labels, t1_, t2_, s_, iters, ignore_index, axis_name)
-    return ops.weighted_reduce(loss, labels, weight, sample_weight, ignore_index, reduction)
+        loss = ops.xla_loss(*ops.classes_last(logits, labels, axis), t1_, t2_, s_, iters, ignore_index, axis_name)
+    return ops.weighted_reduce(loss, labels, weight, sample_weight, ignore_index, reduction, axis)

@@ -2,8 +2,14 @@
 (``args``), reshape to rows and call the custom ops (``ops``); DTensor logits sharded on the classes
 go to the vocab-parallel path (``dtensor``).
 
-Classes are the LAST axis; any number of leading axes. Temperatures and ``label_smoothing`` may be
-Python floats or 0-d tensors (a tensor never triggers a recompile under ``torch.compile``).
+Classes are on ``dim`` (keyword, default -1: the LAST axis), any number of other axes; ``dim=1``
+takes F.cross_entropy's (N, C, d1, ..., dk) logits with class indices (N, d1, ..., dk). The rows
+are the logits' entries with the class axis removed, in row-major order; per-row results
+(reduction="none") have that shape. On the Triton backend the kernels read such logits in place,
+in any layout (NCHW, channels_last, a cropped view); the native backend moves the class axis last
+(one copy of the logits, none for channels_last). The gradient keeps the logits' strides (dense
+layouts). Temperatures and ``label_smoothing`` may be Python floats or 0-d tensors (a tensor never
+triggers a recompile under ``torch.compile``).
 
 Validation: bad input raises ValueError/TypeError naming the argument. Values held in CUDA tensors
 (reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked (CPU
@@ -42,30 +48,32 @@ from bitempered.bindings.torch.ops import InplaceBackwardLoss, binary_loss_op, l
 from bitempered.bindings.torch.rows import kept_rows, with_weight_gradient
 
 
-def tempered_softmax(logits, t, num_iters=None, backend="auto"):
-    """SPEC's tempered softmax over the last axis, in the logits' dtype.
+def tempered_softmax(logits, t, num_iters=None, backend="auto", *, dim=-1):
+    """SPEC's tempered softmax over the class axis ``dim``, in the logits' dtype.
 
     Args:
-        logits: [..., C] float16/bfloat16/float32/float64 tensor, C >= 1 (classes on the last axis).
+        logits: float16/bfloat16/float32/float64 tensor with C >= 1 classes on ``dim``.
         t: temperature, finite and > 0 (t = 1: the ordinary softmax; t > 1: heavy tails); a float
             or a 0-d floating tensor (then a changing temperature never recompiles).
         num_iters: None (default: the normalization solved to convergence) or an int >= 1: the
             original algorithm with exactly that many steps.
         backend: "auto" (default: Triton kernels for CUDA tensors below float64, native ops
             otherwise), "torch" (native ops) or "triton" (CPU tensors only under TRITON_INTERPRET=1).
+        dim: the class axis (keyword only; an int in [-ndim, ndim), default -1: the last axis), as
+            ``torch.softmax``'s ``dim``.
 
     Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
-    A DTensor sharded on the class dimension (``Shard(-1)``) takes the vocab-parallel path.
+    A DTensor sharded on the class dimension (``Shard(dim)``) takes the vocab-parallel path.
     """
     if dtensor.is_dtensor(logits):  # a DTensor sharded on the classes: the vocab-parallel path
-        return dtensor.dtensor_softmax(logits, t, num_iters, backend)
-    args.check_logits(logits)
+        return dtensor.dtensor_softmax(logits, t, num_iters, backend, dim=dim)
+    dim = args.class_logits(logits, dim)
     iters = args.iterations(num_iters)
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
     t = args.temperature(t, "t", logits.device)
     if logits.numel() == 0:
         return torch.empty_like(logits)
-    return torch_func.call(softmax_op, args.as_rows(logits), t, iters, backend).reshape(logits.shape)
+    return torch_func.call(softmax_op, args.as_rows(logits, dim), t, iters, backend, dim).reshape(logits.shape)
 
 
 def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
@@ -90,14 +98,16 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
 def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
                               reduction="mean", ignore_index=-100, backend="auto", inplace_backward=False, *,
-                              weight=None, sample_weight=None):
-    """Bi-tempered logistic loss (Amid et al., 2019) over the last axis.
+                              weight=None, sample_weight=None, dim=-1):
+    """Bi-tempered logistic loss (Amid et al., 2019) over the class axis ``dim``.
 
     Args:
-        logits: [..., C] float16/bfloat16/float32/float64 tensor.
+        logits: float16/bfloat16/float32/float64 tensor with C >= 1 classes on ``dim`` ([..., C] by
+            default; (N, C, d1, ..., dk) with ``dim=1``).
         labels: dense floating labels of the logits' shape, values in [0, 1] (checked on CPU, see
-            the module docstring), or integer class indices of shape ``logits.shape[:-1]`` (rows
-            equal to ``ignore_index`` are skipped).
+            the module docstring), or integer class indices of the logits' shape without the class
+            axis (``logits.shape[:-1]`` by default; (N, d1, ..., dk) with ``dim=1``; rows equal to
+            ``ignore_index`` are skipped).
         t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float or a 0-d floating tensor.
         t2: finite and > 0 (t2 > 1 gives heavy tails); a float or a 0-d floating tensor.
         label_smoothing: in [0, 1), default 0; the reference convention (target 1 - s, others
@@ -122,6 +132,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             axis (finite, >= 0): each row's loss and gradient times its weight; "mean" =
             sum(w L) / sum(w) over the rows that are not ignored (w = weight[target] x sample_weight
             with both). Weight values are data: changing them never recompiles.
+        dim: the class axis (keyword only; an int in [-ndim, ndim), default -1: the last axis), as
+            ``F.cross_entropy``'s class dimension (``dim=1`` for segmentation logits).
         inplace_backward: bool (default False): write the gradient into the logits' own buffer in
             the forward pass (no N x C allocation with the kernels). The logits' values are
             destroyed: use it only when nothing else reads them (e.g. the output of the last Linear
@@ -132,44 +144,45 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             in float32 and never lose precision to the range).
 
     Returns the loss in float32 (float64 for float64 logits). The gradient flows to ``logits``.
-    A DTensor sharded on the class dimension (``Shard(-1)``) takes the vocab-parallel path.
+    A DTensor sharded on the class dimension (``Shard(dim)``) takes the vocab-parallel path.
     """
     if dtensor.is_dtensor(logits):
         return dtensor.dtensor_loss(logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
-                                    backend, inplace_backward, weight=weight, sample_weight=sample_weight)
-    args.check_logits(logits)
+                                    backend, inplace_backward, weight=weight, sample_weight=sample_weight, dim=dim)
+    dim = args.class_logits(logits, dim)
     logits = args.autocast_float32(logits)
+    num_classes, rows_shape = logits.shape[dim], check.without_axis(logits.shape, dim)
     checked = args.loss_args(logits.shape, logits.device, logits.dtype, labels, t1, t2, label_smoothing, num_iters,
-                             reduction, ignore_index, backend)
-    check.check_smoothing_classes(checked.smoothing_value, logits.shape[-1])
+                             reduction, ignore_index, backend, dim=dim)
+    check.check_smoothing_classes(checked.smoothing_value, num_classes)
     args.check_inplace_backward(inplace_backward)
     if logits.numel() == 0:
-        return args.empty_loss(logits, logits.shape[:-1], reduction)
-    rows = args.as_rows(logits)
-    label_rows = args.label_rows(labels, checked.indices)
+        return args.empty_loss(logits, rows_shape, reduction)
+    rows = args.as_rows(logits, dim)
+    label_rows = args.label_rows(labels, checked.indices, dim)
     checked_by_backend = not checked.indices and checked.backend == "torch" and native_loss.checks_dense_labels(
         rows.device, checked.t1_value, checked.t2_value)  # the native t1 = t2 = 1 path reads them anyway
     if not checked_by_backend:
-        args.check_label_values(label_rows, checked.indices, logits.shape[-1], ignore_index)
-    weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, logits.shape[:-1],
-                               logits.shape[-1], logits.device, native.compute_dtype(logits.dtype))
-    label_rows, op_ignore_index = args.op_labels(label_rows, checked.indices, ignore_index, logits.shape[-1])
+        args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
+    weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, rows_shape, num_classes,
+                               logits.device, native.compute_dtype(logits.dtype))
+    label_rows, op_ignore_index = args.op_labels(label_rows, checked.indices, ignore_index, num_classes)
     settings = (checked.t1, checked.t2, checked.smoothing, checked.num_iters, op_ignore_index, reduction,
                 checked.backend)
     need_grad = torch.is_grad_enabled() and torch_func.requires_grad(logits)
     eager = not torch.compiler.is_compiling() and not torch_func.transforms_active()
     op_weights = None if weights is None else weights.detach()  # their gradient: with_weight_gradient
     if need_grad and inplace_backward and eager:
-        loss = InplaceBackwardLoss.apply(logits, rows, label_rows, op_weights, *settings)
+        loss = InplaceBackwardLoss.apply(logits, rows, label_rows, op_weights, *settings, dim)
     else:
-        loss, _ = torch_func.call(loss_op, rows, label_rows, op_weights, *settings, need_grad)
+        loss, _ = torch_func.call(loss_op, rows, label_rows, op_weights, *settings, need_grad, dim)
 
     def unweighted_rows():
-        loss_rows, _ = loss_op(rows.detach(), label_rows, None, *settings[:5], "none", checked.backend, False)
-        return loss_rows, kept_rows(label_rows, op_ignore_index)
+        loss_rows, _ = loss_op(rows.detach(), label_rows, None, *settings[:5], "none", checked.backend, False, dim)
+        return loss_rows, kept_rows(label_rows, op_ignore_index, dim).reshape(-1)
 
     loss = with_weight_gradient(loss, weights, reduction, unweighted_rows)
-    return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
+    return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
 def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None,
@@ -235,28 +248,33 @@ class BiTemperedLogisticLoss(torch.nn.Module):
         backend: "auto" (default), "torch" or "triton", as in :func:`bi_tempered_logistic_loss`.
         inplace_backward: bool (default False): the gradient overwrites the logits (see
             :func:`bi_tempered_logistic_loss`).
+        dim: the class axis (keyword only, default -1: the last axis; ``dim=1`` as
+            ``nn.CrossEntropyLoss`` takes (N, C, d1, ..., dk) logits); its range is checked against
+            the logits at each call.
 
     ``t1``/``t2`` may be changed between steps (``module.t1 = 0.7``) without recompiling when they
     are held as 0-d tensors.
     """
 
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,
-                 backend="auto", inplace_backward=False, *, weight=None):
+                 backend="auto", inplace_backward=False, *, weight=None, dim=-1):
         super().__init__()
         args.check_loss_settings(t1, t2, label_smoothing, num_iters, reduction, ignore_index, backend)
         args.check_inplace_backward(inplace_backward)
+        args.check_dim_type(dim)
         self.t1, self.t2 = t1, t2
         self.label_smoothing, self.num_iters = label_smoothing, num_iters
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
-        self.inplace_backward = inplace_backward
+        self.inplace_backward, self.dim = inplace_backward, dim
         # a buffer, as nn.CrossEntropyLoss's: it moves with .to(device) and is saved in the state dict
         self.register_buffer("weight", weight)
 
     def forward(self, logits, labels, sample_weight=None):
         return bi_tempered_logistic_loss(logits, labels, self.t1, self.t2, self.label_smoothing,
                                          self.num_iters, self.reduction, self.ignore_index, self.backend,
-                                         self.inplace_backward, weight=self.weight, sample_weight=sample_weight)
+                                         self.inplace_backward, weight=self.weight, sample_weight=sample_weight,
+                                         dim=self.dim)
 
     def extra_repr(self) -> str:
         return (f"t1={self.t1}, t2={self.t2}, label_smoothing={self.label_smoothing}, "
-                f"num_iters={self.num_iters}, reduction={self.reduction!r}")
+                f"num_iters={self.num_iters}, reduction={self.reduction!r}, dim={self.dim}")

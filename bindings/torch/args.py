@@ -10,6 +10,7 @@ are.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import NamedTuple
 
@@ -118,6 +119,29 @@ def check_logits(logits) -> None:
     check.check_logits_shape(logits.shape)
 
 
+def class_logits(logits, dim) -> int:
+    """Floating logits with at least one class on ``dim`` (the public class axis, F.cross_entropy's
+    ``dim``); returns it as a NEGATIVE int (``check.check_class_axis``), so that a vmapped batch
+    folded in front never moves it."""
+    check_floating(logits)
+    if logits.dim() == 0:
+        check.check_logits_shape(logits.shape)  # raises: a scalar has no class axis
+    dim = check.check_class_axis(dim, logits.dim(), "dim")
+    if dim == -1:
+        check.check_logits_shape(logits.shape)
+    elif logits.shape[dim] < 1:
+        raise ValueError(f"logits must have at least one class (size >= 1 on the class axis dim={dim % logits.dim()}), "
+                         f"got shape {tuple(logits.shape)}")
+    return dim
+
+
+def check_dim_type(dim) -> None:
+    """The type check of ``check.check_class_axis`` alone, for a module that learns the logits' rank
+    at each call (any int is in range for some rank)."""
+    rank = abs(int(dim)) + 1 if isinstance(dim, numbers.Integral) and not isinstance(dim, bool) else 1
+    check.check_class_axis(dim, rank, "dim")
+
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -140,23 +164,28 @@ def autocast_operands(*tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> [N, C] with unit stride on the classes (a view when possible)."""
+def as_rows(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """What the ops take of a tensor with classes on ``dim`` (negative): for the last axis, rows
+    [..., C] -> [N, C] with unit stride on the classes (a view when possible); for another axis,
+    the tensor itself (the ops take the class axis and read it in place)."""
+    if dim != -1:
+        return x
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def label_rows(labels: torch.Tensor, indices: bool) -> torch.Tensor:
-    """Class indices [...] -> [N]; dense labels [..., C] -> [N, C] with unit class stride."""
-    return labels.reshape(-1) if indices else as_rows(labels)
+def label_rows(labels: torch.Tensor, indices: bool, dim: int = -1) -> torch.Tensor:
+    """Class indices [...] -> [N] (row order); dense labels as ``as_rows`` (classes on ``dim``)."""
+    return labels.reshape(-1) if indices else as_rows(labels, dim)
 
 
 # torch has almost no ops for these (comparisons raise NotImplementedError): refused up front
 UNSUPPORTED_INDEX_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 
 
-def is_class_indices(logits_shape, labels) -> bool:
-    """True for class indices, False for dense labels; TypeError/ValueError for anything else."""
+def is_class_indices(logits_shape, labels, dim: int = -1) -> bool:
+    """True for class indices (the logits' shape without the class axis ``dim``, a negative int),
+    False for dense labels (the logits' shape); TypeError/ValueError for anything else."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_complex():
@@ -164,7 +193,16 @@ def is_class_indices(logits_shape, labels) -> bool:
     if labels.dtype in UNSUPPORTED_INDEX_DTYPES:
         raise TypeError(f"labels (class indices) must be int64, int32, int16, int8 or uint8, got {labels.dtype} "
                         "(convert them with labels.long())")
-    return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point)
+    integer = not labels.dtype.is_floating_point
+    if integer and dim != -1:  # (check.labels_are_indices knows the last axis only)
+        rows_shape = check.without_axis(logits_shape, dim)
+        if tuple(labels.shape) != rows_shape:
+            raise ValueError(
+                f"integer labels (class indices) must have the logits' shape without the class axis "
+                f"dim={dim % len(logits_shape)}, {rows_shape}: labels shape {tuple(labels.shape)}, logits shape "
+                f"{tuple(logits_shape)}")
+        return True
+    return check.labels_are_indices(logits_shape, labels.shape, integer)
 
 
 # The ops' ignore_index for ``ignore_index=None``: no label can equal it (``op_labels``)
@@ -245,12 +283,13 @@ class LossArgs(NamedTuple):
 
 
 def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1, t2, label_smoothing,
-              num_iters, reduction, ignore_index, backend, holder: str = "logits") -> LossArgs:
+              num_iters, reduction, ignore_index, backend, holder: str = "logits", dim: int = -1) -> LossArgs:
     """The checks every multi-class loss makes, in one order (so one bad argument gives the same
-    error from each). ``holder``: the name of the tensor the labels go with (logits, hidden).
-    Not here: smoothing's class count (``check.check_smoothing_classes``; the vocab-parallel loss
-    knows its global C only after its group check)."""
-    indices = is_class_indices(logits_shape, labels)
+    error from each). ``holder``: the name of the tensor the labels go with (logits, hidden);
+    ``dim``: the checked class axis (``class_logits``). Not here: smoothing's class count
+    (``check.check_smoothing_classes``; the vocab-parallel loss knows its global C only after its
+    group check)."""
+    indices = is_class_indices(logits_shape, labels, dim)
     check.check_reduction(reduction)
     iters = iterations(num_iters)
     smoothing, smoothing_value = smoothing_and_value(label_smoothing, device)

@@ -16,6 +16,15 @@ The stored gradient's dtype is ``rows.stored_grad_dtype`` (float32 for float16 l
 
 Autocast: inside ``torch.autocast`` the loss ops take float32 logits (``register_autocast``), as
 ``F.cross_entropy`` does; the public functions upcast before calling them (``args.autocast_float32``).
+
+The class axis: ``loss_op``, ``softmax_op`` and ``softmax_backward_op`` take rows [N, C] (the
+default ``class_dim=-1``), or logits of any rank with the classes on ``class_dim`` (a NEGATIVE int:
+a vmapped batch added in front never moves it); then the class-index labels, the row weights and
+the "none" loss are one per row [R] in row order (the logits' entries with the class axis removed,
+row-major), dense labels have the logits' shape. The Triton launchers read such logits in place (no
+copy); the native backend moves the class axis last (a copy, unless the classes are innermost in
+memory, as in channels_last). Per-class outputs are allocated ``torch.empty_like`` the logits (their
+strides where those are dense), on both backends and in the fake implementations alike.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from bitempered.bindings.common.validation import without_axis
 from bitempered.bindings.torch import second_order
 from bitempered.bindings.torch.rows import (
     grad_scale, kept_rows, reduce, scale_half_stored_grad, scale_stored_grad, stored_grad_dtype,
@@ -43,23 +53,50 @@ def triton_launchers():
     return launchers
 
 
-def _native_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad):
+def class_rows(x: Tensor, class_dim: int) -> Tensor:
+    """``x`` with its classes on ``class_dim`` as rows [R, C] in row order with unit class stride, for
+    the native backend: the class axis moved last (a copy, unless the classes are innermost in
+    memory, as in channels_last)."""
+    rows = x.movedim(class_dim, -1).reshape(math.prod(without_axis(x.shape, class_dim)), x.shape[class_dim])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def from_class_rows(rows: Tensor, like: Tensor, class_dim: int) -> Tensor:
+    """Rows [R, C] (``class_rows``) back in the shape of ``like`` (classes on ``class_dim``), in a
+    tensor allocated ``torch.empty_like(like)`` in the rows' dtype: the fake implementations' layout."""
+    out = torch.empty_like(like, dtype=rows.dtype)
+    moved = out.movedim(class_dim, -1)
+    moved.copy_(rows.reshape(moved.shape))
+    return out
+
+
+def _native_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
+                 class_dim=-1):
     """The native loss driver (``native/loss.py``) with the op's outputs (an empty gradient when none
     was asked for): the gradient, already scaled by the reduction (and the rows' weights) and
-    masked, is the only N x C buffer it allocates."""
+    masked, is the only N x C buffer it allocates on rows [N, C]; classes on another axis cost two
+    more (the moved rows, none for channels_last; the gradient's rows before their copy into the
+    logits' layout)."""
+    if class_dim != -1:
+        dense = labels.dtype.is_floating_point
+        loss, grad = _native_loss(class_rows(logits, class_dim), class_rows(labels, class_dim) if dense else labels,
+                                  weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad)
+        return loss, from_class_rows(grad, logits, class_dim) if need_grad else grad
     loss, grad = native_loss.reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters,
                                                    ignore_index, reduction, need_grad, weights=weights)
     return loss, grad if need_grad else _no_grad(logits)
 
 
 def _triton_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
-                 grad_out=None):
+                 grad_out=None, class_dim=-1):
     """The kernels produce per-row losses and the gradient already scaled by the reduction (a
-    factor per row with ``weights``; written into ``grad_out`` when given: the in-place mode)."""
-    kept = kept_rows(labels, ignore_index)
+    factor per row with ``weights``; written into ``grad_out`` when given: the in-place mode). They
+    read logits with the classes on ``class_dim`` in place."""
+    kept = kept_rows(labels, ignore_index, class_dim).reshape(-1)
     scale = grad_scale(kept, reduction, torch.float32, weights)
     per_row, grad = triton_launchers().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
-                                                    ignore_index, need_grad, grad_out=grad_out, grad_scale=scale)
+                                                    ignore_index, need_grad, grad_out=grad_out, grad_scale=scale,
+                                                    class_dim=class_dim)
     return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits)
 
 
@@ -71,32 +108,44 @@ def _no_grad(logits: Tensor) -> Tensor:
 @torch.library.custom_op("bitempered::loss", mutates_args=())
 def loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
             num_iters: int, ignore_index: int, reduction: str, backend: str,
-            need_grad: bool) -> tuple[Tensor, Tensor]:
-    """Rows [N, C] -> (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
+            need_grad: bool, class_dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Rows [N, C] (or logits with the classes on ``class_dim``, see the module docstring) ->
+    (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
 
-    ``weights``: None or each row's weight [N] (``args.row_weights``: weight[target] x sample_weight).
+    ``weights``: None or each row's weight [R] (``args.row_weights``: weight[target] x sample_weight).
     ``num_iters`` 0 means converged (None in the public API).
     """
     iters = num_iters or None
-    loss = _triton_loss if backend == "triton" else _native_loss
-    return loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad)
+    if backend == "triton":
+        return _triton_loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction,
+                            need_grad, class_dim=class_dim)
+    return _native_loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad,
+                        class_dim)
 
 
 @loss_op.register_fake
-def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
-    return _fake_loss_outputs(logits, reduction, need_grad)
+def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad,
+      class_dim=-1):
+    return _fake_loss_outputs(logits, reduction, need_grad, math.prod(without_axis(logits.shape, class_dim)))
 
 
-def _fake_loss_outputs(logits, reduction, need_grad):
-    """The loss ops' outputs: the loss (compute dtype; [N] for "none") and the stored gradient."""
+def _fake_loss_outputs(logits, reduction, need_grad, num_rows):
+    """The loss ops' outputs: the loss (compute dtype; one per row [R] for "none") and the stored
+    gradient (allocated like the logits)."""
     dtype = native.compute_dtype(logits.dtype)
-    shape = (logits.shape[0],) if reduction == "none" else ()
-    grad = logits.new_empty(logits.shape, dtype=stored_grad_dtype(logits.dtype)) if need_grad else logits.new_empty(0)
+    shape = (num_rows,) if reduction == "none" else ()
+    grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype)) if need_grad else logits.new_empty(0)
     return logits.new_empty(shape, dtype=dtype), grad
 
 
+def _class_dim(inputs, position: int) -> int:
+    """An op's ``class_dim`` input (-1 for the ops without one, and where a caller left it out)."""
+    return inputs[position] if len(inputs) > position else -1
+
+
 def _save_grad(ctx, inputs, output):
-    ctx.need_grad = inputs[-1]
+    ctx.need_grad = inputs[10]
+    ctx.class_dim = _class_dim(inputs, 11)
     ctx.logits_dtype = inputs[0].dtype
     # the gradient output is never differentiated: no N x C zeros for its (absent) upstream gradient
     ctx.set_materialize_grads(False)
@@ -135,7 +184,7 @@ def _scale_saved_grad(ctx, grad_loss, _unused):
     if grad_loss is None:  # no upstream gradient (grads are not materialized): none for the logits
         return (None,) + none
     # detached: the stored output is marked as requiring grad (the op's outputs are), its gradient is not
-    return (scale_stored_grad(grad.detach(), grad_loss, ctx.logits_dtype),) + none
+    return (scale_stored_grad(grad.detach(), grad_loss, ctx.logits_dtype, ctx.class_dim),) + none
 
 
 def _native_probs(logits, t, num_iters):
@@ -145,34 +194,43 @@ def _native_probs(logits, t, num_iters):
 
 
 @torch.library.custom_op("bitempered::softmax", mutates_args=())
-def softmax_op(logits: Tensor, t: Tensor, num_iters: int, backend: str) -> Tensor:
-    """Tempered softmax of rows [N, C] in the logits' dtype."""
+def softmax_op(logits: Tensor, t: Tensor, num_iters: int, backend: str, class_dim: int = -1) -> Tensor:
+    """Tempered softmax of rows [N, C] (or over ``class_dim``) in the logits' dtype."""
     if backend == "triton":
-        return triton_launchers().softmax_forward(logits, t, num_iters or None)
+        return triton_launchers().softmax_forward(logits, t, num_iters or None, class_dim=class_dim)
+    if class_dim != -1:
+        return from_class_rows(_native_probs(class_rows(logits, class_dim), t, num_iters or None), logits, class_dim)
     return _native_probs(logits, t, num_iters or None)
 
 
 @softmax_op.register_fake
-def _(logits, t, num_iters, backend):
+def _(logits, t, num_iters, backend, class_dim=-1):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("bitempered::softmax_backward", mutates_args=())
-def softmax_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        return triton_launchers().softmax_backward(probs, grad, t)
+def _native_softmax_vjp(probs, grad, t):
     dtype = native.compute_dtype(probs.dtype)
-    p = probs.to(dtype)
-    return native.tempered_softmax_vjp_rows(p, grad.to(dtype), t).to(probs.dtype)
+    return native.tempered_softmax_vjp_rows(probs.to(dtype), grad.to(dtype), t).to(probs.dtype)
+
+
+@torch.library.custom_op("bitempered::softmax_backward", mutates_args=())
+def softmax_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str, class_dim: int = -1) -> Tensor:
+    if backend == "triton":
+        return triton_launchers().softmax_backward(probs, grad, t, class_dim=class_dim)
+    if class_dim != -1:
+        rows = _native_softmax_vjp(class_rows(probs, class_dim), class_rows(grad, class_dim), t)
+        return from_class_rows(rows, probs, class_dim)
+    return _native_softmax_vjp(probs, grad, t)
 
 
 @softmax_backward_op.register_fake
-def _(probs, grad, t, backend):
+def _(probs, grad, t, backend, class_dim=-1):
     return torch.empty_like(probs)
 
 
 def _save_probs(ctx, inputs, output):
-    ctx.backend = inputs[-1]
+    ctx.backend = inputs[3]
+    ctx.class_dim = _class_dim(inputs, 4)
     ctx.save_for_backward(output, inputs[1])
 
 
@@ -181,18 +239,23 @@ def _direct(op, *args):
 
 
 def _softmax_vjp(ctx, grad, invoke=_direct):
-    """(``invoke`` calls the backward op: ``func`` passes its transform-ready call.)"""
+    """(``invoke`` calls the backward op: ``func`` passes its transform-ready call.) Rows get unit
+    class stride; logits with another class axis go as they are (the backends take any strides)."""
     probs, t = ctx.saved_tensors
-    return invoke(softmax_backward_op, probs, grad.contiguous(), t, ctx.backend), None, None, None
+    grad = grad.contiguous() if ctx.class_dim == -1 else grad
+    return invoke(softmax_backward_op, probs, grad, t, ctx.backend, ctx.class_dim), None, None, None, None
 
 
 def _save_vjp_inputs(ctx, inputs, output):
+    ctx.class_dim = _class_dim(inputs, 4)
     ctx.save_for_backward(*inputs[:3])
 
 
 def _softmax_vjp_vjp(ctx, upstream):
     probs, grad, t = ctx.saved_tensors
-    return second_order.softmax_vjp_vjp_rows(probs, grad, upstream, t) + (None, None)
+    moved = (x.movedim(ctx.class_dim, -1) for x in (probs, grad, upstream))  # (views; -1: the rows as they are)
+    d_probs, d_grad = second_order.softmax_vjp_vjp_rows(*moved, t)
+    return d_probs.movedim(-1, ctx.class_dim), d_grad.movedim(-1, ctx.class_dim), None, None, None
 
 
 def _second_class(rows: Tensor) -> Tensor:
@@ -237,7 +300,7 @@ def binary_loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: T
 
 @binary_loss_op.register_fake
 def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
-    return _fake_loss_outputs(logits, reduction, need_grad)
+    return _fake_loss_outputs(logits, reduction, need_grad, logits.shape[0])
 
 
 @torch.library.custom_op("bitempered::sigmoid", mutates_args=())
@@ -290,33 +353,35 @@ class InplaceBackwardLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction,
-                backend):
+                backend, class_dim=-1):
+        # ``rows``: what the op takes (``args.as_rows``): a view of the logits' buffer where possible
         buffer = rows.detach()
         deferred = stored_grad_dtype(buffer.dtype) != buffer.dtype
         # deferred: the unweighted gradient of each row ("none", unit factors), scaled in the backward
         settings = (t1, t2, label_smoothing, num_iters or None, ignore_index, "none" if deferred else reduction, True)
         if backend == "triton":
-            loss, grad = _triton_loss(buffer, labels, None if deferred else weights, *settings, grad_out=buffer)
+            loss, grad = _triton_loss(buffer, labels, None if deferred else weights, *settings, grad_out=buffer,
+                                      class_dim=class_dim)
         else:
-            loss, grad = _native_loss(buffer, labels, None if deferred else weights, *settings)
+            loss, grad = _native_loss(buffer, labels, None if deferred else weights, *settings, class_dim)
             buffer.copy_(grad)
         ctx.factor = None
         if deferred:
-            kept = kept_rows(labels, ignore_index)
+            kept = kept_rows(labels, ignore_index, class_dim).reshape(-1)
             ctx.factor = grad_scale(kept, reduction, torch.float32, weights)
             loss = reduce(loss, kept, reduction, weights)
         ctx.save_for_backward(buffer)
-        ctx.logits_shape = logits.shape
+        ctx.logits_shape, ctx.class_dim = logits.shape, class_dim
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         if ctx.factor is None:
-            grad = scale_stored_grad(grad, grad_loss, grad.dtype)
+            grad = scale_stored_grad(grad, grad_loss, grad.dtype, ctx.class_dim)
         else:
-            grad = scale_half_stored_grad(grad, grad_loss.float() * ctx.factor)
-        return (grad.view(ctx.logits_shape),) + (None,) * 10
+            grad = scale_half_stored_grad(grad, grad_loss.float() * ctx.factor, ctx.class_dim)
+        return (grad.view(ctx.logits_shape),) + (None,) * 11
 
 
 def autograd_rules(invoke=_direct) -> dict:

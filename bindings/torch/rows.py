@@ -20,14 +20,16 @@ import math
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensor
 
+from bitempered.bindings.common.validation import without_axis
+
 Tensor = torch.Tensor
 
 
-def kept_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    """The rows a loss counts [...]: every row of dense labels [..., C], the class indices [...]
-    other than ``ignore_index``."""
+def kept_rows(labels: Tensor, ignore_index: int, class_dim: int = -1) -> Tensor:
+    """The rows a loss counts, in the rows' shape: every row of dense labels (classes on
+    ``class_dim``), the class indices [...] other than ``ignore_index``."""
     if labels.dtype.is_floating_point:
-        return torch.ones(labels.shape[:-1], dtype=torch.bool, device=labels.device)
+        return torch.ones(without_axis(labels.shape, class_dim), dtype=torch.bool, device=labels.device)
     return labels != ignore_index
 
 
@@ -130,15 +132,24 @@ def _scale_in_place(grad: Tensor) -> bool:
             and not torch._C._autograd._get_current_graph_task_keep_graph())
 
 
+def per_row(values: Tensor, grad: Tensor, class_dim: int = -1) -> Tensor:
+    """``values`` shaped to multiply ``grad`` (classes on ``class_dim``): one value per row [R] (row
+    order) gets the rows' shape with a unit class axis; a 0-d value, or values for 1-D (binary)
+    gradients, stay as they are."""
+    if values.dim() != 1 or grad.dim() < 2:
+        return values
+    return values.reshape(without_axis(grad.shape, class_dim)).unsqueeze(class_dim)
+
+
 def _is_host_one(grad_loss: Tensor) -> bool:
     """A CPU scalar upstream gradient equal to 1 (reading it costs no device sync)."""
     return grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
 
 
-def scale_stored_grad(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
-    """dL/dlogits in the logits' ``dtype`` = the stored gradient [N, C] x the upstream gradient
-    (0-d, or [N] for reduction="none"): in place in eager mode (``_scale_in_place``), a new tensor
-    otherwise.
+def scale_stored_grad(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype, class_dim: int = -1) -> Tensor:
+    """dL/dlogits in the logits' ``dtype`` = the stored gradient (the logits' shape, classes on
+    ``class_dim``; [N, C] rows by default) x the upstream gradient (0-d, or one per row [R] for
+    reduction="none"): in place in eager mode (``_scale_in_place``), a new tensor otherwise.
 
     A gradient stored in the logits' dtype was rounded once there, so a non-unit upstream gradient
     rounds twice (exact for 1.0 or any power of two); one stored in float32 for float16 logits
@@ -146,7 +157,7 @@ def scale_stored_grad(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Te
     changes, so a second backward through a graph that was not retained fails autograd's
     saved-tensor version check instead of silently scaling twice.
     """
-    upstream = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 and grad.dim() == 2 else grad_loss
+    upstream = per_row(grad_loss, grad, class_dim)
     in_place = _scale_in_place(grad)
     if grad.dtype != dtype:  # float32 storage: the product is rounded once into the logits' dtype
         if not in_place:
@@ -166,17 +177,19 @@ def scale_stored_grad(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Te
 HALF_SCALE_BLOCK_ELEMENTS = 1 << 22
 
 
-def scale_half_stored_grad(grad: Tensor, upstream: Tensor) -> Tensor:
-    """The in-place mode's float16 gradient [N, C] (stored without the reduction's factor, in the
-    logits' own buffer) x ``upstream`` (0-d, or [N]: the upstream gradient times that factor, in
-    float32), each product computed in float32 and rounded once. In place in eager mode, a block of
-    rows at a time (a float32 temporary of one block), a new tensor otherwise (``_scale_in_place``)."""
-    factor = upstream.unsqueeze(-1) if upstream.dim() == 1 else upstream
+def scale_half_stored_grad(grad: Tensor, upstream: Tensor, class_dim: int = -1) -> Tensor:
+    """The in-place mode's float16 gradient (the logits' shape, classes on ``class_dim``; stored
+    without the reduction's factor, in the logits' own buffer) x ``upstream`` (0-d, or one per row
+    [R]: the upstream gradient times that factor, in float32), each product computed in float32 and
+    rounded once. In place in eager mode, a block of the first axis at a time (a float32 temporary
+    of one block), a new tensor otherwise (``_scale_in_place``)."""
+    factor = per_row(upstream, grad, class_dim)
     if not _scale_in_place(grad):
         return (grad.float() * factor).to(grad.dtype)
-    step = max(1, HALF_SCALE_BLOCK_ELEMENTS // max(grad.shape[-1], 1))
+    step = max(1, HALF_SCALE_BLOCK_ELEMENTS // max(math.prod(grad.shape[1:]), 1))
+    sliced = factor.dim() > 0 and factor.shape[0] == grad.shape[0]  # (not where the first axis holds the classes)
     for start in range(0, grad.shape[0], step):
         block = slice(start, start + step)
-        grad[block] = grad[block].float().mul_(factor[block] if factor.dim() else factor)
+        grad[block] = grad[block].float().mul_(factor[block] if sliced else factor)
     return grad
 

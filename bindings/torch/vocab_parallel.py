@@ -6,6 +6,12 @@ order of the group (slices may differ in size; C is their sum). The result equal
 the gradient of each slice is local (the backward needs no collective). A DTensor sharded on the
 classes reaches this path from the plain functions (``dtensor.py``).
 
+The class axis is ``dim`` (keyword, default -1), as in the plain functions: the sharded one. For
+another axis the slice's class axis is moved last here, a copy of the slice (and of dense labels)
+unless the classes are innermost in memory: the native driver and the solver's row statistics work
+on rows [N, C_local], and the vocab-parallel Triton path shares that driver (its launchers could
+read the slice in place, as the plain loss's do; not done yet).
+
 The native path is the plain loss's driver (``native/loss.py``) on this rank's slice, with its row
 statistics all-reduced over the group (``GroupRows``). It runs over blocks of rows, the same
 rows on every rank (rows per block from ceil(C / P)), and each block reduces its own rows.
@@ -160,15 +166,19 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _check_slice(local_logits) -> None:
-    """``args.check_logits``, with what an empty slice means here."""
-    if isinstance(local_logits, torch.Tensor) and local_logits.dim() > 0 and local_logits.shape[-1] == 0:
-        raise ValueError(f"local_logits hold no class (shape {tuple(local_logits.shape)}): every rank needs at "
-                         "least one (a DTensor sharded on the classes leaves a rank none when C is small next to "
-                         "the mesh: torch gives each rank ceil(C / P) classes)")
-    args.check_logits(local_logits)
+def _check_slice(local_logits, dim) -> int:
+    """``args.class_logits`` (the class axis ``dim``, returned negative), with what an empty slice
+    means here."""
+    if isinstance(local_logits, torch.Tensor) and local_logits.dim() > 0:
+        axis = check.check_class_axis(dim, local_logits.dim(), "dim")
+        if local_logits.shape[axis] == 0:
+            raise ValueError(f"local_logits hold no class (shape {tuple(local_logits.shape)}, class axis dim={dim}): "
+                             "every rank needs at least one (a DTensor sharded on the classes leaves a rank none when "
+                             "C is small next to the mesh: torch gives each rank ceil(C / P) classes)")
+    dim = args.class_logits(local_logits, dim)
     if local_logits.dtype not in DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {local_logits.dtype}")
+    return dim
 
 
 def _table_device(local_logits, group) -> torch.device:
@@ -212,6 +222,7 @@ class _LossCall(NamedTuple):
     """The checked arguments of one vocab-parallel loss call on this rank."""
 
     checked: args.LossArgs
+    logits: torch.Tensor  # the slice with its classes moved last (a view of it): [..., C_local]
     t1: float
     t2: float
     smoothing: float
@@ -229,15 +240,18 @@ def weights_checksum(weights: torch.Tensor | None) -> float:
 
 
 def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
-                     backend, weight=None, sample_weight=None) -> tuple[_LossCall, dict]:
+                     backend, weight=None, sample_weight=None, dim=-1) -> tuple[_LossCall, dict]:
     """The plain loss's checks on this rank's arguments (its dense label slice and its weights),
     and its row of the group check."""
-    _check_slice(local_logits)
+    dim = _check_slice(local_logits, dim)
     checked = args.loss_args(local_logits.shape, local_logits.device, local_logits.dtype, labels, t1, t2,
-                             label_smoothing, num_iters, reduction, ignore_index, backend)
+                             label_smoothing, num_iters, reduction, ignore_index, backend, dim=dim)
     smoothing = checked.smoothing_value
     if smoothing is None:
         raise TypeError("label_smoothing must be a Python float or a CPU 0-d tensor here")
+    # the classes last (views; see the module docstring): every shape below is the moved one's
+    local_logits = local_logits.movedim(dim, -1)
+    labels = labels if checked.indices else labels.movedim(dim, -1)
     label_rows = args.label_rows(labels, checked.indices) if local_logits.numel() else None
     if label_rows is not None and not checked.indices:
         args.check_dense_labels(label_rows)  # this rank's slice: every rank checks its own
@@ -249,8 +263,8 @@ def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, r
         num_classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else num_local
         weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, local_logits.shape[:-1],
                                    num_classes, local_logits.device, native.compute_dtype(local_logits.dtype))
-    call = _LossCall(checked, _host_value(checked.t1, checked.t1_value), _host_value(checked.t2, checked.t2_value),
-                     smoothing, label_rows, weights)
+    call = _LossCall(checked, local_logits, _host_value(checked.t1, checked.t1_value),
+                     _host_value(checked.t2, checked.t2_value), smoothing, label_rows, weights)
     checksum = label_checksum(label_rows) if checked.indices and label_rows is not None else 0.0
     ignored = math.inf if ignore_index is None else float(ignore_index)  # None: no row ignored
     row = dict(zip(LOSS_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
@@ -262,14 +276,15 @@ def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, r
 
 def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group=None, label_smoothing=0.0,
                                              num_iters=None, reduction="mean", ignore_index=-100,
-                                             backend="auto", *, weight=None, sample_weight=None):
+                                             backend="auto", *, weight=None, sample_weight=None, dim=-1):
     """Bi-tempered loss of logits whose classes are sharded across ``group`` (default: the world).
 
     Args:
-        local_logits: [..., C_local], this rank's contiguous slice of the classes (rank r of the
-            group holds the r-th slice; slices may differ in size, C = their sum; C_local >= 1).
-        labels: integer GLOBAL class indices of shape ``local_logits.shape[:-1]`` (the same on every
-            rank), or dense labels sliced like the logits.
+        local_logits: [..., C_local] (classes on ``dim``), this rank's contiguous slice of the
+            classes (rank r of the group holds the r-th slice; slices may differ in size, C = their
+            sum; C_local >= 1).
+        labels: integer GLOBAL class indices of the logits' shape without the class axis (the same
+            on every rank), or dense labels sliced like the logits.
         t1, t2, label_smoothing, num_iters, reduction, ignore_index: as in
             ``bi_tempered_logistic_loss`` (smoothing uses the GLOBAL C); the same on every rank.
         weight, sample_weight: as in ``bi_tempered_logistic_loss``: ``weight`` holds all C (GLOBAL)
@@ -277,6 +292,8 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
         backend: "auto" (the vocab-parallel Triton kernels for CUDA tensors, native ops otherwise),
             "torch" (native ops, CPU and CUDA alike) or "triton" (the kernels; CPU tensors only
             under TRITON_INTERPRET=1).
+        dim: the class (sharded) axis, keyword only, default -1: as in ``bi_tempered_logistic_loss``
+            (moved last here: a copy of the slice unless the classes are innermost in memory).
 
     Returns the loss (the same on every rank); the gradient flows to this rank's slice. Every rank
     must call it (collectives). A bad argument on any rank raises the same error on every rank
@@ -284,11 +301,11 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     """
     def check_locally():
         return _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, reduction, ignore_index,
-                                backend, weight, sample_weight)
+                                backend, weight, sample_weight, dim)
 
     if _group_size(group) == 1:
         call, _ = check_locally()
-        reducer, offset, num_classes = native.LOCAL_ROWS, 0, local_logits.shape[-1]
+        reducer, offset, num_classes = native.LOCAL_ROWS, 0, call.logits.shape[-1]
     else:
         call, table = group_check.agree(group, _table_device(local_logits, group), LOSS_COLUMNS, check_locally,
                                         may_differ=("C_local",), show=_show)
@@ -297,7 +314,7 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
         rank = dist.get_rank(group)
         offset, num_classes = sum(local_sizes[:rank]), sum(local_sizes)
     # from here every rank holds the same settings, labels and C: each check below raises on all alike
-    checked = call.checked
+    checked, local_logits = call.checked, call.logits
     check.check_smoothing_classes(call.smoothing, num_classes)
     if weight is not None:
         check.check_class_weight_shape(weight.shape, num_classes)
@@ -347,35 +364,39 @@ class _VocabParallelSoftmax(torch.autograd.Function):
         return grad.to(grad_p.dtype), None, None, None
 
 
-def _check_softmax_call(local_logits, t, num_iters, backend) -> tuple[tuple[float, int | None], dict]:
-    _check_slice(local_logits)
+def _check_softmax_call(local_logits, t, num_iters, backend, dim) -> tuple[tuple[float, int | None, int], dict]:
+    dim = _check_slice(local_logits, dim)
     check.check_backend(backend, ("auto", "torch"))
     iters = args.iterations(num_iters) or None
     t_ = _host_value(*args.temperature_and_value(t, "t", local_logits.device))
-    num_local = local_logits.shape[-1]
+    num_local = local_logits.shape[dim]
     row = dict(zip(SOFTMAX_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
                                      t_, iters or 0)))
-    return (t_, iters), row
+    return (t_, iters, dim), row
 
 
-def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None, backend="auto"):
+def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None, backend="auto", *, dim=-1):
     """This rank's slice of ``tempered_softmax`` of logits whose classes are sharded across ``group``.
 
-    Args: ``local_logits`` [..., C_local] as in :func:`vocab_parallel_bi_tempered_logistic_loss`;
-    ``t``, ``num_iters`` as in ``tempered_softmax`` (the same on every rank); ``backend``: "auto"
-    or "torch" (native ops). Collectives: the argument check, the row max, one per solver pass (the
-    support size with the first); the backward one.
+    Args: ``local_logits`` [..., C_local] (classes on ``dim``, keyword only, default -1) as in
+    :func:`vocab_parallel_bi_tempered_logistic_loss`; ``t``, ``num_iters`` as in ``tempered_softmax``
+    (the same on every rank); ``backend``: "auto" or "torch" (native ops). Collectives: the argument
+    check, the row max, one per solver pass (the support size with the first); the backward one.
+    Another class axis than the last is moved last for the solver (a copy, see the module
+    docstring); the probabilities come back with the classes on ``dim`` (a view of that layout).
     """
     def check_locally():
-        return _check_softmax_call(local_logits, t, num_iters, backend)
+        return _check_softmax_call(local_logits, t, num_iters, backend, dim)
 
     reducer = native.LOCAL_ROWS
     if _group_size(group) == 1:
-        (t_, iters), _ = check_locally()
+        (t_, iters, axis), _ = check_locally()
     else:
-        (t_, iters), _ = group_check.agree(group, _table_device(local_logits, group), SOFTMAX_COLUMNS, check_locally,
-                                           may_differ=("C_local",), show=_show)
+        (t_, iters, axis), _ = group_check.agree(group, _table_device(local_logits, group), SOFTMAX_COLUMNS,
+                                                 check_locally, may_differ=("C_local",), show=_show)
         reducer = GroupRows(group)
     if local_logits.numel() == 0:
         return torch.empty_like(local_logits)
-    return _VocabParallelSoftmax.apply(args.as_rows(local_logits), t_, iters, reducer).reshape(local_logits.shape)
+    moved = local_logits.movedim(axis, -1)  # (a view; as_rows copies where the classes are not innermost)
+    probs = _VocabParallelSoftmax.apply(args.as_rows(moved), t_, iters, reducer).reshape(moved.shape)
+    return probs.movedim(-1, axis)

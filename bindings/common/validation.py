@@ -119,13 +119,18 @@ def without_axis(shape, axis: int) -> tuple:
     return shape[:axis] + shape[axis + 1:]
 
 
-def labels_are_indices(logits_shape, labels_shape, labels_is_integer: bool) -> bool:
-    """True for integer class indices, False for dense labels; raises on a shape mismatch."""
+def labels_are_indices(logits_shape, labels_shape, labels_is_integer: bool, axis: int = -1,
+                       axis_label: str | None = None) -> bool:
+    """True for integer class indices, False for dense labels; raises on a shape mismatch. ``axis``:
+    the class axis (negative); ``axis_label``: how the message names it (e.g. "dim=1")."""
     logits_shape, labels_shape = tuple(logits_shape), tuple(labels_shape)
     if labels_is_integer:
-        if labels_shape != logits_shape[:-1]:
+        rows_shape = without_axis(logits_shape, axis)
+        if labels_shape != rows_shape:
+            where = ("the last axis:" if axis == -1 else
+                     f"the class axis {axis_label or axis % len(logits_shape)}, {rows_shape}:")
             raise ValueError(
-                "integer labels (class indices) must have the logits' shape without the last axis: "
+                f"integer labels (class indices) must have the logits' shape without {where} "
                 f"labels shape {labels_shape}, logits shape {logits_shape}")
         return True
     if labels_shape != logits_shape:

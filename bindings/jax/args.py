@@ -124,16 +124,7 @@ def as_labels(labels):
 def labels_are_indices(labels, logits_shape, axis: int = -1) -> bool:
     """The label kind: True for class indices (the rows' shape: the logits' shape without the
     class axis ``axis``, a negative int), False for dense labels (the logits' shape); shapes checked."""
-    integer = jnp.issubdtype(labels.dtype, jnp.integer)
-    if integer and axis != -1:  # check.labels_are_indices knows the last axis only
-        rows_shape = check.without_axis(logits_shape, axis)
-        if tuple(labels.shape) != rows_shape:
-            raise ValueError(
-                f"integer labels (class indices) must have the logits' shape without the class axis "
-                f"{axis % len(logits_shape)}, {rows_shape}: labels shape {tuple(labels.shape)}, logits shape "
-                f"{tuple(logits_shape)}")
-        return True
-    return check.labels_are_indices(logits_shape, labels.shape, integer)
+    return check.labels_are_indices(logits_shape, labels.shape, jnp.issubdtype(labels.dtype, jnp.integer), axis)
 
 
 def as_num_iters(num_iters) -> int | None:

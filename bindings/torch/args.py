@@ -193,16 +193,8 @@ def is_class_indices(logits_shape, labels, dim: int = -1) -> bool:
     if labels.dtype in UNSUPPORTED_INDEX_DTYPES:
         raise TypeError(f"labels (class indices) must be int64, int32, int16, int8 or uint8, got {labels.dtype} "
                         "(convert them with labels.long())")
-    integer = not labels.dtype.is_floating_point
-    if integer and dim != -1:  # (check.labels_are_indices knows the last axis only)
-        rows_shape = check.without_axis(logits_shape, dim)
-        if tuple(labels.shape) != rows_shape:
-            raise ValueError(
-                f"integer labels (class indices) must have the logits' shape without the class axis "
-                f"dim={dim % len(logits_shape)}, {rows_shape}: labels shape {tuple(labels.shape)}, logits shape "
-                f"{tuple(logits_shape)}")
-        return True
-    return check.labels_are_indices(logits_shape, labels.shape, integer)
+    return check.labels_are_indices(logits_shape, labels.shape, not labels.dtype.is_floating_point, dim,
+                                    f"dim={dim % len(logits_shape)}")
 
 
 # The ops' ignore_index for ``ignore_index=None``: no label can equal it (``op_labels``)

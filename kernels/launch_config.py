@@ -168,6 +168,23 @@ def row_config(n_cols: int, elem_bytes: int, strided: bool = False) -> RowConfig
     return RowConfig(False, block_rows, block_cols, warps_for(block_rows * block_cols))
 
 
+def one_row_per_program(config: RowConfig) -> RowConfig:
+    """``config`` with one row per program, its warps sized to one row's tile: the launch of
+    per-row temperatures, which a program loads as one scalar (``tempered_math.program_value``)."""
+    if config.block_rows == 1:
+        return config
+    return dataclasses.replace(config, block_rows=1, num_warps=warps_for(config.block_cols))
+
+
+def temperature_sums_config(n_cols: int) -> RowConfig:
+    """The vocab-parallel epilogue's NEED_TEMP_GRAD variant (three more row sums): one row per
+    program, at most CHUNK_COLS classes per chunk. Its tiles of several rows (1024 x 1, 64 x 16) and
+    the 4096-wide one spill on sm_90 at MAX_REGISTERS; these use 62-110 registers, no stack
+    (tests/test_triton_compile.py)."""
+    block_cols = min(next_power_of_2(n_cols), CHUNK_COLS)
+    return RowConfig(True, 1, block_cols, warps_for(block_cols))
+
+
 def _strided_config(n_cols: int, limit: int) -> RowConfig:
     """Strided classes: tiles of consecutive positions x classes (module docstring)."""
     block_cols = next_power_of_2(n_cols)

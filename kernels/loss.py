@@ -19,7 +19,8 @@ import triton.language as tl
 from .temperature_terms import t1_terms, t2_terms
 from .tempered_math import (
     INF, escort_powers, evaluate, exp2_accurate, grad_terms, label_powers, load_shifted, loss_terms,
-    nan_max, row_block, row_max_chunked, safe_reciprocal, shift, smoothing_coefficients, solve,
+    nan_max, program_value, row_block, row_max_chunked, safe_reciprocal, shift, smoothing_coefficients,
+    solve,
 )
 
 
@@ -76,8 +77,9 @@ def finish_rows(value, ignored, bad):
 @triton.jit
 def tempered_loss_kernel(
     # input pointers: logits (rows x C); labels of the logits' layout (dense, any float dtype) or
-    # one per row (int32/int64 class indices); t1, t2 and label smoothing as 1-element fp32 tensors (runtime values); the
-    # gradient's scale (e.g. 1/count of a mean reduction, or a weight per row): fp32, one value
+    # one per row (int32/int64 class indices); t1, t2: fp32, one value (stride_temperature 0) or
+    # one per row in row order (stride_temperature 1, with BLOCK_ROWS = 1: ``program_value``);
+    # label smoothing as a 1-element fp32 tensor (runtime values); the gradient's scale (e.g. 1/count of a mean reduction, or a weight per row): fp32, one value
     # (stride_grad_scale 0) or one per row (stride_grad_scale 1)
     logits_ptr, labels_ptr, t1_ptr, t2_ptr, smoothing_ptr, grad_scale_ptr,
     # runtime scalars: steps of the original algorithm (ORIGINAL only), ignored class index
@@ -89,7 +91,7 @@ def tempered_loss_kernel(
     # NCHW logits (C H W, 1, H W); class indices are (n_inner, 1, 0) (one per row, row order)
     stride_logits_outer, stride_logits_inner, stride_logits_class,
     stride_labels_outer, stride_labels_inner, stride_labels_class,
-    stride_grad_outer, stride_grad_inner, stride_grad_class, stride_grad_scale,
+    stride_grad_outer, stride_grad_inner, stride_grad_class, stride_grad_scale, stride_temperature,
     # outputs: per-row loss (fp32, row order); grad_scale * dL/dlogits in the logits' dtype, any
     # layout (may be the logits buffer itself: every read of a row precedes its gradient's write);
     # with NEED_TEMP_GRAD each row's (dL/dt1, dL/dt2) for unit upstream gradient (fp32 [R, 2])
@@ -106,8 +108,8 @@ def tempered_loss_kernel(
     grad_row_ptr = grad_ptr + outer * stride_grad_outer + inner * stride_grad_inner
     cols = tl.arange(0, BLOCK_COLS)[None, :]
 
-    t1 = tl.load(t1_ptr)
-    t2 = tl.load(t2_ptr)
+    t1 = program_value(t1_ptr, stride_temperature, n_inner, BLOCK_ROWS)
+    t2 = program_value(t2_ptr, stride_temperature, n_inner, BLOCK_ROWS)
     one_minus_t1 = 1.0 - t1
     inv_one_minus_t1 = safe_reciprocal(one_minus_t1)
     two_minus_t1 = 2.0 - t1

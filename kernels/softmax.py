@@ -11,15 +11,16 @@ import triton.language as tl
 
 from .temperature_terms import exp_t_dt
 from .tempered_math import (
-    INF, evaluate, load_shifted, nan_max, row_block, row_max_chunked, safe_reciprocal, shift,
-    softmax_vjp_terms, solve,
+    INF, evaluate, load_shifted, nan_max, program_value, row_block, row_max_chunked, safe_reciprocal,
+    shift, softmax_vjp_terms, solve,
 )
 
 
 @triton.jit
 def tempered_softmax_fwd_kernel(
-    # input pointers: logits (rows x C, any layout); t as a 1-element fp32 tensor (runtime value)
-    logits_ptr, t_ptr,
+    # input pointers: logits (rows x C, any layout); t: fp32, one value (stride_t 0) or one per row
+    # (stride_t 1, with BLOCK_ROWS = 1: ``program_value``)
+    logits_ptr, t_ptr, stride_t,
     # runtime scalars: steps of the original algorithm (ORIGINAL only)
     num_iters,
     # sizes: rows are (outer, inner) pairs (``row_block``), C classes
@@ -37,7 +38,7 @@ def tempered_softmax_fwd_kernel(
     row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
     out_row_ptr = probs_ptr + outer * stride_probs_outer + inner * stride_probs_inner
     cols = tl.arange(0, BLOCK_COLS)[None, :]
-    one_minus_t = 1.0 - tl.load(t_ptr)
+    one_minus_t = 1.0 - program_value(t_ptr, stride_t, n_inner, BLOCK_ROWS)
     inv_one_minus_t = safe_reciprocal(one_minus_t)
 
     if CHUNKED:
@@ -75,9 +76,9 @@ def temperature_term(p, one_minus_t, inv_one_minus_t, t):
 
 @triton.jit
 def tempered_softmax_bwd_kernel(
-    # input pointers: probabilities, upstream gradient (rows x C, any layouts); t as a 1-element
-    # fp32 tensor
-    probs_ptr, grad_ptr, t_ptr,
+    # input pointers: probabilities, upstream gradient (rows x C, any layouts); t: fp32, one value
+    # (stride_t 0) or one per row (stride_t 1, with BLOCK_ROWS = 1)
+    probs_ptr, grad_ptr, t_ptr, stride_t,
     # sizes: rows are (outer, inner) pairs (``row_block``), C classes
     n_inner, n_cols,
     # strides in elements of (outer, inner, class) per tensor (as in loss.py)
@@ -96,7 +97,7 @@ def tempered_softmax_bwd_kernel(
     g_row_ptr = grad_ptr + outer * stride_grad_outer + inner * stride_grad_inner
     out_row_ptr = out_ptr + outer * stride_out_outer + inner * stride_out_inner
     cols = tl.arange(0, BLOCK_COLS)[None, :]
-    t = tl.load(t_ptr)
+    t = program_value(t_ptr, stride_t, n_inner, BLOCK_ROWS)
     one_minus_t = 1.0 - t
     inv_one_minus_t = safe_reciprocal(one_minus_t)
     sum_ge = tl.zeros([BLOCK_ROWS, 1], tl.float32)

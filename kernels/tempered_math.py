@@ -142,6 +142,18 @@ def row_block(n_inner, BLOCK_ROWS: tl.constexpr):
 
 
 @triton.jit
+def program_value(ptr, stride_row, n_inner, BLOCK_ROWS: tl.constexpr):
+    """A runtime value of this program's rows (a temperature): one value for every row
+    (``stride_row`` 0), or one per row (``stride_row`` 1; the launcher then runs one row per program,
+    BLOCK_ROWS = 1). Loaded as a scalar either way, so the solver's branches on it (t = 1, the
+    support of t < 1) stay uniform per program and cost nothing per row."""
+    blocks = tl.cdiv(n_inner, BLOCK_ROWS)
+    pid = tl.program_id(0)
+    first_row = (pid // blocks).to(tl.int64) * n_inner + (pid % blocks) * BLOCK_ROWS
+    return tl.load(ptr + first_row * stride_row)
+
+
+@triton.jit
 def load_shifted(row_ptr, stride_class, row_mask, cols, n_cols, mx):
     """Loads one chunk of rows (native dtype -> fp32) shifted by the row max; returns (a0, mask).
     ``stride_class``: elements between classes (1 for rows; H x W for F.cross_entropy's NCHW)."""

@@ -6,7 +6,10 @@ each reduction; the launcher runs the one solver's per-row update between the la
 
 - ``partial_sums_kernel``: (f, g) of this slice at a given normalizer y (one solver pass), plus
   the support count D of the slice (first pass, t < 1) in the same launch;
-- ``epilogue_sums_kernel``: this slice's part of the loss, sum e and sum d at the converged y;
+- ``epilogue_sums_kernel``: this slice's part of the loss, sum e and sum d at the converged y
+  (and, in its NEED_TEMP_GRAD variant, the slice's parts of the temperature gradients' row sums:
+  dL/dt1, sum A and sum E of ``loss.temperature_sums``; dL/dt2 = sum A - sum d sum E / sum e
+  once they are reduced);
 - ``gradient_kernel``: the gradient of this slice from the reduced sums, d - e / sum(e) * sum(d),
   times the per-row scale (0 for ignored rows, NaN for bad labels).
 
@@ -21,7 +24,7 @@ chunks through the helpers of ``tempered_math.py`` (the Y of those helpers is y 
 import triton
 import triton.language as tl
 
-from .loss import label_tile
+from .loss import label_tile, temperature_sums
 from .tempered_math import (
     LOG2E, evaluate, grad_terms, load_shifted, loss_terms, row_block, safe_reciprocal, smoothing_coefficients,
     sums_at, support_count,
@@ -99,9 +102,11 @@ def epilogue_sums_kernel(
     # class indices: (n_inner, 1, 0))
     num_classes, n_inner, n_cols, stride_logits_outer, stride_logits_inner, stride_logits_class,
     stride_labels_outer, stride_labels_inner, stride_labels_class,
-    # output pointer: [N, 3] fp32 (loss, sum e, sum d of this slice)
+    # output pointer: [N, 3] fp32 (loss, sum e, sum d of this slice); with NEED_TEMP_GRAD [N, 6]:
+    # + (dL/dt1, sum A, sum E) of this slice
     sums_ptr,
-    LABELS_ARE_INDICES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    LABELS_ARE_INDICES: tl.constexpr, NEED_TEMP_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     rows, row_mask, outer, inner = row_block(n_inner, BLOCK_ROWS)
     row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
@@ -114,6 +119,11 @@ def epilogue_sums_kernel(
     loss = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     sum_e = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     sum_d = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    dt1 = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    sum_a = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    sum_big_e = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    one_minus_t2 = 1.0 - t2
+    inv_one_minus_t2 = safe_reciprocal(one_minus_t2)
     cols = tl.arange(0, BLOCK_COLS)[None, :]
     for start in range(0, n_cols, BLOCK_COLS):
         y, log_t_y, pow_y, log2_p, p, mask = _epilogue_chunk(
@@ -124,11 +134,23 @@ def epilogue_sums_kernel(
                            1.0 / two_minus_t1)
         loss += tl.sum(tl.where(mask, terms, 0.0), axis=1, keep_dims=True)
         sum_e += tl.sum(tl.where(mask, tl.exp2(t2 * log2_p), 0.0), axis=1, keep_dims=True)
-        sum_d += tl.sum(tl.where(mask, grad_terms(y, log2_p, p, t2 - t1), 0.0), axis=1, keep_dims=True)
-    out = sums_ptr + rows * 3
+        d = tl.where(mask, grad_terms(y, log2_p, p, t2 - t1), 0.0)
+        sum_d += tl.sum(d, axis=1, keep_dims=True)
+        if NEED_TEMP_GRAD:  # off the mask: y = p = 0, every term 0
+            tile_dt1, tile_a, tile_e = temperature_sums(y, log2_p, p, d, one_minus_t1, inv_one_minus_t1,
+                                                        two_minus_t1, one_minus_t2, inv_one_minus_t2)
+            dt1 += tile_dt1
+            sum_a += tile_a
+            sum_big_e += tile_e
+    width: tl.constexpr = 6 if NEED_TEMP_GRAD else 3
+    out = sums_ptr + rows * width
     tl.store(out, loss, mask=row_mask)
     tl.store(out + 1, sum_e, mask=row_mask)
     tl.store(out + 2, sum_d, mask=row_mask)
+    if NEED_TEMP_GRAD:
+        tl.store(out + 3, dt1, mask=row_mask)
+        tl.store(out + 4, sum_a, mask=row_mask)
+        tl.store(out + 5, sum_big_e, mask=row_mask)
 
 
 @triton.jit

@@ -91,7 +91,12 @@ def _jobs():
                 types = {"logits_ptr": "*" + dtype, "labels_ptr": labels, "grad_ptr": "*" + dtype}
                 unit = dict(stride_logits_class=1, **({} if indices else {"stride_labels_class": 1}))
                 jobs.append((f"vp_epilogue {name} {dtype} {kind}", epilogue_sums_kernel, types,
-                             dict(tiles, **unit, LABELS_ARE_INDICES=indices), cfg))
+                             dict(tiles, **unit, LABELS_ARE_INDICES=indices, NEED_TEMP_GRAD=False), cfg))
+                # the temperature variant's own tile for this config's class counts
+                temp = lc.temperature_sums_config(cfg.block_cols if not cfg.chunked else 1 << 20)
+                jobs.append((f"vp_epilogue temp_grad [1x{temp.block_cols}] {dtype} {kind}", epilogue_sums_kernel,
+                             types, dict(BLOCK_ROWS=1, BLOCK_COLS=temp.block_cols, **unit,
+                                         LABELS_ARE_INDICES=indices, NEED_TEMP_GRAD=True), temp))
                 jobs.append((f"vp_gradient {name} {dtype} {kind}", gradient_kernel, types,
                              dict(tiles, **unit, stride_grad_class=1, LABELS_ARE_INDICES=indices), cfg))
     # Strided classes (NCHW read in place): the runtime specializes the unit inner strides, as it

@@ -92,6 +92,26 @@ def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return (0, x.stride(0), x.stride(1))
 
 
+def _assert_temperature_grads(total, logits, y, t1, t2, step=1e-6):
+    """The reduced temperature sums of the NEED_TEMP_GRAD epilogue (columns 3-5: dL/dt1, sum A,
+    sum E) give each row's dL/dt1 and dL/dt2 = sum A - sum d sum E / sum e: float64 central
+    differences of the reference loss (rows whose loss is +inf, a label on p = 0 at t1 >= 1, left out)."""
+    import numpy as np
+    import reference as ref
+
+    a = logits.double().numpy()
+    with np.errstate(invalid="ignore"):
+        want1 = (ref.loss(a, y, t1 + step, t2) - ref.loss(a, y, t1 - step, t2)) / (2 * step)
+        want2 = (ref.loss(a, y, t1, t2 + step) - ref.loss(a, y, t1, t2 - step)) / (2 * step)
+    got = total.double()
+    dt2 = got[:, 4] - got[:, 2] * got[:, 5] / got[:, 1]
+    finite = np.isfinite(want1) & np.isfinite(want2)
+    assert finite.sum() >= 4
+    scale = max(1.0, float(np.abs(np.concatenate([want1[finite], want2[finite]])).max()))
+    np.testing.assert_allclose(got[:, 3].numpy()[finite], want1[finite], rtol=5e-5, atol=5e-6 * scale)
+    np.testing.assert_allclose(dt2.numpy()[finite], want2[finite], rtol=5e-5, atol=5e-6 * scale)
+
+
 @pytest.mark.parametrize("class_major", [False, True])
 @pytest.mark.parametrize("labels_kind", ["indices", "dense"])
 @pytest.mark.parametrize("t1, t2", [(0.8, 1.2), (0.5, 0.7), (1.0, 1.0), (1.5, 3.0), (0.2, 0.3)])
@@ -112,7 +132,7 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind, class_majo
     escort = torch.exp(t2 * log_p)
     forget = torch.exp((t2 - t1) * log_p.clamp(min=torch.finfo(torch.float64).min))
     d = ((torch.exp(log_p) - (scale * dense + add)) * forget).masked_fill(torch.isneginf(log_p), 0.0)
-    total = torch.zeros(5, 3, dtype=torch.float32)
+    total = torch.zeros(5, 6, dtype=torch.float32)
     row_scale = torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5])  # row 2 ignored: gradient 0
     parts = []
     for lo, hi in SLICES:
@@ -120,16 +140,18 @@ def test_epilogue_sums_and_gradient_match_native(t1, t2, labels_kind, class_majo
         local = (labels - lo) if labels_kind == "indices" else _rows_of(labels[:, lo:hi].float(), class_major)
         local = local.to(DEVICE)
         stride_labels = (5, 1, 0) if labels_kind == "indices" else _row_strides(local)
-        sums = torch.full((5, 3), float("nan"), dtype=torch.float32, device=DEVICE)
+        sums = torch.full((5, 6), float("nan"), dtype=torch.float32, device=DEVICE)
         args = (part, local, mx.float().to(DEVICE), y.float().to(DEVICE), _scalar(t1), _scalar(t2), _scalar(smoothing))
         kernels.epilogue_sums_kernel[_grid(5)](*args, C, 5, hi - lo, *_row_strides(part), *stride_labels,
-                                               sums, LABELS_ARE_INDICES=labels_kind == "indices", **BLOCK)
+                                               sums, LABELS_ARE_INDICES=labels_kind == "indices",
+                                               NEED_TEMP_GRAD=True, **BLOCK)
         total += sums.cpu()
         parts.append((args, hi - lo, stride_labels))
     torch.testing.assert_close(total[:, 0].double(), want_loss, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(total[:, 1].double(), escort.sum(-1), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(total[:, 2].double(), d.sum(-1), rtol=2e-5, atol=2e-6)
-    reduced = total.to(DEVICE)
+    _assert_temperature_grads(total, logits, (scale * dense + add).numpy(), t1, t2)
+    reduced = total[:, :3].contiguous().to(DEVICE)
     for (lo, hi), (args, width, stride_labels) in zip(SLICES, parts):
         grad = _rows_of(torch.full((5, width), float("nan"), dtype=torch.bfloat16), class_major).to(DEVICE)
         kernels.gradient_kernel[_grid(5)](*args, reduced, row_scale.float().to(DEVICE), C, 5, width,

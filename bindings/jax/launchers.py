@@ -52,6 +52,22 @@ def _scalar(value) -> jax.Array:
     return jnp.asarray(value, jnp.float32).reshape(1)
 
 
+def _temperature(value, n_rows: int):
+    """(fp32 array, its row stride) of a temperature: a scalar (one value, stride 0) or one value per
+    row [R] in row order (stride 1: launched one row per program, ``_per_row_config``)."""
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim == 1 and value.size != 1:
+        if value.shape != (n_rows,):
+            raise ValueError(f"a per-row temperature has one value per row ({n_rows}), got shape {value.shape}")
+        return value, 1
+    return value.reshape(1), 0
+
+
+def _per_row_config(config, stride_temperature: int):
+    """Per-row temperatures (stride 1) run one row per program (``launch_config.one_row_per_program``)."""
+    return launch_config.one_row_per_program(config) if stride_temperature else config
+
+
 def _solver(num_iters):
     """(ORIGINAL flag, steps) for num_iters None (converged) or k."""
     return (False, 1) if num_iters is None else (True, int(num_iters))
@@ -123,15 +139,21 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
             labels = jnp.clip(labels, -1, n_cols).astype(jnp.int32)
         ignore_index = -2
     original, steps = _solver(num_iters)
+    (t1, stride_t1), (t2, stride_t2) = _temperature(t1, n_rows), _temperature(t2, n_rows)
+    stride_temperature = max(stride_t1, stride_t2)
+    if stride_t1 != stride_t2:  # one per row for both (the kernel takes one temperature stride)
+        t1, t2 = jnp.broadcast_to(t1, (n_rows,)), jnp.broadcast_to(t2, (n_rows,))
     config = _row_config("loss", logits, axis, layout, labels="indices" if indices else "dense",
                          need_grad=bool(need_grad), original=original)
+    config = _per_row_config(config, stride_temperature)
     grad_shape = logits.shape if need_grad else (1,)
     dt_shape = (n_rows, 2) if need_temperature_grads else (1,)
     loss, grad, dt = _triton_call(
-        logits, labels, _scalar(t1), _scalar(t2), _scalar(label_smoothing), _scalar(1.0),
+        logits, labels, t1, t2, _scalar(label_smoothing), _scalar(1.0),
         steps, ignore_index,
         layout.n_inner, n_cols,
         *strides, *((layout.n_inner, 1, 0) if indices else strides), *(strides if need_grad else (0, 0, 0)), 0,
+        stride_temperature,
         kernel=tempered_loss_kernel,
         out_shape=[_shape((n_rows,), jnp.float32), _shape(grad_shape, jnp.float32), _shape(dt_shape, jnp.float32)],
         grid=_grid(layout, config), **_options(config),
@@ -148,10 +170,11 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
 def softmax_forward(logits, t, num_iters, axis=-1):
     layout = _layout(logits.shape, axis)
     original, steps = _solver(num_iters)
-    config = _row_config("softmax_fwd", logits, axis, layout, original=original)
+    t, stride_t = _temperature(t, layout.n_rows)
+    config = _per_row_config(_row_config("softmax_fwd", logits, axis, layout, original=original), stride_t)
     strides = layout.strides[0]
     return _triton_call(
-        logits, _scalar(t), steps, layout.n_inner, logits.shape[axis], *strides, *strides,
+        logits, t, stride_t, steps, layout.n_inner, logits.shape[axis], *strides, *strides,
         kernel=tempered_softmax_fwd_kernel,
         out_shape=_shape(logits.shape, logits.dtype),
         grid=_grid(layout, config), **_options(config),
@@ -164,10 +187,11 @@ def softmax_backward(probs, grad, t, axis=-1, need_temperature_grad=False):
     """The logits' gradient (probs' shape and dtype); with ``need_temperature_grad`` also each
     row's part of the gradient of t (fp32 [R])."""
     layout = _layout(probs.shape, axis)
-    config = _row_config("softmax_bwd", probs, axis, layout)
+    t, stride_t = _temperature(t, layout.n_rows)
+    config = _per_row_config(_row_config("softmax_bwd", probs, axis, layout), stride_t)
     strides = layout.strides[0]
     grad_logits, dt = _triton_call(
-        probs, grad, _scalar(t), layout.n_inner, probs.shape[axis], *strides, *strides, *strides,
+        probs, grad, t, stride_t, layout.n_inner, probs.shape[axis], *strides, *strides, *strides,
         kernel=tempered_softmax_bwd_kernel,
         out_shape=[_shape(probs.shape, probs.dtype),
                    _shape((layout.n_rows,) if need_temperature_grad else (1,), jnp.float32)],
@@ -229,6 +253,8 @@ def _vocab_parallel_call(kernel, logits, axis, layout: RowLayout, *args, out_sha
     n_cols = logits.shape[axis]
     strided = layout.strides[0][2] != 1 and n_cols > 1
     config = launch_config.row_config(n_cols, jnp.dtype(logits.dtype).itemsize, strided)
+    if constexprs.get("NEED_TEMP_GRAD"):  # the epilogue's temperature variant: its own tiles
+        config = launch_config.temperature_sums_config(n_cols)
     return _triton_call(*args, kernel=kernel, out_shape=out_shape, grid=_grid(layout, config),
                         **_options(config), **constexprs, BLOCK_ROWS=config.block_rows,
                         BLOCK_COLS=config.block_cols)
@@ -251,24 +277,29 @@ def _epilogue_operands(logits, labels, axis, layout: RowLayout):
     return labels, layout.strides[0], False
 
 
-def vocab_parallel_epilogue(logits, labels, row_max, y, t1, t2, label_smoothing, num_classes: int, axis=-1):
-    """This slice's (loss, sum e, sum d) at the converged y, fp32 [R, 3]; ``labels``: the dense slice
-    or class indices LOCAL to the slice (outside [0, C_local): no class here)."""
+def vocab_parallel_epilogue(logits, labels, row_max, y, t1, t2, label_smoothing, num_classes: int, axis=-1,
+                            need_temperature_grads=False):
+    """This slice's (loss, sum e, sum d) at the converged y, fp32 [R, 3]; with
+    ``need_temperature_grads`` [R, 6], + the slice's (dL/dt1, sum A, sum E) (reduced: dL/dt2 =
+    sum A - sum d sum E / sum e); ``labels``: the dense slice or class indices LOCAL to the slice
+    (outside [0, C_local): no class here)."""
     layout = _layout(logits.shape, axis)
     labels, label_strides, indices = _epilogue_operands(logits, labels, axis, layout)
     return _vocab_parallel_call(
         epilogue_sums_kernel, logits, axis, layout, logits, labels, row_max, y, _scalar(t1), _scalar(t2),
         _scalar(label_smoothing), int(num_classes), layout.n_inner, logits.shape[axis], *layout.strides[0],
-        *label_strides, out_shape=_shape((layout.n_rows, 3), jnp.float32), LABELS_ARE_INDICES=bool(indices))
+        *label_strides, out_shape=_shape((layout.n_rows, 6 if need_temperature_grads else 3), jnp.float32),
+        LABELS_ARE_INDICES=bool(indices), NEED_TEMP_GRAD=bool(need_temperature_grads))
 
 
 def vocab_parallel_gradient(logits, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int,
                             axis=-1):
     """This slice's gradient, fp32 of the logits' shape, from the REDUCED sums [R, 3] times
     ``row_scale`` [R] (fp32 so that the backward rule rounds once into the logits' dtype, as
-    ``loss_rows``)."""
+    ``loss_rows``); [R, 6] sums: their first three columns."""
     layout = _layout(logits.shape, axis)
     labels, label_strides, indices = _epilogue_operands(logits, labels, axis, layout)
+    sums = sums[:, :3]
     return _vocab_parallel_call(
         gradient_kernel, logits, axis, layout, logits, labels, row_max, y, _scalar(t1), _scalar(t2),
         _scalar(label_smoothing), sums, row_scale, int(num_classes), layout.n_inner, logits.shape[axis],

@@ -126,6 +126,23 @@ def _scalar(value, device) -> torch.Tensor:
     return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
 
+def _temperature(value, device, n_rows: int):
+    """(fp32 tensor on ``device``, its row stride) of a temperature: a float or 0-d tensor (one
+    value, stride 0) or one value per row [R] in row order (stride 1: launched one row per program,
+    ``_row_launch_config``)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        if value.shape != (n_rows,):
+            raise ValueError(f"a per-row temperature has one value per row ({n_rows}), got shape "
+                             f"{tuple(value.shape)}")
+        return value.detach().to(device=device, dtype=torch.float32).contiguous(), 1
+    return _scalar(value, device), 0
+
+
+def _row_launch_config(config, stride_temperature: int):
+    """Per-row temperatures (stride 1) run one row per program (``launch_config.one_row_per_program``)."""
+    return launch_config.one_row_per_program(config) if stride_temperature else config
+
+
 def _grad_scale(value, device, n_rows: int):
     """(fp32 tensor on ``device``, its row stride) of a gradient scale: None (1), a float or 0-d
     tensor (one value, stride 0) or a tensor of one value per row [N] (stride 1)."""
@@ -180,14 +197,18 @@ def loss_forward(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     grad_strides = _strides(layout, len(inputs)) if need_grad else (0, 0, 0)
     original, k = _solver_args(num_iters)
     scale, stride_scale = _grad_scale(grad_scale, device, n_rows)
-    scalars = (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device), scale)
+    (t1_device, stride_t1), (t2_device, stride_t2) = (_temperature(t, device, n_rows) for t in (t1, t2))
+    if stride_t1 != stride_t2:  # one per row for both (the kernel takes one temperature stride)
+        t1_device, t2_device = (t.expand(n_rows).contiguous() for t in (t1_device, t2_device))
+    stride_temperature = max(stride_t1, stride_t2)
+    scalars = (t1_device, t2_device, _scalar(label_smoothing, device), scale)
 
     def launch(config, loss_out, grad_target, dt_target):
         with _launch_scope(logits_in):
             tempered_loss_kernel[_row_grid(layout, config)](
                 logits_in, labels_in, *scalars, k, int(ignore_index),
                 layout.n_inner, n_cols,
-                *_strides(layout, 0), *label_strides, *grad_strides, stride_scale,
+                *_strides(layout, 0), *label_strides, *grad_strides, stride_scale, stride_temperature,
                 loss_out, grad_target if need_grad else loss_out, dt_target if need_temp_grad else loss_out,
                 LABELS_ARE_INDICES=indices, NEED_GRAD=bool(need_grad), NEED_TEMP_GRAD=need_temp_grad,
                 ORIGINAL=original,
@@ -204,7 +225,7 @@ def loss_forward(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     config = _row_config("loss", logits_in, n_cols, make_bench, layout,
                          labels="indices" if indices else "dense", need_grad=bool(need_grad),
                          original=original)
-    launch(config, loss, grad_buffer, temperature_grads)
+    launch(_row_launch_config(config, stride_temperature), loss, grad_buffer, temperature_grads)
     finish()
     return loss, grad
 
@@ -218,12 +239,12 @@ def softmax_forward(logits, t, num_iters, class_dim=-1):
     n_cols = logits.shape[class_dim]
     (logits_in,), (out,), layout, finish = _in_place_layout(class_dim, [logits], [probs])
     original, k = _solver_args(num_iters)
-    t_device = _scalar(t, logits.device)
+    t_device, stride_t = _temperature(t, logits.device, layout.n_rows)
 
     def launch(config, target):
         with _launch_scope(logits_in):
             tempered_softmax_fwd_kernel[_row_grid(layout, config)](
-                logits_in, t_device, k, layout.n_inner, n_cols,
+                logits_in, t_device, stride_t, k, layout.n_inner, n_cols,
                 *_strides(layout, 0), *_strides(layout, 1), target,
                 ORIGINAL=original, CHUNKED=config.chunked, BLOCK_ROWS=config.block_rows,
                 BLOCK_COLS=config.block_cols, MAX_PASSES=launch_config.MAX_PASSES, **config.launch_options(),
@@ -233,7 +254,8 @@ def softmax_forward(logits, t, num_iters, class_dim=-1):
         scratch = torch.empty_like(out)
         return lambda config: launch(config, scratch)
 
-    launch(_row_config("softmax_fwd", logits_in, n_cols, make_bench, layout, original=original), out)
+    config = _row_config("softmax_fwd", logits_in, n_cols, make_bench, layout, original=original)
+    launch(_row_launch_config(config, stride_t), out)
     finish()
     return probs
 
@@ -247,7 +269,7 @@ def softmax_backward(probs, grad, t, class_dim=-1, temperature_grad=None):
         return result
     n_cols = probs.shape[class_dim]
     (probs_in, grad_in), (out,), layout, finish = _in_place_layout(class_dim, [probs, grad], [result])
-    t_device = _scalar(t, probs.device)
+    t_device, stride_t = _temperature(t, probs.device, layout.n_rows)
     need_temp_grad = temperature_grad is not None
     if need_temp_grad:
         assert temperature_grad.shape == (layout.n_rows,) and temperature_grad.dtype == torch.float32
@@ -255,7 +277,7 @@ def softmax_backward(probs, grad, t, class_dim=-1, temperature_grad=None):
     def launch(config, target):
         with _launch_scope(probs_in):
             tempered_softmax_bwd_kernel[_row_grid(layout, config)](
-                probs_in, grad_in, t_device, layout.n_inner, n_cols,
+                probs_in, grad_in, t_device, stride_t, layout.n_inner, n_cols,
                 *_strides(layout, 0), *_strides(layout, 1), *_strides(layout, 2), target,
                 temperature_grad if need_temp_grad else target,
                 CHUNKED=config.chunked, NEED_TEMP_GRAD=need_temp_grad, BLOCK_ROWS=config.block_rows,
@@ -266,7 +288,7 @@ def softmax_backward(probs, grad, t, class_dim=-1, temperature_grad=None):
         scratch = torch.empty_like(out)
         return lambda config: launch(config, scratch)
 
-    launch(_row_config("softmax_bwd", probs_in, n_cols, make_bench, layout), out)
+    launch(_row_launch_config(_row_config("softmax_bwd", probs_in, n_cols, make_bench, layout), stride_t), out)
     finish()
     return result
 
@@ -274,9 +296,12 @@ def softmax_backward(probs, grad, t, class_dim=-1, temperature_grad=None):
 def _vocab_parallel_launch(kernel, logits, layout: RowLayout, n_cols: int, *args, **constexprs):
     """One launch of a vocab-parallel kernel over every row of the slice ``logits``. Each kernel
     streams a row in BLOCK_COLS chunks: the loss kernel's heuristic gives the chunk (the whole
-    padded slice below the on-chip limit, with its rows per program)."""
+    padded slice below the on-chip limit, with its rows per program); the epilogue's temperature
+    variant has its own (``launch_config.temperature_sums_config``)."""
     strided = layout.strides[0][2] != 1 and n_cols > 1
     config = launch_config.row_config(n_cols, logits.element_size(), strided)
+    if constexprs.get("NEED_TEMP_GRAD"):
+        config = launch_config.temperature_sums_config(n_cols)
     with _launch_scope(logits):
         kernel[_row_grid(layout, config)](
             *args, **constexprs, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
@@ -313,27 +338,31 @@ def _epilogue_scalars(device, t1, t2, label_smoothing):
     return (_scalar(t1, device), _scalar(t2, device), _scalar(label_smoothing, device))
 
 
-def vocab_parallel_epilogue(logits, labels, row_max, y, t1, t2, label_smoothing, num_classes: int, class_dim=-1):
-    """This slice's (loss, sum e, sum d) at the converged y (fp32 [R, 3]). ``labels``: the dense
+def vocab_parallel_epilogue(logits, labels, row_max, y, t1, t2, label_smoothing, num_classes: int, class_dim=-1,
+                            need_temperature_grads=False):
+    """This slice's (loss, sum e, sum d) at the converged y (fp32 [R, 3]); with
+    ``need_temperature_grads`` [R, 6], + the slice's (dL/dt1, sum A, sum E): once reduced, a row's
+    dL/dt2 = sum A - sum d sum E / sum e (``kernels/vocab_parallel.py``). ``labels``: the dense
     slice (the logits' shape) or class indices (the rows' shape) LOCAL to the slice (any value
     outside [0, C_local) matches no class here); the smoothing uses the GLOBAL class count
     ``num_classes``."""
     n_cols = logits.shape[class_dim]
     logits_in, labels_in, _, layout, _, label_strides, indices = _vocab_parallel_inputs(logits, labels, class_dim)
-    sums = torch.empty(layout.n_rows, 3, dtype=torch.float32, device=logits.device)
+    sums = torch.empty(layout.n_rows, 6 if need_temperature_grads else 3, dtype=torch.float32, device=logits.device)
     _vocab_parallel_launch(epilogue_sums_kernel, logits_in, layout, n_cols, logits_in, labels_in, row_max, y,
                            *_epilogue_scalars(logits.device, t1, t2, label_smoothing), int(num_classes),
                            layout.n_inner, n_cols, *_strides(layout, 0), *label_strides, sums,
-                           LABELS_ARE_INDICES=indices)
+                           LABELS_ARE_INDICES=indices, NEED_TEMP_GRAD=bool(need_temperature_grads))
     return sums
 
 
 def vocab_parallel_gradient(logits, labels, row_max, y, sums, row_scale, t1, t2, label_smoothing, num_classes: int,
                             class_dim=-1):
     """This slice's gradient (the logits' shape, ``empty_like`` them in ``rows.stored_grad_dtype``)
-    from the REDUCED (loss, sum e, sum d) sums [R, 3], times ``row_scale`` [R] (fp32; 0 for ignored
-    rows, NaN for bad labels)."""
+    from the REDUCED (loss, sum e, sum d) sums [R, 3] (the first three columns of [R, 6]), times
+    ``row_scale`` [R] (fp32; 0 for ignored rows, NaN for bad labels)."""
     n_cols = logits.shape[class_dim]
+    sums = sums[:, :3].contiguous()
     grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype))
     logits_in, labels_in, (grad_out,), layout, finish, label_strides, indices = _vocab_parallel_inputs(
         logits, labels, class_dim, [grad])

@@ -164,7 +164,7 @@ def test_outputs_keep_the_logits_strides(backend, dtype, layout):
     x = _logits(shape, dtype, device=device).contiguous(memory_format=LAYOUTS[layout])
     labels = _indices(shape, 1, device=device)
     t = torch.tensor(1.2, dtype=torch.float64)
-    _, stored = ops.loss_op(x, labels.reshape(-1), None, t * 0.7, t, t * 0, 0, -100, "mean", backend, True, class_dim)
+    _, stored, _ = ops.loss_op(x, labels.reshape(-1), None, t * 0.7, t, t * 0, 0, -100, "mean", backend, True, class_dim)
     probs = ops.softmax_op(x, t, 0, backend, class_dim)
     back = ops.softmax_backward_op(probs, torch.randn_like(x), t, backend, class_dim)
     for out in (stored, probs, back):

@@ -90,6 +90,48 @@ def test_backward_ops(dtype, need_grad):
                                           backend))
 
 
+def temperatures(dtype, per_row):
+    """(t1, t2) requiring grad: 0-d, or one per row of the N rows."""
+    t1, t2 = (torch.tensor([0.8, 0.6, 1.0][:N] if per_row else 0.8, dtype=dtype),
+              torch.tensor([1.2, 1.0, 0.7][:N] if per_row else 1.2, dtype=dtype))
+    return t1.requires_grad_(), t2.requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_loss_ops_with_temperature_grads(dtype, reduction, per_row):
+    """The third output (each row's scaled temperature gradients) and the temperatures' backward."""
+    for backend in backends(dtype, triton_too=reduction == "none"):
+        t1, t2 = temperatures(dtype, per_row)
+        opcheck(ops.loss_op, (logits(N, dtype, True), torch.tensor([0, -100, 4]), None, t1, t2, scalar(0.1), 0, -100,
+                              reduction, backend, True, -1, True))
+        opcheck(ops.loss_op, (logits(N, dtype, False), torch.softmax(torch.randn(N, C, dtype=dtype), -1), None, t1,
+                              t2, scalar(0.0), 0, -100, reduction, backend, False, -1, True))
+        x = torch.randn(N, dtype=dtype, requires_grad=True)
+        opcheck(ops.binary_loss_op, (x, torch.rand(N, dtype=dtype), None, t1, t2, scalar(0.1), 0, float("nan"),
+                                     reduction, backend, True, True))
+
+
+def test_temperature_grads_need_the_converged_normalization():
+    t1, t2 = temperatures(torch.float64, False)
+    with pytest.raises(ValueError, match="num_iters"):
+        ops.loss_op(logits(N, torch.float64, True), torch.tensor([0, 1, 2]), None, t1, t2, scalar(0.0), 3, -100,
+                    "mean", "torch", True, -1, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_softmax_and_sigmoid_ops_with_a_learnable_temperature(dtype, per_row):
+    for backend in backends(dtype):
+        t = torch.tensor([1.3, 0.7, 1.0] if per_row else 1.3, dtype=dtype, requires_grad=True)
+        opcheck(ops.softmax_op, (logits(N, dtype, True), t, 0, backend))
+        probs = bt.tempered_softmax(torch.randn(N, C, dtype=dtype), 1.3).requires_grad_()
+        opcheck(ops.softmax_temperature_backward_op, (probs, torch.randn(N, C, dtype=dtype, requires_grad=True), t,
+                                                      backend))
+        opcheck(ops.sigmoid_op, (torch.randn(N, dtype=dtype, requires_grad=True), t, 0, backend))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["none", "sum"])  # "mean" of no rows is NaN: see the next test
 def test_empty_rows(dtype, reduction):
@@ -105,8 +147,8 @@ def test_empty_rows(dtype, reduction):
 def test_empty_rows_mean_is_nan_with_an_empty_gradient():
     """(opcheck compares eager and traced outputs without equal_nan, so this case is checked here.)"""
     x = logits(0, torch.float64, True)
-    loss, grad = ops.loss_op(x, torch.zeros(0, dtype=torch.long), None, scalar(0.8), scalar(1.2), scalar(0.0), 0, -100,
-                             "mean", "torch", True)
+    loss, grad, _ = ops.loss_op(x, torch.zeros(0, dtype=torch.long), None, scalar(0.8), scalar(1.2), scalar(0.0), 0,
+                                -100, "mean", "torch", True)
     assert torch.isnan(loss) and grad.shape == (0, C)
     (dx,) = torch.autograd.grad(loss, x)
     assert dx.shape == (0, C)
@@ -115,8 +157,8 @@ def test_empty_rows_mean_is_nan_with_an_empty_gradient():
 def test_fake_matches_real_without_gradient_in_float64():
     """The bug opcheck found: the fake returned a float64 empty gradient, the real op a float32 one."""
     x = torch.randn(N, C, dtype=torch.float64)
-    _, grad = ops.loss_op(x, torch.tensor([0, 1, 2]), None, scalar(0.8), scalar(1.2), scalar(0.0), 0, -100, "mean",
-                          "torch", False)
+    _, grad, _ = ops.loss_op(x, torch.tensor([0, 1, 2]), None, scalar(0.8), scalar(1.2), scalar(0.0), 0, -100, "mean",
+                             "torch", False)
     assert grad.dtype == torch.float64 and grad.numel() == 0
 
 
@@ -126,8 +168,8 @@ def test_fake_matches_real_without_gradient_in_float64():
 def test_eager_backward_allocates_no_second_buffer(backend, dtype, reduction):
     """Eager mode: the logits' gradient IS the buffer the forward pass stored (scaled in place)."""
     x = logits(N, dtype, True)
-    loss, stored = ops.loss_op(x, torch.tensor([0, -100, 4]), None, scalar(0.8), scalar(1.2), scalar(0.1), 0, -100,
-                               reduction, backend, True)
+    loss, stored, _ = ops.loss_op(x, torch.tensor([0, -100, 4]), None, scalar(0.8), scalar(1.2), scalar(0.1), 0,
+                                  -100, reduction, backend, True)
     upstream = torch.full(loss.shape, 2.0, dtype=loss.dtype)
     expected = stored.detach().clone() * (upstream.unsqueeze(-1) if reduction == "none" else upstream)
     (grad,) = torch.autograd.grad(loss, x, upstream)
@@ -152,7 +194,7 @@ def test_public_api_gradient_is_the_stored_buffer():
 
 def test_binary_eager_backward_allocates_no_second_buffer():
     x = torch.randn(7, requires_grad=True)
-    loss, stored = ops.binary_loss_op(x, torch.rand(7), None, scalar(0.6), scalar(1.4), scalar(0.1), 0, float("nan"),
-                                      "sum", "torch", True)
+    loss, stored, _ = ops.binary_loss_op(x, torch.rand(7), None, scalar(0.6), scalar(1.4), scalar(0.1), 0,
+                                         float("nan"), "sum", "torch", True)
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.data_ptr() == stored.data_ptr()

@@ -9,7 +9,14 @@ are the logits' entries with the class axis removed, in row-major order; per-row
 in any layout (NCHW, channels_last, a cropped view); the native backend moves the class axis last
 (one copy of the logits, none for channels_last). The gradient keeps the logits' strides (dense
 layouts). Temperatures and ``label_smoothing`` may be Python floats or 0-d tensors (a tensor never
-triggers a recompile under ``torch.compile``).
+triggers a recompile under ``torch.compile``); temperatures may also hold one value per row (the
+logits' shape without the class axis).
+
+Learnable temperatures: a temperature tensor that requires grad (an ``nn.Parameter``) gets the exact
+gradient through the converged normalization (docs/math.md, "Temperature gradients"), computed in
+the same pass as the loss, and only when one requires grad (``num_iters`` must then be None). The
+native backend solves per-row temperatures in groups of equal values (one solve per distinct
+value: many distinct values are slow there); the kernels take them per row.
 
 Validation: bad input raises ValueError/TypeError naming the argument. Values held in CUDA tensors
 (reading them would need a host sync) and values traced by ``torch.compile`` are NOT checked (CPU
@@ -44,8 +51,16 @@ from bitempered.bindings.torch import args, dtensor
 from bitempered.bindings.torch import func as torch_func
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
-from bitempered.bindings.torch.ops import InplaceBackwardLoss, binary_loss_op, loss_op, sigmoid_op, softmax_op
+from bitempered.bindings.torch.ops import (
+    InplaceBackwardLoss, binary_loss_op, check_temperature_grad_iterations, loss_op, sigmoid_op, softmax_op,
+)
 from bitempered.bindings.torch.rows import kept_rows, with_weight_gradient
+
+
+def needs_temperature_grad(*temperatures: torch.Tensor) -> bool:
+    """Whether autograd wants the gradient of a temperature: grad mode on and one of them requires
+    grad (at any torch.func level, as for the logits)."""
+    return torch.is_grad_enabled() and any(torch_func.requires_grad(t) for t in temperatures)
 
 
 def tempered_softmax(logits, t, num_iters=None, backend="auto", *, dim=-1):
@@ -53,24 +68,28 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto", *, dim=-1):
 
     Args:
         logits: float16/bfloat16/float32/float64 tensor with C >= 1 classes on ``dim``.
-        t: temperature, finite and > 0 (t = 1: the ordinary softmax; t > 1: heavy tails); a float
-            or a 0-d floating tensor (then a changing temperature never recompiles).
+        t: temperature, finite and > 0 (t = 1: the ordinary softmax; t > 1: heavy tails); a float,
+            a 0-d floating tensor (then a changing temperature never recompiles), or a floating
+            tensor of the logits' shape without the class axis (one temperature per row). A tensor
+            that requires grad gets its exact gradient (through the converged normalization).
         num_iters: None (default: the normalization solved to convergence) or an int >= 1: the
-            original algorithm with exactly that many steps.
+            original algorithm with exactly that many steps (not with a ``t`` that requires grad).
         backend: "auto" (default: Triton kernels for CUDA tensors below float64, native ops
             otherwise), "torch" (native ops) or "triton" (CPU tensors only under TRITON_INTERPRET=1).
         dim: the class axis (keyword only; an int in [-ndim, ndim), default -1: the last axis), as
             ``torch.softmax``'s ``dim``.
 
-    Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
-    A DTensor sharded on the class dimension (``Shard(dim)``) takes the vocab-parallel path.
+    Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward;
+    the gradient of ``t`` itself once). A DTensor sharded on the class dimension (``Shard(dim)``)
+    takes the vocab-parallel path.
     """
     if dtensor.is_dtensor(logits):  # a DTensor sharded on the classes: the vocab-parallel path
         return dtensor.dtensor_softmax(logits, t, num_iters, backend, dim=dim)
     dim = args.class_logits(logits, dim)
     iters = args.iterations(num_iters)
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
-    t = args.temperature(t, "t", logits.device)
+    t = args.temperature(t, "t", logits.device, check.without_axis(logits.shape, dim))
+    check_temperature_grad_iterations(iters, needs_temperature_grad(t))
     if logits.numel() == 0:
         return torch.empty_like(logits)
     return torch_func.call(softmax_op, args.as_rows(logits, dim), t, iters, backend, dim).reshape(logits.shape)
@@ -81,8 +100,11 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
     Args:
         logits: floating tensor of any shape (float16/bfloat16/float32/float64).
-        t: temperature, finite and > 0 (t = 1: the ordinary sigmoid); a float or a 0-d floating tensor.
-        num_iters: None (default: converged) or an int >= 1 (the original algorithm's step count).
+        t: temperature, finite and > 0 (t = 1: the ordinary sigmoid); a float, a 0-d floating tensor
+            or a floating tensor of the logits' shape (one per element); learnable as in
+            :func:`tempered_softmax`.
+        num_iters: None (default: converged) or an int >= 1 (the original algorithm's step count;
+            not with a ``t`` that requires grad).
         backend: "auto" (default), "torch" or "triton", as in :func:`tempered_softmax`.
 
     Returns the probabilities, the logits' shape and dtype. Differentiable twice (double backward).
@@ -90,7 +112,8 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
     args.check_floating(logits)
     iters = args.iterations(num_iters)
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
-    t = args.temperature(t, "t", logits.device)
+    t = args.temperature(t, "t", logits.device, logits.shape)
+    check_temperature_grad_iterations(iters, needs_temperature_grad(t))
     if logits.numel() == 0:
         return torch.empty_like(logits)
     return torch_func.call(sigmoid_op, logits.reshape(-1), t, iters, backend).reshape(logits.shape)
@@ -108,12 +131,18 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             the module docstring), or integer class indices of the logits' shape without the class
             axis (``logits.shape[:-1]`` by default; (N, d1, ..., dk) with ``dim=1``; rows equal to
             ``ignore_index`` are skipped).
-        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float or a 0-d floating tensor.
-        t2: finite and > 0 (t2 > 1 gives heavy tails); a float or a 0-d floating tensor.
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float, a 0-d floating tensor, or a floating
+            tensor of the logits' shape without the class axis (one temperature per row; each value
+            checked on CPU). A tensor that requires grad gets its exact gradient dL/dt1 (computed in
+            the same pass as the loss, through the converged normalization; per row for a per-row
+            tensor); a tensor never triggers a recompile under torch.compile.
+        t2: finite and > 0 (t2 > 1 gives heavy tails); as ``t1`` (float, 0-d or per-row tensor,
+            learnable).
         label_smoothing: in [0, 1), default 0; the reference convention (target 1 - s, others
             s/(C-1); needs C >= 2 when > 0); a float or a 0-d tensor (a smoothing schedule then
             never recompiles).
-        num_iters: None (converged, default) or an int >= 1, the original algorithm's step count.
+        num_iters: None (converged, default) or an int >= 1, the original algorithm's step count
+            (the temperatures' gradients need None: ValueError when t1 or t2 requires grad).
         reduction: "mean" (default, over non-ignored rows; with weights, divided by the sum of the
             non-ignored rows' weights), "sum" or "none" (per-row losses, times their weights).
         ignore_index: int (default -100): class-index rows equal to it get loss 0 and no gradient;
@@ -153,15 +182,18 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     logits = args.autocast_float32(logits)
     num_classes, rows_shape = logits.shape[dim], check.without_axis(logits.shape, dim)
     checked = args.loss_args(logits.shape, logits.device, logits.dtype, labels, t1, t2, label_smoothing, num_iters,
-                             reduction, ignore_index, backend, dim=dim)
+                             reduction, ignore_index, backend, dim=dim, per_row_temperatures=True)
     check.check_smoothing_classes(checked.smoothing_value, num_classes)
     args.check_inplace_backward(inplace_backward)
+    need_temperature_grad = needs_temperature_grad(checked.t1, checked.t2)
+    check_temperature_grad_iterations(checked.num_iters, need_temperature_grad)
     if logits.numel() == 0:
         return args.empty_loss(logits, rows_shape, reduction)
     rows = args.as_rows(logits, dim)
     label_rows = args.label_rows(labels, checked.indices, dim)
-    checked_by_backend = not checked.indices and checked.backend == "torch" and native_loss.checks_dense_labels(
-        rows.device, checked.t1_value, checked.t2_value)  # the native t1 = t2 = 1 path reads them anyway
+    # the native t1 = t2 = 1 path reads them anyway (not where it computes temperature gradients)
+    checked_by_backend = not checked.indices and checked.backend == "torch" and not need_temperature_grad and \
+        native_loss.checks_dense_labels(rows.device, checked.t1_value, checked.t2_value)
     if not checked_by_backend:
         args.check_label_values(label_rows, checked.indices, num_classes, ignore_index)
     weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, rows_shape, num_classes,
@@ -175,10 +207,11 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     if need_grad and inplace_backward and eager:
         loss = InplaceBackwardLoss.apply(logits, rows, label_rows, op_weights, *settings, dim)
     else:
-        loss, _ = torch_func.call(loss_op, rows, label_rows, op_weights, *settings, need_grad, dim)
+        loss, *_ = torch_func.call(loss_op, rows, label_rows, op_weights, *settings, need_grad, dim,
+                                   need_temperature_grad)
 
     def unweighted_rows():
-        loss_rows, _ = loss_op(rows.detach(), label_rows, None, *settings[:5], "none", checked.backend, False, dim)
+        loss_rows, *_ = loss_op(rows.detach(), label_rows, None, *settings[:5], "none", checked.backend, False, dim)
         return loss_rows, kept_rows(label_rows, op_ignore_index, dim).reshape(-1)
 
     loss = with_weight_gradient(loss, weights, reduction, unweighted_rows)
@@ -193,6 +226,8 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     averages the elements that are not ignored.
 
     Args (the others are those of :func:`bi_tempered_logistic_loss`):
+        t1, t2: as there (floats, 0-d tensors, learnable tensors), or one per element: tensors of
+            the logits' shape.
         ignore_index: None (default: every element counts) or an int: elements whose label equals
             it (e.g. 255 or -100 in a segmentation mask) get loss 0 and gradient 0 and are not
             counted by "mean"; their labels are exempt from the [0, 1] check.
@@ -209,8 +244,10 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     iters = args.iterations(num_iters)
     smoothing, _ = args.smoothing_and_value(label_smoothing, logits.device)
     backend = args.resolve_backend(backend, logits.device, logits.dtype)
-    t1_ = args.temperature(t1, "t1", logits.device)
-    t2_ = args.temperature(t2, "t2", logits.device)
+    t1_ = args.temperature(t1, "t1", logits.device, logits.shape)
+    t2_ = args.temperature(t2, "t2", logits.device, logits.shape)
+    need_temperature_grad = needs_temperature_grad(t1_, t2_)
+    check_temperature_grad_iterations(iters, need_temperature_grad)
     args.check_same_device(labels, logits.device, "logits")
     args.check_dense_labels(labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0.0))
     weights = args.row_weights(None, sample_weight, None, False, logits.shape, 0, logits.device,
@@ -221,11 +258,11 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     labels_rows = labels.reshape(-1).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     ignored = math.nan if ignore_index is None else float(ignore_index)
     x = logits.reshape(-1)
-    loss, _ = torch_func.call(binary_loss_op, x, labels_rows, None if weights is None else weights.detach(), t1_,
-                              t2_, smoothing, iters, ignored, reduction, backend, need_grad)
+    loss, *_ = torch_func.call(binary_loss_op, x, labels_rows, None if weights is None else weights.detach(), t1_,
+                               t2_, smoothing, iters, ignored, reduction, backend, need_grad, need_temperature_grad)
 
     def unweighted_rows():
-        loss_rows, _ = binary_loss_op(x.detach(), labels_rows, None, t1_, t2_, smoothing, iters, ignored, "none",
+        loss_rows, *_ = binary_loss_op(x.detach(), labels_rows, None, t1_, t2_, smoothing, iters, ignored, "none",
                                       backend, False)
         return loss_rows, labels_rows != ignored  # (a NaN ignore_index: every element)
 
@@ -238,8 +275,10 @@ class BiTemperedLogisticLoss(torch.nn.Module):
     ``loss(logits, labels, sample_weight)``).
 
     Args (checked here, with the function's checks; temperatures held as tensors at each call):
-        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float or a 0-d floating tensor.
-        t2: finite and > 0 (t2 > 1 gives heavy tails); a float or a 0-d floating tensor.
+        t1: 0 <= t1 < 2 (t1 < 1 bounds the loss); a float, a 0-d floating tensor or an
+            ``nn.Parameter`` (learnable: it gets dL/dt1, moves with ``.to(device)`` and is saved in
+            the state dict), or a tensor of the rows' shape (one per row).
+        t2: finite and > 0 (t2 > 1 gives heavy tails); as ``t1``.
         label_smoothing: in [0, 1), default 0 (target 1 - s, others s/(C-1)).
         num_iters: None (converged, default) or an int >= 1, the original algorithm's step count.
         reduction: "mean" (default, over non-ignored rows), "sum" or "none" (per-row losses).
@@ -253,7 +292,10 @@ class BiTemperedLogisticLoss(torch.nn.Module):
             the logits at each call.
 
     ``t1``/``t2`` may be changed between steps (``module.t1 = 0.7``) without recompiling when they
-    are held as 0-d tensors.
+    are held as 0-d tensors. Learnable temperatures: ``BiTemperedLogisticLoss(torch.nn.Parameter(
+    torch.tensor(0.8)), torch.nn.Parameter(torch.tensor(1.2)))`` registers them as the module's
+    parameters (``module.parameters()`` gives them to an optimizer; keep them in range, e.g. by
+    clamping after each step: values are checked at each call on CPU); ``num_iters`` must be None.
     """
 
     def __init__(self, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean", ignore_index=-100,

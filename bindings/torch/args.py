@@ -82,16 +82,46 @@ def scalar_tensor(value, name: str, device: torch.device, check_value):
     return (tensor if tensor.device == device or tensor.device.type == "cpu" else tensor.to(device)), concrete
 
 
-def temperature_and_value(value, name: str, device: torch.device):
-    """(0-d float64 tensor of a temperature, its concrete value or None where reading it would cost
-    a sync or a graph break); ``name`` "t1" is checked in [0, 2), any other name > 0."""
-    check_value = check.check_t1 if name == "t1" else (lambda v: check.check_t(v, name))
-    return scalar_tensor(value, name, device, check_value)
+class TemperatureShapeError(ValueError, TypeError):
+    """A temperature tensor of neither one value nor the rows' shape. A ValueError (it names both
+    shapes); also a TypeError, which such a tensor raised when only 0-d ones were accepted."""
 
 
-def temperature(value, name: str, device: torch.device) -> torch.Tensor:
-    """The 0-d float64 tensor of ``temperature_and_value``."""
-    return temperature_and_value(value, name, device)[0]
+def _temperature_check(name: str):
+    """The range check of a temperature: ``name`` "t1" in [0, 2), any other name > 0 and finite."""
+    return check.check_t1 if name == "t1" else (lambda v: check.check_t(v, name))
+
+
+def per_row_temperature(value: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """A temperature of one value per row, flattened to [R] in row order on ``device`` (differentiable:
+    a tensor that requires grad gets its gradient), every value checked where that costs no sync."""
+    values = checkable(value)
+    if values is not None and values.numel() > 0:
+        low, high = torch.aminmax(values.double())  # (NaN propagates to both, and fails the check)
+        for extreme in (float(low), float(high)):
+            _temperature_check(name)(extreme)
+    flat = value.reshape(-1)
+    return flat if flat.device == device else flat.to(device)
+
+
+def temperature_and_value(value, name: str, device: torch.device, rows_shape=None):
+    """(temperature tensor, its concrete value or None where reading it would cost a sync or a graph
+    break, or where it holds one value per row); ``name`` "t1" is checked in [0, 2), any other
+    name > 0. A float or one-value tensor gives a 0-d tensor; with ``rows_shape`` (the logits'
+    shape without the class axis) a floating tensor of that shape gives one value per row [R]."""
+    if (rows_shape is not None and isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+            and value.numel() != 1):
+        if tuple(value.shape) != tuple(rows_shape):
+            raise TemperatureShapeError(
+                f"{name} must be a float, a 0-d tensor or a tensor of the rows' shape {tuple(rows_shape)} (the "
+                f"logits' shape without the class axis), got shape {tuple(value.shape)}")
+        return per_row_temperature(value, name, device), None
+    return scalar_tensor(value, name, device, _temperature_check(name))
+
+
+def temperature(value, name: str, device: torch.device, rows_shape=None) -> torch.Tensor:
+    """The tensor of ``temperature_and_value``: 0-d, or [R] (one per row) where ``rows_shape`` allows."""
+    return temperature_and_value(value, name, device, rows_shape)[0]
 
 
 def smoothing_and_value(value, device: torch.device):
@@ -268,17 +298,19 @@ class LossArgs(NamedTuple):
     smoothing: torch.Tensor       # 0-d
     smoothing_value: float | None  # None where reading it would cost a sync or a graph break
     backend: str                  # "torch" or "triton"
-    t1: torch.Tensor              # 0-d float64
+    t1: torch.Tensor              # 0-d (float64 from a float), or [R] (one per row)
     t1_value: float | None
     t2: torch.Tensor
     t2_value: float | None
 
 
 def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1, t2, label_smoothing,
-              num_iters, reduction, ignore_index, backend, holder: str = "logits", dim: int = -1) -> LossArgs:
+              num_iters, reduction, ignore_index, backend, holder: str = "logits", dim: int = -1,
+              per_row_temperatures: bool = False) -> LossArgs:
     """The checks every multi-class loss makes, in one order (so one bad argument gives the same
     error from each). ``holder``: the name of the tensor the labels go with (logits, hidden);
-    ``dim``: the checked class axis (``class_logits``). Not here: smoothing's class count
+    ``dim``: the checked class axis (``class_logits``); ``per_row_temperatures``: the loss takes
+    temperatures of the rows' shape too (then [R]). Not here: smoothing's class count
     (``check.check_smoothing_classes``; the vocab-parallel loss knows its global C only after its
     group check)."""
     indices = is_class_indices(logits_shape, labels, dim)
@@ -287,8 +319,9 @@ def loss_args(logits_shape, device: torch.device, dtype: torch.dtype, labels, t1
     smoothing, smoothing_value = smoothing_and_value(label_smoothing, device)
     check.check_ignore_index(ignore_index)
     backend = resolve_backend(backend, device, dtype)
-    t1_, t1_value = temperature_and_value(t1, "t1", device)
-    t2_, t2_value = temperature_and_value(t2, "t2", device)
+    rows_shape = check.without_axis(logits_shape, dim) if per_row_temperatures else None
+    t1_, t1_value = temperature_and_value(t1, "t1", device, rows_shape)
+    t2_, t2_value = temperature_and_value(t2, "t2", device, rows_shape)
     check_same_device(labels, device, holder)
     return LossArgs(indices, iters, smoothing, smoothing_value, backend, t1_, t1_value, t2_, t2_value)
 

@@ -7,6 +7,12 @@ new value never recompiles. Every op passes ``torch.library.opcheck``
 (tests/test_torch_opcheck.py); vmap rules and torch.func support are in ``func``, which rebuilds
 each op's autograd from ``autograd_rules``.
 
+Temperatures: the ops take t1/t2/t as 0-d tensors or one value per row [R] (row order). Where one
+requires grad, the loss ops return each row's (dL/dt1, dL/dt2) as a third output from the same
+solve (``need_temperature_grad``; already times the row's factor, as the logits' gradient), and
+the softmax's backward computes the gradient of t in the same pass as the logits'
+(``softmax_temperature_backward_op``); nothing of it is computed otherwise.
+
 The loss op computes the gradient of the logits in its forward pass (while the row is on chip,
 for the kernels), already multiplied by the reduction's scale (1/#kept rows for "mean"), so the
 backward only multiplies by the upstream gradient (``rows.scale_stored_grad``: in place in eager
@@ -42,6 +48,7 @@ from bitempered.bindings.torch.rows import (
 )
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import temperature
 
 Tensor = torch.Tensor
 
@@ -71,33 +78,42 @@ def from_class_rows(rows: Tensor, like: Tensor, class_dim: int) -> Tensor:
 
 
 def _native_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
-                 class_dim=-1):
+                 class_dim=-1, need_temperature_grad=False):
     """The native loss driver (``native/loss.py``) with the op's outputs (an empty gradient when none
     was asked for): the gradient, already scaled by the reduction (and the rows' weights) and
     masked, is the only N x C buffer it allocates on rows [N, C]; classes on another axis cost two
     more (the moved rows, none for channels_last; the gradient's rows before their copy into the
-    logits' layout)."""
+    logits' layout). Temperatures: 0-d or one per row [R] (solved in groups of equal values)."""
     if class_dim != -1:
         dense = labels.dtype.is_floating_point
-        loss, grad = _native_loss(class_rows(logits, class_dim), class_rows(labels, class_dim) if dense else labels,
-                                  weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad)
-        return loss, from_class_rows(grad, logits, class_dim) if need_grad else grad
+        loss, grad, dt = _native_loss(class_rows(logits, class_dim),
+                                      class_rows(labels, class_dim) if dense else labels, weights, t1, t2,
+                                      label_smoothing, num_iters, ignore_index, reduction, need_grad,
+                                      need_temperature_grad=need_temperature_grad)
+        return loss, from_class_rows(grad, logits, class_dim) if need_grad else grad, dt
+    dt = _temperature_grads_output(logits, logits.shape[0], need_temperature_grad)
     loss, grad = native_loss.reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters,
-                                                   ignore_index, reduction, need_grad, weights=weights)
-    return loss, grad if need_grad else _no_grad(logits)
+                                                   ignore_index, reduction, need_grad, weights=weights,
+                                                   temperature_grads=dt if need_temperature_grad else None)
+    return loss, grad if need_grad else _no_grad(logits), dt
 
 
 def _triton_loss(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, need_grad,
-                 grad_out=None, class_dim=-1):
+                 grad_out=None, class_dim=-1, need_temperature_grad=False):
     """The kernels produce per-row losses and the gradient already scaled by the reduction (a
     factor per row with ``weights``; written into ``grad_out`` when given: the in-place mode). They
-    read logits with the classes on ``class_dim`` in place."""
+    read logits with the classes on ``class_dim`` in place. The temperature gradients come unscaled
+    from the same launch, and take the rows' factors here."""
     kept = kept_rows(labels, ignore_index, class_dim).reshape(-1)
     scale = grad_scale(kept, reduction, torch.float32, weights)
+    dt = _temperature_grads_output(logits, kept.shape[0], need_temperature_grad)
     per_row, grad = triton_launchers().loss_forward(logits, labels, t1, t2, label_smoothing, num_iters,
                                                     ignore_index, need_grad, grad_out=grad_out, grad_scale=scale,
-                                                    class_dim=class_dim)
-    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits)
+                                                    class_dim=class_dim,
+                                                    temperature_grads=dt if need_temperature_grad else None)
+    if need_temperature_grad:
+        dt.mul_(scale.unsqueeze(-1) if scale.dim() else scale)
+    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits), dt
 
 
 def _no_grad(logits: Tensor) -> Tensor:
@@ -105,37 +121,62 @@ def _no_grad(logits: Tensor) -> Tensor:
     return logits.new_empty(0)
 
 
+def _temperature_grads_output(logits: Tensor, num_rows: int, need_temperature_grad: bool) -> Tensor:
+    """The loss ops' third output: [R, 2] for each row's (dL/dt1, dL/dt2), or empty when not asked
+    for; in the compute dtype (float32 for the kernels, which take no float64)."""
+    shape = (num_rows, 2) if need_temperature_grad else (0,)
+    return logits.new_empty(shape, dtype=native.compute_dtype(logits.dtype))
+
+
+TEMPERATURE_GRAD_ITERATIONS = (
+    "bitempered: the gradient of a temperature is defined for the converged normalization only: "
+    "num_iters must be None where t1, t2 or t requires grad, got num_iters={}")
+
+
+def check_temperature_grad_iterations(num_iters: int, need_temperature_grad: bool) -> None:
+    """ValueError naming num_iters: the temperature gradients hold for the converged solve only."""
+    if need_temperature_grad and num_iters:
+        raise ValueError(TEMPERATURE_GRAD_ITERATIONS.format(num_iters))
+
+
 @torch.library.custom_op("bitempered::loss", mutates_args=())
 def loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor, label_smoothing: Tensor,
             num_iters: int, ignore_index: int, reduction: str, backend: str,
-            need_grad: bool, class_dim: int = -1) -> tuple[Tensor, Tensor]:
+            need_grad: bool, class_dim: int = -1, need_temperature_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Rows [N, C] (or logits with the classes on ``class_dim``, see the module docstring) ->
-    (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor).
+    (loss reduced by ``reduction``, scaled dL/dlogits or an empty tensor, scaled per-row
+    (dL/dt1, dL/dt2) [R, 2] or an empty tensor).
 
     ``weights``: None or each row's weight [R] (``args.row_weights``: weight[target] x sample_weight).
-    ``num_iters`` 0 means converged (None in the public API).
+    ``t1``, ``t2``: 0-d, or one value per row [R] (row order). ``num_iters`` 0 means converged (None
+    in the public API). ``need_temperature_grad``: the third output, each row's temperature
+    gradients times the row's factor on its logits' gradient (the reduction's, its weight; 0 for
+    ignored rows, NaN for bad class indices), from the same solve; converged only.
     """
+    check_temperature_grad_iterations(num_iters, need_temperature_grad)
     iters = num_iters or None
     if backend == "triton":
         return _triton_loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction,
-                            need_grad, class_dim=class_dim)
+                            need_grad, class_dim=class_dim, need_temperature_grad=need_temperature_grad)
     return _native_loss(logits, labels, weights, t1, t2, label_smoothing, iters, ignore_index, reduction, need_grad,
-                        class_dim)
+                        class_dim, need_temperature_grad)
 
 
 @loss_op.register_fake
 def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad,
-      class_dim=-1):
-    return _fake_loss_outputs(logits, reduction, need_grad, math.prod(without_axis(logits.shape, class_dim)))
+      class_dim=-1, need_temperature_grad=False):
+    return _fake_loss_outputs(logits, reduction, need_grad, math.prod(without_axis(logits.shape, class_dim)),
+                              need_temperature_grad)
 
 
-def _fake_loss_outputs(logits, reduction, need_grad, num_rows):
-    """The loss ops' outputs: the loss (compute dtype; one per row [R] for "none") and the stored
-    gradient (allocated like the logits)."""
+def _fake_loss_outputs(logits, reduction, need_grad, num_rows, need_temperature_grad=False):
+    """The loss ops' outputs: the loss (compute dtype; one per row [R] for "none"), the stored
+    gradient (allocated like the logits) and the temperature gradients."""
     dtype = native.compute_dtype(logits.dtype)
     shape = (num_rows,) if reduction == "none" else ()
     grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype)) if need_grad else logits.new_empty(0)
-    return logits.new_empty(shape, dtype=dtype), grad
+    return (logits.new_empty(shape, dtype=dtype), grad,
+            _temperature_grads_output(logits, num_rows, need_temperature_grad))
 
 
 def _class_dim(inputs, position: int) -> int:
@@ -143,13 +184,39 @@ def _class_dim(inputs, position: int) -> int:
     return inputs[position] if len(inputs) > position else -1
 
 
-def _save_grad(ctx, inputs, output):
-    ctx.need_grad = inputs[10]
-    ctx.class_dim = _class_dim(inputs, 11)
-    ctx.logits_dtype = inputs[0].dtype
-    # the gradient output is never differentiated: no N x C zeros for its (absent) upstream gradient
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1])
+def _loss_setup_context(class_dim_position: int | None, need_temperature_grad_position: int):
+    """The loss ops' setup_context, given the positions of their ``class_dim`` (None: the op has
+    none) and ``need_temperature_grad`` inputs (either may be left out by a caller: the defaults)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.need_grad = inputs[10]
+        ctx.class_dim = -1 if class_dim_position is None else _class_dim(inputs, class_dim_position)
+        asked = len(inputs) > need_temperature_grad_position and inputs[need_temperature_grad_position]
+        ctx.need_temperature_grad = bool(asked)
+        ctx.logits_dtype = inputs[0].dtype
+        ctx.temperatures = [_TemperatureInput.of(t) for t in inputs[3:5]]
+        # the gradient outputs are never differentiated: no N x C zeros for their (absent) upstream gradient
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1], output[2])
+
+    return setup_context
+
+
+class _TemperatureInput:
+    """What a backward needs of a temperature input to return its gradient: 0-d (the rows' values
+    summed) or one per row, its dtype and device."""
+
+    def __init__(self, per_row: bool, shape, dtype, device):
+        self.per_row, self.shape, self.dtype, self.device = per_row, shape, dtype, device
+
+    @classmethod
+    def of(cls, t: Tensor) -> "_TemperatureInput":
+        return cls(t.dim() == 1, t.shape, t.dtype, t.device)
+
+    def gradient(self, per_row_values: Tensor) -> Tensor:
+        """Its gradient from each row's part [R]."""
+        values = per_row_values if self.per_row else per_row_values.sum()
+        return values.reshape(self.shape).to(dtype=self.dtype, device=self.device)
 
 
 SECOND_DERIVATIVES = (
@@ -174,28 +241,55 @@ def _forbid_double_backward() -> None:
         raise RuntimeError(SECOND_DERIVATIVES)
 
 
-def _scale_saved_grad(ctx, grad_loss, _unused):
-    """dL/dlogits = the stored gradient x the upstream gradient (``rows.scale_stored_grad``)."""
+def _scale_saved_grad(ctx, grad_loss, _unused_grad, _unused_temperature_grads):
+    """dL/dlogits = the stored gradient x the upstream gradient (``rows.scale_stored_grad``), and the
+    temperatures' gradients from the stored per-row values (``_temperature_grads``)."""
     _forbid_double_backward()
-    (grad,) = ctx.saved_tensors
-    if not ctx.need_grad:
+    grad, temperature_grads = ctx.saved_tensors
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0] and not ctx.need_grad:
         raise RuntimeError("bitempered: the loss was computed without gradient (need_grad=False)")
-    none = (None,) * (len(ctx.needs_input_grad) - 1)
-    if grad_loss is None:  # no upstream gradient (grads are not materialized): none for the logits
-        return (None,) + none
-    # detached: the stored output is marked as requiring grad (the op's outputs are), its gradient is not
-    return (scale_stored_grad(grad.detach(), grad_loss, ctx.logits_dtype, ctx.class_dim),) + none
+    if (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and not ctx.need_temperature_grad:
+        raise RuntimeError("bitempered: the loss was computed without temperature gradients "
+                           "(need_temperature_grad=False)")
+    if grad_loss is None:  # no upstream gradient (grads are not materialized): none for the inputs
+        return tuple(grads)
+    if ctx.needs_input_grad[0]:
+        # detached: the stored output is marked as requiring grad (the op's outputs are), its gradient is not
+        grads[0] = scale_stored_grad(grad.detach(), grad_loss, ctx.logits_dtype, ctx.class_dim)
+    if ctx.need_temperature_grad:
+        grads[3], grads[4] = _temperature_grads(ctx, temperature_grads.detach(), grad_loss)
+    return tuple(grads)
+
+
+def _temperature_grads(ctx, per_row: Tensor, grad_loss: Tensor):
+    """(dt1, dt2) of the loss ops' temperature inputs: each row's stored (scaled) values [R, 2] x the
+    upstream gradient (0-d, or one per row for reduction="none"), summed over the rows for a 0-d
+    temperature; None for one that needs none."""
+    upstream = grad_loss.to(per_row.dtype)
+    scaled = per_row * (upstream.unsqueeze(-1) if upstream.dim() else upstream)
+    return tuple(t.gradient(scaled[:, column]) if ctx.needs_input_grad[3 + column] else None
+                 for column, t in enumerate(ctx.temperatures))
 
 
 def _native_probs(logits, t, num_iters):
-    dtype = native.compute_dtype(logits.dtype)
-    a = logits.to(dtype)
-    return native.tempered_log_softmax_rows(a, t, num_iters).exp().to(logits.dtype)
+    """Probabilities of rows [N, C] by the native solver; a per-row ``t`` [N] is solved in groups of
+    rows with equal values (``temperature.temperature_groups``)."""
+    a = logits.to(native.compute_dtype(logits.dtype))
+    groups = temperature.temperature_groups(t)
+    if len(groups) == 1:
+        ((value,), _), = groups
+        return native.tempered_log_softmax_rows(a, value, num_iters).exp().to(logits.dtype)
+    probs = torch.empty_like(a)
+    for (value,), rows in groups:
+        probs[rows] = native.tempered_log_softmax_rows(a[rows], value, num_iters).exp()
+    return probs.to(logits.dtype)
 
 
 @torch.library.custom_op("bitempered::softmax", mutates_args=())
 def softmax_op(logits: Tensor, t: Tensor, num_iters: int, backend: str, class_dim: int = -1) -> Tensor:
-    """Tempered softmax of rows [N, C] (or over ``class_dim``) in the logits' dtype."""
+    """Tempered softmax of rows [N, C] (or over ``class_dim``) in the logits' dtype; ``t`` 0-d or one
+    value per row [R] (row order)."""
     if backend == "triton":
         return triton_launchers().softmax_forward(logits, t, num_iters or None, class_dim=class_dim)
     if class_dim != -1:
@@ -208,9 +302,15 @@ def _(logits, t, num_iters, backend, class_dim=-1):
     return torch.empty_like(logits)
 
 
+def _native_temperature(t: Tensor, dtype):
+    """A temperature as the native elementwise formulas take it: a float, or one value per row [N, 1]."""
+    return t.to(dtype).reshape(-1, 1) if temperature.is_per_row(t) else float(t)
+
+
 def _native_softmax_vjp(probs, grad, t):
     dtype = native.compute_dtype(probs.dtype)
-    return native.tempered_softmax_vjp_rows(probs.to(dtype), grad.to(dtype), t).to(probs.dtype)
+    return native.tempered_softmax_vjp_rows(probs.to(dtype), grad.to(dtype), _native_temperature(t, dtype)).to(
+        probs.dtype)
 
 
 @torch.library.custom_op("bitempered::softmax_backward", mutates_args=())
@@ -228,6 +328,37 @@ def _(probs, grad, t, backend, class_dim=-1):
     return torch.empty_like(probs)
 
 
+def _native_softmax_vjp_and_temperature_grad(probs, grad, t):
+    """(the VJP, each row's gradient of t [N]) of rows [N, C], in the compute dtype (the VJP then in
+    the probabilities' dtype)."""
+    dtype = native.compute_dtype(probs.dtype)
+    p, g, t_rows = probs.to(dtype), grad.to(dtype), _native_temperature(t, dtype)
+    vjp = native.tempered_softmax_vjp_rows(p, g, t_rows).to(probs.dtype)
+    return vjp, temperature.softmax_temperature_grad_rows(p, g, t_rows)
+
+
+@torch.library.custom_op("bitempered::softmax_backward_with_temperature", mutates_args=())
+def softmax_temperature_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str,
+                                    class_dim: int = -1) -> tuple[Tensor, Tensor]:
+    """``softmax_backward_op`` and each row's part of the gradient of ``t`` [R] (row order; compute
+    dtype), in the same pass: sum g E - (sum g p^t)(sum E) / sum p^t (docs/math.md)."""
+    num_rows = probs.numel() // probs.shape[class_dim]
+    if backend == "triton":
+        dt = probs.new_empty(num_rows, dtype=torch.float32)
+        return triton_launchers().softmax_backward(probs, grad, t, class_dim=class_dim, temperature_grad=dt), dt
+    if class_dim != -1:
+        rows, dt = _native_softmax_vjp_and_temperature_grad(class_rows(probs, class_dim), class_rows(grad, class_dim),
+                                                            t)
+        return from_class_rows(rows, probs, class_dim), dt
+    return _native_softmax_vjp_and_temperature_grad(probs, grad, t)
+
+
+@softmax_temperature_backward_op.register_fake
+def _(probs, grad, t, backend, class_dim=-1):
+    num_rows = math.prod(without_axis(probs.shape, class_dim))
+    return torch.empty_like(probs), probs.new_empty(num_rows, dtype=native.compute_dtype(probs.dtype))
+
+
 def _save_probs(ctx, inputs, output):
     ctx.backend = inputs[3]
     ctx.class_dim = _class_dim(inputs, 4)
@@ -240,10 +371,14 @@ def _direct(op, *args):
 
 def _softmax_vjp(ctx, grad, invoke=_direct):
     """(``invoke`` calls the backward op: ``func`` passes its transform-ready call.) Rows get unit
-    class stride; logits with another class axis go as they are (the backends take any strides)."""
+    class stride; logits with another class axis go as they are (the backends take any strides).
+    The gradient of ``t`` comes from the same pass, where ``t`` needs one."""
     probs, t = ctx.saved_tensors
     grad = grad.contiguous() if ctx.class_dim == -1 else grad
-    return invoke(softmax_backward_op, probs, grad, t, ctx.backend, ctx.class_dim), None, None, None, None
+    if not ctx.needs_input_grad[1]:
+        return invoke(softmax_backward_op, probs, grad, t, ctx.backend, ctx.class_dim), None, None, None, None
+    grad_logits, dt = invoke(softmax_temperature_backward_op, probs, grad, t, ctx.backend, ctx.class_dim)
+    return (grad_logits if ctx.needs_input_grad[0] else None), _TemperatureInput.of(t).gradient(dt), None, None, None
 
 
 def _save_vjp_inputs(ctx, inputs, output):
@@ -256,6 +391,32 @@ def _softmax_vjp_vjp(ctx, upstream):
     moved = (x.movedim(ctx.class_dim, -1) for x in (probs, grad, upstream))  # (views; -1: the rows as they are)
     d_probs, d_grad = second_order.softmax_vjp_vjp_rows(*moved, t)
     return d_probs.movedim(-1, ctx.class_dim), d_grad.movedim(-1, ctx.class_dim), None, None, None
+
+
+def _save_vjp_inputs_with_temperature(ctx, inputs, output):
+    _save_vjp_inputs(ctx, inputs, output)
+    ctx.set_materialize_grads(False)  # an output that is not differentiated gets no upstream (None)
+
+
+def _softmax_temperature_vjp_vjp(ctx, upstream, upstream_dt):
+    """The derivatives of both outputs: the VJP's (``second_order``, the temperature's part
+    included) and those of the temperature gradient (``second_order``, by autograd)."""
+    probs, grad, t = ctx.saved_tensors
+    moved = [x.movedim(ctx.class_dim, -1) for x in (probs, grad)]  # (views; -1: the rows as they are)
+    d_probs = d_grad = d_t = None
+    if upstream is not None:
+        u = upstream.movedim(ctx.class_dim, -1)
+        d_probs, d_grad = second_order.softmax_vjp_vjp_rows(*moved, u, t)
+        if ctx.needs_input_grad[2]:
+            d_t = _TemperatureInput.of(t).gradient(second_order.softmax_vjp_temperature_rows(*moved, u, t).reshape(-1))
+    if upstream_dt is not None:
+        dd_probs, dd_grad, dd_t = second_order.softmax_temperature_grad_vjp_rows(*moved, upstream_dt, t)
+        d_probs = dd_probs if d_probs is None else d_probs + dd_probs
+        d_grad = dd_grad if d_grad is None else d_grad + dd_grad
+        dd_t = dd_t.to(t.dtype)
+        d_t = dd_t if d_t is None else d_t + dd_t
+    moved_back = [None if d is None else d.movedim(-1, ctx.class_dim) for d in (d_probs, d_grad)]
+    return moved_back[0], moved_back[1], d_t, None, None
 
 
 def _second_class(rows: Tensor) -> Tensor:
@@ -271,10 +432,14 @@ def _binary_rows(x: Tensor) -> Tensor:
 @torch.library.custom_op("bitempered::binary_loss", mutates_args=())
 def binary_loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: Tensor, t2: Tensor,
                    label_smoothing: Tensor, num_iters: int, ignore_index: float, reduction: str, backend: str,
-                   need_grad: bool) -> tuple[Tensor, Tensor]:
+                   need_grad: bool, need_temperature_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Binary loss of 1-D logits x and labels y: the 2-class loss of [0, x] and [1 - y, y]. Elements
     whose label equals ``ignore_index`` (NaN: none) get loss 0 and gradient 0 and are not counted;
-    ``weights``: None or one weight per element."""
+    ``weights``: None or one weight per element; ``t1``, ``t2``: 0-d or one per element.
+    ``need_temperature_grad``: the third output, as ``loss_op``'s (from the 2-class rows' solve; on
+    the Triton backend the whole loss then runs the row kernel on the [N, 2] rows, as it does for
+    per-element temperatures, which the binary kernel does not take)."""
+    check_temperature_grad_iterations(num_iters, need_temperature_grad)
     dtype = torch.float32 if backend == "triton" else native.compute_dtype(logits.dtype)
     ignoring = not math.isnan(ignore_index)
     kept = labels != ignore_index if ignoring else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
@@ -283,31 +448,58 @@ def binary_loss_op(logits: Tensor, labels: Tensor, weights: Tensor | None, t1: T
         labels = torch.where(kept, labels, 0.0)
         scale = torch.where(kept, scale, 0.0)
     iters = num_iters or None
-    if backend == "triton":
+    dt = _temperature_grads_output(logits, logits.shape[0], need_temperature_grad)
+    if backend == "triton" and not need_temperature_grad and not _per_element(t1, t2):
         per_row, grad = triton_launchers().binary_loss_forward(logits, labels, t1, t2, label_smoothing, iters,
                                                                need_grad, grad_scale=scale)
     else:
-        dense = torch.stack([1.0 - labels, labels], dim=-1)
-        per_row, _, grad = native_loss.loss_and_grad(_binary_rows(logits), dense, float(t1), float(t2),
-                                                     float(label_smoothing), iters, -100, need_grad, scale)
-        grad = _second_class(grad) if need_grad else None
+        per_row, grad = _binary_rows_loss(logits, labels, t1, t2, label_smoothing, iters, need_grad, scale, backend,
+                                          dt if need_temperature_grad else None)
     if ignoring:  # exactly 0, also where an ignored element's logit is not finite
         per_row = torch.where(kept, per_row, 0.0)
-        if grad is not None:
-            grad.masked_fill_(~kept, 0.0)
-    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits)
+        for per_element in (grad, dt if need_temperature_grad else None):
+            if per_element is not None:
+                per_element.masked_fill_((~kept).reshape(-1, *([1] * (per_element.dim() - 1))), 0.0)
+    return reduce(per_row, kept, reduction, weights), grad if grad is not None else _no_grad(logits), dt
+
+
+def _binary_rows_loss(logits, labels, t1, t2, label_smoothing, num_iters, need_grad, scale, backend,
+                      temperature_grads):
+    """(per-element loss, scaled dL/dx or None) of the binary loss as the 2-class loss of rows [0, x]
+    and [1 - y, y]; ``temperature_grads``: None or the [N, 2] output of the scaled (dL/dt1, dL/dt2)."""
+    rows, dense = _binary_rows(logits), torch.stack([1.0 - labels, labels], dim=-1)
+    if backend == "triton":
+        per_row, grad = triton_launchers().loss_forward(rows, dense.to(torch.float32), t1, t2, label_smoothing,
+                                                        num_iters, -100, need_grad, grad_scale=scale,
+                                                        temperature_grads=temperature_grads)
+        if temperature_grads is not None:
+            temperature_grads.mul_(scale.unsqueeze(-1) if scale.dim() else scale)
+    else:
+        per_row, _, grad = native_loss.grouped_loss_and_grad(rows, dense, t1, t2, float(label_smoothing), num_iters,
+                                                             -100, need_grad, scale,
+                                                             temperature_grads=temperature_grads)
+    return per_row, _second_class(grad) if need_grad else None
 
 
 @binary_loss_op.register_fake
-def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad):
-    return _fake_loss_outputs(logits, reduction, need_grad, logits.shape[0])
+def _(logits, labels, weights, t1, t2, label_smoothing, num_iters, ignore_index, reduction, backend, need_grad,
+      need_temperature_grad=False):
+    return _fake_loss_outputs(logits, reduction, need_grad, logits.shape[0], need_temperature_grad)
+
+
+def _per_element(*temperatures: Tensor) -> bool:
+    """A temperature per element of the binary functions: the binary kernels take one per call, so
+    the Triton backend runs the row kernels on the 2-class rows [0, x] instead."""
+    return any(temperature.is_per_row(t) for t in temperatures)
 
 
 @torch.library.custom_op("bitempered::sigmoid", mutates_args=())
 def sigmoid_op(logits: Tensor, t: Tensor, num_iters: int, backend: str) -> Tensor:
-    """Tempered sigmoid of 1-D logits: tempered_softmax([0, x])[1]."""
-    if backend == "triton":
+    """Tempered sigmoid of 1-D logits: tempered_softmax([0, x])[1]; ``t`` 0-d or one per element."""
+    if backend == "triton" and not _per_element(t):
         return triton_launchers().sigmoid_forward(logits, t, num_iters or None)
+    if backend == "triton":
+        return _second_class(triton_launchers().softmax_forward(_binary_rows(logits), t, num_iters or None))
     return _second_class(_native_probs(_binary_rows(logits), t, num_iters or None))
 
 
@@ -318,7 +510,7 @@ def _(logits, t, num_iters, backend):
 
 @torch.library.custom_op("bitempered::sigmoid_backward", mutates_args=())
 def sigmoid_backward_op(probs: Tensor, grad: Tensor, t: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
+    if backend == "triton" and not _per_element(t):
         return triton_launchers().sigmoid_backward(probs, grad, t)
     rows = torch.stack([1.0 - probs, probs], dim=-1)
     grad_rows = torch.stack([torch.zeros_like(grad), grad], dim=-1)
@@ -331,8 +523,16 @@ def _(probs, grad, t, backend):
 
 
 def _sigmoid_vjp(ctx, grad, invoke=_direct):
+    """The gradient of the logits, and where ``t`` needs one its gradient: the 2-class softmax's
+    (rows [1 - p, p], upstream [0, g]; native torch ops on any backend)."""
     probs, t = ctx.saved_tensors
-    return invoke(sigmoid_backward_op, probs, grad.contiguous(), t, ctx.backend), None, None, None
+    if not ctx.needs_input_grad[1]:
+        return invoke(sigmoid_backward_op, probs, grad.contiguous(), t, ctx.backend), None, None, None
+    rows = torch.stack([1.0 - probs, probs], dim=-1)
+    grad_rows = torch.stack([torch.zeros_like(grad), grad], dim=-1)
+    grad_logits, dt = invoke(softmax_temperature_backward_op, rows, grad_rows, t, "torch", -1)
+    return (_second_class(grad_logits) if ctx.needs_input_grad[0] else None), _TemperatureInput.of(t).gradient(dt), \
+        None, None
 
 
 def _sigmoid_vjp_vjp(ctx, upstream):
@@ -357,31 +557,42 @@ class InplaceBackwardLoss(torch.autograd.Function):
         # ``rows``: what the op takes (``args.as_rows``): a view of the logits' buffer where possible
         buffer = rows.detach()
         deferred = stored_grad_dtype(buffer.dtype) != buffer.dtype
+        need_temperature_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        check_temperature_grad_iterations(num_iters, need_temperature_grad)
         # deferred: the unweighted gradient of each row ("none", unit factors), scaled in the backward
         settings = (t1, t2, label_smoothing, num_iters or None, ignore_index, "none" if deferred else reduction, True)
         if backend == "triton":
-            loss, grad = _triton_loss(buffer, labels, None if deferred else weights, *settings, grad_out=buffer,
-                                      class_dim=class_dim)
+            loss, grad, dt = _triton_loss(buffer, labels, None if deferred else weights, *settings, grad_out=buffer,
+                                          class_dim=class_dim, need_temperature_grad=need_temperature_grad)
         else:
-            loss, grad = _native_loss(buffer, labels, None if deferred else weights, *settings, class_dim)
+            loss, grad, dt = _native_loss(buffer, labels, None if deferred else weights, *settings, class_dim,
+                                          need_temperature_grad)
             buffer.copy_(grad)
         ctx.factor = None
         if deferred:
             kept = kept_rows(labels, ignore_index, class_dim).reshape(-1)
             ctx.factor = grad_scale(kept, reduction, torch.float32, weights)
             loss = reduce(loss, kept, reduction, weights)
-        ctx.save_for_backward(buffer)
+        ctx.save_for_backward(buffer, dt)
         ctx.logits_shape, ctx.class_dim = logits.shape, class_dim
+        ctx.temperatures = [_TemperatureInput.of(t) for t in (t1, t2)]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
+        grad, dt = ctx.saved_tensors
+        upstream = grad_loss if ctx.factor is None else grad_loss.float() * ctx.factor
         if ctx.factor is None:
             grad = scale_stored_grad(grad, grad_loss, grad.dtype, ctx.class_dim)
         else:
-            grad = scale_half_stored_grad(grad, grad_loss.float() * ctx.factor, ctx.class_dim)
-        return (grad.view(ctx.logits_shape),) + (None,) * 11
+            grad = scale_half_stored_grad(grad, upstream, ctx.class_dim)
+        grads = [grad.view(ctx.logits_shape)] + [None] * 11
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            scaled = dt * upstream.to(dt.dtype).reshape(-1, 1)
+            for column, t in enumerate(ctx.temperatures):
+                if ctx.needs_input_grad[4 + column]:
+                    grads[4 + column] = t.gradient(scaled[:, column])
+        return tuple(grads)
 
 
 def autograd_rules(invoke=_direct) -> dict:
@@ -389,11 +600,12 @@ def autograd_rules(invoke=_direct) -> dict:
     ops a backward runs (the softmax and sigmoid VJPs): ``func`` passes its transform-ready call to
     rebuild the same rules for torch.func."""
     return {
-        loss_op: (_save_grad, _scale_saved_grad),
-        binary_loss_op: (_save_grad, _scale_saved_grad),
+        loss_op: (_loss_setup_context(11, 12), _scale_saved_grad),
+        binary_loss_op: (_loss_setup_context(None, 11), _scale_saved_grad),
         softmax_op: (_save_probs, lambda ctx, grad: _softmax_vjp(ctx, grad, invoke)),
         sigmoid_op: (_save_probs, lambda ctx, grad: _sigmoid_vjp(ctx, grad, invoke)),
         softmax_backward_op: (_save_vjp_inputs, _softmax_vjp_vjp),
+        softmax_temperature_backward_op: (_save_vjp_inputs_with_temperature, _softmax_temperature_vjp_vjp),
         sigmoid_backward_op: (_save_vjp_inputs, _sigmoid_vjp_vjp),
     }
 

@@ -38,6 +38,7 @@ import torch
 
 from bitempered.bindings.torch.native import cpu_kernel
 from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import temperature
 from bitempered.bindings.torch.rows import grad_scale, kept_and_bad, kept_rows, masked_scale, reduce, stored_grad_dtype
 
 # Logits per block: 2^19 fp32 values are 2 MiB, so the ~4 block-sized temporaries of a solver
@@ -227,19 +228,33 @@ def _general_labels(targets, indices: bool, whole_rows: bool, label_smoothing: f
 
 
 def _general_block(a, labels, indices: bool, t1, t2, label_smoothing: float, num_iters, need_grad: bool,
-                   reducer=native.LOCAL_ROWS):
+                   reducer=native.LOCAL_ROWS, need_temperature_grads: bool = False):
+    """(per-row loss, dL/da or None, per-row (dL/dt1, dL/dt2) [M, 2] or None) of a block, all from
+    one solve."""
     log_p = native.tempered_log_softmax_rows(a, t2, num_iters, reducer, compact=False)  # a block: no compaction
     if indices:
-        return native.loss_and_grad_rows_indices(log_p, labels, label_smoothing, t1, t2, need_grad)
-    return native.loss_and_grad_rows(log_p, labels, t1, t2, need_grad, reducer)  # dense labels come smoothed
+        loss, grad = native.loss_and_grad_rows_indices(log_p, labels, label_smoothing, t1, t2, need_grad)
+    else:
+        loss, grad = native.loss_and_grad_rows(log_p, labels, t1, t2, need_grad, reducer)  # dense labels come smoothed
+    if not need_temperature_grads:
+        return loss, grad, None
+    # the temperature terms read every class's label: a block of one-hot rows for class indices
+    y = temperature.one_hot_labels(labels, a.shape[-1], label_smoothing, a.dtype) if indices else labels
+    return loss, grad, temperature.loss_temperature_grads_rows(log_p, y, t1, t2, reducer)
 
 
 def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ignore_index: int,
                   need_grad: bool, grad_scale: torch.Tensor, reducer: native.LocalRows = native.LOCAL_ROWS,
-                  class_offset: int = 0, num_classes: int | None = None):
+                  class_offset: int = 0, num_classes: int | None = None, temperature_grads: torch.Tensor | None = None):
     """Per-row losses [N] (compute dtype; 0 for ignored rows, NaN for invalid class indices), the
     mask of kept rows [N], and ``grad_scale`` x dL/dlogits [N, C] in ``rows.stored_grad_dtype`` (the
     logits' dtype; float32 for float16 logits) or None.
+
+    ``temperature_grads``: None, or an [N, 2] compute-dtype tensor that receives each row's
+    (dL/dt1, dL/dt2) times the row's factor on its gradient (``grad_scale``: 0 for ignored rows,
+    NaN for invalid class indices), from the same solve as the loss (``native/temperature.py``;
+    defined for the converged normalization: ``num_iters`` None). The t1 = t2 = 1 shortcut is then
+    bypassed (the general path gives the same values).
 
     ``logits`` [N, C] with unit class stride; ``labels`` dense [N, C] or class indices [N];
     temperatures as host floats; ``grad_scale`` a 0-d tensor (e.g. 1/count for "mean") or one
@@ -268,7 +283,8 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
         targets = torch.where(kept & ~bad, labels, 0).long()
     else:  # the target's index within this slice (-1: an ignored or bad row)
         targets = torch.where(kept & ~bad, labels.long() - class_offset, -1)
-    cross_entropy = t1 == 1.0 and t2 == 1.0 and whole_rows
+    need_temperature_grads = temperature_grads is not None
+    cross_entropy = t1 == 1.0 and t2 == 1.0 and whole_rows and not need_temperature_grads
     grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype)) if need_grad else None
     if cross_entropy:
         check_labels = not indices and checks_dense_labels(logits.device, t1, t2)
@@ -279,8 +295,11 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
         for start in range(0, num_rows, step):
             block = slice(start, min(start + step, num_rows))
             y = _general_labels(targets[block], indices, whole_rows, label_smoothing, num_local, num_classes, dtype)
-            loss[block], block_grad = _general_block(logits[block].to(dtype), y, indices and whole_rows, t1, t2,
-                                                     label_smoothing, num_iters, need_grad, reducer)
+            loss[block], block_grad, block_dt = _general_block(logits[block].to(dtype), y, indices and whole_rows,
+                                                               t1, t2, label_smoothing, num_iters, need_grad, reducer,
+                                                               need_temperature_grads)
+            if need_temperature_grads:
+                torch.mul(block_dt, row_scale[block].unsqueeze(-1), out=temperature_grads[block])
             if need_grad:
                 scale = row_scale[block].unsqueeze(-1)
                 if grad.dtype == dtype:
@@ -293,25 +312,60 @@ def loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ign
         redo = (~torch.isfinite(loss) & kept).nonzero().squeeze(-1)
         if redo.numel() > 0:
             y = _general_labels(targets[redo], indices, whole_rows, label_smoothing, num_local, num_classes, dtype)
-            loss[redo], redo_grad = _general_block(logits[redo].to(dtype), y, indices, t1, t2, label_smoothing,
-                                                   num_iters, need_grad)
+            loss[redo], redo_grad, _ = _general_block(logits[redo].to(dtype), y, indices, t1, t2, label_smoothing,
+                                                      num_iters, need_grad)
             if need_grad:
                 grad[redo] = redo_grad.mul_(row_scale[redo].unsqueeze(-1)).to(grad.dtype)
     if indices:
         loss = torch.where(kept, torch.where(bad, math.nan, loss), 0.0)
-        if need_grad and not bool(kept.all()):
-            grad[~kept] = 0.0  # exactly 0 even where an ignored row's logits are not finite
+        if (need_grad or need_temperature_grads) and not bool(kept.all()):
+            # exactly 0 even where an ignored row's logits are not finite
+            for per_row_output in (grad, temperature_grads):
+                if per_row_output is not None:
+                    per_row_output[~kept] = 0.0
     return loss, kept, grad
+
+
+def grouped_loss_and_grad(logits, labels, t1, t2, label_smoothing: float, num_iters, ignore_index: int,
+                          need_grad: bool, grad_scale: torch.Tensor, reducer: native.LocalRows = native.LOCAL_ROWS,
+                          class_offset: int = 0, num_classes: int | None = None,
+                          temperature_grads: torch.Tensor | None = None):
+    """``loss_and_grad`` for temperatures that are floats, 0-d tensors or one value per row [N]:
+    the rows of each distinct (t1, t2) are solved together (``temperature.temperature_groups``, one
+    host read), their outputs written back in row order."""
+    groups = temperature.temperature_groups(t1, t2)
+    settings = (label_smoothing, num_iters, ignore_index, need_grad)
+    slices = (reducer, class_offset, num_classes)
+    if len(groups) == 1:
+        (u1, u2), _ = groups[0]
+        return loss_and_grad(logits, labels, u1, u2, *settings, grad_scale, *slices,
+                             temperature_grads=temperature_grads)
+    per_row = torch.empty(logits.shape[0], dtype=native.compute_dtype(logits.dtype), device=logits.device)
+    grad = torch.empty_like(logits, dtype=stored_grad_dtype(logits.dtype)) if need_grad else None
+    for (u1, u2), rows in groups:
+        group_dt = None if temperature_grads is None else temperature_grads.new_empty(rows.shape[0], 2)
+        group_scale = grad_scale[rows] if grad_scale.dim() else grad_scale
+        per_row[rows], _, group_grad = loss_and_grad(logits[rows], labels[rows], u1, u2, *settings, group_scale,
+                                                     *slices, temperature_grads=group_dt)
+        if need_grad:
+            grad[rows] = group_grad
+        if group_dt is not None:
+            temperature_grads[rows] = group_dt
+    return per_row, kept_rows(labels, ignore_index), grad
 
 
 def reduced_loss_and_grad(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index: int, reduction: str,
                           need_grad: bool, reducer: native.LocalRows = native.LOCAL_ROWS, class_offset: int = 0,
-                          num_classes: int | None = None, weights: torch.Tensor | None = None):
+                          num_classes: int | None = None, weights: torch.Tensor | None = None,
+                          temperature_grads: torch.Tensor | None = None):
     """(the loss reduced by ``reduction``, dL/dlogits scaled by the reduction or None): ``loss_and_grad``
     with the reduction's factor and the reduction (``rows``), each row weighted by ``weights`` [N]
     when given. Temperatures and smoothing: floats or 0-d tensors (read to the host: free for CPU
-    tensors, one sync on CUDA)."""
+    tensors, one sync on CUDA); temperatures may also hold one value per row [N]
+    (``grouped_loss_and_grad``). ``temperature_grads``: None or the [N, 2] output that receives each
+    row's (dL/dt1, dL/dt2) times its factor on the gradient (``loss_and_grad``)."""
     scale = grad_scale(kept_rows(labels, ignore_index), reduction, native.compute_dtype(logits.dtype), weights)
-    per_row, kept, grad = loss_and_grad(logits, labels, float(t1), float(t2), float(label_smoothing), num_iters,
-                                        ignore_index, need_grad, scale, reducer, class_offset, num_classes)
+    per_row, kept, grad = grouped_loss_and_grad(logits, labels, t1, t2, float(label_smoothing), num_iters,
+                                                ignore_index, need_grad, scale, reducer, class_offset, num_classes,
+                                                temperature_grads)
     return reduce(per_row, kept, reduction, weights), grad

@@ -428,8 +428,10 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
 
 
 def tempered_softmax_vjp_rows(p: torch.Tensor, grad_p: torch.Tensor, t, rows: LocalRows = LOCAL_ROWS):
-    """Vector-Jacobian product of the tempered softmax: w - e * sum(w), w = g p^t, e = p^t / sum p^t."""
-    p_t = torch.where(p > 0, torch.exp(float(t) * torch.log(p)), 0.0)
+    """Vector-Jacobian product of the tempered softmax: w - e * sum(w), w = g p^t, e = p^t / sum p^t.
+    ``t``: a float or 0-d tensor, or one value per row [N, 1] (elementwise math: no grouping)."""
+    t = t if isinstance(t, torch.Tensor) and t.dim() > 0 else float(t)
+    p_t = torch.where(p > 0, torch.exp(t * torch.log(p)), 0.0)
     w = grad_p * p_t
     sum_p_t, sum_w = rows.sum(p_t.sum(dim=-1, keepdim=True), w.sum(dim=-1, keepdim=True))
     return w - p_t / sum_p_t * sum_w

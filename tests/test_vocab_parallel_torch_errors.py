@@ -59,6 +59,11 @@ def _bad_ignore_index_on_one_rank(rank, loss):
     loss(LOGITS[:, SLICES[rank]], LABELS, 0.8, 1.2, ignore_index=1.5 if rank == 1 else -100)
 
 
+def _per_row_temperature_on_one_rank(rank, loss):
+    t1 = torch.full((3,), 0.8) if rank == 1 else 0.8  # one per row: not taken by the vocab-parallel loss
+    loss(LOGITS[:, SLICES[rank]], LABELS, t1, 1.2)
+
+
 def _dtensor_with_fewer_classes_than_ranks(rank, loss):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -72,7 +77,7 @@ def _dtensor_with_fewer_classes_than_ranks(rank, loss):
 
 CASES = {f.__name__: f for f in (_bad_dense_labels_on_one_rank, _labels_differ_between_ranks,
                                   _labels_outside_on_one_rank, _bad_t2_on_one_rank, _bad_ignore_index_on_one_rank,
-                                  _dtensor_with_fewer_classes_than_ranks)}
+                                  _per_row_temperature_on_one_rank, _dtensor_with_fewer_classes_than_ranks)}
 
 
 def _errors(tmp_path, case) -> str:
@@ -100,6 +105,12 @@ def test_a_bad_argument_on_one_rank_raises_on_every_rank(tmp_path):
     assert error.startswith("ValueError: rank 1 of 2") and "t2 must be > 0" in error, error
     error = _errors(tmp_path, "_bad_ignore_index_on_one_rank")
     assert error.startswith("TypeError: rank 1 of 2") and "ignore_index must be None or an int" in error, error
+
+
+def test_a_per_row_temperature_on_one_rank_raises_on_every_rank(tmp_path):
+    error = _errors(tmp_path, "_per_row_temperature_on_one_rank")
+    assert error.startswith("ValueError: rank 1 of 2") and "t1 must be a float or a 0-d tensor: 0-d temperatures " \
+        "only here" in error, error
 
 
 def test_dtensor_with_fewer_classes_than_ranks_raises_on_every_rank(tmp_path):

@@ -35,13 +35,22 @@ def _class_group(logits, dim):
     return logits.device_mesh.get_group(sharded[0])
 
 
+def _local(value):
+    """A replicated DTensor argument (a temperature, a weight) as the full tensor every rank holds
+    (differentiable: a temperature that requires grad gets its gradient back as a DTensor); anything
+    else as it is."""
+    return value.full_tensor() if is_dtensor(value) else value
+
+
 def dtensor_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None, reduction="mean",
                  ignore_index=-100, backend="auto", inplace_backward=False, *, weight=None, sample_weight=None, dim=-1):
     """``bi_tempered_logistic_loss`` of a DTensor sharded on the classes (the class axis ``dim``).
 
     Labels: class indices (a tensor or a replicated DTensor), or dense labels of the full shape (a
     tensor, or a DTensor placed like the logits). ``weight`` and ``sample_weight``: tensors (or
-    replicated DTensors) of the full C / row shape. Returns a replicated DTensor.
+    replicated DTensors) of the full C / row shape. ``t1``, ``t2``: floats or 0-d tensors (or
+    replicated DTensors); one that requires grad gets the vocab-parallel loss's gradient (the whole
+    one on every rank). Returns a replicated DTensor.
     """
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
@@ -54,7 +63,7 @@ def dtensor_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None, re
         labels = labels.redistribute(logits.device_mesh, logits.placements).to_local()
     elif is_dtensor(labels):
         labels = labels.full_tensor()
-    weight, sample_weight = (w.full_tensor() if is_dtensor(w) else w for w in (weight, sample_weight))
+    weight, sample_weight, t1, t2 = (_local(value) for value in (weight, sample_weight, t1, t2))
     loss = vocab_parallel_bi_tempered_logistic_loss(
         logits.to_local(), labels, t1, t2, group=group, label_smoothing=label_smoothing, num_iters=num_iters,
         reduction=reduction, ignore_index=ignore_index, backend=backend, weight=weight, sample_weight=sample_weight,
@@ -64,11 +73,11 @@ def dtensor_loss(logits, labels, t1, t2, label_smoothing=0.0, num_iters=None, re
 
 def dtensor_softmax(logits, t, num_iters=None, backend="auto", *, dim=-1):
     """``tempered_softmax`` of a DTensor sharded on the classes (the class axis ``dim``); the result
-    is placed like it."""
+    is placed like it. ``t``: a float or a 0-d tensor (or a replicated DTensor), learnable."""
     from torch.distributed.tensor import DTensor
 
     group = _class_group(logits, dim)
-    probs = vocab_parallel_tempered_softmax(logits.to_local(), t, group=group, num_iters=num_iters, backend=backend,
-                                            dim=dim)
+    probs = vocab_parallel_tempered_softmax(logits.to_local(), _local(t), group=group, num_iters=num_iters,
+                                            backend=backend, dim=dim)
     return DTensor.from_local(probs, logits.device_mesh, logits.placements, run_check=False, shape=logits.shape,
                               stride=logits.stride())

@@ -43,6 +43,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from bitempered.bindings.common.validation import without_axis
 from bitempered.bindings.torch import second_order
+from bitempered.bindings.torch.rows import TemperatureInput as _TemperatureInput
 from bitempered.bindings.torch.rows import (
     grad_scale, kept_rows, reduce, scale_half_stored_grad, scale_stored_grad, stored_grad_dtype,
 )
@@ -200,23 +201,6 @@ def _loss_setup_context(class_dim_position: int | None, need_temperature_grad_po
         ctx.save_for_backward(output[1], output[2])
 
     return setup_context
-
-
-class _TemperatureInput:
-    """What a backward needs of a temperature input to return its gradient: 0-d (the rows' values
-    summed) or one per row, its dtype and device."""
-
-    def __init__(self, per_row: bool, shape, dtype, device):
-        self.per_row, self.shape, self.dtype, self.device = per_row, shape, dtype, device
-
-    @classmethod
-    def of(cls, t: Tensor) -> "_TemperatureInput":
-        return cls(t.dim() == 1, t.shape, t.dtype, t.device)
-
-    def gradient(self, per_row_values: Tensor) -> Tensor:
-        """Its gradient from each row's part [R]."""
-        values = per_row_values if self.per_row else per_row_values.sum()
-        return values.reshape(self.shape).to(dtype=self.dtype, device=self.device)
 
 
 SECOND_DERIVATIVES = (

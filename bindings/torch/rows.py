@@ -193,3 +193,30 @@ def scale_half_stored_grad(grad: Tensor, upstream: Tensor, class_dim: int = -1) 
         grad[block] = grad[block].float().mul_(factor[block] if sliced else factor)
     return grad
 
+
+
+class TemperatureInput:
+    """What a backward needs of a temperature input to return its gradient: 0-d (the rows' values
+    summed) or one per row, its dtype and device."""
+
+    def __init__(self, per_row: bool, shape, dtype, device):
+        self.per_row, self.shape, self.dtype, self.device = per_row, shape, dtype, device
+
+    @classmethod
+    def of(cls, t: Tensor) -> "TemperatureInput":
+        return cls(t.dim() == 1, t.shape, t.dtype, t.device)
+
+    def gradient(self, per_row_values: Tensor) -> Tensor:
+        """Its gradient from each row's part [R]."""
+        values = per_row_values if self.per_row else per_row_values.sum()
+        return values.reshape(self.shape).to(dtype=self.dtype, device=self.device)
+
+
+def temperature_gradients(per_row: Tensor, grad_loss: Tensor, temperatures, needed) -> tuple:
+    """The gradients of a loss's temperature inputs (``TemperatureInput`` each): each row's stored
+    (dL/dt1, dL/dt2) [R, 2], already times the row's factor on its gradient, x the upstream gradient
+    (0-d, or one per row for reduction="none"); None for a temperature not ``needed``."""
+    upstream = grad_loss.to(per_row.dtype)
+    scaled = per_row * (upstream.reshape(-1, 1) if upstream.dim() else upstream)
+    return tuple(t.gradient(scaled[:, column]) if need else None
+                 for column, (t, need) in enumerate(zip(temperatures, needed)))

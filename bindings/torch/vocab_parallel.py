@@ -17,12 +17,14 @@ statistics all-reduced over the group (``GroupRows``). It runs over blocks of ro
 rows on every rank (rows per block from ceil(C / P)), and each block reduces its own rows.
 Collectives per call, each O(rows) values, never N x C:
 
-    1  the group check: every rank's row (error code, N, C_local, dtype, labels, settings), P x 12
+    1  the group check: every rank's row (error code, N, C_local, dtype, labels, settings), P x 14
     then for each block of rows:
     1  row max
     k  one per solver pass, (f, g) packed; the support size rides along with the first pass
        (t2 = 1 included: one pass, the cross-entropy shortcut needs whole rows)
-    1  the loss and the gradient's two row sums, packed
+    1  the loss and the gradient's two row sums, packed (with learnable temperatures: on the
+       kernels the three more sums of the temperature gradients ride along; the native driver
+       reduces its five temperature sums in one more collective per block)
 
 so 1 + sum over blocks of (passes + 2), which is passes + 3 for N up to one block
 (``native/loss.BLOCK_ELEMENTS`` // ceil(C / P) rows: 32 at C = 32000 on 2 ranks; the k of a block
@@ -67,8 +69,10 @@ from bitempered.bindings.common import validation as check
 from bitempered.bindings.torch import args, group_check, ops
 from bitempered.bindings.torch.native import loss as native_loss
 from bitempered.bindings.torch.native import math as native
+from bitempered.bindings.torch.native import temperature
 from bitempered.bindings.torch.rows import (
-    grad_scale, kept_and_bad, kept_rows, masked_scale, reduce, scale_stored_grad, with_weight_gradient,
+    TemperatureInput, grad_scale, kept_and_bad, kept_rows, masked_scale, reduce, scale_stored_grad,
+    temperature_gradients, with_weight_gradient,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -112,10 +116,13 @@ class KernelRows:
 
 def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, num_iters, ignore_index: int,
                          reduction: str, need_grad: bool, reducer, offset: int, num_classes: int,
-                         weights: torch.Tensor | None = None):
+                         weights: torch.Tensor | None = None, temperature_grads: torch.Tensor | None = None):
     """``loss_and_grad`` on the vocab-parallel Triton kernels (fp32 math, the logits' dtype
     read and written as is): the same solver and the same collectives as the native path; each
-    row weighted by ``weights`` [N] when given."""
+    row weighted by ``weights`` [N] when given. ``temperature_grads``: None or the float32 [N, 2]
+    output of each row's (dL/dt1, dL/dt2) times its factor on the gradient (as
+    ``reduced_loss_and_grad``'s), from the epilogue's temperature variant: its three more row sums
+    ride in the same all-reduce as the loss's (no extra collective)."""
     num_rows = rows.shape[0]
     row_max = reducer.max(rows.amax(dim=-1, keepdim=True).float()).reshape(-1).contiguous()
     evaluations = KernelRows(rows, row_max, t2)
@@ -128,15 +135,22 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
     kept, bad = kept_and_bad(labels, ignore_index, num_classes)
     # the target's index within this slice (-1: an ignored or bad row); dense labels as they are
     local = labels if bad is None else torch.where(kept & ~bad, labels.long() - offset, -1)
-    loss_sums, sum_e, sum_d = reducer.sum(*ops.triton_launchers().vocab_parallel_epilogue(
-        rows, local, row_max, y, t1, t2, label_smoothing, num_classes).split(1, dim=-1))
+    need_temperature_grads = temperature_grads is not None
+    sums = reducer.sum(*ops.triton_launchers().vocab_parallel_epilogue(
+        rows, local, row_max, y, t1, t2, label_smoothing, num_classes,
+        need_temperature_grads=need_temperature_grads).split(1, dim=-1))
+    loss_sums, sum_e, sum_d = sums[:3]
     loss_rows = loss_sums.squeeze(-1)
     if bad is not None:
         loss_rows = torch.where(kept, torch.where(bad, float("nan"), loss_rows), 0.0)
     loss = reduce(loss_rows, kept, reduction, weights)
-    if not need_grad:
+    if not (need_grad or need_temperature_grads):
         return loss, None
     row_scale = masked_scale(kept, bad, grad_scale(kept, reduction, torch.float32, weights), torch.float32)
+    if need_temperature_grads:
+        temperature_grads.copy_(_reduced_temperature_grads(*sums[1:], kept, row_scale))
+    if not need_grad:
+        return loss, None
     reduced = torch.cat([loss_sums, sum_e, sum_d], dim=-1)
     grad = ops.triton_launchers().vocab_parallel_gradient(rows, local, row_max, y, reduced,
                                                           row_scale.contiguous(), t1, t2, label_smoothing,
@@ -144,20 +158,42 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
     return loss, grad
 
 
+def _reduced_temperature_grads(sum_e, sum_d, dt1, sum_a, sum_big_e, kept, row_scale):
+    """Each row's (dL/dt1, dL/dt2) [N, 2] x ``row_scale`` (``masked_scale``) from the epilogue's
+    REDUCED row sums but the loss's, [N, 1] each: dL/dt2 = sum A - sum d sum E / sum e
+    (``kernels/vocab_parallel.py``); exactly 0 on ignored rows (whatever their logits)."""
+    per_row = torch.cat([dt1, sum_a - sum_d * sum_big_e / sum_e], dim=-1) * row_scale.unsqueeze(-1)
+    return torch.where(kept.unsqueeze(-1), per_row, 0.0)
+
+
 class _VocabParallelLoss(torch.autograd.Function):
-    """The gradient is made in the forward (from the reduced row sums); the backward scales it."""
+    """The gradients are made in the forward (from the reduced row sums): the logits' and, where
+    ``t1`` or ``t2`` (0-d tensors; their values are in ``settings``) requires grad, each row's
+    temperature gradients. The backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, settings, reducer, offset, num_classes, compute, weights):
-        loss, grad = compute(rows, labels, *settings, True, reducer, offset, num_classes, weights=weights)
-        ctx.save_for_backward(grad)
+    def forward(ctx, logits, t1, t2, rows, labels, settings, reducer, offset, num_classes, compute, weights):
+        need_grad = ctx.needs_input_grad[0]
+        need_temperature_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        # (in the compute dtype: float32 on the kernels, which take no float64)
+        dt = rows.new_empty((rows.shape[0], 2), dtype=native.compute_dtype(rows.dtype)) if need_temperature_grads \
+            else None
+        loss, grad = compute(rows, labels, *settings, need_grad, reducer, offset, num_classes, weights=weights,
+                             temperature_grads=dt)
+        ctx.save_for_backward(grad, dt)
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        ctx.temperatures = [TemperatureInput.of(t) for t in (t1, t2)]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (scale_stored_grad(grad, grad_loss, ctx.logits_dtype).reshape(ctx.logits_shape),) + (None,) * 8
+        grad, dt = ctx.saved_tensors
+        grads = [None] * 11
+        if ctx.needs_input_grad[0]:
+            grads[0] = scale_stored_grad(grad, grad_loss, ctx.logits_dtype).reshape(ctx.logits_shape)
+        if dt is not None:
+            grads[1:3] = temperature_gradients(dt, grad_loss, ctx.temperatures, ctx.needs_input_grad[1:3])
+        return tuple(grads)
 
 
 def _group_size(group) -> int:
@@ -201,15 +237,19 @@ def label_checksum(label_rows: torch.Tensor) -> torch.Tensor:
 # The group check's columns (named as its error messages name them)
 INDEX_LABELS, LABEL_KIND = "labels (class indices)", "labels' kind (indices or dense)"
 ROW_WEIGHTS = "row weights (weight[target] x sample_weight)"
+# whether a temperature gradient is made: it changes what the collectives carry, so ranks must agree
+LOSS_TEMPERATURE_GRADS, SOFTMAX_TEMPERATURE_GRAD = "whether t1 or t2 requires grad", "whether t requires grad"
 LOSS_COLUMNS = ("rows", "C_local", "dtype", INDEX_LABELS, "t1", "t2", "label_smoothing", "num_iters", "ignore_index",
-                LABEL_KIND, "reduction", ROW_WEIGHTS)
-SOFTMAX_COLUMNS = ("rows", "C_local", "dtype", "t", "num_iters")
+                LABEL_KIND, "reduction", ROW_WEIGHTS, LOSS_TEMPERATURE_GRADS)
+SOFTMAX_COLUMNS = ("rows", "C_local", "dtype", "t", "num_iters", SOFTMAX_TEMPERATURE_GRAD)
 _SHOWN = {
     "dtype": lambda value: str(DTYPES[int(value)]),
     "reduction": lambda value: repr(check.REDUCTIONS[int(value)]),
     INDEX_LABELS: lambda value: f"checksum {int(value)}",
     ROW_WEIGHTS: lambda value: "none" if value == 0 else f"checksum {value!r}",
     LABEL_KIND: lambda value: "indices" if value else "dense",
+    LOSS_TEMPERATURE_GRADS: lambda value: "yes" if value else "no",
+    SOFTMAX_TEMPERATURE_GRAD: lambda value: "yes" if value else "no",
 }
 
 
@@ -228,6 +268,21 @@ class _LossCall(NamedTuple):
     smoothing: float
     label_rows: torch.Tensor | None
     weights: torch.Tensor | None  # each row's weight [N] (args.row_weights)
+    need_temperature_grad: bool  # t1 or t2 requires grad (with grad mode on)
+
+
+def check_one_temperature(value, name: str) -> None:
+    """The vocab-parallel functions take one temperature for every row (their kernels and solver
+    passes take one value per call): a per-row tensor raises a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and value.numel() != 1:
+        raise args.TemperatureShapeError(
+            f"{name} must be a float or a 0-d tensor: 0-d temperatures only here (the vocab-parallel functions take "
+            f"one temperature for every row), got a tensor of shape {tuple(value.shape)}")
+
+
+def wants_temperature_grad(*temperatures: torch.Tensor) -> bool:
+    """Grad mode on and a temperature tensor that requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in temperatures)
 
 
 def weights_checksum(weights: torch.Tensor | None) -> float:
@@ -244,8 +299,12 @@ def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, r
     """The plain loss's checks on this rank's arguments (its dense label slice and its weights),
     and its row of the group check."""
     dim = _check_slice(local_logits, dim)
+    for value, name in ((t1, "t1"), (t2, "t2")):
+        check_one_temperature(value, name)
     checked = args.loss_args(local_logits.shape, local_logits.device, local_logits.dtype, labels, t1, t2,
                              label_smoothing, num_iters, reduction, ignore_index, backend, dim=dim)
+    need_temperature_grad = wants_temperature_grad(checked.t1, checked.t2)
+    ops.check_temperature_grad_iterations(checked.num_iters, need_temperature_grad)
     smoothing = checked.smoothing_value
     if smoothing is None:
         raise TypeError("label_smoothing must be a Python float or a CPU 0-d tensor here")
@@ -264,13 +323,13 @@ def _check_loss_call(local_logits, labels, t1, t2, label_smoothing, num_iters, r
         weights = args.row_weights(weight, sample_weight, label_rows, checked.indices, local_logits.shape[:-1],
                                    num_classes, local_logits.device, native.compute_dtype(local_logits.dtype))
     call = _LossCall(checked, local_logits, _host_value(checked.t1, checked.t1_value),
-                     _host_value(checked.t2, checked.t2_value), smoothing, label_rows, weights)
+                     _host_value(checked.t2, checked.t2_value), smoothing, label_rows, weights, need_temperature_grad)
     checksum = label_checksum(label_rows) if checked.indices and label_rows is not None else 0.0
     ignored = math.inf if ignore_index is None else float(ignore_index)  # None: no row ignored
     row = dict(zip(LOSS_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
                                   checksum, call.t1, call.t2, smoothing, checked.num_iters, ignored,
                                   float(checked.indices), check.REDUCTIONS.index(reduction),
-                                  weights_checksum(weights))))
+                                  weights_checksum(weights), float(need_temperature_grad))))
     return call, row
 
 
@@ -287,6 +346,10 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
             on every rank), or dense labels sliced like the logits.
         t1, t2, label_smoothing, num_iters, reduction, ignore_index: as in
             ``bi_tempered_logistic_loss`` (smoothing uses the GLOBAL C); the same on every rank.
+            Temperatures are floats or 0-d tensors only here (one per row: ValueError). One that
+            requires grad gets its exact gradient (``num_iters`` None), computed with the loss from
+            the reduced row sums: the whole gradient, the same on every rank (the temperatures are
+            replicated: do not sum it over the group again).
         weight, sample_weight: as in ``bi_tempered_logistic_loss``: ``weight`` holds all C (GLOBAL)
             class weights, ``sample_weight`` one weight per row; the same on every rank (checked).
         backend: "auto" (the vocab-parallel Triton kernels for CUDA tensors, native ops otherwise),
@@ -328,9 +391,9 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, group
     settings = (call.t1, call.t2, call.smoothing, checked.num_iters or None, op_ignore_index, reduction)
     compute = kernel_loss_and_grad if checked.backend == "triton" else native_loss.reduced_loss_and_grad
     weights = None if call.weights is None else call.weights.detach()  # their gradient: with_weight_gradient
-    if torch.is_grad_enabled() and local_logits.requires_grad:
-        loss = _VocabParallelLoss.apply(local_logits, rows, label_rows, settings, reducer, offset, num_classes,
-                                        compute, weights)
+    if (torch.is_grad_enabled() and local_logits.requires_grad) or call.need_temperature_grad:
+        loss = _VocabParallelLoss.apply(local_logits, checked.t1, checked.t2, rows, label_rows, settings, reducer,
+                                        offset, num_classes, compute, weights)
     else:
         loss, _ = compute(rows, label_rows, *settings, False, reducer, offset, num_classes, weights=weights)
 
@@ -348,31 +411,54 @@ def _host_value(tensor: torch.Tensor, value: float | None) -> float:
 
 
 class _VocabParallelSoftmax(torch.autograd.Function):
+    """The probabilities of this rank's slice; ``t`` (a 0-d tensor, its value ``t_value``) gets its
+    gradient where it requires grad: the whole one, the same on every rank."""
+
     @staticmethod
-    def forward(ctx, rows, t: float, num_iters, reducer):
+    def forward(ctx, rows, t, t_value: float, num_iters, reducer):
         dtype = native.compute_dtype(rows.dtype)
-        p = native.tempered_log_softmax_rows(rows.to(dtype), t, num_iters, reducer).exp_()
+        p = native.tempered_log_softmax_rows(rows.to(dtype), t_value, num_iters, reducer).exp_()
         ctx.save_for_backward(p)
-        ctx.t, ctx.reducer = t, reducer
+        ctx.t, ctx.reducer, ctx.temperature = t_value, reducer, TemperatureInput.of(t)
         return p.to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_p):
-        # the VJP's two row sums are over every slice: one packed all-reduce (the only one here)
+        # the VJP's two row sums are over every slice: one packed all-reduce; the gradient of t
+        # reduces its own four sums in one more
         (p,) = ctx.saved_tensors
-        grad = native.tempered_softmax_vjp_rows(p, grad_p.to(p.dtype), ctx.t, ctx.reducer)
-        return grad.to(grad_p.dtype), None, None, None
+        g = grad_p.to(p.dtype)
+        grad = dt = None
+        if ctx.needs_input_grad[0]:
+            grad = native.tempered_softmax_vjp_rows(p, g, ctx.t, ctx.reducer).to(grad_p.dtype)
+        if ctx.needs_input_grad[1]:
+            dt = ctx.temperature.gradient(temperature.softmax_temperature_grad_rows(p, g, ctx.t, ctx.reducer))
+        return grad, dt, None, None, None
 
 
-def _check_softmax_call(local_logits, t, num_iters, backend, dim) -> tuple[tuple[float, int | None, int], dict]:
+class _SoftmaxCall(NamedTuple):
+    """The checked arguments of one vocab-parallel softmax call on this rank."""
+
+    t: torch.Tensor  # 0-d
+    t_value: float
+    num_iters: int | None
+    dim: int  # the class axis, negative
+    need_temperature_grad: bool  # t requires grad (with grad mode on)
+
+
+def _check_softmax_call(local_logits, t, num_iters, backend, dim) -> tuple[_SoftmaxCall, dict]:
     dim = _check_slice(local_logits, dim)
     check.check_backend(backend, ("auto", "torch"))
-    iters = args.iterations(num_iters) or None
-    t_ = _host_value(*args.temperature_and_value(t, "t", local_logits.device))
+    iters = args.iterations(num_iters)
+    check_one_temperature(t, "t")
+    t_tensor, t_value = args.temperature_and_value(t, "t", local_logits.device)
+    need_temperature_grad = wants_temperature_grad(t_tensor)
+    ops.check_temperature_grad_iterations(iters, need_temperature_grad)
+    call = _SoftmaxCall(t_tensor, _host_value(t_tensor, t_value), iters or None, dim, need_temperature_grad)
     num_local = local_logits.shape[dim]
     row = dict(zip(SOFTMAX_COLUMNS, (local_logits.numel() // num_local, num_local, DTYPES.index(local_logits.dtype),
-                                     t_, iters or 0)))
-    return (t_, iters, dim), row
+                                     call.t_value, iters, float(need_temperature_grad))))
+    return call, row
 
 
 def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None, backend="auto", *, dim=-1):
@@ -380,23 +466,27 @@ def vocab_parallel_tempered_softmax(local_logits, t, group=None, num_iters=None,
 
     Args: ``local_logits`` [..., C_local] (classes on ``dim``, keyword only, default -1) as in
     :func:`vocab_parallel_bi_tempered_logistic_loss`; ``t``, ``num_iters`` as in ``tempered_softmax``
-    (the same on every rank); ``backend``: "auto" or "torch" (native ops). Collectives: the argument
-    check, the row max, one per solver pass (the support size with the first); the backward one.
-    Another class axis than the last is moved last for the solver (a copy, see the module
-    docstring); the probabilities come back with the classes on ``dim`` (a view of that layout).
+    (the same on every rank; ``t`` a float or a 0-d tensor only here); ``backend``: "auto" or
+    "torch" (native ops). Collectives: the argument check, the row max, one per solver pass (the
+    support size with the first); the backward one, and one more where ``t`` requires grad (it gets
+    its exact gradient, ``num_iters`` None: the whole one, the same on every rank). Another class
+    axis than the last is moved last for the solver (a copy, see the module docstring); the
+    probabilities come back with the classes on ``dim`` (a view of that layout).
     """
     def check_locally():
         return _check_softmax_call(local_logits, t, num_iters, backend, dim)
 
     reducer = native.LOCAL_ROWS
     if _group_size(group) == 1:
-        (t_, iters, axis), _ = check_locally()
+        call, _ = check_locally()
     else:
-        (t_, iters, axis), _ = group_check.agree(group, _table_device(local_logits, group), SOFTMAX_COLUMNS,
-                                                 check_locally, may_differ=("C_local",), show=_show)
+        call, _ = group_check.agree(group, _table_device(local_logits, group), SOFTMAX_COLUMNS, check_locally,
+                                    may_differ=("C_local",), show=_show)
         reducer = GroupRows(group)
+    axis = call.dim
     if local_logits.numel() == 0:
         return torch.empty_like(local_logits)
     moved = local_logits.movedim(axis, -1)  # (a view; as_rows copies where the classes are not innermost)
-    probs = _VocabParallelSoftmax.apply(args.as_rows(moved), t_, iters, reducer).reshape(moved.shape)
+    probs = _VocabParallelSoftmax.apply(args.as_rows(moved), call.t, call.t_value, call.num_iters,
+                                        reducer).reshape(moved.shape)
     return probs.movedim(-1, axis)

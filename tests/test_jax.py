@@ -341,7 +341,7 @@ def _loss(**overrides):
     (dict(t2="1.2"), TypeError, "t2"),
     (dict(t2=None), TypeError, "t2"),
     (dict(t2=True), TypeError, "t2"),
-    (dict(t2=jnp.array([1.1, 1.2])), TypeError, "t2"),
+    (dict(t2=jnp.array([1.1, 1.2])), ValueError, "t2"),  # neither a scalar nor one per row (4)
     (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(label_smoothing=jnp.array(1.5)), ValueError, "label_smoothing"),

@@ -7,13 +7,21 @@ removed, in row-major order, and per-row results have that shape. ``axis`` is st
 ``jax.jit`` mark it static). Everything works under ``jax.jit``, ``jax.grad``/``jax.value_and_grad``
 and ``jax.vmap``.
 
-Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values. They are
-passed to the compiled program as (0-d) operands, never baked in as constants, so a new value never
-retraces or recompiles; ``num_iters``, ``ignore_index`` and ``reduction`` are static (a new value
-compiles anew). They are constants for differentiation: gradients flow to the logits only (zero
-for the labels, temperatures and smoothing; ``float0`` for integer labels). The loss weights
-(``weight=``, ``sample_weight=``) are operands too (new values never recompile); they get a
-gradient only where one asks for it (``jax.grad(..., argnums=...)``), and then the exact one.
+Temperatures and ``label_smoothing`` may be Python floats, 0-d arrays or traced values; the
+temperatures may also be one per row: an array of the rows' shape (the logits' shape without the
+class axis; the elementwise functions': the logits' shape). They are passed to the compiled
+program as operands, never baked in as constants, so a new value never retraces or recompiles;
+``num_iters``, ``ignore_index`` and ``reduction`` are static (a new value compiles anew).
+
+Gradients flow to the logits and to the temperatures (learnable temperatures): ``jax.grad`` with
+respect to t1, t2 (or t) is the exact derivative through the converged normalization
+(docs/math.md "Temperature gradients"), computed in the forward pass from the same solve, and only
+when a temperature is differentiated (otherwise it costs nothing); it is defined for
+``num_iters=None`` only (differentiating a temperature with ``num_iters=k`` raises ValueError
+naming ``num_iters``). The labels and the smoothing are constants for differentiation (zero;
+``float0`` for integer labels). The loss weights (``weight=``, ``sample_weight=``) are operands too
+(new values never recompile); they get a gradient only where one asks for it
+(``jax.grad(..., argnums=...)``), and then the exact one.
 
 Validation: concrete values (Python/NumPy numbers and arrays, and JAX arrays outside a trace) are
 checked and bad input raises ValueError/TypeError naming the argument. Traced values (inside
@@ -45,11 +53,13 @@ __all__ = [
 ]
 
 
-def _probability_args(logits, t, num_iters, backend):
-    """Checked (t as a 0-d operand, num_iters, backend) of tempered_softmax/sigmoid."""
+def _probability_args(logits, t, num_iters, backend, rows_shape, rows_name):
+    """Checked (t as an operand: 0-d or of ``rows_shape``, num_iters, backend) of
+    tempered_softmax/sigmoid."""
     iters = args.as_num_iters(num_iters)
     backend = args.resolve_backend(backend, logits.dtype)
-    t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
+    t_ = args.temperature(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"),
+                          rows_shape, rows_name)
     return t_, iters, backend
 
 
@@ -60,8 +70,10 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto", *, axis=-1):
         logits: floating array with C >= 1 classes on ``axis`` (float16/bfloat16/float32 compute
             in float32, float64 in float64 when x64 is enabled).
         t: temperature, finite and > 0 (t < 1: finite support, t > 1: heavy tails, t = 1: the
-            softmax). A float, a 0-d array or a traced value; concrete values are checked as
-            given and as rounded to the compute dtype, traced ones are not checked.
+            softmax). A float, a 0-d array, or one per row: an array of the logits' shape
+            without ``axis``; traced values too. Concrete values are checked as given and as
+            rounded to the compute dtype, traced ones are not checked. Differentiable (the exact
+            derivative of the converged softmax; ``num_iters=None`` only).
         num_iters: None (default): solve the normalization to convergence. An int k >= 1: the
             original algorithm with exactly k steps (matches jax-bitempered-loss at the same k).
         backend: "auto" (default: Triton kernels via jax-triton on a CUDA GPU, XLA elsewhere),
@@ -73,7 +85,8 @@ def tempered_softmax(logits, t, num_iters=None, backend="auto", *, axis=-1):
         Probabilities of the logits' shape and dtype; each row (along ``axis``) sums to 1.
     """
     logits, axis = args.as_class_logits(logits, axis)
-    t_, iters, backend = _probability_args(logits, t, num_iters, backend)
+    t_, iters, backend = _probability_args(logits, t, num_iters, backend, check.without_axis(logits.shape, axis),
+                                           args.ROWS_NAME)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return ops.softmax_jit(logits, t_, iters, backend, axis)
@@ -84,8 +97,9 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
 
     Args:
         logits: floating array of any shape (no class axis; a scalar too).
-        t: temperature, finite and > 0 (float, 0-d array or traced value; traced values are not
-            checked).
+        t: temperature, finite and > 0: a float, a 0-d array, or one per element (an array of
+            the logits' shape); traced values too (not checked). Differentiable, as in
+            :func:`tempered_softmax`.
         num_iters: None (default: converged) or an int k >= 1 (the original algorithm's k steps).
         backend: "auto" (default), "xla" or "triton", as in :func:`tempered_softmax`.
 
@@ -93,7 +107,7 @@ def tempered_sigmoid(logits, t, num_iters=None, backend="auto"):
         Probabilities in [0, 1] of the logits' shape and dtype.
     """
     logits = args.as_logits(logits, class_axis=False)
-    t_, iters, backend = _probability_args(logits, t, num_iters, backend)
+    t_, iters, backend = _probability_args(logits, t, num_iters, backend, logits.shape, "the logits' shape")
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
     return ops.sigmoid_jit(logits, t_, iters, backend)
@@ -115,9 +129,13 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
             outside [0, C) raises ValueError when the labels are concrete; traced labels give a NaN
             loss for that row.
         t1: 0 <= t1 < 2 (t1 < 1 bounds the loss). t2: finite and > 0 (t2 > 1: heavy tails, t2 < 1:
-            finite support). Floats, 0-d arrays or traced values (a new value never recompiles).
+            finite support). Floats, 0-d arrays, or one per row: arrays of the rows' shape (the
+            logits' shape without ``axis``); traced values too (a new value never recompiles).
             Concrete values are checked as given and as rounded to the compute dtype (float32
-            rounds t1 = 1.99999999 to 2).
+            rounds t1 = 1.99999999 to 2); another shape raises ValueError. Differentiable:
+            ``jax.grad`` with respect to t1 and t2 is exact (the converged normalization's;
+            ``num_iters=None`` only), each row's derivative times that row's weight and
+            reduction factor.
         label_smoothing: in [0, 1) (default 0), reference convention (target 1 - s, every other
             class s/(C-1)); needs C >= 2 when > 0. May be traced.
         num_iters: None (converged, default) or the original algorithm's step count k >= 1 (static).
@@ -154,7 +172,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
         Losses of the rows' shape (the logits' shape without ``axis``; "none", weighted when
         weights are given) or a scalar
         ("sum", "mean"), float32 (float64 for float64 logits). The custom gradient (SPEC's closed
-        form) flows to ``logits`` (and to the weights only when asked for) and has the logits' dtype.
+        form) flows to ``logits`` (and to the temperatures and the weights only when asked for)
+        and has the logits' dtype.
     """
     logits, axis = args.as_class_logits(logits, axis)
     labels = args.as_labels(labels)
@@ -164,8 +183,8 @@ def bi_tempered_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0, num_i
     check.check_reduction(reduction)
     backend = args.resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
-    t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, dtype)
     num_classes, rows_shape = logits.shape[axis], check.without_axis(logits.shape, axis)
+    t1_, t2_, s_, s_value = args.temperatures(t1, t2, label_smoothing, dtype, rows_shape)
     check.check_smoothing_classes(s_value, num_classes)
     args.check_labels(labels, indices, num_classes, ignore_index)
     weight = args.as_class_weight(weight, indices, num_classes)
@@ -197,7 +216,8 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
             shape (keyword only): each element's loss and gradient times it; "mean" is then
             sum(w L) / sum(w) over the elements not ignored. Traced, checked and differentiable as
             in :func:`bi_tempered_logistic_loss`.
-        t1, t2, label_smoothing, num_iters, backend: as in :func:`bi_tempered_logistic_loss`.
+        t1, t2, label_smoothing, num_iters, backend: as in :func:`bi_tempered_logistic_loss`; a
+            per-row temperature here is one per element (an array of the logits' shape).
     """
     logits = args.as_logits(logits, class_axis=False)
     labels = args.as_labels(labels)
@@ -207,7 +227,7 @@ def bi_tempered_binary_logistic_loss(logits, labels, t1, t2, label_smoothing=0.0
     check.check_reduction(reduction)
     backend = args.resolve_backend(backend, logits.dtype)
     dtype = native.compute_dtype(logits.dtype)
-    t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
+    t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype, logits.shape, "the logits' shape")
     args.check_dense_labels(labels, ignore_index)
     sample_weight = args.as_sample_weight(sample_weight, logits.shape, "logits' shape")
     labels = jnp.asarray(labels)

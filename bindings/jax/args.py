@@ -71,10 +71,41 @@ def scalar(value, name: str, dtype, check_value) -> tuple[jax.Array, float | Non
     return jnp.asarray(value, dtype=dtype).reshape(()), rounded
 
 
-def temperatures(t1, t2, label_smoothing, dtype):
-    """(t1, t2, label_smoothing as 0-d operands in ``dtype``, the smoothing's value or None)."""
-    t1_, _ = scalar(t1, "t1", dtype, check.check_t1)
-    t2_, _ = scalar(t2, "t2", dtype, lambda value: check.check_t(value, "t2"))
+ROWS_NAME = "the logits' shape without the class axis"
+
+
+def temperature(value, name: str, dtype, check_value, rows_shape=None, rows_name: str = ROWS_NAME) -> jax.Array:
+    """A temperature as an operand in ``dtype``: 0-d (a number, or an array of one element, as
+    :func:`scalar`), or, where ``rows_shape`` is given (None: scalars only), one per row: an array
+    of exactly ``rows_shape`` (``rows_name`` says what that shape is, for the error).
+
+    Any other shape raises ValueError naming ``name`` with both shapes. A concrete per-row array
+    is range-checked as a scalar is (``check_value`` on its least and greatest entries, as given
+    and as rounded to ``dtype``; a NaN entry fails); a traced one is not checked."""
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    shape = getattr(value, "shape", None)
+    if rows_shape is None or shape is None or int(np.prod(shape)) == 1:
+        return scalar(value, name, dtype, check_value)[0]
+    if tuple(shape) != tuple(rows_shape):
+        raise ValueError(f"{name} must be a scalar or one value per row, an array of shape {tuple(rows_shape)} "
+                         f"({rows_name}), got shape {tuple(shape)}")
+    value_dtype = value.dtype
+    if not (jnp.issubdtype(value_dtype, jnp.floating) or jnp.issubdtype(value_dtype, jnp.integer)):
+        raise TypeError(f"{name} must be real (floating or integer), got an array of dtype {value_dtype}")
+    if not is_traced(value) and np.size(value):
+        low, high, _ = _extremes(value)
+        for extreme in (low, high):  # NaN when any entry is NaN: every check rejects it
+            check.check_as_computed(extreme, name, check_value, np.dtype(dtype).name)
+    return jnp.asarray(value, dtype=dtype)
+
+
+def temperatures(t1, t2, label_smoothing, dtype, rows_shape=None, rows_name: str = ROWS_NAME):
+    """(t1, t2, label_smoothing as operands in ``dtype``, the smoothing's value or None): the
+    smoothing 0-d, the temperatures 0-d or, where ``rows_shape`` is given, one per row
+    (:func:`temperature`)."""
+    t1_ = temperature(t1, "t1", dtype, check.check_t1, rows_shape, rows_name)
+    t2_ = temperature(t2, "t2", dtype, lambda value: check.check_t(value, "t2"), rows_shape, rows_name)
     s_, s_value = scalar(label_smoothing, "label_smoothing", dtype, check.check_label_smoothing)
     return t1_, t2_, s_, s_value
 

@@ -4,14 +4,25 @@ and static configuration, for every temperature value.
 
 Arguments arrive checked (``args.py``): logits with the classes on ``axis`` (a NEGATIVE int, so
 that a vmapped batch folded in front never moves it; -1: [..., C]), labels (class indices of the
-rows' shape, the logits' shape without ``axis``, or dense of the logits' shape), 0-d temperatures
-and smoothing in the compute dtype, the loss weights (or None), static ``num_iters``,
+rows' shape, the logits' shape without ``axis``, or dense of the logits' shape), temperatures in
+the compute dtype (0-d, or per row: of the rows' shape; an elementwise function's: of the logits'
+shape), 0-d smoothing in the compute dtype, the loss weights (or None), static ``num_iters``,
 ``ignore_index`` (an int, or None: no row ignored), backend ("xla" or "triton") and, for the XLA
 loss and softmax, ``axis_name`` (the mesh axis that shards the classes, None when every class is
 local). The XLA loss and softmax work on rows [..., C]: the class axis is moved last
 (:func:`classes_last`); the Triton launchers read it in place. The custom VJPs' gradients flow to
-the logits only; the weights multiply each row's loss outside them (``weighted_reduce``), so JAX
-differentiates that product.
+the logits and the temperatures (never to the labels or the smoothing); the weights multiply each
+row's loss outside them (``weighted_reduce``), so JAX differentiates that product, and each row's
+weight and reduction factor reach the backward rules as that row's upstream value.
+
+The rules use ``symbolic_zeros``: the forward rule sees which inputs are differentiated
+(``CustomVJPPrimal.perturbed``, known at trace time), so a temperature's derivatives are computed
+(from the same solve as the loss: each row's dL/dt1, dL/dt2, or dp/dt terms) only when a
+temperature is differentiated, and the logits' gradient only when the logits are; anything else
+costs nothing. The temperatures' derivatives exist for the converged normalization only: a
+differentiated temperature with ``num_iters=k`` raises ValueError naming ``num_iters``. A
+temperature's cotangent is the sum over rows of upstream x that row's derivative (0-d), or each
+row's (per row).
 Importing this module imports no Triton: ``launchers`` is imported inside the Triton functions,
 when that path is traced.
 """
@@ -27,16 +38,19 @@ from bitempered.bindings.common.validation import without_axis
 from bitempered.bindings.jax import args, reductions
 from bitempered.bindings.jax.native import loss as native_loss
 from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.jax.native import temperature
 
 
 def fold_batch(fn, num_arrays: int):
     """``custom_vmap`` of a row-wise call: a vmapped call is the same call on more rows.
 
-    ``fn`` takes ``num_arrays`` arrays with any leading axes, then 0-d scalars. Unbatched arrays
-    are broadcast to the batch; per-example scalars (a vmapped temperature) fall back to one call
-    per example (``lax.map``). Needed because jax-triton's ``triton_call`` has no batching rule, and
-    by the XLA loss so that its run-time branches decide once for all rows (a vmapped ``lax.cond``
-    would run both branches and, inside shard_map, trip check_vma on a batched branch's constants).
+    ``fn`` takes ``num_arrays`` arrays with any leading axes, then operands that are 0-d scalars or
+    per-row values (a per-row temperature: the rows' leading axes, which fold as the arrays').
+    Unbatched arrays and per-row values are broadcast to the batch; per-example scalars (a vmapped
+    0-d temperature) fall back to one call per example (``lax.map``). Needed because jax-triton's
+    ``triton_call`` has no batching rule, and by the XLA loss so that its run-time branches decide
+    once for all rows (a vmapped ``lax.cond`` would run both branches and, inside shard_map, trip
+    check_vma on a batched branch's constants).
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
 
@@ -45,11 +59,17 @@ def fold_batch(fn, num_arrays: int):
         def full(arg, batched):
             return arg if batched else jnp.broadcast_to(arg, (axis_size,) + jnp.shape(arg))
 
-        if any(in_batched[num_arrays:]):  # a per-example temperature: one call per example
+        def per_example_scalar(arg, batched):
+            return batched and jnp.ndim(arg) == 1
+
+        def folded(position, arg, batched):  # the arrays and the per-row values fold with the rows
+            return full(arg, batched) if position < num_arrays or batched or jnp.ndim(arg) > 0 else arg
+
+        if any(map(per_example_scalar, operands[num_arrays:], in_batched[num_arrays:])):
+            # a per-example 0-d value (a vmapped temperature): one call per example
             out = jax.lax.map(lambda xs: wrapped(*xs), tuple(map(full, operands, in_batched)))
         else:  # calling `wrapped` (not `fn`) again keeps nested vmaps folding too
-            arrays = tuple(map(full, operands[:num_arrays], in_batched[:num_arrays]))
-            out = wrapped(*arrays, *operands[num_arrays:])
+            out = wrapped(*map(folded, range(len(operands)), operands, in_batched))
         return out, jax.tree.map(lambda _: True, out)
 
     return wrapped
@@ -70,32 +90,143 @@ def scale_stored_gradient(grad, upstream, like, axis: int = -1):
     return (upstream.astype(grad.dtype) * grad).astype(like.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def stored_gradient_loss(kernel, x, labels, t1, t2, label_smoothing, axis=-1):
+# --------------------------------------------------------------------------------------------
+# Temperatures: 0-d, or per row (the rows' shape) in the cores; their derivatives per row
+# --------------------------------------------------------------------------------------------
+
+def row_temperature(t):
+    """A temperature for the native rows [R, C] (rows flattened): 0-d as is, per row [R, 1]."""
+    return t if t.ndim == 0 else t.reshape(-1, 1)
+
+
+def flat_temperature(t):
+    """A temperature for the Triton launchers: 0-d as is, per row [R] in row order."""
+    return t if t.ndim == 0 else t.reshape(-1)
+
+
+def wants_temperature_grads(num_iters, *temperatures) -> bool:
+    """Whether any of the temperatures (``CustomVJPPrimal``s of a ``symbolic_zeros`` forward rule)
+    is differentiated; ValueError naming ``num_iters`` when one is under ``num_iters=k`` (the
+    derivatives are those of the converged normalization)."""
+    wanted = any(t.perturbed for t in temperatures)
+    if wanted and num_iters is not None:
+        raise ValueError(f"gradients of the temperatures need the converged normalization (num_iters=None), got "
+                         f"num_iters={num_iters}: differentiate the temperatures with num_iters=None, or stop "
+                         "their gradient (jax.lax.stop_gradient)")
+    return wanted
+
+
+def temperature_like(t):
+    """The residual that lets a backward rule shape a temperature's cotangent: a zero-size array
+    (the temperature's shape + (0,), its dtype) when ``t`` (a ``CustomVJPPrimal``) is
+    differentiated, else None (no cotangent)."""
+    return jnp.zeros(t.value.shape + (0,), t.value.dtype) if t.perturbed else None
+
+
+def temperature_cotangent(row_grads, like, upstream=None):
+    """``upstream`` x each row's dL/dt (both of the rows' shape; None: ``row_grads`` already
+    include it), summed to the temperature's shape (``like``: :func:`temperature_like`; 0-d: the
+    sum over rows, per row: each row's), or None for a temperature not differentiated."""
+    if like is None:
+        return None
+    values = row_grads if upstream is None else upstream.astype(row_grads.dtype) * row_grads
+    shape = like.shape[:-1]
+    return (jnp.sum(values) if shape == () else values.reshape(shape)).astype(like.dtype)
+
+
+def jitted_rule(rule, static_argnums):
+    """A ``symbolic_zeros`` custom_vjp ``rule`` called through ``jax.jit``: inside a jit trace it
+    is bound as usual, but an eager ``shard_map`` (the vocab-parallel functions called outside
+    jit) cannot bind such a rule itself ("custom_vjp symbolic_zeros support with shard_map is not
+    implemented", jax 0.10); a jitted call it runs. Inside an outer jit this costs nothing."""
+    return functools.wraps(rule)(jax.jit(rule, static_argnums=static_argnums))
+
+
+class StaticCall:
+    """A static argument that is a function (``functools.partial`` of a kernel factory), equal to
+    and hashing as every partial of the same function and arguments: a new but equal partial per
+    call hits ``jax.jit``'s cache (a partial alone compares by identity)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        if isinstance(fn, functools.partial):
+            self.key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+        else:
+            self.key = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, StaticCall) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses that compute their gradients in the forward pass (the Triton kernels)
+# --------------------------------------------------------------------------------------------
+
+def stored_gradient_loss(kernel, x, labels, t1, t2, label_smoothing, axis=-1, temperature_kernel=None):
     """A loss whose forward also computes its unit gradient and whose backward scales it.
 
-    ``kernel(need_grad)`` (hashable, static) returns a function of (x, labels, t1, t2,
-    label_smoothing) giving the loss, or (loss, unit gradient) when ``need_grad``: the Triton
-    losses (plain, binary and vocab-parallel). The forward without a gradient skips it.
-    ``axis``: the class axis of ``x`` (negative; none for the elementwise binary loss).
+    ``kernel(need_grad)`` (static) returns a function of (x, labels, t1, t2, label_smoothing)
+    giving the loss, or (loss, unit gradient) when ``need_grad``: the Triton losses (plain,
+    binary and vocab-parallel). The forward without a gradient skips it. ``axis``: the class axis
+    of ``x`` (negative; none for the elementwise binary loss). ``temperature_kernel(need_grad)``
+    (static, or None: the temperatures cannot be differentiated, NotImplementedError) returns the
+    function used when a temperature is differentiated: (loss, [unit gradient if need_grad,]
+    each row's (dL/dt1, dL/dt2) [rows..., 2] for unit upstream gradient).
     """
+    kernels = StaticCall(kernel), None if temperature_kernel is None else StaticCall(temperature_kernel)
+    return _stored_gradient_jit(kernels[0], x, labels, t1, t2, label_smoothing, axis, kernels[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _stored_gradient_rule(kernel, x, labels, t1, t2, label_smoothing, axis=-1, temperature_kernel=None):
     return kernel(False)(x, labels, t1, t2, label_smoothing)
 
 
-def _stored_gradient_fwd(kernel, x, labels, t1, t2, label_smoothing, axis=-1):
-    loss, grad = kernel(True)(x, labels, t1, t2, label_smoothing)
+def _stored_gradient_fwd(kernel, x, labels, t1, t2, label_smoothing, axis=-1, temperature_kernel=None):
+    need_grad = x.perturbed
+    operands = (x.value, labels.value, t1.value, t2.value, label_smoothing.value)
+    row_grads = None
+    if t1.perturbed or t2.perturbed:
+        if temperature_kernel is None:
+            raise NotImplementedError("gradients of t1/t2 are not implemented on this backend (the vocab-parallel "
+                                      "Triton kernels): use backend='xla', or stop their gradient")
+        loss, *grad, row_grads = temperature_kernel(need_grad)(*operands)
+        grad = grad[0] if need_grad else None
+    elif need_grad:
+        loss, grad = kernel(True)(*operands)
+    else:
+        loss, grad = kernel(False)(*operands), None
     # The unit gradient stays in the compute dtype; the zero-size array only carries the input's
     # dtype to the backward rule, which rounds once to it.
-    return loss, (grad, jnp.zeros((0,), x.dtype))
+    temperatures = None if row_grads is None else (row_grads, temperature_like(t1), temperature_like(t2))
+    return loss, (grad, jnp.zeros((0,), x.value.dtype), temperatures)
 
 
-def _stored_gradient_bwd(kernel, axis, residuals, grad_loss):
-    grad, like = residuals
-    # Labels, temperatures and smoothing get no gradient (None: zeros, float0 for integer labels).
-    return scale_stored_gradient(grad, grad_loss, like, axis), None, None, None, None
+def _stored_gradient_bwd(kernel, axis, temperature_kernel, residuals, grad_loss):
+    grad, like, temperatures = residuals
+    grad_x = None if grad is None else scale_stored_gradient(grad, grad_loss, like, axis)
+    # Labels and smoothing get no gradient (None: zeros, float0 for integer labels).
+    return (grad_x, None, *_temperature_cotangents(temperatures, grad_loss), None)
 
 
-stored_gradient_loss.defvjp(_stored_gradient_fwd, _stored_gradient_bwd)
+def _temperature_cotangents(temperatures, upstream):
+    """(t1's cotangent, t2's) from (each row's (dL/dt1, dL/dt2) [rows..., 2], t1's like, t2's
+    like) (:func:`temperature_cotangent`), or (None, None)."""
+    if temperatures is None:
+        return None, None
+    row_grads, t1_like, t2_like = temperatures
+    return (temperature_cotangent(row_grads[..., 0], t1_like, upstream),
+            temperature_cotangent(row_grads[..., 1], t2_like, upstream))
+
+
+_stored_gradient_rule.defvjp(_stored_gradient_fwd, _stored_gradient_bwd, symbolic_zeros=True)
+_stored_gradient_jit = jitted_rule(_stored_gradient_rule, (0, 6, 7))
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,16 +235,28 @@ stored_gradient_loss.defvjp(_stored_gradient_fwd, _stored_gradient_bwd)
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _triton_loss_fn(num_iters, ignore_index, axis, need_grad):
+def _triton_loss_fn(num_iters, ignore_index, axis, need_grad, need_temperature_grads=False):
+    """The plain loss on the Triton kernel: loss, (loss, unit gradient) with ``need_grad``; with
+    ``need_temperature_grads`` also each row's (dL/dt1, dL/dt2) [rows..., 2] last (the
+    ``temperature_kernel`` protocol of :func:`stored_gradient_loss`)."""
+    if need_temperature_grads and num_iters is not None:
+        raise ValueError(f"gradients of the temperatures need num_iters=None, got num_iters={num_iters}")
+
     def fn(logits, labels, t1, t2, label_smoothing):
         from bitempered.bindings.jax import launchers
 
         if jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype not in (jnp.int32, jnp.int64):
             labels = labels.astype(jnp.int32)
-        loss, grad = launchers.loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index,
-                                         need_grad, axis=axis)
-        loss = loss.reshape(without_axis(logits.shape, axis))  # [R] in row order
-        return (loss, grad) if need_grad else loss
+        rows_shape = without_axis(logits.shape, axis)
+        out = launchers.loss_rows(logits, labels, flat_temperature(t1), flat_temperature(t2), label_smoothing,
+                                  num_iters, ignore_index, need_grad, axis=axis,
+                                  need_temperature_grads=need_temperature_grads)
+        loss = out[0].reshape(rows_shape)  # [R] in row order
+        grad = (out[1],) if need_grad else ()
+        row_grads = (out[2].reshape(rows_shape + (2,)),) if need_temperature_grads else ()
+        if not (need_grad or need_temperature_grads):
+            return loss
+        return (loss, *grad, *row_grads)
 
     return fold_batch(fn, 2)
 
@@ -123,17 +266,24 @@ def _triton_softmax_fn(num_iters, axis):
     def fn(logits, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.softmax_forward(logits, t, num_iters, axis=axis)
+        return launchers.softmax_forward(logits, flat_temperature(t), num_iters, axis=axis)
 
     return fold_batch(fn, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_softmax_vjp_fn(axis):
+def _triton_softmax_vjp_fn(axis, need_temperature_grad=False):
+    """The softmax's vjp on the Triton kernel: the logits' gradient, with
+    ``need_temperature_grad`` also each row's part of t's gradient (the rows' shape)."""
     def fn(p, grad_p, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.softmax_backward(p, grad_p, t, axis=axis)
+        out = launchers.softmax_backward(p, grad_p, flat_temperature(t), axis=axis,
+                                         need_temperature_grad=need_temperature_grad)
+        if not need_temperature_grad:
+            return out
+        grad, row_grads = out
+        return grad, row_grads.reshape(without_axis(p.shape, axis))
 
     return fold_batch(fn, 2)
 
@@ -143,11 +293,32 @@ def _triton_binary_fn(num_iters, need_grad):
     def fn(x, y, t1, t2, label_smoothing):
         from bitempered.bindings.jax import launchers
 
-        loss, grad = launchers.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), t1, t2,
-                                           label_smoothing, num_iters, need_grad)
+        loss, grad = launchers.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), flat_temperature(t1),
+                                           flat_temperature(t2), label_smoothing, num_iters, need_grad)
         return (loss.reshape(x.shape), grad.reshape(x.shape)) if need_grad else loss.reshape(x.shape)
 
     return fold_batch(fn, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_binary_temperature_fn(num_iters, need_grad):
+    """The binary loss on the Triton kernel with each element's (dL/dt1, dL/dt2) [..., 2]
+    (``temperature_kernel`` protocol of :func:`stored_gradient_loss`): the binary kernel has no
+    temperature variant, so they come from the XLA loss of the two-class rows (a solve of two
+    classes per element, in the compute dtype)."""
+    if num_iters is not None:
+        raise ValueError(f"gradients of the temperatures need num_iters=None, got num_iters={num_iters}")
+    kernel = _triton_binary_fn(num_iters, need_grad)
+    rows = xla_forward_fn(None, None, None, False, True)
+
+    def fn(x, y, t1, t2, label_smoothing):
+        out = kernel(x, y, t1, t2, label_smoothing)
+        y = y.astype(t1.dtype)
+        _, row_grads = rows(_two_classes(x.astype(t1.dtype), jnp.zeros_like(y)), _two_classes(y, 1.0 - y), t1, t2,
+                            label_smoothing)
+        return (*out, row_grads) if need_grad else (out, row_grads)
+
+    return fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,7 +326,7 @@ def _triton_sigmoid_fn(num_iters):
     def fn(x, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.sigmoid_forward(x.reshape(-1), t, num_iters).reshape(x.shape)
+        return launchers.sigmoid_forward(x.reshape(-1), flat_temperature(t), num_iters).reshape(x.shape)
 
     return fold_batch(fn, 1)
 
@@ -165,7 +336,7 @@ def _triton_sigmoid_vjp_fn():
     def fn(p, grad_p, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), t).reshape(p.shape)
+        return launchers.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), flat_temperature(t)).reshape(p.shape)
 
     return fold_batch(fn, 2)
 
@@ -193,21 +364,25 @@ def _loss_labels(labels, num_local: int, dtype, ignore_index, label_smoothing, r
 
 
 @functools.lru_cache(maxsize=None)
-def xla_forward_fn(num_iters, ignore_index, axis_name, need_residual):
+def xla_forward_fn(num_iters, ignore_index, axis_name, need_residual, need_temperature_grads=False):
     """(loss, R, alpha, beta) of the XLA loss (R shaped as the logits, alpha and beta [..., 1]),
-    or (loss,) without the residual. Folded under vmap (:func:`fold_batch`): the run-time
-    branches of ``native/loss.py`` (the cross-entropy fast paths and their exact fallback) decide
-    once for all the rows instead of per example."""
+    or (loss,) without the residual; with ``need_temperature_grads`` each row's (dL/dt1, dL/dt2)
+    [..., 2] last. Temperatures: 0-d or of the rows' shape. Folded under vmap
+    (:func:`fold_batch`): the run-time branches of ``native/loss.py`` (the cross-entropy fast
+    paths and their exact fallback) decide once for all the rows instead of per example."""
     def fn(logits, labels, t1, t2, label_smoothing):
         rows_shape, num_classes = logits.shape[:-1], logits.shape[-1]
         rows = native.rows_over(axis_name)
         read = _loss_labels(labels, num_classes, t1.dtype, ignore_index, label_smoothing, rows)
-        loss, (r, alpha, beta) = native_loss.forward(logits.reshape(-1, num_classes).astype(t1.dtype), read, t1, t2,
-                                                     num_iters, need_residual, rows)
-        loss = loss.reshape(rows_shape)
-        if not need_residual:
-            return (loss,)
-        return loss, r.reshape(logits.shape), alpha.reshape(rows_shape + (1,)), beta.reshape(rows_shape + (1,))
+        loss, (r, alpha, beta), row_grads = native_loss.forward(
+            logits.reshape(-1, num_classes).astype(t1.dtype), read, row_temperature(t1), row_temperature(t2),
+            num_iters, need_residual, rows, need_temperature_grads)
+        out = (loss.reshape(rows_shape),)
+        if need_residual:
+            out += (r.reshape(logits.shape), alpha.reshape(rows_shape + (1,)), beta.reshape(rows_shape + (1,)))
+        if need_temperature_grads:
+            out += (row_grads.reshape(rows_shape + (2,)),)
+        return out
 
     return fold_batch(fn, 2)
 
@@ -227,28 +402,36 @@ def xla_backward_fn(ignore_index, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def xla_loss(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name):
-    """The XLA loss per row with its custom gradient; ``axis_name``: the mesh axis sharding the
-    classes (inside shard_map; the labels are then GLOBAL indices or this slice's dense labels),
-    or None."""
+def _xla_loss_rule(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name):
+    """The XLA loss per row with its custom gradient (the logits' and the temperatures');
+    ``axis_name``: the mesh axis sharding the classes (inside shard_map; the labels are then
+    GLOBAL indices or this slice's dense labels), or None. Temperatures: 0-d or of the rows'
+    shape."""
     # no gradient wanted: the forward skips the gradient's N x C residual
     return xla_forward_fn(num_iters, ignore_index, axis_name, False)(logits, labels, t1, t2, label_smoothing)[0]
 
 
 def _xla_loss_fwd(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, axis_name):
-    # the residual (R, alpha, beta) of native/loss.py; one elementwise backward
-    loss, *residual = xla_forward_fn(num_iters, ignore_index, axis_name, True)(logits, labels, t1, t2,
-                                                                               label_smoothing)
-    return loss, (labels, label_smoothing, tuple(residual), jnp.zeros((0,), logits.dtype))
+    # the residual (R, alpha, beta) of native/loss.py when the logits are differentiated (one
+    # elementwise backward), each row's temperature derivatives when a temperature is
+    need_grad, need_temperature_grads = logits.perturbed, wants_temperature_grads(num_iters, t1, t2)
+    loss, *out = xla_forward_fn(num_iters, ignore_index, axis_name, need_grad, need_temperature_grads)(
+        logits.value, labels.value, t1.value, t2.value, label_smoothing.value)
+    residual = tuple(out[:3]) if need_grad else None
+    temperatures = (out[-1], temperature_like(t1), temperature_like(t2)) if need_temperature_grads else None
+    return loss, (labels.value, label_smoothing.value, residual, jnp.zeros((0,), logits.value.dtype), temperatures)
 
 
 def _xla_loss_bwd(num_iters, ignore_index, axis_name, residuals, grad_loss):
-    labels, label_smoothing, residual, like = residuals
-    grad_logits = xla_backward_fn(ignore_index, axis_name)(labels, *residual, grad_loss, label_smoothing, like)
-    return grad_logits, None, None, None, None
+    labels, label_smoothing, residual, like, temperatures = residuals
+    grad_logits = None
+    if residual is not None:
+        grad_logits = xla_backward_fn(ignore_index, axis_name)(labels, *residual, grad_loss, label_smoothing, like)
+    return (grad_logits, None, *_temperature_cotangents(temperatures, grad_loss), None)
 
 
-xla_loss.defvjp(_xla_loss_fwd, _xla_loss_bwd)
+_xla_loss_rule.defvjp(_xla_loss_fwd, _xla_loss_bwd, symbolic_zeros=True)
+xla_loss = jitted_rule(_xla_loss_rule, (5, 6, 7))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +442,9 @@ def _loss(logits, labels, t1, t2, label_smoothing, class_weight, sample_weight, 
           reduction, axis):
     if backend == "triton":
         kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index, axis)
-        loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing, axis)
+        temperature_kernel = functools.partial(_triton_loss_fn, num_iters, ignore_index, axis,
+                                               need_temperature_grads=True)
+        loss = stored_gradient_loss(kernel, logits, labels, t1, t2, label_smoothing, axis, temperature_kernel)
     else:
         loss = xla_loss(*classes_last(logits, labels, axis), t1, t2, label_smoothing, num_iters, ignore_index, None)
     return weighted_reduce(loss, labels, class_weight, sample_weight, ignore_index, reduction, axis)
@@ -297,32 +482,57 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, i
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def tempered_softmax(logits, t, num_iters, backend, axis_name, axis=-1):
+def _softmax_rule(logits, t, num_iters, backend, axis_name, axis=-1):
     """Tempered softmax over the class axis ``axis`` (negative), in the logits' dtype;
-    ``axis_name``: the mesh axis sharding the classes (XLA only, inside shard_map), or None."""
-    return _softmax_fwd(logits, t, num_iters, backend, axis_name, axis)[0]
+    ``axis_name``: the mesh axis sharding the classes (XLA only, inside shard_map), or None.
+    ``t``: 0-d or of the rows' shape (the logits' shape without ``axis``)."""
+    return _softmax(logits, t, num_iters, backend, axis_name, axis, False)[0]
+
+
+def _softmax(logits, t, num_iters, backend, axis_name, axis, keep_log):
+    """(p in the logits' layout and dtype, the backward's residual): Triton's p; XLA's rows
+    [..., C] (the classes moved last, a no-op for -1) in the compute dtype: p, or log p with
+    ``keep_log`` (t's derivative: computed from log p, finite where p underflows)."""
+    if backend == "triton":
+        p = _triton_softmax_fn(num_iters, axis)(logits, t)
+        return p, p
+    a = jnp.moveaxis(logits, axis, -1).astype(t.dtype)
+    log_p = native.tempered_log_softmax_rows(a, _rows_of(t), num_iters, native.rows_over(axis_name))
+    p = jnp.exp(log_p)
+    return jnp.moveaxis(p, -1, axis).astype(logits.dtype), (log_p if keep_log else p)
+
+
+def _rows_of(t):
+    """A temperature of rows [..., C]: 0-d as is, per row (the rows' shape) [..., 1]."""
+    return t if t.ndim == 0 else t[..., None]
 
 
 def _softmax_fwd(logits, t, num_iters, backend, axis_name, axis=-1):
-    if backend == "triton":
-        p = _triton_softmax_fn(num_iters, axis)(logits, t)
-        return p, (p, t)
-    # XLA: rows [..., C] (the classes moved last, a no-op for -1); the residual p stays in that layout
-    a = jnp.moveaxis(logits, axis, -1).astype(t.dtype)
-    p = jnp.exp(native.tempered_log_softmax_rows(a, t, num_iters, native.rows_over(axis_name)))
-    return jnp.moveaxis(p, -1, axis).astype(logits.dtype), (p, t)
+    need_temperature_grad = wants_temperature_grads(num_iters, t)
+    p, kept = _softmax(logits.value, t.value, num_iters, backend, axis_name, axis, need_temperature_grad)
+    return p, (kept, t.value, temperature_like(t))
 
 
 def _softmax_bwd(num_iters, backend, axis_name, axis, residuals, grad_p):
-    p, t = residuals
+    kept, t, t_like = residuals  # kept: p, or log p (XLA, t differentiated)
     if backend == "triton":
-        return _triton_softmax_vjp_fn(axis)(p, grad_p.astype(p.dtype), t), None
-    grad_rows = jnp.moveaxis(grad_p, axis, -1).astype(p.dtype)
-    grad = native.tempered_softmax_vjp_rows(p, grad_rows, t, native.rows_over(axis_name))
-    return jnp.moveaxis(grad, -1, axis).astype(grad_p.dtype), None
+        if t_like is None:
+            return _triton_softmax_vjp_fn(axis)(kept, grad_p.astype(kept.dtype), t), None
+        grad, row_grads = _triton_softmax_vjp_fn(axis, True)(kept, grad_p.astype(kept.dtype), t)
+        return grad, temperature_cotangent(row_grads, t_like)
+    grad_rows = jnp.moveaxis(grad_p, axis, -1).astype(kept.dtype)
+    rows = native.rows_over(axis_name)
+    if t_like is None:
+        grad = native.tempered_softmax_vjp_rows(kept, grad_rows, _rows_of(t), rows)
+        t_cotangent = None
+    else:
+        grad, row_grads = temperature.softmax_vjp_with_temperature(kept, grad_rows, _rows_of(t), rows)
+        t_cotangent = temperature_cotangent(row_grads[..., 0], t_like)
+    return jnp.moveaxis(grad, -1, axis).astype(grad_p.dtype), t_cotangent
 
 
-tempered_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_rule.defvjp(_softmax_fwd, _softmax_bwd, symbolic_zeros=True)
+tempered_softmax = jitted_rule(_softmax_rule, (2, 3, 4, 5))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -341,21 +551,35 @@ def _sigmoid_triton(x, t, num_iters):
 
 
 def _sigmoid_triton_fwd(x, t, num_iters):
-    p = _triton_sigmoid_fn(num_iters)(x, t)
-    return p, (p, t)
+    need_temperature_grad = wants_temperature_grads(num_iters, t)
+    x, t_value = x.value, t.value
+    p = _triton_sigmoid_fn(num_iters)(x, t_value)
+    # the binary kernels have no temperature variant: log p of the two-class rows [0, x] (a solve of
+    # two classes per element) for t's derivative
+    log_p = None
+    if need_temperature_grad:
+        a = x.astype(t_value.dtype)
+        log_p = native.tempered_log_softmax_rows(_two_classes(a, jnp.zeros_like(a)), _rows_of(t_value), None)
+    return p, (p, t_value, log_p, temperature_like(t))
 
 
 def _sigmoid_triton_bwd(num_iters, residuals, grad_p):
-    p, t = residuals
-    return _triton_sigmoid_vjp_fn()(p, grad_p.astype(p.dtype), t), None
+    p, t, log_p, t_like = residuals
+    grad = _triton_sigmoid_vjp_fn()(p, grad_p.astype(p.dtype), t)
+    if t_like is None:
+        return grad, None
+    g = grad_p.astype(log_p.dtype)
+    _, row_grads = temperature.softmax_vjp_with_temperature(log_p, _two_classes(g, jnp.zeros_like(g)), _rows_of(t))
+    return grad, temperature_cotangent(row_grads[..., 0], t_like)
 
 
-_sigmoid_triton.defvjp(_sigmoid_triton_fwd, _sigmoid_triton_bwd)
+_sigmoid_triton.defvjp(_sigmoid_triton_fwd, _sigmoid_triton_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def sigmoid_jit(x, t, num_iters, backend):
-    """Elementwise tempered sigmoid: the softmax of [0, x] (XLA) or the binary kernels (Triton)."""
+    """Elementwise tempered sigmoid: the softmax of [0, x] (XLA) or the binary kernels (Triton);
+    ``t``: 0-d or one per element (x's shape: the two-class rows' temperatures)."""
     if backend == "triton":
         return _sigmoid_triton(x, t, num_iters)
     return tempered_softmax(_two_classes(x, jnp.zeros_like(x)), t, num_iters, backend, None)[..., 1]
@@ -374,7 +598,8 @@ def binary_loss_jit(x, y, t1, t2, label_smoothing, sample_weight, num_iters, bac
         x, y = jnp.where(kept, x, 0), jnp.where(kept, y, 0)
     if backend == "triton":
         kernel = functools.partial(_triton_binary_fn, num_iters)
-        loss = stored_gradient_loss(kernel, x, y, t1, t2, label_smoothing)
+        temperature_kernel = functools.partial(_triton_binary_temperature_fn, num_iters)
+        loss = stored_gradient_loss(kernel, x, y, t1, t2, label_smoothing, -1, temperature_kernel)
     else:
         y = y.astype(t1.dtype)
         loss = xla_loss(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), t1, t2, label_smoothing,

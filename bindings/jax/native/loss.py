@@ -6,10 +6,15 @@ statistics are reduced through a ``rows`` object (``native/math.py``: ``LOCAL_RO
 ``AxisRows`` over the mesh axis that shards the classes), so a sharded row takes the same
 branches, blocks and passes on every device: every ``lax.cond`` predicate below is computed from
 reduced (hence replicated) row values or from the temperatures. ``native/math.py`` holds the math
-(solver, loss and gradient terms). The forward returns, besides the per-row loss, the
-:class:`Residual` R [N, C] and alpha, beta [N, 1] with
+(solver, loss and gradient terms), ``native/temperature.py`` the temperatures' derivatives. The
+forward returns, besides the per-row loss, the :class:`Residual` R [N, C] and alpha, beta [N, 1]
+with
 
     dL/da = g (R alpha - y beta)
+
+and, when asked (``need_temperature_grads``, static), each row's (dL/dt1, dL/dt2) [N, 2] for unit
+upstream gradient, from the same solve (the tempered branch's terms; docs/math.md "Temperature
+gradients"). Temperatures are 0-d, or per row [N, 1].
 
 Three branches, chosen at run time from the traced temperatures (one compiled program for every
 temperature value), each a module-level function:
@@ -21,7 +26,9 @@ temperature value), each a module-level function:
   numerator, which the forward writes out anyway) with alpha = (1 - ratio) / sum R, beta = 1:
   the backward is optax's, no second exp.
 - :func:`tempered`: R is the unit gradient (SPEC's closed form, exactly 0 where p is exactly 0),
-  alpha = 1, beta = 0 (as in the exact cross-entropy fallbacks).
+  alpha = 1, beta = 0 (as in the exact cross-entropy fallbacks). It is also the only branch with
+  the temperatures' derivatives: with ``need_temperature_grads`` it runs for every temperature
+  (exact at t1 = t2 = 1 too), without the cross-entropy branches.
 
 The backward is select-free and outside every ``lax.cond`` so that XLA writes the gradient over
 R in place: the training step holds about 1.1x the logits beyond its inputs, gradient included,
@@ -45,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bitempered.bindings.jax.native import math as native
+from bitempered.bindings.jax.native import temperature
 
 BLOCK_ELEMENTS = 2**22  # elements per row block of the tempered forward: 16 MiB per fp32 temporary
 
@@ -126,21 +134,33 @@ class _Inputs(NamedTuple):
     labels: Labels
     need_residual: bool    # static: whether to make R (a gradient is wanted)
     rows: native.LocalRows  # row reductions (across devices when the classes are sharded)
+    need_temperature_grads: bool = False  # static: whether to make each row's (dL/dt1, dL/dt2)
 
 
-def forward(a, labels: Labels, t1, t2, num_iters, need_residual=True, rows=native.LOCAL_ROWS):
-    """Per-row loss [N] (ignored rows 0, invalid ones NaN) and the :class:`Residual` of
-    :func:`backward`; R is None with ``need_residual=False`` (no gradient wanted).
+def forward(a, labels: Labels, t1, t2, num_iters, need_residual=True, rows=native.LOCAL_ROWS,
+            need_temperature_grads=False):
+    """(per-row loss [N] (ignored rows 0, invalid ones NaN), the :class:`Residual` of
+    :func:`backward`, each row's (dL/dt1, dL/dt2) [N, 2] or None); R is None with
+    ``need_residual=False`` (no gradient of the logits wanted), the temperatures' derivatives
+    (masked as the loss) are None unless ``need_temperature_grads`` (static).
 
     ``a``: logits in the compute dtype [N, C] (rows flattened; with ``rows`` sharding the
-    classes, this device's slice); ``labels``: :class:`Labels`; t1, t2: 0-d temperatures;
-    ``num_iters``: None (converged) or the original algorithm's step count (static).
+    classes, this device's slice); ``labels``: :class:`Labels`; t1, t2: temperatures, 0-d or
+    per row [N, 1]; ``num_iters``: None (converged) or the original algorithm's step count
+    (static; the temperatures' derivatives are defined for the converged normalization only:
+    ValueError naming num_iters).
     """
-    x = _Inputs(a, labels, need_residual, rows)
+    x = _Inputs(a, labels, need_residual, rows, need_temperature_grads)
+    if need_temperature_grads:
+        if num_iters is not None:
+            raise ValueError(f"temperature gradients need the converged normalization (num_iters=None), "
+                             f"got num_iters={num_iters}")
+        loss, residual, temperature_grads = tempered(x, t1, t2, num_iters)
+        return mask_rows(loss, labels), residual, mask_rows(temperature_grads, labels)
     cross_entropy = cross_entropy_indices if labels.target is not None else cross_entropy_dense
     loss, residual = lax.cond(_is_cross_entropy(t1, t2), lambda: cross_entropy(x),
-                              lambda: tempered(x, t1, t2, num_iters))
-    return mask_rows(loss, labels), residual
+                              lambda: tempered(x, t1, t2, num_iters)[:2])
+    return mask_rows(loss, labels), residual, None
 
 
 def backward(residual: Residual, labels: Labels, upstream):
@@ -194,9 +214,12 @@ def _by_row_blocks(block, num_rows: int, num_classes: int, like):
     return lax.fori_loop(0, num_blocks, body, jax.tree.map(jnp.zeros_like, like))
 
 
-def _blocks(x: _Inputs, block, shift):
-    """(loss, Residual) of ``block(take)`` over row blocks; ``shift`` [N, 1] shapes the per-row results."""
+def _blocks(x: _Inputs, block, shift, with_temperature_grads=False):
+    """(loss, Residual[, temperature grads [N, 2]]) of ``block(take)`` over row blocks; ``shift``
+    [N, 1] shapes the per-row results."""
     like = (shift[..., 0], Residual(x.a if x.need_residual else None, shift, shift))
+    if with_temperature_grads:
+        like += (jnp.concatenate([shift, shift], axis=-1),)
     return _by_row_blocks(block, x.a.shape[0], x.a.shape[1], like)
 
 
@@ -207,7 +230,7 @@ def _fast_path_ok(row_values):
 
 
 def _is_cross_entropy(t1, t2):
-    return (t1 == 1) & (t2 == 1)
+    return jnp.all((t1 == 1) & (t2 == 1))  # every row's, for per-row temperatures
 
 
 def _exact_gradient(a0, value):
@@ -410,17 +433,27 @@ def _index_block(x: _Inputs, target: _Target, take):
 # --------------------------------------------------------------------------------------------
 
 def tempered(x: _Inputs, t1, t2, num_iters):
-    """(loss, Residual(unit gradient, 1, 0)) for any temperatures. The solver's passes and the
-    epilogue hold a few N x C temporaries (a0, p, ...): in blocks of rows they stay a few
-    BLOCK_ELEMENTS whatever N x C is (rows are independent)."""
+    """(loss, Residual(unit gradient, 1, 0), each row's (dL/dt1, dL/dt2) [N, 2] or None without
+    ``need_temperature_grads``) for any temperatures. The solver's passes and the epilogue hold a
+    few N x C temporaries (a0, p, ...): in blocks of rows they stay a few BLOCK_ELEMENTS whatever
+    N x C is (rows are independent)."""
     shift = _row_max(x.a, x.rows)
-    return _blocks(x, lambda take: _tempered_block(x, take, shift, t1, t2, num_iters), shift)
+    out = _blocks(x, lambda take: _tempered_block(x, take, shift, t1, t2, num_iters), shift,
+                  x.need_temperature_grads)
+    return out if x.need_temperature_grads else out + (None,)
+
+
+def _take_rows(take, t):
+    """A temperature's value for the rows ``take`` selects: 0-d as is, per row [N, 1] taken."""
+    return t if jnp.ndim(t) == 0 else take(t)
 
 
 def _tempered_block(x: _Inputs, take, shift, t1, t2, num_iters):
-    """(loss, Residual) of the rows ``take`` selects (all, or one block)."""
+    """(loss, Residual[, (dL/dt1, dL/dt2) [rows, 2] with ``need_temperature_grads``]) of the rows
+    ``take`` selects (all, or one block)."""
     rows = x.rows
     a_rows, shift_rows, y = take(x.a), take(shift), x.labels.smoothed(take)
+    t1, t2 = _take_rows(take, t1), _take_rows(take, t2)
     a0 = native.shifted(a_rows, shift_rows)
     if num_iters is None:
         log_p, _ = native.solve_converged(a0, t2, rows)
@@ -431,19 +464,31 @@ def _tempered_block(x: _Inputs, take, shift, t1, t2, num_iters):
     power_gap = (y ** two_minus_t1 - jnp.exp(two_minus_t1 * log_p)) / two_minus_t1
     terms = y_log_ratio - power_gap
     one = jnp.ones_like(shift_rows)
-    if not x.need_residual:
+    if not (x.need_residual or x.need_temperature_grads):
         (loss,) = _row_sums(rows, terms)
         return loss[..., 0], Residual(None, one, one)
     d, escort = _gradient_terms(log_p, y, t1, t2)
-    loss, d_sum, escort_sum = _row_sums(rows, terms, d, escort)
-    return loss[..., 0], Residual(d - escort * (d_sum / escort_sum), one, jnp.zeros_like(one))
+    if x.need_temperature_grads:  # one reduction for the loss's and the temperatures' row sums
+        loss, d_sum, escort_sum, *temperature_sums = _row_sums(
+            rows, terms, d, escort, *temperature.loss_temperature_terms(y, log_p, d, t1, t2))
+    else:
+        loss, d_sum, escort_sum = _row_sums(rows, terms, d, escort)
+    residual = Residual(d - escort * (d_sum / escort_sum) if x.need_residual else None, one, jnp.zeros_like(one))
+    if not x.need_temperature_grads:
+        return loss[..., 0], residual
+    return loss[..., 0], residual, temperature.combine_row_sums(*temperature_sums, d_sum, escort_sum)
 
 
 def _gradient_terms(log_p, y, t1, t2):
     """(d, p^t2): d = (p - y) p^(t2 - t1), 0 only where p is exactly 0 (log p = -inf: outside the
     finite support, a -inf logit); an underflowed p keeps p^(t2 - t1) from its finite log p
-    (SPEC "Zero versus underflow")."""
-    p = jnp.exp(log_p)
+    (SPEC "Zero versus underflow"). Where y = 0, d = p^(1 + t2 - t1) from log p: an underflowed p
+    times an overflowing p^(t2 - t1) (t2 < t1) would be 0 x inf."""
     positive = log_p > -jnp.inf
-    d = jnp.where(positive, (p - y) * jnp.exp((t2 - t1) * jnp.where(positive, log_p, 0.0)), 0.0)
+    log_p_finite = jnp.where(positive, log_p, 0.0)
+    labelled = y > 0
+    # one exp: (p - y) p^(t2 - t1) where y > 0, 1 x p^(1 + t2 - t1) where y = 0
+    factor = jnp.where(labelled, jnp.exp(log_p_finite) - y, 1.0)
+    power = jnp.exp((t2 - t1 + jnp.where(labelled, 0.0, 1.0)) * log_p_finite)
+    d = jnp.where(positive, factor * power, 0.0)
     return d, jnp.exp(t2 * log_p)

@@ -2,14 +2,16 @@
 
 It is the CPU/TPU backend, the float64 backend, and the oracle a JAX Triton path will be tested
 against. It mirrors ``bindings/torch/native/math.py``'s solver and terms. Functions here take rows
-``[..., C]`` (classes on the last axis, any leading shape) in the compute dtype and 0-d temperature
-arrays of the same dtype, and return plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax/ops.py``
-and the loss with its residual in ``native/loss.py``. The solver is the one described in
-``kernels/README.md``.
+``[..., C]`` (classes on the last axis, any leading shape) in the compute dtype and temperatures of
+the same dtype, either 0-d or per row (``[..., 1]``, broadcasting against the rows), and return
+plain arrays; ``jax.custom_vjp`` lives in ``bindings/jax/ops.py``, the loss with its residual in
+``native/loss.py`` and the temperatures' derivatives in ``native/temperature.py``. The solver is
+the one described in ``kernels/README.md``.
 
 Temperatures are always traced values here: nothing branches on them in Python. The ``t = 1``
-limits are taken with ``jnp.where`` (elementwise) and the ``num_iters=k`` algorithm picks its
-method with ``lax.switch`` at run time, so one compiled program serves every temperature.
+limits are taken with ``jnp.where`` (elementwise), run-time branches test every row (the softmax
+shortcut when all rows have t = 1, the support count when any has t < 1) and the ``num_iters=k``
+algorithm picks its method per row at run time, so one compiled program serves every temperature.
 
 The converged solver is one loop, :func:`solve_normalizers`, driven by an evaluation callback
 ``evaluate(y) -> (f, g)`` (rows in memory: :func:`local_evaluator`; sharded classes: the same
@@ -103,21 +105,27 @@ def shift_by_max(a: jax.Array, rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     return shifted(a, rows.max(jnp.max(a, axis=-1, keepdims=True)))
 
 
-def _safe_reciprocal(one_minus_t: jax.Array) -> jax.Array:
+def safe_reciprocal(one_minus_t: jax.Array) -> jax.Array:
     """1 / (1 - t), finite at t = 1 (where every caller selects the t = 1 limit instead)."""
     return 1.0 / jnp.where(one_minus_t == 0, 1.0, one_minus_t)
 
 
 def _log1p_over(z: jax.Array, one_minus_t: jax.Array, u: jax.Array) -> jax.Array:
     """log1p(z) / (1 - t), with its t = 1 limit ``u`` (z = (1-t) u / c -> 0 there)."""
-    tempered = jnp.log1p(jnp.maximum(z, -1.0)) * _safe_reciprocal(one_minus_t)
+    tempered = jnp.log1p(jnp.maximum(z, -1.0)) * safe_reciprocal(one_minus_t)
     return jnp.where(one_minus_t == 0, u, tempered)
 
 
 def exp_t(u: jax.Array, t: jax.Array) -> jax.Array:
     """exp_t(u) = [1 + (1-t) u]_+^(1/(1-t)), accurate near t = 1."""
+    return jnp.exp(log_exp_t(u, t))
+
+
+def log_exp_t(u: jax.Array, t: jax.Array) -> jax.Array:
+    """log exp_t(u) = log1p((1-t) u) / (1-t) (u at t = 1; -inf outside the support), finite where
+    exp_t(u) underflows."""
     one_minus_t = 1.0 - t
-    return jnp.exp(_log1p_over(one_minus_t * u, one_minus_t, u))
+    return _log1p_over(one_minus_t * u, one_minus_t, u)
 
 
 def log_t(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -127,7 +135,7 @@ def log_t(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def log_t_from_log(log_x: jax.Array, t: jax.Array) -> jax.Array:
     one_minus_t = 1.0 - t
-    tempered = jnp.expm1(one_minus_t * log_x) * _safe_reciprocal(one_minus_t)
+    tempered = jnp.expm1(one_minus_t * log_x) * safe_reciprocal(one_minus_t)
     return jnp.where(one_minus_t == 0, log_x, tempered)
 
 
@@ -151,12 +159,15 @@ def _evaluate(a0: jax.Array, y: jax.Array, one_minus_t: jax.Array):
 
 def support_size(a0: jax.Array, t: jax.Array) -> jax.Array:
     """This device's D of kernels/README.md per row [..., 1]: the classes that can have p > 0 for
-    t < 1 (one pass over the row, only run when t < 1), the class count for t >= 1."""
+    t < 1 (one pass over the rows, only run when some row has t < 1), the class count for t >= 1."""
+    every_class = jnp.full_like(a0[..., :1], a0.shape[-1])
+
     def count():
         one_minus_t = 1.0 - t
-        return jnp.sum(a0 > -_safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32).astype(a0.dtype)
+        inside = jnp.sum(a0 > -safe_reciprocal(one_minus_t), axis=-1, keepdims=True, dtype=jnp.int32)
+        return jnp.where(one_minus_t > 0, inside.astype(a0.dtype), every_class)
 
-    return lax.cond(t < 1, count, lambda: jnp.full_like(a0[..., :1], a0.shape[-1]))
+    return lax.cond(jnp.any(t < 1), count, lambda: every_class)
 
 
 def solve_normalizers(evaluate, support: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
@@ -173,7 +184,7 @@ def solve_normalizers(evaluate, support: jax.Array, t: jax.Array, rows: LocalRow
         each pass (fused by XLA) instead of being carried as an N x C loop operand.
     ``support`` [..., 1]: this device's D (:func:`support_size`); ``rows`` reduces it once and
     (f, g) once per pass across devices (classes sharded), so every device takes the same steps.
-    ``t``: the 0-d temperature. At t = 1 the iteration is exact in two passes (the first Newton
+    ``t``: the temperature, 0-d or per row [..., 1]. At t = 1 the iteration is exact in two passes (the first Newton
     step on log f lands on the logsumexp); callers with the rows in memory take the one-pass
     logsumexp instead, the vocab-parallel kernels (no branch on a traced t) rely on this.
 
@@ -241,9 +252,10 @@ def log_p_at(a0: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
 def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
     """Converged log-probabilities for max-shifted rows ``a0`` [..., C]; returns (log_p, passes).
 
-    :func:`solve_normalizers` on the rows in memory (at t = 1 the normalizer is the logsumexp,
-    exact in one pass): the run-time branch returns only the normalizer per row, and log p is
-    computed once from it, outside (fused by XLA into its consumers).
+    :func:`solve_normalizers` on the rows in memory (when every row has t = 1 the normalizer is the
+    logsumexp, exact in one pass): the run-time branch returns only the normalizer per row, and
+    log p is computed once from it, outside (fused by XLA into its consumers). ``t``: 0-d or per
+    row [..., 1].
     """
     def iterate():
         return solve_normalizers(local_evaluator(a0, t), support_size(a0, t), t, rows)
@@ -252,7 +264,7 @@ def solve_converged(a0: jax.Array, t: jax.Array, rows: LocalRows = LOCAL_ROWS):
         (total,) = rows.sum(jnp.sum(jnp.exp(a0), axis=-1, keepdims=True))  # >= 1: the max is 0
         return jnp.log(total), jnp.ones_like(total, jnp.int32)  # reduced: iterate's vma
 
-    y, passes = lax.cond(t == 1, softmax, iterate)
+    y, passes = lax.cond(jnp.all(t == 1), softmax, iterate)
     return log_p_at(a0, y, t), passes
 
 
@@ -260,7 +272,8 @@ def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int, rows: Local
     """lam of max-shifted rows by the original algorithm with exactly ``num_iters`` steps.
 
     The method (logsumexp at t = 1, fixed point for t > 1, bisection for t < 1) is chosen at run
-    time from the traced ``t`` with ``lax.switch``.
+    time from the traced ``t``: with ``lax.switch`` for a 0-d ``t``; per row for a per-row ``t``
+    [..., 1] (each method runs when some row needs it, every row takes its own method's value).
     """
     one_minus_t = 1.0 - t
 
@@ -280,7 +293,7 @@ def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int, rows: Local
         return -log_t(1.0 / partition, t)
 
     def bisection(a0):
-        support = row_sum((a0 > -_safe_reciprocal(one_minus_t)).astype(a0.dtype))
+        support = row_sum((a0 > -safe_reciprocal(one_minus_t)).astype(a0.dtype))
 
         def step(_, bracket):
             lo, hi = bracket
@@ -293,14 +306,29 @@ def normalizer_original(a0: jax.Array, t: jax.Array, num_iters: int, rows: Local
         return 0.5 * (lo + hi)
 
     branch = jnp.where(t == 1, 0, jnp.where(t > 1, 1, 2))
-    return lax.switch(branch, (logsumexp, fixed_point, bisection), a0)
+    methods = (logsumexp, fixed_point, bisection)
+    if jnp.ndim(t) == 0:
+        return lax.switch(branch, methods, a0)
+    return _per_row_method(branch, methods, a0)
+
+
+def _per_row_method(branch: jax.Array, methods, a0: jax.Array) -> jax.Array:
+    """``methods[branch]`` of each row ([..., 1] results): a method runs when some row takes it
+    (other rows' values of it, possibly NaN, are discarded by the selection)."""
+    lam = jnp.zeros_like(a0[..., :1])
+    for index, method in enumerate(methods):
+        taken = branch == index
+        value = lax.cond(jnp.any(taken), method, lambda a0: jnp.zeros_like(a0[..., :1]), a0)
+        lam = jnp.where(taken, value, lam)
+    return lam
 
 
 def tempered_log_softmax_rows(a: jax.Array, t: jax.Array, num_iters: int | None,
                               rows: LocalRows = LOCAL_ROWS) -> jax.Array:
     """log of SPEC's tempered softmax of rows ``a`` [..., C] (compute dtype); -inf where p = 0.
 
-    ``rows`` reduces row statistics across devices when the classes are sharded (``LocalRows``).
+    ``t``: 0-d or per row [..., 1]. ``rows`` reduces row statistics across devices when the
+    classes are sharded (``LocalRows``).
     """
     a0 = shift_by_max(a, rows)
     if num_iters is None:

@@ -459,10 +459,20 @@ def grad_terms(y, log2_p, p, t2_minus_t1):
     a masked column). A p that underflows (log2 p finite, p = 0 in fp32, also ex2.approx's
     flush-to-zero) is not zero: p^(t2 - t1) comes from log2 p, so a confidently wrong row keeps
     d_target = -y at t1 = t2 and the large true value at t2 < t1.
+
+    At t2 < t1, p^(t2 - t1) of an underflowed p can overflow, and p x inf (or 0 x inf of a zero
+    label) would be NaN: there the p part is its own power, p^(1 + t2 - t1) from log2 p (one more
+    EX2 per element, only at t2 < t1; the branch is on a per-program scalar), and y p^(t2 - t1)
+    counts only where y > 0.
     """
     positive = log2_p > -INF
-    power = tl.exp2(t2_minus_t1 * tl.where(positive, log2_p, 0.0))
-    return tl.where(positive, (p - y) * power, 0.0)
+    log2_p_or_0 = tl.where(positive, log2_p, 0.0)
+    power = tl.exp2(t2_minus_t1 * log2_p_or_0)
+    if t2_minus_t1 < 0.0:
+        d = tl.exp2((1.0 + t2_minus_t1) * log2_p_or_0) - tl.where(y > 0.0, y * power, 0.0)
+    else:
+        d = (p - y) * power
+    return tl.where(positive, d, 0.0)
 
 
 @triton.jit

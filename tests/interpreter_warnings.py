@@ -15,7 +15,9 @@ The kernel expressions (kernels/, measured on the tests of this suite):
 - tempered_math.py ``a0 * (one_minus_t / c)`` in the original (num_iters=k) solver: c = 0 in rows
   past N ("divide by zero ... divide");
 - tempered_math.py ``y * (log_t_y - log_t_p)`` in the loss: 0 * inf in masked lanes ("multiply");
-- binary.py ``grad.to(<16-bit dtype>)`` on store: inf/NaN placeholders of masked lanes ("cast").
+- binary.py ``grad.to(<16-bit dtype>)`` on store: inf/NaN placeholders of masked lanes ("cast");
+- tempered_math.py ``grad_terms`` at t2 < t1: p^(t2 - t1) of an underflowed p overflows; the
+  select keeps only labels y > 0 there ("overflow ... exp2").
 """
 
 import pytest
@@ -28,5 +30,6 @@ MESSAGES = (
     "divide by zero encountered in divide",
     "invalid value encountered in multiply",
     "overflow encountered in cast",
+    "overflow encountered in exp2",
 )
 EXPECTED = [pytest.mark.filterwarnings(f"ignore:{message}:RuntimeWarning:{_INTERPRETER}") for message in MESSAGES]

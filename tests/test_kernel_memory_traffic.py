@@ -104,16 +104,18 @@ def test_counter_counts_masked_in_elements_of_the_watched_buffer():
 
 
 def loss_traffic(t1, t2, need_grad, config=CHUNKED, n_rows=N_ROWS, num_classes=NUM_CLASSES,
-                 label_smoothing=0.0, seed=0):
-    """(logit reads per element, gradient writes per element) of one loss_forward call."""
+                 label_smoothing=0.0, seed=0, temperature_grads=False):
+    """(logit reads per element, gradient writes per element) of one loss_forward call
+    (``temperature_grads``: the NEED_TEMP_GRAD variant, issue 22)."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n_rows, num_classes, generator=gen).to(torch.bfloat16)
     labels = torch.randint(0, num_classes, (n_rows,), generator=gen)
     grad = torch.empty_like(logits)
     reads, writes = MemoryTraffic(logits), MemoryTraffic(grad)
     with autotune.pinned(config), reads.watching(), writes.watching():
+        dt = torch.empty(n_rows, 2) if temperature_grads else None
         loss, _ = launchers.loss_forward(logits, labels, t1, t2, label_smoothing, None, -100, need_grad,
-                                         grad_out=grad if need_grad else None)
+                                         grad_out=grad if need_grad else None, temperature_grads=dt)
     assert torch.isfinite(loss).all()
     elements = n_rows * num_classes
     assert reads.stores == 0 and writes.loads == 0
@@ -141,6 +143,18 @@ def test_tempered_sweeps_are_the_passes_plus_two(t1, t2):
     assert reads == READS_BEFORE[(t1, t2)] - saved + 1.0 / NUM_CLASSES
     passes = reads - 2.0 - 1.0 / NUM_CLASSES  # the mean solver passes of the rows
     assert passes <= 4.0 + 1e-9
+
+
+@pytest.mark.parametrize("t1, t2", [(1.0, 1.0), (0.8, 1.2)])
+def test_temperature_gradients_cost_no_extra_sweep(t1, t2):
+    """The temperature gradients' row sums ride the sweeps that run anyway (issue 22): the same
+    logit reads and gradient writes with and without them, on both paths."""
+    for config in (CHUNKED, None):
+        num_classes = NUM_CLASSES if config is CHUNKED else 1000
+        on_chip = RowConfig(False, 1, 1024, 4) if config is None else config
+        for need_grad in (True, False):
+            assert loss_traffic(t1, t2, need_grad, on_chip, num_classes=num_classes, temperature_grads=True) == \
+                loss_traffic(t1, t2, need_grad, on_chip, num_classes=num_classes)
 
 
 def test_t2_one_tempered_t1_costs_one_sums_pass():

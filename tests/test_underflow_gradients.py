@@ -193,3 +193,25 @@ def test_binary_loss(backend, t1, t2):
     assert np.abs(truth_grad[[0, 1, 3]]).min() > 0.3
     np.testing.assert_allclose(loss, truth_loss, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(grad, truth_grad, rtol=2e-4, atol=1e-6)
+
+
+# t2 < t1 by more than a rounding: p^(t2 - t1) of an underflowed p overflows (here exp(90) in
+# float32) where the true p^(1 + t2 - t1) is tiny; a product p x p^(t2 - t1) would give 0 x inf = NaN
+CONFIDENT = np.array([[180.0, 0.0, 0.0, -3.0], [0.0, 95.0, 1.0, 0.0]])
+CONFIDENT_TARGETS = np.array([0, 1])
+
+
+@pytest.mark.parametrize("t1, t2", [(1.5, 1.0), (1.9, 0.5), (1.2, 0.7)])
+def test_confident_rows_at_t2_below_t1_have_finite_gradients(t1, t2, triton_backend):
+    want = ref.loss_grad(CONFIDENT, ref.one_hot(CONFIDENT_TARGETS, 4)[0], t1, t2)
+    assert np.isfinite(want).all()
+    labels = torch.from_numpy(CONFIDENT_TARGETS)
+    for backend in ("torch", "triton"):
+        x = torch.tensor(CONFIDENT, dtype=torch.float32, requires_grad=True)
+        bt.bi_tempered_logistic_loss(x, labels, t1, t2, reduction="sum", backend=backend).backward()
+        np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-4, atol=1e-30, err_msg=backend)
+    for backend in ("xla", "triton"):
+        grad = jax.grad(lambda a: bj.bi_tempered_logistic_loss(a, jnp.asarray(CONFIDENT_TARGETS), t1, t2,
+                                                               backend=backend).sum())(
+            jnp.asarray(CONFIDENT, jnp.float32))
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-30, err_msg=backend)

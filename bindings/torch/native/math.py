@@ -372,12 +372,21 @@ def loss_and_grad_rows(log_p: torch.Tensor, y: torch.Tensor, t1, t2, need_grad: 
         return loss.squeeze(-1), None
     p = exp(log_p)
     forget = exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
-    d = _zero_where_p_is_zero_((p - y).mul_(forget), log_p, has_zero_p)
+    label_part = torch.where(y > 0, y * forget, 0.0) if t2 < t1 else y * forget  # (0 x inf of y = 0: 0)
+    d = _zero_where_p_is_zero_(_p_part(p, log_p, t2 - t1, exp).sub_(label_part), log_p, has_zero_p)
     escort = exp(t2 * log_p)
     loss, escort_sum, d_sum = rows.sum(terms.sum(dim=-1, keepdim=True), escort.sum(dim=-1, keepdim=True),
                                        d.sum(dim=-1, keepdim=True))
     escort.div_(escort_sum)
     return loss.squeeze(-1), d.sub_(escort.mul_(d_sum))
+
+
+def _p_part(p: torch.Tensor, log_p: torch.Tensor, power: float, exp) -> torch.Tensor:
+    """p x p^power of the gradient's (p - y) p^power, a new tensor: at power < 0 (t2 < t1) from log p
+    as p^(1 + power), since p^power of an underflowed p may overflow and 0 x inf is NaN."""
+    if power >= 0.0:
+        return p * exp(power * log_p)
+    return exp((1.0 + power) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
 
 
 def _label_term(value: float, t1: float) -> float:
@@ -419,7 +428,9 @@ def loss_and_grad_rows_indices(log_p: torch.Tensor, indices: torch.Tensor, label
         d.scatter_add_(-1, target, torch.full_like(target, -(on - off), dtype=d.dtype))
     else:
         forget = exp((t2 - t1) * log_p.clamp(min=torch.finfo(log_p.dtype).min))
-        d = (p - off).mul_(forget)
+        d = _p_part(p, log_p, t2 - t1, exp)
+        if off > 0.0:
+            d.sub_(off * forget)
         d.scatter_add_(-1, target, -(on - off) * forget.gather(-1, target))
     _zero_where_p_is_zero_(d, log_p, has_zero_p)
     escort = p.clone() if t2 == 1.0 else exp(t2 * log_p)

@@ -168,4 +168,105 @@ def test_the_readme_table_is_the_committed_run():
     readme = (root / "README.md").read_text()
     demo_section = readme[readme.index("## The demo"):readme.index("## Layout")]
     committed = table((root / "docs" / "demo" / "results.md").read_text())
-    assert len(committed) == 6 and table(demo_section) == committed
+    assert len(committed) == 6 and table(demo_section)[:6] == committed
+    # the learned-temperatures table: its first five columns are docs/demo/learned_temperatures.md's
+    learned = [line.split("|")[1:6] for line in table(demo_section)[6:]]
+    committed_learned = [line.split("|")[1:6] for line in
+                         table((root / "docs" / "demo" / "learned_temperatures.md").read_text())]
+    assert len(learned) == 6 and learned == committed_learned
+
+
+LEARNED = "learned (t1, t2)"
+
+
+def _table_cells(markdown: str):
+    """The Markdown table's rows as lists of cells (header first, the rule dropped)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in lines]
+
+
+def _mean_std(cell: str):
+    mean, std = cell.split(" ± ")
+    return float(mean), float(std)
+
+
+@pytest.fixture(scope="module")
+def learned_runs(tmp_path_factory):
+    """framework -> (output folder, printed text) of one ``--quick --learn-temperatures`` run each,
+    against cross-entropy only (to stay fast)."""
+    from bitempered.demo.__main__ import main
+
+    runs = {}
+    for framework in FRAMEWORKS:
+        out = tmp_path_factory.mktemp(f"learned_{framework}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["--quick", "--learn-temperatures", "--framework", framework, "--losses", "ce",
+                         "--out", str(out)]) == 0
+        runs[framework] = out, printed.getvalue()
+    return runs
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_learned_temperatures_quick(framework, learned_runs):
+    """Both files are written, every model's temperatures left (1, 1) and stayed in the box, and the
+    table's numbers are the CSV's."""
+    from bitempered.demo.learned_temperatures import CSV_COLUMNS as LEARNED_COLUMNS
+    from bitempered.demo.mlp import TemperatureRecipe
+
+    out, printed = learned_runs[framework]
+    assert "loss VALUE" in printed                                # the honest reading is printed
+    assert not (out / "decision_boundaries.png").exists()
+    epochs, box = 3, TemperatureRecipe()
+    header, rows = _read_csv(out / "learned_temperatures.csv")
+    assert tuple(header) == LEARNED_COLUMNS
+    assert [(r["noise"], r["loss"], int(r["epoch"])) for r in rows] == [
+        (n, l, e) for n in QUICK_NOISES
+        for l, e in [(LEARNED, e) for e in range(epochs + 1)] + [("cross-entropy", epochs)]]
+
+    table = _table_cells((out / "learned_temperatures.md").read_text())
+    assert table[0] == ["noise (train labels)", "final t1", "final t2", LEARNED, "cross-entropy"]
+    assert [r[0] for r in table[1:]] == QUICK_NOISES
+    for noise, cells in zip(QUICK_NOISES, table[1:]):
+        learned = [r for r in rows if r["noise"] == noise and r["loss"] == LEARNED]
+        start, final = learned[0], learned[-1]
+        assert [start[k] for k in ("t1_mean", "t2_mean", "per_seed_t1", "per_seed_t2")] == \
+            ["1.0000", "1.0000", "1.0000;1.0000", "1.0000;1.0000"]
+        for r in learned[1:]:                                     # moved, and inside the box
+            t1 = [float(v) for v in r["per_seed_t1"].split(";")]
+            t2 = [float(v) for v in r["per_seed_t2"].split(";")]
+            assert len(t1) == len(t2) == QUICK_SEEDS
+            assert all(box.t1_range[0] <= t <= box.t1_range[1] and t != 1.0 for t in t1)
+            assert all(box.t2_range[0] <= t <= box.t2_range[1] and t != 1.0 for t in t2)
+            assert float(r["t1_mean"]) == pytest.approx(np.mean(t1), abs=1e-3)
+        assert all(r["accuracy_mean"] == "" for r in learned[:-1])  # accuracy at the last epoch only
+        ce = next(r for r in rows if r["noise"] == noise and r["loss"] == "cross-entropy")
+        expected = [(final["t1_mean"], final["t1_std"]), (final["t2_mean"], final["t2_std"]),
+                    (final["accuracy_mean"], final["accuracy_std"]),
+                    (ce["accuracy_mean"], ce["accuracy_std"])]
+        for cell, (mean, std) in zip(cells[1:], expected):
+            assert _mean_std(cell) == pytest.approx((float(mean), float(std)), abs=5.1e-4), (noise, cell)
+    # The fixed cross-entropy models are the main table's, trained once.
+    _, main_rows = _read_csv(out / "results.csv")
+    assert [r["mean_accuracy"] for r in main_rows] == \
+        [r["accuracy_mean"] for r in rows if r["loss"] == "cross-entropy"]
+
+
+@pytest.mark.skipif(len(FRAMEWORKS) < 2, reason="needs both torch and jax")
+def test_learned_temperatures_frameworks_agree(learned_runs):
+    """Same weights, batches and temperature recipe: the two frameworks' trajectories agree."""
+    trajectories = {}
+    for framework in FRAMEWORKS:
+        _, rows = _read_csv(learned_runs[framework][0] / "learned_temperatures.csv")
+        trajectories[framework] = np.array([[float(r[k]) for k in ("t1_mean", "t2_mean")]
+                                            for r in rows if r["loss"] == LEARNED])
+    np.testing.assert_allclose(trajectories["torch"], trajectories["jax"], atol=0.05)
+
+
+def test_learned_temperatures_flags():
+    from bitempered.demo.__main__ import parse_args
+
+    assert parse_args(["--learn-temperatures", "--temperature-lr", "0.05"]).temperature_recipe.lr == 0.05
+    for bad in (["--learn-temperatures", "--boundaries-only"], ["--temperature-lr", "0"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            parse_args(bad)

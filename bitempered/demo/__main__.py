@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from bitempered.demo.data import Noise
 from bitempered.extras import require
-from bitempered.demo.mlp import DEFAULT_LOSSES, LossSpec, Recipe
+from bitempered.demo.mlp import DEFAULT_LOSSES, LossSpec, Recipe, TemperatureRecipe
 
 DEFAULT_NOISES = ("0", "0.2", "0.4", "0.6", "flip:0.4")
 QUICK = dict(noise_rates=("0", "0.4", "flip:0.4"), seeds=2, epochs=3, boundary_epochs=4)
@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="demo_results", help="output folder (default ./demo_results)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration for CI (explicit flags still win)")
+    parser.add_argument("--learn-temperatures", action="store_true",
+                        help="also train every model with its own learnable (t1, t2), starting at (1, 1), "
+                             "jointly with its weights on the training loss, clipped to t1 in [0, 1.95], "
+                             "t2 in [0.2, 4]; writes learned_temperatures.md/.csv next to the fixed "
+                             "losses' results (no 2-D picture)")
+    parser.add_argument("--temperature-lr", type=float, default=TemperatureRecipe.lr,
+                        help="Adam learning rate of the learned temperatures (with --learn-temperatures)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--boundaries-only", action="store_true", help="only the 2-D picture")
     which.add_argument("--no-boundaries", action="store_true", help="skip the 2-D picture")
@@ -63,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--seeds and --epochs must be >= 1")
     args.recipe = Recipe(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     args.boundary_epochs = quick.get("boundary_epochs")
+    if args.learn_temperatures and args.boundaries_only:
+        parser.error("--learn-temperatures trains the digits models: it cannot go with --boundaries-only")
+    if not args.temperature_lr > 0:
+        parser.error(f"--temperature-lr must be > 0, got {args.temperature_lr}")
+    args.temperature_recipe = TemperatureRecipe(lr=args.temperature_lr)
     return args
 
 
@@ -72,7 +84,7 @@ def main(argv=None) -> int:
         require(module, "demo" if module != args.framework else args.framework, "python -m bitempered.demo")
     from tqdm import tqdm
 
-    from bitempered.demo import boundaries, experiment, plots, report
+    from bitempered.demo import boundaries, experiment, learned_temperatures, plots, report
 
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -80,19 +92,24 @@ def main(argv=None) -> int:
     if args.boundary_epochs is not None:
         boundary_recipe = replace(boundary_recipe, epochs=args.boundary_epochs)
     run_main = not args.boundaries_only
-    run_boundaries = not args.no_boundaries
-    total = (len(args.losses) * args.recipe.epochs if run_main else 0) + \
+    run_boundaries = not (args.no_boundaries or args.learn_temperatures)
+    total = ((len(args.losses) + args.learn_temperatures) * args.recipe.epochs if run_main else 0) + \
             (len(args.losses) * boundary_recipe.epochs if run_boundaries else 0)
     models = len(args.noise_rates) * args.seeds
     print(f"framework={args.framework} device={args.device or 'default'} | digits: "
           f"{len(args.noise_rates)} noise settings x {args.seeds} seeds = {models} models per loss, "
-          f"{len(args.losses)} losses, {args.recipe}", flush=True)
+          f"{len(args.losses)} losses{' + learned temperatures' if args.learn_temperatures else ''}, "
+          f"{args.recipe}", flush=True)
 
     written = []
     with tqdm(total=total, unit="epoch", desc="training", file=sys.stderr) as bar:
         if run_main:
             results = experiment.run(args.framework, args.noise_rates, list(range(args.seeds)),
                                      args.losses, args.recipe, device=args.device, progress=bar)
+        if args.learn_temperatures:
+            learned = learned_temperatures.run(args.framework, args.noise_rates, list(range(args.seeds)),
+                                               args.recipe, args.temperature_recipe, device=args.device,
+                                               progress=bar, fixed=results)
         if run_boundaries:
             path = os.path.join(args.out, "decision_boundaries.png")
             boundaries.plot_boundaries(args.framework, args.losses, path, device=args.device,
@@ -100,6 +117,7 @@ def main(argv=None) -> int:
             written.append(path)
     elapsed = time.perf_counter() - start
 
+    command = " ".join(["python -m bitempered.demo"] + list(sys.argv[1:] if argv is None else argv))
     if run_main:
         table = report.text_table(results)
         print()
@@ -110,7 +128,6 @@ def main(argv=None) -> int:
         md_path = os.path.join(args.out, "results.md")
         png_path = os.path.join(args.out, "accuracy_vs_noise.png")
         report.write_csv(results, csv_path)
-        command = " ".join(["python -m bitempered.demo"] + list(sys.argv[1:] if argv is None else argv))
         images = "![accuracy vs noise](accuracy_vs_noise.png)"
         if run_boundaries:
             images += "\n\n![decision boundaries](decision_boundaries.png)"
@@ -121,8 +138,31 @@ def main(argv=None) -> int:
                             title=f"Digits MLP, noisy training labels ({args.framework}, "
                                   f"{args.recipe.epochs} epochs, {args.seeds} seeds)")
         written = [png_path, md_path, csv_path] + written
+    if args.learn_temperatures:
+        written = _report_learned(learned, args, command, elapsed) + written
     print(f"\nwrote {', '.join(written)} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _report_learned(learned, args, command: str, elapsed: float) -> list:
+    """Prints the learned-temperature table and writes its Markdown and CSV; returns their paths."""
+    from bitempered.demo import learned_temperatures
+
+    print()
+    print(f"Learned temperatures at the final epoch, then clean test accuracy (learned, then each "
+          f"fixed loss), mean ± std over {args.seeds} seed(s) ('*' = best mean accuracy in the row):")
+    print(learned_temperatures.text_table(learned))
+    print()
+    print(learned_temperatures.trajectory_summary(learned))
+    print()
+    print(learned_temperatures.explanation(learned))
+    md_path = os.path.join(args.out, "learned_temperatures.md")
+    csv_path = os.path.join(args.out, "learned_temperatures.csv")
+    learned_temperatures.write_csv(learned, csv_path)
+    learned_temperatures.write_markdown(learned, md_path, footer=(
+        f"Command: `{command}`  \nFramework: {args.framework}, device: {args.device or 'default'}; "
+        f"{args.recipe}; {args.temperature_recipe}; wall time {elapsed:.0f} s."))
+    return [md_path, csv_path]
 
 
 if __name__ == "__main__":

@@ -63,6 +63,19 @@ def _number(x: float) -> str:
 DEFAULT_LOSSES = (LossSpec(1.0, 1.0), LossSpec(0.8, 1.2), LossSpec(0.5, 2.0), LossSpec(0.2, 4.0))
 
 
+@dataclass(frozen=True)
+class TemperatureRecipe:
+    """Learnable temperatures: one (t1, t2) pair per model, trained jointly with its weights by
+    their own Adam (the recipe's betas and eps, learning rate ``lr``) on the same training loss,
+    then clipped into ``t1_range`` x ``t2_range`` after every step. The box keeps the loss finite
+    and the solver well conditioned: t1 < 2 is the loss's domain (1.95 leaves a margin), and t2 in
+    [0.2, 4] spans the paper's settings without the very light or very heavy tails."""
+
+    lr: float = 0.02
+    t1_range: tuple[float, float] = (0.0, 1.95)
+    t2_range: tuple[float, float] = (0.2, 4.0)
+
+
 def init_params(seeds, n_in: int, n_hidden: int, n_out: int) -> dict:
     """Stacked initial weights [M, ...] (PyTorch's default uniform(+-1/sqrt(fan_in)) init)."""
     def layer(rng, fan_in, fan_out):

@@ -463,22 +463,33 @@ def test_triton_softmax_sigmoid_and_binary_temperature_grads(triton_backend):  #
                           binary_grads(x64, 0.7, 1.3, "xla"))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="launchers.binary_loss / sigmoid_forward / sigmoid_backward take one temperature "
-                          "(_scalar) so far: remove this mark when they take one per element")
 def test_triton_elementwise_temperatures(triton_backend):  # noqa: F811
-    """One temperature per element for the binary loss and the sigmoid on the Triton backend."""
+    """One temperature per element for the binary loss and the sigmoid on the Triton backend (the
+    binary kernels take one per call: the row kernels run on the two-class rows [0, x]): the
+    values, the logits' gradient and the temperatures', with ignored elements and weights; a 0-d
+    t1 next to a per-element t2."""
     x32, x64 = _float32(np.random.default_rng(24).standard_normal(5) * 3)
-    y = np.asarray([0.2, 0.9, 0.5, 0.0, 1.0], np.float32)
+    y = np.asarray([0.2, 0.9, -1.0, 0.0, 1.0], np.float32)  # the third ignored (ignore_index=-1)
+    weights = np.asarray([1.0, 0.5, 2.0, 1.5, 0.7], np.float32)
     t1, t2 = np.linspace(0.5, 1.0, 5, dtype=np.float32), np.linspace(0.7, 2.0, 5, dtype=np.float32)
 
-    def binary_grads(x, t1, t2, backend):
-        return jax.grad(lambda t1, t2: jnp.sum(bj.bi_tempered_binary_logistic_loss(x, y, t1, t2, backend=backend)),
-                        argnums=(0, 1))(t1, t2)
+    def binary(x, t1, t2, backend):
+        def total(x, t1, t2):
+            return bj.bi_tempered_binary_logistic_loss(x, y, t1, t2, label_smoothing=0.05, ignore_index=-1,
+                                                       reduction="mean", sample_weight=weights, backend=backend)
+        return total(x, t1, t2), jax.grad(total, argnums=(0, 1, 2))(x, t1, t2)
 
-    def sigmoid_grad(x, t, backend):
-        return jax.grad(lambda t: jnp.sum(bj.tempered_sigmoid(x, t, backend=backend)))(t)
+    def sigmoid(x, t, backend):
+        def total(x, t):
+            return jnp.sum(weights * bj.tempered_sigmoid(x, t, backend=backend))
+        return bj.tempered_sigmoid(x, t, backend=backend), jax.grad(total, argnums=(0, 1))(x, t)
 
-    _assert_float32_close(binary_grads(x32, t1, t2, "triton"), binary_grads(x64, t1.astype(np.float64),
-                                                                           t2.astype(np.float64), "xla"))
-    _assert_float32_close(sigmoid_grad(x32, t2, "triton"), sigmoid_grad(x64, t2.astype(np.float64), "xla"))
+    def assert_all_close(got, want):
+        for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert got_leaf.dtype == jnp.float32 and got_leaf.shape == want_leaf.shape
+            _assert_float32_close(got_leaf, want_leaf)
+
+    for u1 in (t1, np.float32(0.8)):
+        assert_all_close(binary(x32, u1, t2, "triton"), binary(x64, u1.astype(np.float64), t2.astype(np.float64),
+                                                               "xla"))
+    assert_all_close(sigmoid(x32, t2, "triton"), sigmoid(x64, t2.astype(np.float64), "xla"))

@@ -291,3 +291,127 @@ def test_triton_path(triton_backend, monkeypatch):
         for got, want in zip(grads, expected[1:]):
             _close(got, want, 1e-5)
     assert calls and all(shape == (3, 9) for shape in calls)  # traced once per scan body, chunk-sized
+
+
+# --------------------------------------------------------------------------------------------
+# Learnable temperatures (issue 22): dL/dt1, dL/dt2 of the fused head equal the plain loss's
+# --------------------------------------------------------------------------------------------
+
+def _temperature_case(per_row, n=N, seed=30):
+    """(t1, t2): 0-d, or one per row (t2 < 1 rows next to t = 1 and t2 > 1 rows)."""
+    if not per_row:
+        return jnp.float64(0.8), jnp.float64(1.3)
+    rng = np.random.default_rng(seed)
+    t1, t2 = rng.choice([0.5, 0.8, 1.0], n), rng.choice([0.7, 1.0, 1.5, 2.0], n)
+    # t1 < 1 where t2 < 1: a smoothed label outside the finite support makes the loss +inf for t1 >= 1
+    return jnp.asarray(np.where(t2 < 1, np.minimum(t1, 0.8), t1)), jnp.asarray(t2)
+
+
+def _fused_and_plain_grads(x, w, b, y, t1, t2, reduction, chunk, backend="xla", **options):
+    """The gradients of (x, w, b, t1, t2) of upstream . loss for the fused head and for the plain
+    loss of ``x @ w.T + b``; ``options``: smoothing and the weights."""
+    g = _upstream(reduction, n=x.shape[0], dtype=x.dtype)
+    smoothing = options.pop("label_smoothing", 0.1)
+    class_weight, sample_weight = options.pop("class_weight", None), options.pop("sample_weight", None)
+
+    def fused(x, w, b, t1, t2):
+        return jnp.sum(g * bj.linear_bi_tempered_logistic_loss(
+            x, w, y, t1, t2, bias=b, label_smoothing=smoothing, reduction=reduction, chunk_size=chunk,
+            backend=backend, class_weight=class_weight, sample_weight=sample_weight))
+
+    def plain(x, w, b, t1, t2):
+        return jnp.sum(g * bj.bi_tempered_logistic_loss(
+            x.astype(jnp.float64) @ w.astype(jnp.float64).T + b.astype(jnp.float64), y, t1.astype(jnp.float64),
+            t2.astype(jnp.float64), label_smoothing=smoothing, reduction=reduction, backend="xla",
+            weight=class_weight, sample_weight=sample_weight))
+
+    argnums = (0, 1, 2, 3, 4)
+    return jax.grad(fused, argnums)(x, w, b, t1, t2), jax.grad(plain, argnums)(x, w, b, t1, t2)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_temperature_grads_match_plain_loss(reduction, per_row):
+    """float64 XLA: several chunk sizes (one row, a ragged tail, one chunk), smoothing, an ignored
+    row; with class and sample weights for "mean"; the projection's gradients unchanged."""
+    x, w, b, y = _inputs()
+    t1, t2 = _temperature_case(per_row)
+    options = {}
+    if reduction == "mean":
+        rng = np.random.default_rng(31)
+        options = {"class_weight": jnp.asarray(rng.uniform(0.5, 2.0, C)),
+                   "sample_weight": jnp.asarray(rng.uniform(0.0, 2.0, N))}
+    for chunk in (1, CHUNK, N + 3):
+        got, want = _fused_and_plain_grads(x, w, b, y, t1, t2, reduction, chunk, **dict(options))
+        assert got[3].shape == t1.shape and got[4].shape == t2.shape
+        for g, e in zip(got, want):
+            _close(g, np.asarray(e), 1e-10)
+
+
+def test_temperature_grads_dense_labels_and_leading_axes():
+    """Dense labels; hidden [2, 6, H] with a temperature per row of shape [2, 6]; t = 1 exactly."""
+    x, w, b, y = _inputs(n=12, dense=True)
+    t1, t2 = _temperature_case(True, n=12)
+    t1 = t1.at[:4].set(1.0)
+    t2 = t2.at[:4].set(1.0)
+    g = jnp.asarray(np.random.default_rng(32).standard_normal((2, 6)))
+
+    def fused(t1, t2):
+        return jnp.sum(g * bj.linear_bi_tempered_logistic_loss(x.reshape(2, 6, H), w, y.reshape(2, 6, C), t1, t2,
+                                                               bias=b, chunk_size=5))
+
+    def plain(t1, t2):
+        return jnp.sum(g.reshape(-1) * bj.bi_tempered_logistic_loss(x @ w.T + b, y, t1.reshape(-1), t2.reshape(-1)))
+
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(t1.reshape(2, 6), t2.reshape(2, 6))
+    want = jax.grad(plain, argnums=(0, 1))(t1.reshape(2, 6), t2.reshape(2, 6))
+    for g_, e in zip(got, want):
+        assert g_.shape == (2, 6)
+        _close(g_, np.asarray(e), 1e-10)
+
+
+def test_temperature_terms_only_when_a_temperature_is_differentiated(monkeypatch):
+    """The chunks trace the temperature terms only for a differentiated temperature; the
+    temperatures alone (no projection gradient) differentiate too; one compile for every value."""
+    from bitempered.bindings.jax.native import temperature as native_temperature
+
+    traced = []
+    terms = native_temperature.loss_temperature_terms
+    monkeypatch.setattr(native_temperature, "loss_temperature_terms", lambda *a: traced.append(1) or terms(*a))
+    x, w, b, y = _inputs(n=9, h=5, c=8)  # shapes no other test uses: fresh traces
+
+    def loss(x, w, t1, t2):
+        return bj.linear_bi_tempered_logistic_loss(x, w, y, t1, t2, reduction="sum", chunk_size=4)
+
+    jax.jit(jax.grad(loss))(x, w, 0.8, 1.3)
+    assert not traced
+    temperatures_only = jax.jit(jax.grad(loss, argnums=(2, 3)))
+    for t1, t2 in [(0.8, 1.3), (0.6, 0.9)]:
+        got = temperatures_only(x, w, t1, t2)
+    assert traced and temperatures_only._cache_size() == 1
+    want = jax.grad(lambda t1, t2: jnp.sum(bj.bi_tempered_logistic_loss(x @ w.T, y, t1, t2)), argnums=(0, 1))(0.6, 0.9)
+    _close(np.asarray(got), np.asarray(want), 1e-10)
+
+
+def test_temperature_grads_need_converged_normalization_and_a_row_shape():
+    x, w, b, y = _inputs()
+    with pytest.raises(ValueError, match="num_iters"):
+        jax.grad(lambda t: bj.linear_bi_tempered_logistic_loss(x, w, y, t, 1.3, num_iters=4, reduction="sum"))(0.8)
+    # the projection's gradient at num_iters=k needs no temperature derivative
+    assert np.isfinite(jax.grad(lambda x: bj.linear_bi_tempered_logistic_loss(
+        x, w, y, 0.8, 1.3, num_iters=4, reduction="sum"))(x)).all()
+    with pytest.raises(ValueError, match=r"t2 .*\(13,\).*hidden's shape.*got shape \(12,\)"):
+        bj.linear_bi_tempered_logistic_loss(x, w, y, 0.8, jnp.ones(N - 1))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+def test_triton_temperature_grads(triton_backend, per_row):  # noqa: F811
+    """The per-chunk Triton kernel's temperature variant (float32) against the float64 plain loss."""
+    x, w, b, y = _inputs(n=7, h=5, c=9, dtype=jnp.float32, ignore=(2,))
+    t1, t2 = _temperature_case(per_row, n=7)
+    t1, t2 = t1.astype(jnp.float32), t2.astype(jnp.float32)
+    for reduction in ("mean", "none"):
+        got, want = _fused_and_plain_grads(x, w, b, y, t1, t2, reduction, 3, backend="triton")
+        for g, e in zip(got, want):
+            assert g.dtype == jnp.float32
+            _close(g, np.asarray(e), 2e-5)

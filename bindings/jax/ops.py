@@ -116,22 +116,34 @@ def wants_temperature_grads(num_iters, *temperatures) -> bool:
     return wanted
 
 
+def varying_axes(value) -> set:
+    """The mesh axes ``value`` varies over, as ``shard_map``'s check_vma tracks them (none when it
+    is off, or outside shard_map). (jax 0.10: aval.manual_axis_type.varying)"""
+    return set(getattr(getattr(jax.typeof(value), "manual_axis_type", None), "varying", ()))
+
+
 def temperature_like(t):
-    """The residual that lets a backward rule shape a temperature's cotangent: a zero-size array
-    (the temperature's shape + (0,), its dtype) when ``t`` (a ``CustomVJPPrimal``) is
-    differentiated, else None (no cotangent)."""
-    return jnp.zeros(t.value.shape + (0,), t.value.dtype) if t.perturbed else None
+    """The residual that lets a backward rule shape a temperature's cotangent: a zero-size slice
+    of it (the temperature's shape + (0,), its dtype and the mesh axes it varies over) when ``t``
+    (a ``CustomVJPPrimal``) is differentiated, else None (no cotangent)."""
+    return t.value[..., None][..., :0] if t.perturbed else None
 
 
 def temperature_cotangent(row_grads, like, upstream=None):
     """``upstream`` x each row's dL/dt (both of the rows' shape; None: ``row_grads`` already
     include it), summed to the temperature's shape (``like``: :func:`temperature_like`; 0-d: the
-    sum over rows, per row: each row's), or None for a temperature not differentiated."""
+    sum over rows, per row: each row's), or None for a temperature not differentiated.
+
+    Inside shard_map, a temperature the same on every device of a mesh axis whose devices hold
+    other rows (a 0-d temperature with the rows sharded over "data") gets the sum of the devices'
+    parts (a psum over those axes, as JAX's own transpose of the implicit broadcast would)."""
     if like is None:
         return None
     values = row_grads if upstream is None else upstream.astype(row_grads.dtype) * row_grads
     shape = like.shape[:-1]
-    return (jnp.sum(values) if shape == () else values.reshape(shape)).astype(like.dtype)
+    cotangent = (jnp.sum(values) if shape == () else values.reshape(shape)).astype(like.dtype)
+    missing = tuple(sorted(varying_axes(cotangent) - varying_axes(like)))
+    return jax.lax.psum(cotangent, missing) if missing else cotangent
 
 
 def jitted_rule(rule, static_argnums):
@@ -194,8 +206,8 @@ def _stored_gradient_fwd(kernel, x, labels, t1, t2, label_smoothing, axis=-1, te
     row_grads = None
     if t1.perturbed or t2.perturbed:
         if temperature_kernel is None:
-            raise NotImplementedError("gradients of t1/t2 are not implemented on this backend (the vocab-parallel "
-                                      "Triton kernels): use backend='xla', or stop their gradient")
+            raise NotImplementedError("gradients of t1/t2 are not implemented on this backend: use backend='xla', "
+                                      "or stop their gradient")
         loss, *grad, row_grads = temperature_kernel(need_grad)(*operands)
         grad = grad[0] if need_grad else None
     elif need_grad:
@@ -288,13 +300,41 @@ def _triton_softmax_vjp_fn(axis, need_temperature_grad=False):
     return fold_batch(fn, 2)
 
 
+def _per_element(*temperatures) -> bool:
+    """A temperature per element of the binary functions: the binary kernels take one per call, so
+    such calls run the row kernels on the two-class rows [0, x] (one row per element) instead."""
+    return any(jnp.ndim(t) > 0 for t in temperatures)
+
+
+def _triton_two_class_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad, need_temperature_grads):
+    """(loss, [dL/dx for unit upstream gradient if need_grad,] [each element's (dL/dt1, dL/dt2)
+    [..., 2] if need_temperature_grads]) of the binary loss as the row kernel's loss of the
+    two-class rows [0, x], [1 - y, y]: x's gradient is the second class's (the first logit is
+    the constant 0)."""
+    from bitempered.bindings.jax import launchers
+
+    y = y.astype(jnp.float32)
+    out = launchers.loss_rows(_two_classes(x, jnp.zeros_like(x)), _two_classes(y, 1.0 - y), flat_temperature(t1),
+                              flat_temperature(t2), label_smoothing, num_iters, None, need_grad,
+                              need_temperature_grads=need_temperature_grads)
+    loss = (out[0].reshape(x.shape),)
+    grad = (out[1][..., 1],) if need_grad else ()
+    row_grads = (out[2].reshape(x.shape + (2,)),) if need_temperature_grads else ()
+    return loss + grad + row_grads
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_binary_fn(num_iters, need_grad):
+    """The binary loss on the Triton kernels: the binary kernel, or with a temperature per element
+    the row kernel on the two-class rows (:func:`_triton_two_class_loss`)."""
     def fn(x, y, t1, t2, label_smoothing):
         from bitempered.bindings.jax import launchers
 
-        loss, grad = launchers.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), flat_temperature(t1),
-                                           flat_temperature(t2), label_smoothing, num_iters, need_grad)
+        if _per_element(t1, t2):
+            out = _triton_two_class_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad, False)
+            return out if need_grad else out[0]
+        loss, grad = launchers.binary_loss(x.reshape(-1), y.reshape(-1).astype(jnp.float32), t1, t2,
+                                           label_smoothing, num_iters, need_grad)
         return (loss.reshape(x.shape), grad.reshape(x.shape)) if need_grad else loss.reshape(x.shape)
 
     return fold_batch(fn, 2)
@@ -302,41 +342,45 @@ def _triton_binary_fn(num_iters, need_grad):
 
 @functools.lru_cache(maxsize=None)
 def _triton_binary_temperature_fn(num_iters, need_grad):
-    """The binary loss on the Triton kernel with each element's (dL/dt1, dL/dt2) [..., 2]
-    (``temperature_kernel`` protocol of :func:`stored_gradient_loss`): the binary kernel has no
-    temperature variant, so they come from the XLA loss of the two-class rows (a solve of two
-    classes per element, in the compute dtype)."""
+    """The binary loss with each element's (dL/dt1, dL/dt2) [..., 2] (``temperature_kernel``
+    protocol of :func:`stored_gradient_loss`): the binary kernel has no temperature variant, so the
+    row kernel's runs on the two-class rows (one solve for the loss and every derivative)."""
     if num_iters is not None:
         raise ValueError(f"gradients of the temperatures need num_iters=None, got num_iters={num_iters}")
-    kernel = _triton_binary_fn(num_iters, need_grad)
-    rows = xla_forward_fn(None, None, None, False, True)
 
     def fn(x, y, t1, t2, label_smoothing):
-        out = kernel(x, y, t1, t2, label_smoothing)
-        y = y.astype(t1.dtype)
-        _, row_grads = rows(_two_classes(x.astype(t1.dtype), jnp.zeros_like(y)), _two_classes(y, 1.0 - y), t1, t2,
-                            label_smoothing)
-        return (*out, row_grads) if need_grad else (out, row_grads)
+        return _triton_two_class_loss(x, y, t1, t2, label_smoothing, num_iters, need_grad, True)
 
-    return fn
+    return fold_batch(fn, 2)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_sigmoid_fn(num_iters):
+    """The sigmoid on the binary kernel, or with a temperature per element the softmax kernel's
+    second class of the rows [0, x]."""
     def fn(x, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.sigmoid_forward(x.reshape(-1), flat_temperature(t), num_iters).reshape(x.shape)
+        if _per_element(t):
+            p = launchers.softmax_forward(_two_classes(x, jnp.zeros_like(x)), flat_temperature(t), num_iters)
+            return p[..., 1]
+        return launchers.sigmoid_forward(x.reshape(-1), t, num_iters).reshape(x.shape)
 
     return fold_batch(fn, 1)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_sigmoid_vjp_fn():
+    """The sigmoid's vjp on the binary kernel, or with a temperature per element the softmax
+    kernel's on the rows [1 - p, p] with upstream [0, g]."""
     def fn(p, grad_p, t):
         from bitempered.bindings.jax import launchers
 
-        return launchers.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), flat_temperature(t)).reshape(p.shape)
+        if _per_element(t):
+            grad = launchers.softmax_backward(_two_classes(p, 1.0 - p), _two_classes(grad_p, jnp.zeros_like(grad_p)),
+                                              flat_temperature(t))
+            return grad[..., 1]
+        return launchers.sigmoid_backward(p.reshape(-1), grad_p.reshape(-1), t).reshape(p.shape)
 
     return fold_batch(fn, 2)
 
@@ -462,23 +506,28 @@ def weighted_reduce(loss_rows, labels, class_weight, sample_weight, ignore_index
 loss_jit = jax.jit(_loss, static_argnums=(7, 8, 9, 10, 11))
 
 
-def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, backend):
+def loss_rows(logits, labels, t1, t2, label_smoothing, row_weights, num_iters, ignore_index, backend,
+              need_temperature_grads=False):
     """(per-row loss, ``row_weights`` [N] x dL/dlogits in the logits' dtype, or None when
     ``row_weights`` is None): the plain loss's forward and backward in one go, for a caller that
-    already knows each row's upstream value (the fused linear head, per chunk)."""
+    already knows each row's upstream value (the fused linear head, per chunk). Temperatures: 0-d
+    or [N]. With ``need_temperature_grads`` (static) a third output, each row's (dL/dt1, dL/dt2)
+    [N, 2] for unit upstream gradient (0 on ignored rows), from the same solve."""
     need_grad = row_weights is not None
     like = jnp.zeros((0,), logits.dtype)
+    grad = None
     if backend == "triton":
-        out = _triton_loss_fn(num_iters, ignore_index, -1, need_grad)(logits, labels, t1, t2, label_smoothing)
-        if not need_grad:
-            return out, None
-        loss, grad = out
-        return loss, scale_stored_gradient(grad, row_weights, like)
-    loss, *residual = xla_forward_fn(num_iters, ignore_index, None, need_grad)(logits, labels, t1, t2,
-                                                                              label_smoothing)
-    if not need_grad:
-        return loss, None
-    return loss, xla_backward_fn(ignore_index, None)(labels, *residual, row_weights, label_smoothing, like)
+        out = _triton_loss_fn(num_iters, ignore_index, -1, need_grad, need_temperature_grads)(
+            logits, labels, t1, t2, label_smoothing)
+        loss, *rest = out if isinstance(out, tuple) else (out,)
+        if need_grad:
+            grad = scale_stored_gradient(rest[0], row_weights, like)
+    else:
+        loss, *rest = xla_forward_fn(num_iters, ignore_index, None, need_grad, need_temperature_grads)(
+            logits, labels, t1, t2, label_smoothing)
+        if need_grad:
+            grad = xla_backward_fn(ignore_index, None)(labels, *rest[:3], row_weights, label_smoothing, like)
+    return (loss, grad, rest[-1]) if need_temperature_grads else (loss, grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -23,8 +23,15 @@ Backends: ``"xla"`` (that XLA loss), ``"triton"`` (the vocab-parallel kernels of
 then the epilogue sums and the gradient, driven by the same ``native.math.solve_normalizers`` with
 the same collectives; the support size costs one more pass over the slice when t < 1) and
 ``"auto"`` (Triton on a GPU with jax-triton, as ``bi_tempered_logistic_loss``). The kernels run
-the converged solver; ``num_iters=k`` and a global C of 1 take the XLA path on every backend.
-``vocab_parallel_tempered_softmax`` is XLA only.
+the converged solver with one temperature for every row; ``num_iters=k``, per-row temperatures
+and a global C of 1 take the XLA path on every backend. ``vocab_parallel_tempered_softmax`` is
+XLA only.
+
+Learnable temperatures: t1, t2 (and the softmax's t) differentiate as in the plain loss, each
+row's derivatives from the same solve, computed only when a temperature is differentiated. On XLA
+the temperature terms' row sums are reduced like the loss's; on the kernels the epilogue's
+temperature variant adds its three row sums (dL/dt1, sum A, sum E) to the epilogue's one packed
+psum: no other collective.
 
 The class axis ``axis`` (keyword, default -1, as ``bi_tempered_logistic_loss``): the XLA loss and
 softmax move it last (``ops.classes_last``: XLA fuses the transpose, and JAX transposes the
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -47,25 +53,25 @@ from bitempered.bindings.jax.native.math import AxisRows
 
 __all__ = ["vocab_parallel_bi_tempered_logistic_loss", "vocab_parallel_tempered_softmax"]
 
-
-def _varying_axes(value) -> set:
-    """The mesh axes ``value`` varies over, as ``shard_map``'s check_vma tracks them (none when it
-    is off). (jax 0.10: aval.manual_axis_type.varying)"""
-    return set(getattr(getattr(jax.typeof(value), "manual_axis_type", None), "varying", ()))
+_ROWS_NAME = "local_logits' shape without the class axis"
 
 
 def _vary_like(x, like):
     """``x`` varying over the mesh axes ``like`` varies over: a kernel call's output (jax-triton's
     call, or the interpreter's callback) carries none under ``shard_map``'s check_vma, and a psum
     of a value that does not vary would count it once per device."""
-    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+    missing = tuple(sorted(ops.varying_axes(like) - ops.varying_axes(x)))
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, axis, need_grad):
+def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, axis, need_grad,
+                      need_temperature_grads=False):
     """The loss on the vocab-parallel Triton kernels: the slice with its C_local classes on ``axis``
     (negative), read in place; per-row values [R] in row order. The loss in the temperatures'
-    dtype, the unit gradient fp32 (one rounding in the backward)."""
+    dtype, the unit gradient fp32 (one rounding in the backward). Returns (loss, unit gradient or
+    None, each row's (dL/dt1, dL/dt2) [rows..., 2] or None): with ``need_temperature_grads`` the
+    epilogue's temperature variant adds three row sums to the one packed psum (no other
+    collective)."""
     from bitempered.bindings.jax import launchers
 
     rows = AxisRows(axis_name)
@@ -93,36 +99,61 @@ def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axi
     else:
         local = labels  # the dense slice, of the logits' shape
         kept = invalid = None
-    loss, sum_e, sum_d = rows.sum(*jnp.split(_vary_like(launchers.vocab_parallel_epilogue(
-        logits, local, row_max, y, t1, t2, label_smoothing, num_classes, axis=axis), logits), 3, axis=-1))
-    loss = loss[:, 0]
-    if kept is not None:
-        loss = jnp.where(kept, jnp.where(invalid, jnp.nan, loss), 0.0)
-    loss = loss.astype(t1.dtype)
+    columns = 6 if need_temperature_grads else 3
+    loss, sum_e, sum_d, *temperature_sums = rows.sum(*jnp.split(_vary_like(launchers.vocab_parallel_epilogue(
+        logits, local, row_max, y, t1, t2, label_smoothing, num_classes, axis=axis,
+        need_temperature_grads=need_temperature_grads), logits), columns, axis=-1))
+    loss = _mask_rows(loss[:, 0], kept, invalid).astype(t1.dtype)
     rows_shape = check.without_axis(logits.shape, axis)
+    row_grads = None
+    if need_temperature_grads:
+        row_grads = _temperature_grads(sum_e, sum_d, *temperature_sums, kept, invalid).astype(t1.dtype)
+        row_grads = row_grads.reshape(rows_shape + (2,))
     if not need_grad:
-        return loss.reshape(rows_shape), None
+        return loss.reshape(rows_shape), None, row_grads
     row_scale = jnp.ones_like(row_max) if kept is None else jnp.where(kept, jnp.where(invalid, jnp.nan, 1.0), 0.0)
     grad = launchers.vocab_parallel_gradient(
         logits, local, row_max, y, jnp.concatenate([loss.reshape(-1, 1).astype(jnp.float32), sum_e, sum_d], axis=-1),
         row_scale.astype(jnp.float32), t1, t2, label_smoothing, num_classes, axis=axis)
-    return loss.reshape(rows_shape), _vary_like(grad, logits)
+    return loss.reshape(rows_shape), _vary_like(grad, logits), row_grads
+
+
+def _mask_rows(values, kept, invalid):
+    """Per-row values [R] (or [R, k]) with the ignored rows 0 and the rows of an invalid class
+    index NaN (``kept``/``invalid``: None for dense labels, every row kept)."""
+    if kept is None:
+        return values
+    if values.ndim > kept.ndim:
+        kept, invalid = kept[:, None], invalid[:, None]
+    return jnp.where(kept, jnp.where(invalid, jnp.nan, values), 0.0)
+
+
+def _temperature_grads(sum_e, sum_d, dt1, sum_a, sum_big_e, kept, invalid):
+    """Each row's (dL/dt1, dL/dt2) [R, 2] for unit upstream gradient from the epilogue's REDUCED
+    row sums ([R, 1] each): dL/dt2 = sum A - sum d sum E / sum e (``kernels/vocab_parallel.py``);
+    0 on ignored rows, NaN on rows of an invalid class index."""
+    return _mask_rows(jnp.concatenate([dt1, sum_a - sum_d * sum_big_e / sum_e], axis=-1), kept, invalid)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_loss_fn(ignore_index, axis_name, axis, need_grad):
+def _kernel_loss_fn(ignore_index, axis_name, axis, need_grad, need_temperature_grads=False):
     """The kernel path with vmap folded into the rows (jax-triton's call has no batching rule;
-    the class axis is negative, so the batch folded in front does not move it)."""
+    the class axis is negative, so the batch folded in front does not move it): the loss, or
+    (loss, [unit gradient if need_grad,] [each row's (dL/dt1, dL/dt2) if need_temperature_grads]),
+    the ``kernel`` / ``temperature_kernel`` protocols of ``ops.stored_gradient_loss``."""
     def fn(logits, labels, t1, t2, label_smoothing):
-        loss, grad = _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name, axis,
-                                       need_grad)
-        return (loss, grad) if need_grad else loss
+        loss, grad, row_grads = _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axis_name,
+                                                  axis, need_grad, need_temperature_grads)
+        out = (loss,) + ((grad,) if need_grad else ()) + ((row_grads,) if need_temperature_grads else ())
+        return out if len(out) > 1 else loss
 
     folded = ops.fold_batch(fn, 2)
 
     def call(logits, labels, t1, t2, label_smoothing):
         out = folded(logits, labels, t1, t2, label_smoothing)
-        return (out[0], _vary_like(out[1], logits)) if need_grad else out
+        if not need_grad:
+            return out
+        return (out[0], _vary_like(out[1], logits), *out[2:])
 
     return call
 
@@ -144,8 +175,8 @@ def _check_axis(axis_name, logits) -> None:
         except NameError:
             raise ValueError(f"axis_name {name!r} is not an axis of an enclosing jax.shard_map: call this "
                              "function inside shard_map over a mesh with that axis") from None
-        tracked = name in _varying_axes(lax.axis_index(name))
-        if size > 1 and tracked and name not in _varying_axes(logits):
+        tracked = name in ops.varying_axes(lax.axis_index(name))
+        if size > 1 and tracked and name not in ops.varying_axes(logits):
             raise ValueError(
                 f"local_logits are replicated over axis_name {name!r} (the same on its {size} devices), but "
                 "each device must hold its own slice of the classes: shard the class axis over it "
@@ -156,12 +187,14 @@ def vocab_parallel_tempered_softmax(local_logits, t, axis_name, num_iters=None, 
     """Tempered softmax of rows whose classes are sharded over ``axis_name`` (inside shard_map).
 
     Returns this device's slice of ``tempered_softmax(concatenated logits, t, axis=axis)``, in the
-    logits' dtype; ``axis`` (keyword only, default -1): the class axis of ``local_logits``.
-    Collectives: pmax, then psum of the support size and one psum per solver pass.
+    logits' dtype; ``axis`` (keyword only, default -1): the class axis of ``local_logits``; ``t``:
+    0-d or one per row (``local_logits``' shape without ``axis``), differentiable. Collectives:
+    pmax, then psum of the support size and one psum per solver pass.
     """
     logits, axis = args.as_class_logits(local_logits, axis)
     iters = args.as_num_iters(num_iters)
-    t_, _ = args.scalar(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"))
+    t_ = args.temperature(t, "t", native.compute_dtype(logits.dtype), lambda value: check.check_t(value, "t"),
+                          check.without_axis(logits.shape, axis), _ROWS_NAME)
     _check_axis(axis_name, logits)
     if logits.size == 0:
         return jnp.zeros(logits.shape, logits.dtype)
@@ -183,6 +216,8 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
         axis_name: the mesh axis (or tuple of axes) that shards the classes.
         t1, t2, label_smoothing, num_iters, ignore_index: as in ``bi_tempered_logistic_loss``;
             smoothing uses the GLOBAL class count; ``ignore_index`` may be None (no row ignored).
+            The temperatures are 0-d or one per row (the rows' shape, sharded like the labels;
+            they run on XLA) and differentiable (``num_iters=None``).
         backend: "auto" (the vocab-parallel Triton kernels on a GPU with jax-triton, XLA otherwise),
             "xla" or "triton" (see the module docstring; ``num_iters=k`` runs on XLA).
         reduction: "none" (default: the per-row losses), "sum" or "mean" over THIS device's rows
@@ -207,20 +242,25 @@ def vocab_parallel_bi_tempered_logistic_loss(local_logits, labels, t1, t2, axis_
     ignore_index = args.as_ignore_index(ignore_index)
     check.check_reduction(reduction)
     dtype = native.compute_dtype(logits.dtype)
-    t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype)
+    rows_shape = check.without_axis(logits.shape, axis)
+    t1_, t2_, s_, _ = args.temperatures(t1, t2, label_smoothing, dtype, rows_shape, _ROWS_NAME)
     _check_axis(axis_name, logits)
     num_classes = AxisRows(axis_name).class_slice(logits.shape[axis])[1]
     weight = args.as_class_weight(weight, indices, num_classes)
-    sample_weight = args.as_sample_weight(sample_weight, check.without_axis(logits.shape, axis))
+    sample_weight = args.as_sample_weight(sample_weight, rows_shape)
     backend = args.resolve_backend(backend, logits.dtype)
-    if iters is not None or num_classes < 2:
-        backend = "xla"  # the kernels run the converged solver; C = 1 takes XLA's NaN-smoothing rule
+    if iters is not None or num_classes < 2 or t1_.ndim or t2_.ndim:
+        # the kernels run the converged solver with one temperature for every row; C = 1 takes
+        # XLA's NaN-smoothing rule
+        backend = "xla"
     labels = jnp.asarray(labels)
     if logits.size == 0:
-        loss = jnp.zeros(check.without_axis(logits.shape, axis), dtype)
+        loss = jnp.zeros(rows_shape, dtype)
     elif backend == "triton":
         kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name, axis)
-        loss = ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_, axis)
+        temperature_kernel = functools.partial(_kernel_loss_fn, ignore_index, axis_name, axis,
+                                               need_temperature_grads=True)
+        loss = ops.stored_gradient_loss(kernel, logits, labels, t1_, t2_, s_, axis, temperature_kernel)
     else:
         loss = ops.xla_loss(*ops.classes_last(logits, labels, axis), t1_, t2_, s_, iters, ignore_index, axis_name)
     return ops.weighted_reduce(loss, labels, weight, sample_weight, ignore_index, reduction, axis)

@@ -19,9 +19,22 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
 - ``MAX_REGISTERS = 128`` (passed as ``maxnreg``): lets ptxas use up to the 64K-register file
   / 512 threads, i.e. keeps >= 16 warps resident per SM for any num_warps <= 16. Without it
   ptxas chose 64 registers and spilled 8 bytes (original-algorithm variant, 16 warps, sm_80).
-- ``ON_CHIP_LIMIT``: the largest C kept in registers = the 4096 tile, for every dtype: the tile is
-  converted to fp32 on load, so 16-bit logits need the same registers (a per-dtype dict so a GPU
-  measurement can change it). Above it the chunked path streams the row once per sweep
+- Wide tiles (``NARROW_TILE`` = 4096 < elements <= 8192): ``MAX_BLOCK_WARPS = 32`` (1024
+  threads, 8 per thread) at ``WIDE_TILE_REGISTERS = 64`` (the whole 65536-register file, one block
+  per SM, as the 4096 tile at 111 x 512). ptxas fits the lean variants in 64 registers with zero
+  spills, sm_90 and sm_80: the loss with class indices (fp32, bf16, the original algorithm),
+  softmax forward and backward (with d/dt too), the vocab-parallel kernels (40-64). It spills the
+  loss kernel's dense-label variant (16 bytes) and temperature-gradient variants (200-232 bytes),
+  so those stream such rows (``fit_loss_variant``). Measured and left: 8192 at 16 warps / 128
+  registers spilled 8-16 bytes; 16384 spilled at 16 warps / 128 (568 bytes) and 32 warps / 64
+  (288); keeping only the tile live across the solver passes (an experiment: the passes carry
+  row sums, the epilogue evaluates the tile again) did not help (4096: the same 111 registers;
+  8192: 112 bytes spilled): the registers go to the ~10 per element per thread of one pass's
+  unrolled evaluation (4 per thread: 72 registers, 8: 111), not to the carried arrays.
+- ``ON_CHIP_LIMIT``: the largest C kept in registers = the 8192 wide tile, for every dtype: the tile
+  is converted to fp32 on load, so 16-bit logits need the same registers (a per-dtype dict so a GPU
+  measurement can change it); 4096 (``NARROW_TILE``) for the loss's dense-label and
+  temperature-gradient variants. Above it the chunked path streams the row once per sweep
   (kernels/README.md, "Memory traffic": 2 reads per logit at t1 = t2 = 1 with gradient, the
   solver passes + 2 tempered; reads beyond the first may hit L2: ~130 rows of 16K fp32 in
   flight is ~8 MB). Its loss kernel (issue 20: fused sums, online max + sum-exp), ptxas: 84
@@ -64,7 +77,10 @@ MAX_PASSES = 30  # the solver's safety cap, of every backend (the native solvers
 ELEMS_PER_THREAD = 4
 MAX_WARPS = 16
 MAX_REGISTERS = 128
-ON_CHIP_LIMIT = {4: 4096, 2: 4096}  # element size in bytes -> largest on-chip C
+NARROW_TILE = MAX_WARPS * 32 * 8  # 4096: the widest on-chip tile every loss variant fits
+MAX_BLOCK_WARPS = 32       # 1024 threads, the hardware's limit: the wide on-chip tiles
+WIDE_TILE_REGISTERS = 64   # the 65536-register file / 1024 threads
+ON_CHIP_LIMIT = {4: 8192, 2: 8192}  # element size in bytes -> largest on-chip C (lean variants)
 CHUNK_COLS = 2048
 SMALL_ROW_TILE = 1024
 BINARY_BLOCK = 1024
@@ -161,11 +177,38 @@ def row_config(n_cols: int, elem_bytes: int, strided: bool = False) -> RowConfig
     if strided:
         return _strided_config(n_cols, limit)
     if n_cols > limit:
-        block_cols = min(CHUNK_COLS, next_power_of_2(limit))
-        return RowConfig(True, 1, block_cols, warps_for(block_cols))
+        return _chunked_config(limit)
     block_cols = next_power_of_2(n_cols)
     block_rows = max(1, SMALL_ROW_TILE // block_cols)
-    return RowConfig(False, block_rows, block_cols, warps_for(block_rows * block_cols))
+    return _on_chip_config(block_rows, block_cols)
+
+
+def _on_chip_config(block_rows: int, block_cols: int) -> RowConfig:
+    """An on-chip tile: ELEMS_PER_THREAD per thread up to MAX_WARPS, then up to 8 per thread;
+    a wide tile (above NARROW_TILE) takes 1024 threads at WIDE_TILE_REGISTERS each."""
+    elements = block_rows * block_cols
+    if elements > NARROW_TILE:
+        return RowConfig(False, block_rows, block_cols, MAX_BLOCK_WARPS, maxnreg=WIDE_TILE_REGISTERS)
+    return RowConfig(False, block_rows, block_cols, warps_for(elements))
+
+
+def _chunked_config(limit: int) -> RowConfig:
+    block_cols = min(CHUNK_COLS, next_power_of_2(limit))
+    return RowConfig(True, 1, block_cols, warps_for(block_cols))
+
+
+def is_wide(config: RowConfig) -> bool:
+    """An on-chip tile of more than NARROW_TILE elements."""
+    return not config.chunked and config.block_rows * config.block_cols > NARROW_TILE
+
+
+def fit_loss_variant(config: RowConfig, dense_labels: bool, temperature_grads: bool) -> RowConfig:
+    """``config`` for the loss kernel's variant: the dense-label and temperature-gradient variants
+    keep more per element live in their epilogue and spill on a wide tile (module docstring), so
+    they stream those rows (the chunked heuristic) instead; every other config is kept."""
+    if is_wide(config) and (dense_labels or temperature_grads):
+        return _chunked_config(NARROW_TILE)
+    return config
 
 
 def one_row_per_program(config: RowConfig) -> RowConfig:

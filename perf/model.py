@@ -75,10 +75,12 @@ def bytes_moved(cell: Cell, direction: str) -> int:
 
 
 def chunked(cell: Cell) -> bool:
-    """Whether the Triton loss kernel takes its chunked (streaming) path for this cell."""
+    """Whether the Triton loss kernel takes its chunked (streaming) path for this cell (dense
+    labels stream a wide on-chip row: ``launch_config.fit_loss_variant``)."""
     from bitempered.kernels import launch_config  # framework-free, no GPU needed
 
-    return launch_config.row_config(cell.c, cell.elem_bytes).chunked
+    config = launch_config.row_config(cell.c, cell.elem_bytes)
+    return launch_config.fit_loss_variant(config, cell.labels != "int", False).chunked
 
 
 def chunked_sweeps(cell: Cell, direction: str, passes_mean: float,

@@ -120,18 +120,18 @@ def expected_kwargs(config) -> dict:
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_candidates_start_with_the_heuristic_and_fit_their_whole_bucket(interpreted):
     for elem_bytes in (4, 2):
-        for c in (1, 3, 20, 33, 100, 1000, 1025, 2049, 4096, 4097, 32000, 128256):
+        for c in (1, 3, 20, 33, 100, 1000, 1025, 2049, 4096, 4097, 8192, 8193, 32000, 128256):
             heuristic = launch_config.row_config(c, elem_bytes)
             cands = launch_config.row_candidates(c, elem_bytes, interpreted)
             assert cands[0] == heuristic and len(set(cands)) == len(cands)
             lowest = launch_config.next_power_of_2(c) // 2 + 1  # every C of the key's bucket
             for cfg in cands:
-                assert 1 <= cfg.num_warps <= launch_config.MAX_WARPS
+                assert 1 <= cfg.num_warps <= launch_config.MAX_BLOCK_WARPS
                 assert cfg.block_cols & (cfg.block_cols - 1) == 0
                 assert cfg.chunked or cfg.block_cols >= launch_config.next_power_of_2(c) >= lowest
                 assert autotune.config_problem(cfg, c) == "" == autotune.config_problem(cfg, lowest)
             paths = {cfg.path for cfg in cands}
-            if not interpreted and 1024 < c <= 4096:
+            if not interpreted and 1024 < c <= launch_config.ON_CHIP_LIMIT[elem_bytes]:
                 assert paths == {"on_chip", "chunked"}, c  # the threshold itself is tuned
             if not interpreted:
                 assert len(cands) <= 17  # each is compiled once per key on a GPU
@@ -414,7 +414,8 @@ def test_pinned_rejects_a_tile_narrower_than_the_row():
     (launch_config.RowConfig(1, 1, 32, 1), "chunked must be a bool, got 1"),
     (launch_config.RowConfig(False, 1024, 2048, 16), "block_rows \\* block_cols = 2097152 > 1048576"),
     (launch_config.RowConfig(False, 1, 32, 3), "num_warps must be a power of two, got 3"),
-    (launch_config.RowConfig(False, 1, 32, 32), "num_warps must be an int in \\[1, 16\\]"),
+    (launch_config.RowConfig(False, 1, 32, 64), "num_warps must be an int in \\[1, 32\\]"),
+    (launch_config.RowConfig(False, 1, 32, 32), "num_warps=32 x 32 threads x maxnreg=128 > 65536"),
     (launch_config.RowConfig(False, 1, 32, 16, maxnreg=255), "registers per block"),
     (launch_config.RowConfig(True, 1, 32, 1, maxnreg=0), "maxnreg must be an int"),
     (launch_config.RowConfig(True, 1, 32, 1, num_stages=0), "num_stages must be an int"),

@@ -183,6 +183,21 @@ def test_on_chip_path_reads_each_logit_once():
             assert loss_traffic(t1, t2, need_grad, on_chip, num_classes=1000) == (1.0, float(need_grad))
 
 
+def test_wide_on_chip_tile_reads_each_logit_once():
+    """C = 8000 (a wide on-chip tile, the heuristic's for class indices up to ON_CHIP_LIMIT): one
+    read per logit; its temperature-gradient variant streams the row instead
+    (``launch_config.fit_loss_variant``: it spills on that tile)."""
+    from bitempered.kernels import launch_config
+
+    wide = launch_config.row_config(8000, 2)
+    assert launch_config.is_wide(wide) and not wide.chunked
+    for t1, t2 in [(1.0, 1.0)] + TEMPERED:
+        for need_grad in (True, False):
+            assert loss_traffic(t1, t2, need_grad, wide, n_rows=2, num_classes=8000) == (1.0, float(need_grad))
+    streamed, writes = loss_traffic(0.8, 1.2, True, wide, n_rows=2, num_classes=8000, temperature_grads=True)
+    assert streamed >= 3.0 and writes == 1.0
+
+
 @pytest.mark.parametrize("t1, t2", [(1.0, 1.0), (1.2, 1.2), (1.3, 1.0), (0.8, 1.2), (0.5, 0.8), (1.5, 0.7)])
 def test_chunked_sums_from_the_solver_match_on_chip_with_non_finite_logits(t1, t2):
     """The closed-form t = 1 sums and the label-free sum d against the on-chip path (which sums

@@ -33,9 +33,11 @@ def _jobs():
 
     Every shipped row config: the loss kernel in its default variant (fp32, dense labels,
     converged solver, gradient on) and the softmax backward kernel. On the configs at the edges
-    (most rows per program, largest on-chip tile, chunked) also the other loss variants (16-bit
-    logits; class indices with the original algorithm) and the softmax forward kernel, whose code
-    is a subset of the loss kernel's on the same config. The binary config: all four kernels.
+    (most rows per program, the largest narrow and the wide on-chip tiles, chunked) also the other
+    loss variants (16-bit logits; class indices with the original algorithm; temperature
+    gradients) and the softmax forward kernel, whose code is a subset of the loss kernel's on the
+    same config. A wide tile gets only the loss variants launched on it (class indices without
+    temperature gradients: ``launch_config.fit_loss_variant``). The binary config: all four kernels.
     The vocab-parallel kernels (launched with the loss kernel's config) on the edge configs: the
     partial sums with the support count, the epilogue sums and the gradient (16-bit logits,
     class indices / fp32 logits, dense labels). The third element maps pointer arguments to their
@@ -51,7 +53,8 @@ def _jobs():
 
     configs = lc.shipped_row_configs()
     on_chip = [c for c in configs if not c.chunked]
-    edges = {on_chip[0], on_chip[-1]} | {c for c in configs if c.chunked}
+    narrow = [c for c in on_chip if not lc.is_wide(c)]
+    edges = {on_chip[0], narrow[-1], on_chip[-1]} | {c for c in configs if c.chunked}
     jobs = []
     # rows [N, C]: the runtime specializes the unit class strides (an int argument equal to 1 is a
     # constant in Triton's launches), so these compiles do too
@@ -65,6 +68,9 @@ def _jobs():
             loss_variants += [("bf16", "*bf16", False, False, False), ("bf16", "*i64", True, False, False),
                               ("fp16", "*i64", True, True, False), ("bf16", "*i64", True, False, True),
                               ("fp32", "*fp32", False, False, True)]
+        if lc.is_wide(cfg):  # only the variants launched on it (``lc.fit_loss_variant``)
+            loss_variants = [("fp32", "*i64", True, False, False)] + [
+                v for v in loss_variants if v[2] and not v[4]]
         for dtype, labels, indices, original, temp_grad in loss_variants:
             jobs.append((f"loss {name} {dtype} {'indices' if indices else 'dense'}"
                          f"{' original' if original else ''}{' temp_grad' if temp_grad else ''}",

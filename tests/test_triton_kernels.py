@@ -317,6 +317,22 @@ def test_default_threshold_paths():
     assert tt.loss_path(1, torch.float32) == "on_chip"
 
 
+def test_wide_tiles_take_only_the_loss_variants_that_fit():
+    """Above NARROW_TILE an on-chip row takes 1024 threads at 64 registers (the register file);
+    class indices without temperature gradients stay there, the dense-label and
+    temperature-gradient variants (which spill there, tests/test_triton_compile.py) stream the row."""
+    for dtype in DTYPES:
+        wide = launch_config.row_config(launch_config.on_chip_limit(dtype.itemsize), dtype.itemsize)
+        assert launch_config.is_wide(wide) and wide.num_warps == launch_config.MAX_BLOCK_WARPS
+        assert wide.num_warps * 32 * wide.maxnreg == 65536
+        assert launch_config.fit_loss_variant(wide, False, False) == wide
+        for dense, temperature_grads in ((True, False), (False, True), (True, True)):
+            assert launch_config.fit_loss_variant(wide, dense, temperature_grads).chunked
+        narrow = launch_config.row_config(launch_config.NARROW_TILE, dtype.itemsize)
+        assert not launch_config.is_wide(narrow)
+        assert launch_config.fit_loss_variant(narrow, True, True) == narrow
+
+
 @pytest.mark.parametrize("num_classes, num_iters", [(63, None), (64, None), (65, None), (130, 3)])
 def test_chunked_path_matches_on_chip(num_classes, num_iters):
     limit = 64

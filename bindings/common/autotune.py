@@ -162,7 +162,7 @@ def config_problem(config: RowConfig | BinaryConfig, n_cols: int | None = None) 
 
 
 def _launch_problem(config) -> str:
-    problem = _power_of_two(config.num_warps, "num_warps", launch_config.MAX_WARPS)
+    problem = _power_of_two(config.num_warps, "num_warps", launch_config.MAX_BLOCK_WARPS)
     if not problem and config.maxnreg is not None:
         problem = _integer_in(config.maxnreg, "maxnreg", MAX_THREAD_REGISTERS)
         if not problem and config.num_warps * 32 * config.maxnreg > BLOCK_REGISTERS:

@@ -145,7 +145,8 @@ def loss_rows(logits, labels, t1, t2, label_smoothing, num_iters, ignore_index, 
         t1, t2 = jnp.broadcast_to(t1, (n_rows,)), jnp.broadcast_to(t2, (n_rows,))
     config = _row_config("loss", logits, axis, layout, labels="indices" if indices else "dense",
                          need_grad=bool(need_grad), original=original)
-    config = _per_row_config(config, stride_temperature)
+    config = _per_row_config(launch_config.fit_loss_variant(config, not indices, bool(need_temperature_grads)),
+                             stride_temperature)
     grad_shape = logits.shape if need_grad else (1,)
     dt_shape = (n_rows, 2) if need_temperature_grads else (1,)
     loss, grad, dt = _triton_call(

@@ -225,6 +225,7 @@ def loss_forward(logits, labels, t1, t2, label_smoothing, num_iters, ignore_inde
     config = _row_config("loss", logits_in, n_cols, make_bench, layout,
                          labels="indices" if indices else "dense", need_grad=bool(need_grad),
                          original=original)
+    config = launch_config.fit_loss_variant(config, not indices, need_temp_grad)
     launch(_row_launch_config(config, stride_temperature), loss, grad_buffer, temperature_grads)
     finish()
     return loss, grad

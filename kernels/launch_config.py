@@ -37,8 +37,10 @@ run ``python tests/test_triton_compile.py 90`` for the table). Re-tune them on a
   temperature-gradient variants. Above it the chunked path streams the row once per sweep
   (kernels/README.md, "Memory traffic": 2 reads per logit at t1 = t2 = 1 with gradient, the
   solver passes + 2 tempered; reads beyond the first may hit L2: ~130 rows of 16K fp32 in
-  flight is ~8 MB). Its loss kernel (issue 20: fused sums, online max + sum-exp), ptxas: 84
-  registers bf16 / class indices / sm_90 (75 on sm_80), 75-77 dense, zero spills.
+  flight is ~8 MB). Its loss kernel (issue 20: fused sums, online max + sum-exp, the start
+  estimate's 4 tiles of 2048 lanes in the max sweep, Halley sums), ptxas, 16 warps, zero spills:
+  80 registers bf16 / class indices / sm_90 (78 on sm_80), 86 dense (85), 110 with temperature
+  gradients (111); the chunked softmax forward 65 (68).
 - ``CHUNK_COLS = 2048``: chunk width of the chunked path (16 warps x 4 per thread). Not timed.
 - ``SMALL_ROW_TILE = 1024``: rows with C below it are packed several per program
   (BLOCK_ROWS = 1024 // BLOCK_COLS) so that a program still has >= 1024 elements of work; every

@@ -130,15 +130,15 @@ def tempered_loss_kernel(
     inactive = ~row_mask | ignored | bad
 
     if CHUNKED:
-        mx, f0, n_pos = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols,
-                                        one_minus_t2, BLOCK_ROWS, BLOCK_COLS)
+        mx, y_start, n_pos = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, one_minus_t2,
+                                             inv_one_minus_t2, BLOCK_ROWS, BLOCK_COLS)
         placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
         # With class indices and a gradient the solver's passes also gather the sums of p^k,
         # k = t2 - t1, that give sum d (no loss sweep); otherwise the loss sweep sums d (k = 0:
         # no extra work in the passes)
         power = t2_minus_t1 if NEED_GRAD and LABELS_ARE_INDICES and not ORIGINAL else 0.0
         y2, _log2_p, _p, _q, _f, sum_q, s1, s0 = solve(
-            placeholder, row_ptr, stride_logits_class, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t2,
+            placeholder, row_ptr, stride_logits_class, row_mask, mx, y_start, n_pos, inactive, n_cols, one_minus_t2,
             inv_one_minus_t2, power, num_iters, ORIGINAL, True, MAX_PASSES, BLOCK_ROWS,
             BLOCK_COLS)
         loss = tl.zeros([BLOCK_ROWS, 1], tl.float32)

@@ -28,6 +28,8 @@ INF = tl.constexpr(float("inf"))
 # Stop rules of kernels/README.md (float32): |sum p - 1| <= TOL, or a Newton step below 4 ulp.
 TOL = tl.constexpr(1e-6)
 ULP4 = tl.constexpr(4.0 * 2.0**-23)
+# Cap of the start estimate's in-register solve (about 4 steps on SPEC's grid, 9 at worst).
+START_ITERS = tl.constexpr(12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,20 +165,30 @@ def load_shifted(row_ptr, stride_class, row_mask, cols, n_cols, mx):
 
 
 @triton.jit
-def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, BLOCK_ROWS: tl.constexpr,
-                    BLOCK_COLS: tl.constexpr):
-    """The first sweep over a long row: (max, f0, n_pos), NaN-propagating max.
+def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, inv_one_minus_t,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """The first sweep over a long row: (max, Y_start, n_pos), NaN-propagating max; n_pos =
+    #{p > 0} (the +inf logits if any, else the finite ones).
 
     At t == 1 it is also the solver's first pass, online: f0 = sum p at Y = 0, i.e.
-    sum 2^((a - max) log2 e), rescaled whenever the running max grows (exact: Y = log2 f0 is the
-    root), and n_pos = #{p > 0} (the +inf logits if any, else the finite ones). f0 = 0 at t != 1
-    (the sum at Y = 0 depends on the final max there, so it needs its own sweep).
+    sum 2^((a - max) log2 e), rescaled whenever the running max grows, and Y_start = log2 f0 is
+    the root. At t != 1 the sum at Y = 0 depends on the final max, so it needs its own sweep; the sweep
+    keeps, per lane of the chunk, the two largest logits it saw and one sampled logit, and
+    ``start_estimate`` solves the row on them: the solver's first pass starts at that Y
+    (kernels/README.md, "Start estimate"; ALU only per element, no special-function op).
     """
     cols = tl.arange(0, BLOCK_COLS)[None, :]
     mx = tl.full([BLOCK_ROWS, 1], -INF, tl.float32)
     f0 = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     n_finite = tl.zeros([BLOCK_ROWS, 1], tl.float32)
     n_pos_inf = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    top1 = tl.full([BLOCK_ROWS, BLOCK_COLS], -INF, tl.float32)
+    top2 = tl.full([BLOCK_ROWS, BLOCK_COLS], -INF, tl.float32)
+    sample = tl.full([BLOCK_ROWS, BLOCK_COLS], -INF, tl.float32)
+    sample_rank = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.int32)
+    # lane j samples chunk j n_chunks / BLOCK_COLS: one logit per lane, in n_chunks evenly spread
+    # runs of about BLOCK_COLS / n_chunks classes (recomputed per chunk: a shift, no tile held)
+    n_chunks = tl.cdiv(n_cols, BLOCK_COLS)
     for start in range(0, n_cols, BLOCK_COLS):
         mask = row_mask & (start + cols < n_cols)
         a = tl.load(row_ptr + (start + cols) * stride_class, mask=mask, other=-INF).to(tl.float32)
@@ -188,10 +200,85 @@ def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, BLOCK_
             rescale = tl.where(new_max == mx, 1.0, tl.exp2((mx - new_max) * LOG2E))
             chunk_sum = tl.sum(tl.exp2(shift(a, new_max, mask) * LOG2E), axis=1, keep_dims=True)
             f0 = f0 * rescale + chunk_sum
+        else:
+            above1 = a > top1
+            above2 = a > top2
+            top2 = tl.where(above1, top1, tl.where(above2, a, top2))
+            top1 = tl.where(above1, a, top1)
+            # where the sampled logit ranks in its lane: 1 or 2 (one of the tops), 0 (neither);
+            # by position, so a tie with a top does not hide it
+            sampled = (cols * n_chunks) // BLOCK_COLS == start // BLOCK_COLS
+            sample = tl.where(sampled, a, sample)
+            pushed_down = tl.where(above1, tl.where(sample_rank == 1, 2, 0),
+                                   tl.where(above2 & (sample_rank == 2), 0, sample_rank))
+            sample_rank = tl.where(sampled, tl.where(above1, 1, tl.where(above2, 2, 0)), pushed_down)
         mx = new_max
         n_finite += tl.sum(((a > -INF) & (a < INF)).to(tl.float32), axis=1, keep_dims=True)
         n_pos_inf += tl.sum((a == INF).to(tl.float32), axis=1, keep_dims=True)
-    return mx, f0, tl.where(n_pos_inf > 0.0, n_pos_inf, n_finite)
+    n_pos = tl.where(n_pos_inf > 0.0, n_pos_inf, n_finite)
+    y_start = tl.zeros([BLOCK_ROWS, 1], tl.float32)
+    if one_minus_t == 0.0:
+        y_start = tl.log2(f0)
+    else:
+        y_start = start_estimate(top1, top2, tl.where(sample_rank > 0, -INF, sample), mx, n_pos, one_minus_t,
+                                 inv_one_minus_t)
+    return mx, y_start, n_pos
+
+
+@triton.jit
+def tile_sums(a0, y2, one_minus_t, inv_one_minus_t):
+    """(sum p, sum q, h) of one max-shifted tile at Y (``evaluate_halley``)."""
+    _log2_p, p, q, r = evaluate_halley(a0, y2, one_minus_t, inv_one_minus_t)
+    return tl.sum(p, axis=1, keep_dims=True), tl.sum(q, axis=1, keep_dims=True), tl.sum(r, axis=1, keep_dims=True)
+
+
+@triton.jit
+def estimate_sums(y2, top1, top2, sample, weight, one_minus_t, inv_one_minus_t):
+    """(f, g, h) of ``start_estimate``'s row model at Y: the lanes' two largest logits exactly,
+    the other logits as ``weight`` x the sampled ones (all max-shifted; -inf where not used)."""
+    f = tl.zeros_like(y2)
+    g = tl.zeros_like(y2)
+    h = tl.zeros_like(y2)
+    for k in range(3):  # a loop, not unrolled: one tile's evaluation live at a time (registers)
+        tile = tl.where(k == 0, top1, tl.where(k == 1, top2, sample))
+        tile_f, tile_g, tile_h = tile_sums(tile, y2, one_minus_t, inv_one_minus_t)
+        w = tl.where(k == 2, weight, 1.0)
+        f += w * tile_f
+        g += w * tile_g
+        h += w * tile_h
+    return f, g, h
+
+
+@triton.jit
+def start_estimate(top1, top2, sample, mx, n_pos, one_minus_t, inv_one_minus_t):
+    """Y_start of a long row at t != 1 (kernels/README.md, "Start estimate"), from the max sweep's
+    per-lane tiles: the two largest logits of every lane (which hold the row's top logits, those
+    that set the root at t < 1) count exactly; ``sample`` holds each lane's sampled logit where
+    it is not one of those two (-inf elsewhere), each standing for (n_pos - #tops) / #samples of
+    the other logits. The solver (``newton_step`` with Halley steps) runs on that model in
+    registers; its root is within ~1e-2 of the row's on SPEC's grid (exact when the row has at
+    most two chunks), so the streamed passes start next to the root."""
+    a_top1 = shift(top1, mx, top1 > -INF)
+    a_top2 = shift(top2, mx, top2 > -INF)
+    a_sample = shift(sample, mx, sample > -INF)
+    n_tops = tl.sum((a_top1 > -INF).to(tl.float32) + (a_top2 > -INF).to(tl.float32), axis=1, keep_dims=True)
+    n_samples = tl.sum((a_sample > -INF).to(tl.float32), axis=1, keep_dims=True)
+    weight = tl.where(n_samples > 0.0, tl.maximum(n_pos - n_tops, 0.0) / tl.maximum(n_samples, 1.0), 0.0)
+    zero = tl.zeros_like(mx)
+    y2 = zero
+    lo = zero
+    hi = tl.log2(tl.maximum(n_pos, 1.0))  # every p <= 2^-Y: the model's root is below log2 n_pos
+    lo_evaluated = zero != zero
+    done = mx != mx  # a NaN row: its passes turn it NaN
+    it = 0
+    n_active = tl.sum((~done).to(tl.int32))
+    while (it < START_ITERS) & (n_active > 0):
+        f, g, h = estimate_sums(y2, a_top1, a_top2, a_sample, weight, one_minus_t, inv_one_minus_t)
+        y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, h, lo, hi, lo_evaluated, done, one_minus_t,
+                                                     inv_one_minus_t, True)
+        it += 1
+        n_active = tl.sum((~done).to(tl.int32))
+    return tl.where(y2 == y2, tl.minimum(tl.maximum(y2, 0.0), tl.log2(tl.maximum(n_pos, 1.0))), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,14 +291,24 @@ def evaluate(a0, y2, one_minus_t, inv_one_minus_t):
 
     SFU cost per element: one rcp (inside log2_1p) and one ex2; lg2 is FMA-only libdevice.
     At t = 1, z = 0 and q = p (no special case except the t = 1 limit of log1p(z)/(1-t)).
+    ``evaluate_halley``'s fourth output is unused here and compiled away.
     """
+    log2_p, p, q, _ = evaluate_halley(a0, y2, one_minus_t, inv_one_minus_t)
+    return log2_p, p, q
+
+
+@triton.jit
+def evaluate_halley(a0, y2, one_minus_t, inv_one_minus_t):
+    """``evaluate`` plus r = q (1 + (1-t) z) / (1 + z) per element, whose sum h gives the second
+    derivative of f: d2f/dY2 = ln(2)^2 h (df/dY = -ln 2 g). FMAs only: no special-function op."""
     c = exp2_accurate(-one_minus_t * y2)
     z = a0 * (one_minus_t / c)
     z = tl.where(z < -1.0, -1.0, z)  # clamp, keeping NaN (maximum() may drop it)
     log2_u, rinv = log2_1p(z)
     log2_p = tl.where(one_minus_t == 0.0, a0 * LOG2E, log2_u * inv_one_minus_t) - y2
     p = tl.exp2(log2_p)
-    return log2_p, p, p * rinv
+    q = p * rinv
+    return log2_p, p, q, q * rinv * (1.0 + one_minus_t * z)
 
 
 @triton.jit
@@ -230,8 +327,8 @@ def escort_powers(log2_p, p, power):
 @triton.jit
 def streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, power,
                   BLOCK_COLS: tl.constexpr):
-    """One pass over a long row at Y, streamed in chunks: (f, g, s1 = sum p^(1+k),
-    s0 = sum_{p > 0} p^k, D = the support count of kernels/README.md).
+    """One pass over a long row at Y, streamed in chunks: (f, g, h, s1 = sum p^(1+k),
+    s0 = sum_{p > 0} p^k, D = the support count of kernels/README.md); h: ``evaluate_halley``.
 
     The sums the loss needs at the converged Y (s1, s0; g = sum p^t2 / c, the escort's
     normaliser) and the bracket's D ride along every pass, so the pass that converges already has
@@ -239,21 +336,23 @@ def streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, 
     cols = tl.arange(0, BLOCK_COLS)[None, :]
     f = tl.zeros_like(y2)
     g = tl.zeros_like(y2)
+    h = tl.zeros_like(y2)
     s1 = tl.zeros_like(y2)
     s0 = tl.zeros_like(y2)
     count = tl.zeros_like(y2)
     for start in range(0, n_cols, BLOCK_COLS):
         a0, _ = load_shifted(row_ptr + start * stride_class, stride_class, row_mask, cols,
                              n_cols - start, mx)
-        log2_p, p, q = evaluate(a0, y2, one_minus_t, inv_one_minus_t)
+        log2_p, p, q, r = evaluate_halley(a0, y2, one_minus_t, inv_one_minus_t)
         p_k1, p_k = escort_powers(log2_p, p, power)
         f += tl.sum(p, axis=1, keep_dims=True)
         g += tl.sum(q, axis=1, keep_dims=True)
+        h += tl.sum(r, axis=1, keep_dims=True)
         s1 += tl.sum(p_k1, axis=1, keep_dims=True)
         s0 += tl.sum(p_k, axis=1, keep_dims=True)
         count += tl.sum((a0 > -inv_one_minus_t).to(tl.float32), axis=1, keep_dims=True)
     support = tl.where(one_minus_t > 0.0, count, tl.zeros_like(y2) + n_cols)
-    return f, g, s1, s0, support
+    return f, g, h, s1, s0, support
 
 
 @triton.jit
@@ -262,8 +361,8 @@ def sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, in
     """(f, g, log2 p, p, q) at Y: from the register tile a0, or streamed over the row (CHUNKED,
     where the per-element outputs are returned as a0 unchanged and mean nothing)."""
     if CHUNKED:
-        f, g, _s1, _s0, _d = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
-                                           inv_one_minus_t, 0.0, BLOCK_COLS)
+        f, g, _h, _s1, _s0, _d = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
+                                               inv_one_minus_t, 0.0, BLOCK_COLS)
         log2_p = a0
         p = a0
         q = a0
@@ -305,8 +404,13 @@ def support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, 
 
 
 @triton.jit
-def newton_step(y2, f, g, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus_t):
+def newton_step(y2, f, g, h, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus_t, HALLEY: tl.constexpr):
     """One safeguarded Newton update of kernels/README.md, in base 2 (Y = y log2 e).
+
+    HALLEY (the streamed passes and the start estimate, which have h = ``evaluate_halley``'s sum):
+    the root of log f's second-order Taylor expansion in place of Newton's, y_newton +
+    (ln 2 / 2) n^2 (f h / g^2 - 1) / (f / g) with n = log2(f) f / g the Newton step (0 at t = 1,
+    where Newton on log f is exact); outside the bracket the Newton step, then the safeguard.
 
     y_newton = Y + log2(f) f/g (Newton on log f); y_safe = Y - log2(1 + (f/g)(f^-(1-t) - 1))/(1-t)
     (Newton on f^(1-t) in c, which never passes the root from f > 1; Y + log2(f) f/g at t = 1).
@@ -323,27 +427,34 @@ def newton_step(y2, f, g, lo, hi, lo_evaluated, done, one_minus_t, inv_one_minus
     lo = tl.where(above, tl.minimum(tl.maximum(tl.maximum(lo, y2), y_safe), hi), lo)
     lo_evaluated = tl.where(above, y_safe <= y2, lo_evaluated)
     hi = tl.where(above, hi, tl.minimum(hi, y2))
-    y_newton = y2 + log2_f * f_over_g
+    newton = log2_f * f_over_g
+    y_newton = y2 + newton
     inside = (y_newton > lo) & (y_newton < hi)
+    if HALLEY:
+        y_halley = y_newton + (0.5 * LN2) * newton * newton * (f * h / (g * g) - 1.0) / f_over_g
+        halley_inside = (y_halley > lo) & (y_halley < hi)
+        y_newton = tl.where(halley_inside, y_halley, y_newton)
+        inside = halley_inside | inside
     y_new = tl.where(inside, y_newton, tl.where(lo_evaluated, 0.5 * (lo + hi), lo))
     done = done | (tl.abs(y_new - y2) <= ULP4 * tl.maximum(tl.abs(y2), LOG2E))
     return tl.where(done, y2, y_new), lo, hi, lo_evaluated, done
 
 
 @triton.jit
-def solve(a0, row_ptr, stride_class, row_mask, mx, f0, n_pos, inactive, n_cols, one_minus_t, inv_one_minus_t,
+def solve(a0, row_ptr, stride_class, row_mask, mx, y_start, n_pos, inactive, n_cols, one_minus_t, inv_one_minus_t,
           power, num_iters, ORIGINAL: tl.constexpr, CHUNKED: tl.constexpr,
           MAX_PASSES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """THE normalization solver. Returns (Y, log2 p, p, q, f, g, s1, s0) of the last evaluation.
 
     On-chip (CHUNKED=False): ``a0`` is the max-shifted tile [rows, cols] in registers and the
-    per-element results are those of the last pass (no extra pass); ``f0``, ``n_pos``, ``power``
+    per-element results are those of the last pass (no extra pass); ``y_start``, ``n_pos``, ``power``
     and the per-row sums returned after q are unused. Chunked: ``a0`` is a placeholder, ``mx``,
-    ``f0``, ``n_pos`` come from ``row_max_chunked``, each pass streams the row from ``row_ptr``
+    ``y_start``, ``n_pos`` come from ``row_max_chunked``, each pass streams the row from ``row_ptr``
     (``streamed_sums``: D rides along the first pass) and returns per-row sums: f, g and
     s1 = sum p^(1+k), s0 = sum_{p>0} p^k with k = ``power`` at the returned Y. At t == 1 the
     first sweep already solved the row (Y = log2 f0); with k = 0 its sums are known in closed
-    form (f = g = s1 = f0 2^-Y, s0 = n_pos) and no pass runs, else one pass evaluates them.
+    form (f = g = s1 = 1, s0 = n_pos) and no pass runs, else one pass evaluates them. At t != 1
+    the passes start at the first sweep's estimate and take Halley steps (``newton_step``).
     ``inactive`` rows (padding, ignored labels) start as converged and cost no extra passes.
 
     ORIGINAL=False: converged safeguarded Newton (the default). ORIGINAL=True: SPEC's original
@@ -390,8 +501,8 @@ def solve(a0, row_ptr, stride_class, row_mask, mx, f0, n_pos, inactive, n_cols, 
         q = a0
         if CHUNKED:
             solved = one_minus_t == 0.0
-            y2 = tl.where(solved, tl.log2(f0), zero)  # else 0: f(0) >= 1, left of the root
-            f = tl.where(solved, f0 * tl.exp2(-y2), zero)
+            y2 = y_start  # the root at t == 1; next to it otherwise (``row_max_chunked``)
+            f = tl.where(solved, 1.0, zero)  # sum p at the t == 1 root
             g = f
             s1 = f
             s0 = n_pos
@@ -412,14 +523,15 @@ def solve(a0, row_ptr, stride_class, row_mask, mx, f0, n_pos, inactive, n_cols, 
         while (n_pass < MAX_PASSES) & (n_active > 0):
             y_evaluated = y2
             if CHUNKED:
-                f, g, s1, s0, support = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols,
-                                                      one_minus_t, inv_one_minus_t, power, BLOCK_COLS)
+                f, g, h, s1, s0, support = streamed_sums(y2, row_ptr, stride_class, row_mask, mx, n_cols,
+                                                         one_minus_t, inv_one_minus_t, power, BLOCK_COLS)
                 hi = tl.where(n_pass == 0, tl.log2(tl.maximum(support, 1.0)), hi)
             else:
                 f, g, log2_p, p, q = sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t,
                                              inv_one_minus_t, CHUNKED, BLOCK_COLS)
-            y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, lo, hi, lo_evaluated, done,
-                                                         one_minus_t, inv_one_minus_t)
+                h = g
+            y2, lo, hi, lo_evaluated, done = newton_step(y2, f, g, h, lo, hi, lo_evaluated, done,
+                                                         one_minus_t, inv_one_minus_t, CHUNKED)
             n_pass += 1
             n_active = tl.sum((~done).to(tl.int32))
         y2 = y_evaluated  # (differs from y2 only for a row stopped by the cap)

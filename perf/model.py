@@ -40,6 +40,11 @@ DENSE_LABEL_OPS = 2           # ex2 for log_t1(y) and y^(2-t1) (log2 y is FMA-on
 LOSS_TERM_OPS = 2             # ex2 for log_t1(p) and p^(2-t1), per element of a sweep summing the loss
 GRAD_TERM_OPS = 1             # ex2 for p^(t2-t1) of d, per element of a sweep using d
 SUMEXP_OPS = 1                # ex2 of the online sum-exp in the max sweep (t2 = 1 only)
+# The chunked path's start estimate at t2 != 1 (kernels/README.md, "Start estimate"): a solve in
+# registers on 3 tiles of CHUNK_COLS logits per row (two tops and a sample per lane), about
+# START_ITERS_MEAN steps of one pass's ops each: START_ITERS_MEAN x 3 x CHUNK_COLS x 2 / C per logit.
+START_TILES = 3
+START_ITERS_MEAN = 4
 INDEX_BYTES = 8               # int64 class indices (torch's default integer dtype)
 LOSS_BYTES = 4                # one fp32 loss per row
 
@@ -89,7 +94,8 @@ def chunked_sweeps(cell: Cell, direction: str, passes_mean: float,
     (kernels/README.md, "Memory traffic"; the read count is what tests/test_kernel_memory_traffic.py
     counts under the interpreter, less the one target logit per row):
 
-        max sweep (at t2 = 1 also the online sum-exp: the solve)
+        max sweep (at t2 = 1 also the online sum-exp: the solve; else the start estimate, solved
+        in registers on 3 x CHUNK_COLS logits per row: ``start_estimate_ops``)
       + solver passes (t2 != 1: ``passes_mean``; t2 = 1: none, or one pass for sums the closed
         form does not give: t1 != 1 with the fused gradient)
       + loss sweep, unless fused: with class indices and a gradient the passes gather sum d
@@ -104,7 +110,8 @@ def chunked_sweeps(cell: Cell, direction: str, passes_mean: float,
     else:
         passes = passes_mean
     reads = 1 + passes
-    ops = (SUMEXP_OPS if cell.t2 == 1.0 else 0) + passes * (ops_per_pass + extra_pass_ops)
+    ops = (SUMEXP_OPS if cell.t2 == 1.0 else start_estimate_ops(cell.c, ops_per_pass))
+    ops += passes * (ops_per_pass + extra_pass_ops)
     if not fused:
         reads += 1
         ops += ops_per_pass + LOSS_TERM_OPS + (GRAD_TERM_OPS if need_grad else 0)
@@ -113,6 +120,13 @@ def chunked_sweeps(cell: Cell, direction: str, passes_mean: float,
         reads += 1
         ops += ops_per_pass + GRAD_TERM_OPS + (LOSS_TERM_OPS if fused else 0)
     return reads, ops
+
+
+def start_estimate_ops(num_classes: int, ops_per_pass: float = SFU_OPS_PER_PASS) -> float:
+    """Special-function ops per logit of the chunked path's start estimate (t2 != 1)."""
+    from bitempered.kernels import launch_config
+
+    return START_ITERS_MEAN * START_TILES * launch_config.CHUNK_COLS * ops_per_pass / num_classes
 
 
 def sfu_ops_per_element(cell: Cell, direction: str, passes_mean: float | None,

@@ -8,7 +8,8 @@ used on a tile held in registers (``CHUNKED=False``) or streamed over a long row
     log2 p_i = -Y + log2(1 + z_i) / (1-t)          (-Y + a0_i log2(e) at t = 1)
     f = sum p_i,  g = sum p_i / (1 + z_i) = c sum p_i^t,  y_newton = Y + log2(f) f / g
 
-plus the README's monotone safeguard step y_safe and bracket, from Y = 0 (see ``newton_step``).
+plus the README's monotone safeguard step y_safe and bracket, from Y = 0 on a tile in registers,
+from the max sweep's start estimate with Halley steps on a streamed row (see ``newton_step``).
 Base 2 makes every per-element exponential one ``ex2`` with no multiply-and-round in front of
 it. All tiles are 2-D ``[rows, cols]``; per-row values are ``[rows, 1]`` so they broadcast.
 

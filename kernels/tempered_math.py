@@ -378,16 +378,8 @@ def sums_at(y2, a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, in
 def support_size(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
                  CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """D = #{i : a0_i > -1/(1-t)} for t < 1 (classes that can have p > 0), C for t >= 1; >= 1.
-    The chunked path spends one extra read pass on it, only when t < 1."""
-    return tl.maximum(support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
-                                    CHUNKED, BLOCK_ROWS, BLOCK_COLS), 1.0)
-
-
-@triton.jit
-def support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t,
-                  CHUNKED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """``support_size`` without its >= 1 floor: a slice of a sharded row may hold none of the
-    support (the floor applies to the reduced count)."""
+    The chunked path spends one extra read pass on it, only when t < 1 and only for the original
+    algorithm's bisection (the converged solver counts D in its first pass: ``streamed_sums``)."""
     d = tl.full([BLOCK_ROWS, 1], 0.0, tl.float32) + n_cols
     if one_minus_t > 0.0:
         if CHUNKED:
@@ -401,7 +393,7 @@ def support_count(a0, row_ptr, stride_class, row_mask, mx, n_cols, one_minus_t, 
         else:
             count = tl.sum((a0 > -inv_one_minus_t).to(tl.float32), axis=1, keep_dims=True)
         d = count
-    return d
+    return tl.maximum(d, 1.0)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ the solver (or the gradient) can use them. The fused kernel of ``loss.py`` is th
 each reduction; the launcher runs the one solver's per-row update between the launches:
 
 - ``partial_sums_kernel``: (f, g) of this slice at a given normalizer y (one solver pass), plus
-  the support count D of the slice (first pass, t < 1) in the same launch;
+  the support count D of the slice (first pass, t < 1) from the same read;
 - ``epilogue_sums_kernel``: this slice's part of the loss, sum e and sum d at the converged y
   (and, in its NEED_TEMP_GRAD variant, the slice's parts of the temperature gradients' row sums:
   dL/dt1, sum A and sum E of ``loss.temperature_sums``; dL/dt2 = sum A - sum d sum E / sum e
@@ -27,7 +27,7 @@ import triton.language as tl
 from .loss import label_tile, temperature_sums
 from .tempered_math import (
     LOG2E, evaluate, grad_terms, load_shifted, loss_terms, row_block, safe_reciprocal, smoothing_coefficients,
-    sums_at, support_count,
+    streamed_sums,
 )
 
 
@@ -48,13 +48,13 @@ def partial_sums_kernel(
     y2 = tl.load(y_ptr + rows, mask=row_mask, other=0.0) * LOG2E
     one_minus_t = 1.0 - tl.load(t_ptr)
     inv_one_minus_t = safe_reciprocal(one_minus_t)
-    f, g, _, _, _ = sums_at(y2, y2, row_ptr, stride_logits_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True, BLOCK_COLS)
+    # one read of the slice: the support count rides along the pass (unused sums compile away)
+    f, g, _h, _s1, _s0, count = streamed_sums(y2, row_ptr, stride_logits_class, row_mask, mx, n_cols, one_minus_t,
+                                              inv_one_minus_t, 0.0, BLOCK_COLS)
     out = sums_ptr + rows * 3
     tl.store(out, f, mask=row_mask)
     tl.store(out + 1, g, mask=row_mask)
-    if COUNT_SUPPORT:  # the slice's count, streamed (the >= 1 floor applies to the reduced D)
-        count = support_count(y2, row_ptr, stride_logits_class, row_mask, mx, n_cols, one_minus_t, inv_one_minus_t, True,
-                              BLOCK_ROWS, BLOCK_COLS)
+    if COUNT_SUPPORT:  # the slice's count (the >= 1 floor applies to the reduced D)
         tl.store(out + 2, count, mask=row_mask)
 
 

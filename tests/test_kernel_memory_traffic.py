@@ -246,3 +246,23 @@ def test_chunked_sums_from_the_solver_match_on_chip_with_non_finite_logits(t1, t
     for (loss_a, grad_a), (loss_b, grad_b) in zip(results["on_chip"], results["chunked"]):
         torch.testing.assert_close(loss_b, loss_a, rtol=2e-5, atol=1e-6, equal_nan=True)
         torch.testing.assert_close(grad_b, grad_a, rtol=2e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 1.2])
+def test_vocab_parallel_pass_reads_its_slice_once_with_the_support_count(t):
+    """The vocab-parallel solver pass (``partial_sums_kernel``): one read of the slice, also on
+    the first pass at t < 1, where the support count rides along (issue 20, part 3)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (3.0 * torch.randn(4, 5000, generator=gen)).to(torch.bfloat16)
+    row_max = logits.float().amax(dim=-1)
+    y = torch.full((4,), 0.1)
+    sums = {}
+    for count_support in (False, True):
+        reads = MemoryTraffic(logits)
+        with reads.watching():
+            sums[count_support] = launchers.vocab_parallel_sums(logits, row_max, y, t, count_support)
+        assert reads.loads == logits.numel() and reads.stores == 0
+    torch.testing.assert_close(sums[True][:, :2], sums[False][:, :2], rtol=0, atol=0)
+    a0 = logits.float() - row_max[:, None]
+    support = (a0 > -1.0 / (1.0 - t)).sum(-1).float() if t < 1.0 else torch.full((4,), 5000.0)
+    assert torch.equal(sums[True][:, 2], support)

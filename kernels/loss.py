@@ -130,8 +130,8 @@ def tempered_loss_kernel(
     inactive = ~row_mask | ignored | bad
 
     if CHUNKED:
-        mx, y_start, n_pos = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, one_minus_t2,
-                                             inv_one_minus_t2, BLOCK_ROWS, BLOCK_COLS)
+        mx, y_start, n_pos, _f0 = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, one_minus_t2,
+                                                  inv_one_minus_t2, BLOCK_ROWS, BLOCK_COLS)
         placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
         # With class indices and a gradient the solver's passes also gather the sums of p^k,
         # k = t2 - t1, that give sum d (no loss sweep); otherwise the loss sweep sums d (k = 0:

@@ -42,8 +42,8 @@ def tempered_softmax_fwd_kernel(
     inv_one_minus_t = safe_reciprocal(one_minus_t)
 
     if CHUNKED:
-        mx, y_start, n_pos = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, one_minus_t,
-                                             inv_one_minus_t, BLOCK_ROWS, BLOCK_COLS)
+        mx, y_start, n_pos, _f0 = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, one_minus_t,
+                                                  inv_one_minus_t, BLOCK_ROWS, BLOCK_COLS)
         placeholder = tl.zeros([BLOCK_ROWS, 1], tl.float32)
         y2, _, _, _, _, _, _, _ = solve(placeholder, row_ptr, stride_logits_class, row_mask, mx, y_start, n_pos, ~row_mask,
                                         n_cols, one_minus_t, inv_one_minus_t, 0.0, num_iters,

@@ -168,12 +168,12 @@ def load_shifted(row_ptr, stride_class, row_mask, cols, n_cols, mx):
 @triton.jit
 def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, inv_one_minus_t,
                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """The first sweep over a long row: (max, Y_start, n_pos), NaN-propagating max; n_pos =
+    """The first sweep over a long row: (max, Y_start, n_pos, f0), NaN-propagating max; n_pos =
     #{p > 0} (the +inf logits if any, else the finite ones).
 
     At t == 1 it is also the solver's first pass, online: f0 = sum p at Y = 0, i.e.
     sum 2^((a - max) log2 e), rescaled whenever the running max grows, and Y_start = log2 f0 is
-    the root. At t != 1 the sum at Y = 0 depends on the final max, so it needs its own sweep; the sweep
+    the root (f0 itself: the vocab-parallel max sweep, which adds the slices' f0; 0 at t != 1). At t != 1 the sum at Y = 0 depends on the final max, so it needs its own sweep; the sweep
     keeps, per lane of the chunk, the two largest logits it saw and one sampled logit, and
     ``start_estimate`` solves the row on them: the solver's first pass starts at that Y
     (kernels/README.md, "Start estimate"; ALU only per element, no special-function op).
@@ -223,7 +223,7 @@ def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, inv_on
     else:
         y_start = start_estimate(top1, top2, tl.where(sample_rank > 0, -INF, sample), mx, n_pos, one_minus_t,
                                  inv_one_minus_t)
-    return mx, y_start, n_pos
+    return mx, y_start, n_pos, f0
 
 
 @triton.jit

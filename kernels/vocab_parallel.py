@@ -4,6 +4,9 @@ A device holds a slice [N, C_local] of the classes, so a row's sums must be all-
 the solver (or the gradient) can use them. The fused kernel of ``loss.py`` is therefore split at
 each reduction; the launcher runs the one solver's per-row update between the launches:
 
+- ``max_sumexp_kernel`` (t = 1): this slice's max and sum exp(a - max) in one read; rescaled to
+  the global max they give the solver's passes at t = 1 in closed form (f(y) = e^-y f(0)), so
+  no ``partial_sums_kernel`` launch reads the slice;
 - ``partial_sums_kernel``: (f, g) of this slice at a given normalizer y (one solver pass), plus
   the support count D of the slice (first pass, t < 1) from the same read;
 - ``epilogue_sums_kernel``: this slice's part of the loss, sum e and sum d at the converged y
@@ -26,9 +29,28 @@ import triton.language as tl
 
 from .loss import label_tile, temperature_sums
 from .tempered_math import (
-    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, row_block, safe_reciprocal, smoothing_coefficients,
-    streamed_sums,
+    LOG2E, evaluate, grad_terms, load_shifted, loss_terms, row_block, row_max_chunked, safe_reciprocal,
+    smoothing_coefficients, streamed_sums,
 )
+
+
+@triton.jit
+def max_sumexp_kernel(
+    # input pointer: logits slice (rows x C_local)
+    logits_ptr,
+    # sizes (rows as (outer, inner): ``row_block``), strides (elements: outer, inner, class)
+    n_inner, n_cols, stride_logits_outer, stride_logits_inner, stride_logits_class,
+    # output pointer: [N, 2] fp32 (this slice's max m and sum exp(a - m), online as in the fused loss)
+    out_ptr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows, row_mask, outer, inner = row_block(n_inner, BLOCK_ROWS)
+    row_ptr = logits_ptr + outer * stride_logits_outer + inner * stride_logits_inner
+    mx, _y_start, _n_pos, f0 = row_max_chunked(row_ptr, stride_logits_class, row_mask, n_cols, 0.0, 0.0,
+                                               BLOCK_ROWS, BLOCK_COLS)
+    out = out_ptr + rows * 2
+    tl.store(out, mx, mask=row_mask)
+    tl.store(out + 1, f0, mask=row_mask)
 
 
 @triton.jit

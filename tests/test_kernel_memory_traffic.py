@@ -266,3 +266,31 @@ def test_vocab_parallel_pass_reads_its_slice_once_with_the_support_count(t):
     a0 = logits.float() - row_max[:, None]
     support = (a0 > -1.0 / (1.0 - t)).sum(-1).float() if t < 1.0 else torch.full((4,), 5000.0)
     assert torch.equal(sums[True][:, 2], support)
+
+
+@pytest.mark.parametrize("t2", [1.0, 1.2])
+def test_vocab_parallel_loss_reads_each_logit_three_times_at_t1(t2):
+    """The vocab-parallel kernels (one rank): at t2 = 1 one read gives the slice's max and sum-exp
+    (the solver's one pass), then the loss sums and the gradient: 3 reads per logit (was 4);
+    tempered: each pass, the loss sums, the gradient (passes + 2 counted here) after the max, a
+    torch amax the interpreter does not see."""
+    from bitempered.bindings.torch import launchers as torch_launchers
+    from bitempered.bindings.torch.native import math as native
+    from bitempered.bindings.torch.vocab_parallel import kernel_loss_and_grad
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 5000, generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, 5000, (4,), generator=gen)
+    passes = []
+    launch = torch_launchers.vocab_parallel_sums
+    torch_launchers.vocab_parallel_sums = lambda *args: passes.append(args) or launch(*args)
+    reads = MemoryTraffic(logits)
+    try:
+        with reads.watching():
+            loss, grad = kernel_loss_and_grad(logits, labels, 1.0, t2, 0.0, None, -100, "mean", True,
+                                              native.LOCAL_ROWS, 0, 5000)
+    finally:
+        torch_launchers.vocab_parallel_sums = launch
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (len(passes) == 0) == (t2 == 1.0)
+    assert reads.loads / logits.numel() == (3 if t2 == 1.0 else len(passes) + 2)

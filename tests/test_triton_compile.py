@@ -39,8 +39,8 @@ def _jobs():
     same config. A wide tile gets only the loss variants launched on it (class indices without
     temperature gradients: ``launch_config.fit_loss_variant``). The binary config: all four kernels.
     The vocab-parallel kernels (launched with the loss kernel's config) on the edge configs: the
-    partial sums with the support count, the epilogue sums and the gradient (16-bit logits,
-    class indices / fp32 logits, dense labels). The third element maps pointer arguments to their
+    max and sum-exp (t = 1), the partial sums with the support count, the epilogue sums and the
+    gradient (16-bit logits, class indices / fp32 logits, dense labels). The third element maps pointer arguments to their
     types (default *fp32; every other argument is an i32).
     """
     from bitempered.kernels import launch_config as lc
@@ -49,7 +49,9 @@ def _jobs():
     )
     from bitempered.kernels.loss import tempered_loss_kernel
     from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
-    from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
+    from bitempered.kernels.vocab_parallel import (
+        epilogue_sums_kernel, gradient_kernel, max_sumexp_kernel, partial_sums_kernel,
+    )
 
     configs = lc.shipped_row_configs()
     on_chip = [c for c in configs if not c.chunked]
@@ -92,6 +94,8 @@ def _jobs():
             tiles = dict(BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
             jobs.append((f"vp_partial_sums {name} bf16", partial_sums_kernel, {"logits_ptr": "*bf16"},
                          dict(tiles, stride_logits_class=1, COUNT_SUPPORT=True), cfg))
+            jobs.append((f"vp_max_sumexp {name} bf16", max_sumexp_kernel, {"logits_ptr": "*bf16"},
+                         dict(tiles, stride_logits_class=1), cfg))
             for dtype, labels, indices in (("bf16", "*i64", True), ("fp32", "*fp32", False)):
                 kind = "indices" if indices else "dense"
                 types = {"logits_ptr": "*" + dtype, "labels_ptr": labels, "grad_ptr": "*" + dtype}

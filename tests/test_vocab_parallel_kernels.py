@@ -82,6 +82,41 @@ def test_partial_sums_add_up_to_the_row_sums(t2, dtype):
     torch.testing.assert_close(total[:, 2].double(), support.double())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slices_max_and_sum_exp_give_the_t1_pass(dtype):
+    """t = 1: each slice's (max, sum-exp) from one read, rescaled to the global max
+    (``SumExpRows``) and added over the slices, is the row's f(y) = sum exp(a - max - y) of the
+    float64 native solver, also where a slice holds only -inf, the max is +inf (in one slice or
+    two), the whole row is -inf, or a logit is NaN."""
+    from bitempered.bindings.torch.vocab_parallel import SumExpRows
+
+    kernels = _kernels()
+    logits = torch.cat([_logits(torch.float64), torch.randn(5, C, dtype=torch.float64,
+                                                            generator=torch.Generator().manual_seed(1))])
+    logits[5, :13] = float("-inf")            # slice 0 holds none of the row
+    logits[6, [3, 20]] = float("inf")         # +inf in two slices
+    logits[7] = float("-inf")                 # the whole row
+    logits[8, 33] = float("nan")
+    logits[9, 12] = 90.0                      # the max in slice 0, the other slices far below it
+    logits = logits.to(dtype)
+    n = logits.shape[0]
+    locals_ = []
+    for lo, hi in SLICES:
+        part = logits[:, lo:hi].contiguous().to(DEVICE)
+        out = torch.full((n, 2), float("nan"), dtype=torch.float32, device=DEVICE)
+        kernels.max_sumexp_kernel[_grid(n)](part, n, hi - lo, 0, part.stride(0), 1, out, **BLOCK)
+        locals_.append(out.cpu())
+    row_max = torch.stack([part[:, 0] for part in locals_]).amax(dim=0)
+    row_max = torch.where(torch.stack([part[:, 0] for part in locals_]).isnan().any(dim=0), float("nan"), row_max)
+    y = torch.linspace(0.0, 3.0, n).unsqueeze(-1)  # f(y) = e^-y f(0) at t = 1: any y, not only 0
+    total = sum(SumExpRows(part, row_max).sums(y)[0] for part in locals_).squeeze(-1)
+    a = logits.double()
+    torch.testing.assert_close(row_max.double(), a.amax(dim=-1), equal_nan=True)
+    want = torch.exp(native.shift_by_max(a) - y.double()).sum(-1)
+    torch.testing.assert_close(total.double(), want, rtol=2e-6, atol=0.0, equal_nan=True)
+    assert total[8].isnan() and torch.isfinite(total[torch.arange(n) != 8]).all()
+
+
 def _rows_of(x: torch.Tensor, class_major: bool) -> torch.Tensor:
     """x [N, C] stored row-major, or class-major (strides (1, N): the classes strided, as NCHW)."""
     return x.T.contiguous().T if class_major else x.contiguous()

@@ -39,7 +39,9 @@ from bitempered.kernels.binary import (
 )
 from bitempered.kernels.loss import tempered_loss_kernel
 from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
-from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
+from bitempered.kernels.vocab_parallel import (
+    epilogue_sums_kernel, gradient_kernel, max_sumexp_kernel, partial_sums_kernel,
+)
 
 
 def _triton_call(*args, **kwargs):
@@ -259,6 +261,13 @@ def _vocab_parallel_call(kernel, logits, axis, layout: RowLayout, *args, out_sha
     return _triton_call(*args, kernel=kernel, out_shape=out_shape, grid=_grid(layout, config),
                         **_options(config), **constexprs, BLOCK_ROWS=config.block_rows,
                         BLOCK_COLS=config.block_cols)
+
+
+def vocab_parallel_max_sumexp(logits, axis=-1):
+    """This slice's (max m, sum exp(a - m)) per row, fp32 [R, 2] in row order, from one read."""
+    layout = _layout(logits.shape, axis)
+    return _vocab_parallel_call(max_sumexp_kernel, logits, axis, layout, logits, layout.n_inner, logits.shape[axis],
+                                *layout.strides[0], out_shape=_shape((layout.n_rows, 2), jnp.float32))
 
 
 def vocab_parallel_sums(logits, row_max, y, t, count_support: bool, axis=-1):

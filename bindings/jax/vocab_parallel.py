@@ -77,12 +77,34 @@ def _kernel_loss_rows(logits, labels, t1, t2, label_smoothing, ignore_index, axi
     rows = AxisRows(axis_name)
     num_local = logits.shape[axis]
     offset, num_classes = rows.class_slice(num_local)
-    row_max = rows.max(jnp.max(logits, axis=axis).reshape(-1, 1).astype(jnp.float32)).reshape(-1)  # [R], row order
     t = t2.astype(jnp.float32)
 
-    def evaluate(y):  # one solver pass: one kernel call, then the packed psum in the solver
-        sums = _vary_like(launchers.vocab_parallel_sums(logits, row_max, y.reshape(-1), t, False, axis=axis), logits)
-        return sums[:, :1], sums[:, 1:2]
+    def max_and_sum_exp():  # t = 1: one read, the slice's max and sum exp(a - max)
+        local = _vary_like(launchers.vocab_parallel_max_sumexp(logits, axis=axis), logits)
+        return local[:, :1], local[:, 1:]
+
+    def max_only():  # no exponential per logit
+        local_max = jnp.max(logits, axis=axis).reshape(-1, 1).astype(jnp.float32)
+        return local_max, jnp.zeros_like(local_max)
+
+    local_max, local_sum = lax.cond(t == 1, max_and_sum_exp, max_only)
+    row_max = rows.max(local_max)  # [R, 1], row order
+    # at t = 1, f(y) = e^-y f(0) exactly: the solver's passes need no read of the slice; exp(m - M)
+    # is 0 for a slice without the top logits, 1 (not exp(nan)) where the maxima are equal
+    sum_at_zero = local_sum * jnp.where(local_max == row_max, 1.0, jnp.exp(local_max - row_max))
+    row_max = row_max.reshape(-1)
+
+    def evaluate(y):  # one solver pass: one kernel call (t != 1), then the packed psum in the solver
+        def streamed():
+            sums = _vary_like(launchers.vocab_parallel_sums(logits, row_max, y.reshape(-1), t, False, axis=axis),
+                              logits)
+            return sums[:, :1], sums[:, 1:2]
+
+        def closed_form():
+            f = sum_at_zero * jnp.exp(-y)
+            return f, f
+
+        return lax.cond(t == 1, closed_form, streamed)
 
     def count_support():  # t < 1 only: the kernel counts the classes that can have p > 0
         sums = launchers.vocab_parallel_sums(logits, row_max, jnp.zeros_like(row_max), t, True, axis=axis)

@@ -31,7 +31,9 @@ from bitempered.kernels.binary import (
 )
 from bitempered.kernels.loss import tempered_loss_kernel
 from bitempered.kernels.softmax import tempered_softmax_bwd_kernel, tempered_softmax_fwd_kernel
-from bitempered.kernels.vocab_parallel import epilogue_sums_kernel, gradient_kernel, partial_sums_kernel
+from bitempered.kernels.vocab_parallel import (
+    epilogue_sums_kernel, gradient_kernel, max_sumexp_kernel, partial_sums_kernel,
+)
 
 
 def loss_path(num_classes: int, dtype: torch.dtype) -> str:
@@ -307,6 +309,17 @@ def _vocab_parallel_launch(kernel, logits, layout: RowLayout, n_cols: int, *args
         kernel[_row_grid(layout, config)](
             *args, **constexprs, BLOCK_ROWS=config.block_rows, BLOCK_COLS=config.block_cols,
             **config.launch_options())
+
+
+def vocab_parallel_max_sumexp(logits, class_dim=-1):
+    """This slice's (max m, sum exp(a - m)) per row, fp32 [R, 2] in row order, from one read of
+    the slice (``max_sumexp_kernel``): at t = 1 the max sweep and the solver's one pass together."""
+    n_cols = logits.shape[class_dim]
+    (logits_in,), _, layout, _ = _in_place_layout(class_dim, [logits], [])
+    out = torch.empty(layout.n_rows, 2, dtype=torch.float32, device=logits.device)
+    _vocab_parallel_launch(max_sumexp_kernel, logits_in, layout, n_cols, logits_in, layout.n_inner, n_cols,
+                           *_strides(layout, 0), out)
+    return out
 
 
 def vocab_parallel_sums(logits, row_max, y, t, count_support: bool, class_dim=-1):

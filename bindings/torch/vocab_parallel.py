@@ -53,8 +53,9 @@ Gloo (CPU) and NCCL (CUDA) take the same code path. The per-slice math runs on t
 interpreted CPU tensors with ``backend="triton"``): ``kernels/vocab_parallel.py`` is the fused loss
 kernel split at each row reduction, one launch per solver pass over every row (``KernelRows``),
 then one for the loss sums and one for the gradient: there the collectives are those of ONE block
-(passes + 3). Both evaluate the same solver (``native/math.solve_normalizers`` /
-``original_normalizers``). ``vocab_parallel_tempered_softmax`` runs native ops on every backend.
+(passes + 3). At t2 = 1 one launch gives the slice's max and sum-exp (``SumExpRows``): the max
+collective, then the pass's sums, with no second read of the slice. Both evaluate the same solver
+(``native/math.solve_normalizers`` / ``original_normalizers``). ``vocab_parallel_tempered_softmax`` runs native ops on every backend.
 """
 
 from __future__ import annotations
@@ -114,6 +115,25 @@ class KernelRows:
         return (sums[:, :1], sums[:, 1:2], sums[:, 2:]) if support else (sums[:, :1], sums[:, 1:2])
 
 
+class SumExpRows:
+    """The solver's evaluations at t = 1 from ``max_sumexp_kernel``'s per-slice (max, sum-exp):
+    each slice's sum rescaled to the global max is f at y = 0, and f(y) = e^-y f(0) = g(y)
+    exactly, so no pass reads the slice again (the max sweep was also the pass)."""
+
+    def __init__(self, local, row_max):
+        local_max, local_sum = local[:, :1], local[:, 1:]
+        global_max = row_max.unsqueeze(-1)
+        # exp(m - M) is 0 for a slice without the top logits (also one of only -inf); equal maxima
+        # (a +inf max, a row of only -inf) give 1, not exp(nan)
+        self.sum_at_zero = local_sum * torch.where(local_max == global_max, 1.0, torch.exp(local_max - global_max))
+
+    def sums(self, y, keep=None, support=False):
+        if support or keep is not None:  # t = 1: D is not needed; the caller does not compact
+            raise NotImplementedError("SumExpRows evaluates all rows at t = 1, without the support size")
+        f = self.sum_at_zero * torch.exp(-y)
+        return f, f
+
+
 def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: float, num_iters, ignore_index: int,
                          reduction: str, need_grad: bool, reducer, offset: int, num_classes: int,
                          weights: torch.Tensor | None = None, temperature_grads: torch.Tensor | None = None):
@@ -124,8 +144,13 @@ def kernel_loss_and_grad(rows, labels, t1: float, t2: float, label_smoothing: fl
     ``reduced_loss_and_grad``'s), from the epilogue's temperature variant: its three more row sums
     ride in the same all-reduce as the loss's (no extra collective)."""
     num_rows = rows.shape[0]
-    row_max = reducer.max(rows.amax(dim=-1, keepdim=True).float()).reshape(-1).contiguous()
-    evaluations = KernelRows(rows, row_max, t2)
+    if t2 == 1.0:  # the max sweep is also the solver's pass (SumExpRows)
+        local = ops.triton_launchers().vocab_parallel_max_sumexp(rows)
+        row_max = reducer.max(local[:, :1]).reshape(-1).contiguous()
+        evaluations = SumExpRows(local, row_max)
+    else:
+        row_max = reducer.max(rows.amax(dim=-1, keepdim=True).float()).reshape(-1).contiguous()
+        evaluations = KernelRows(rows, row_max, t2)
     if num_iters is None:
         y, _ = native.solve_normalizers(evaluations, t2, num_rows, torch.float32, rows.device, reducer,
                                         compact=False)

@@ -186,7 +186,8 @@ def solve_normalizers(evaluate, support: jax.Array, t: jax.Array, rows: LocalRow
     (f, g) once per pass across devices (classes sharded), so every device takes the same steps.
     ``t``: the temperature, 0-d or per row [..., 1]. At t = 1 the iteration is exact in two passes (the first Newton
     step on log f lands on the logsumexp); callers with the rows in memory take the one-pass
-    logsumexp instead, the vocab-parallel kernels (no branch on a traced t) rely on this.
+    logsumexp instead; the vocab-parallel kernels (no branch on a traced t) rely on this, their
+    passes at t = 1 closed-form from one read of each slice's max and sum-exp.
 
     Returns (y, passes), each [..., 1] (passes int32): each row's y at its last evaluation (the y
     its log p is taken at). Finished rows keep their y, so evaluating them again changes nothing.

@@ -173,8 +173,9 @@ def row_max_chunked(row_ptr, stride_class, row_mask, n_cols, one_minus_t, inv_on
 
     At t == 1 it is also the solver's first pass, online: f0 = sum p at Y = 0, i.e.
     sum 2^((a - max) log2 e), rescaled whenever the running max grows, and Y_start = log2 f0 is
-    the root (f0 itself: the vocab-parallel max sweep, which adds the slices' f0; 0 at t != 1). At t != 1 the sum at Y = 0 depends on the final max, so it needs its own sweep; the sweep
-    keeps, per lane of the chunk, the two largest logits it saw and one sampled logit, and
+    the root (f0 itself is for the vocab-parallel max sweep, which adds the slices' f0; 0 at
+    t != 1). At t != 1 the sum at Y = 0 depends on the final max, so it needs its own sweep; the
+    sweep keeps, per lane of the chunk, the two largest logits it saw and one sampled logit, and
     ``start_estimate`` solves the row on them: the solver's first pass starts at that Y
     (kernels/README.md, "Start estimate"; ALU only per element, no special-function op).
     """
@@ -268,7 +269,8 @@ def start_estimate(top1, top2, sample, mx, n_pos, one_minus_t, inv_one_minus_t):
     zero = tl.zeros_like(mx)
     y2 = zero
     lo = zero
-    hi = tl.log2(tl.maximum(n_pos, 1.0))  # every p <= 2^-Y: the model's root is below log2 n_pos
+    y_max = tl.log2(tl.maximum(n_pos, 1.0))  # every p <= 2^-Y: the model's root is below log2 n_pos
+    hi = y_max
     lo_evaluated = zero != zero
     done = mx != mx  # a NaN row: its passes turn it NaN
     it = 0
@@ -279,7 +281,7 @@ def start_estimate(top1, top2, sample, mx, n_pos, one_minus_t, inv_one_minus_t):
                                                      inv_one_minus_t, True)
         it += 1
         n_active = tl.sum((~done).to(tl.int32))
-    return tl.where(y2 == y2, tl.minimum(tl.maximum(y2, 0.0), tl.log2(tl.maximum(n_pos, 1.0))), 0.0)
+    return tl.where(y2 == y2, tl.minimum(tl.maximum(y2, 0.0), y_max), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ kernel split at each row reduction, one launch per solver pass over every row (`
 then one for the loss sums and one for the gradient: there the collectives are those of ONE block
 (passes + 3). At t2 = 1 one launch gives the slice's max and sum-exp (``SumExpRows``): the max
 collective, then the pass's sums, with no second read of the slice. Both evaluate the same solver
-(``native/math.solve_normalizers`` / ``original_normalizers``). ``vocab_parallel_tempered_softmax`` runs native ops on every backend.
+(``native/math.solve_normalizers`` / ``original_normalizers``). ``vocab_parallel_tempered_softmax``
+runs native ops on every backend.
 """
 
 from __future__ import annotations
